@@ -1,0 +1,175 @@
+"""The operators' HTTP API, on its own listener and off unless a token is set.
+
+    POST /admin/revoke                {"session_id": ...} or {"client_secret": ...}
+    GET  /admin/sessions/{session_id} status, limit, remaining quota, expiry, user
+    GET  /admin/revocations?tail=N    the audit log, newest last
+
+Every call needs ``Authorization: Bearer <GATEWAY_ADMIN_TOKEN>``, compared in
+constant time. The listener is separate so that it can be kept off the network
+the client traffic comes from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.auth import constant_time_equal
+from gateway.errors import StoreUnavailable, error_body
+from gateway.registry import SESSION_ID
+
+if TYPE_CHECKING:
+    from gateway.app import Components
+
+logger = logging.getLogger(__name__)
+
+
+def _error(
+    status: int, message: str, *, code: str, type: str = "invalid_request_error"
+) -> Response:
+    return Response(
+        error_body(message, type=type, code=code), status_code=status, media_type="application/json"
+    )
+
+
+class AdminAPI:
+    def __init__(self, components: Components) -> None:
+        self._c = components
+        token = components.settings.admin_token
+        if token is None:
+            raise ValueError("the admin API needs GATEWAY_ADMIN_TOKEN")
+        self._expected = b"Bearer " + token.get_secret_value().encode()
+        self.app = Starlette(
+            routes=[
+                Route("/admin/revoke", self.revoke, methods=["POST"]),
+                Route("/admin/sessions/{session_id}", self.session, methods=["GET"]),
+                Route("/admin/revocations", self.revocations, methods=["GET"]),
+            ]
+        )
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not constant_time_equal(given, self._expected):
+                response = _error(
+                    401, "A valid admin token is required.", code="invalid_admin_token"
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    async def revoke(self, request: Request) -> Response:
+        try:
+            payload = await request.json()
+        except ValueError:
+            return _error(400, "The body must be JSON.", code="invalid_json")
+        if not isinstance(payload, dict):
+            return _error(400, "The body must be a JSON object.", code="invalid_json")
+        session_id = payload.get("session_id")
+        secret = payload.get("client_secret")
+        if (session_id is None) == (secret is None):
+            return _error(
+                400, "Give exactly one of session_id or client_secret.", code="invalid_request"
+            )
+        secret_hash = None
+        if secret is not None:
+            if not isinstance(secret, str) or not secret:
+                return _error(
+                    400, "client_secret must be a non-empty string.", code="invalid_request"
+                )
+            secret_hash = self._c.hasher(secret.encode())
+        elif not isinstance(session_id, str) or not SESSION_ID.match(session_id):
+            return _error(400, "session_id is malformed.", code="invalid_request")
+        result = await self._c.revoker.revoke(
+            secret_hash=secret_hash, session_id=session_id, reason="admin"
+        )
+        if result is None:
+            return JSONResponse(
+                {
+                    "revoked": True,
+                    "stored": False,
+                    "pending": True,
+                    "secret_hash_prefix": secret_hash[:12] if secret_hash else None,
+                },
+                status_code=202,
+            )
+        return JSONResponse(
+            {
+                "revoked": True,
+                "stored": True,
+                "session_id": result.session_id,
+                "secret_hash_prefix": result.secret_hash[:12] if result.secret_hash else None,
+                "already_revoked": result.already_revoked,
+                "session_known": result.secret_hash is not None,
+            }
+        )
+
+    async def session(self, request: Request) -> Response:
+        session_id = request.path_params["session_id"]
+        if not SESSION_ID.match(session_id):
+            return _error(400, "session_id is malformed.", code="invalid_request")
+        try:
+            info = await self._c.store.lookup(session_id)
+        except StoreUnavailable as exc:
+            return _error(503, str(exc), code="store_unavailable", type="api_error")
+        if info is None:
+            return _error(404, f"No session with id '{session_id}' is known.", code="not_found")
+        return JSONResponse(dataclasses.asdict(info))
+
+    async def revocations(self, request: Request) -> Response:
+        try:
+            tail = int(request.query_params.get("tail", "20"))
+        except ValueError:
+            return _error(400, "tail must be an integer.", code="invalid_request")
+        if not 1 <= tail <= 10_000:
+            return _error(400, "tail must be between 1 and 10000.", code="invalid_request")
+        try:
+            entries = await self._c.store.audit_tail(tail)
+        except StoreUnavailable as exc:
+            return _error(503, str(exc), code="store_unavailable", type="api_error")
+        return JSONResponse({"data": [dataclasses.asdict(e) for e in entries]})
+
+
+class AdminServer:
+    """Serves :class:`AdminAPI` on GATEWAY_ADMIN_HOST:GATEWAY_ADMIN_PORT inside
+    the gateway's event loop. With several workers each binds the port with
+    SO_REUSEPORT; all of them act on the same store."""
+
+    def __init__(self, components: Components) -> None:
+        from gateway.app import reuse_port_socket
+
+        settings = components.settings
+        self._socket = reuse_port_socket(settings.admin_host, settings.admin_port)
+        config = uvicorn.Config(
+            AdminAPI(components),
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            server_header=False,
+            proxy_headers=False,
+        )
+        self._server = uvicorn.Server(config)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+                raise RuntimeError("the admin listener stopped at start-up")
+            await asyncio.sleep(0.01)
+        logger.info("Admin API listening on %s", self._socket.getsockname())
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._socket.close()

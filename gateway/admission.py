@@ -1,0 +1,87 @@
+"""The decision step in front of every client-secret request.
+
+Parses the bearer secret, hashes it, and asks the store for one atomic
+decision; the local pending-revocation set is consulted first, so a
+revocation this replica could not yet write to Redis is still enforced here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from gateway.auth import SecretHasher, bearer_secret
+from gateway.errors import AuthError, GatewayError, StoreUnavailable
+from gateway.metrics import Metrics
+from gateway.ratelimit import Decision, Outcome, rate_limit_headers, rejection
+from gateway.revocation import Revoker
+from gateway.store.base import AdmitRequest, Store
+
+logger = logging.getLogger(__name__)
+
+Headers = list[tuple[bytes, bytes]]
+_REVOKED = Decision(Outcome.REVOKED)
+
+
+class Gatekeeper:
+    """Admits or rejects client-secret requests. Raises the rejecting GatewayError."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        hasher: SecretHasher,
+        revoker: Revoker,
+        metrics: Metrics,
+        allow_unknown: bool,
+        default_limit: int,
+        user_limit: int | None,
+        window_seconds: int,
+        enforce: bool,
+    ) -> None:
+        self._store = store
+        self._hash = hasher
+        self._revoker = revoker
+        self._metrics = metrics
+        self._allow_unknown = allow_unknown
+        self._default_limit = default_limit
+        self._user_limit = user_limit
+        self._window = window_seconds
+        self._enforce = enforce
+
+    async def check(self, headers: Headers) -> tuple[str | None, Headers]:
+        """Return the secret's hash and the rate-limit headers for the response."""
+        try:
+            secret_hash = self._hash(bearer_secret(headers))
+        except AuthError as exc:
+            return None, self._report_only(exc, "malformed")
+        if self._revoker.is_revoked_locally(secret_hash):
+            decision = _REVOKED
+        else:
+            started = time.perf_counter()
+            try:
+                decision = await self._store.admit(
+                    AdmitRequest(
+                        secret_hash, self._allow_unknown, self._default_limit, self._user_limit
+                    )
+                )
+            except StoreUnavailable as exc:
+                self._metrics.store_errors.inc()
+                logger.warning("Admission refused: %s", exc)
+                return secret_hash, self._report_only(exc, "store_unavailable")
+            self._metrics.decision_seconds.observe(time.perf_counter() - started)
+        self._metrics.decision_by_outcome[decision.outcome].inc()
+        error = rejection(decision, window_seconds=self._window)
+        headers_out = rate_limit_headers(decision, window_seconds=self._window)
+        if error is not None:
+            if self._enforce:
+                raise error
+            self._metrics.would_reject_by_outcome[decision.outcome].inc()
+            logger.info("Report-only: would reject (%s)", decision.outcome.name.lower())
+        return secret_hash, headers_out
+
+    def _report_only(self, error: GatewayError, what: str) -> Headers:
+        if self._enforce:
+            raise error
+        logger.info("Report-only: would reject (%s)", what)
+        return []

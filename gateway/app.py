@@ -1,0 +1,242 @@
+"""Assembly: settings in, one ASGI application out.
+
+The outer app is a few lines of raw ASGI that send the gateway's own
+endpoints (/healthz, /readyz, /metrics) to a small starlette app and
+everything else to the :class:`~gateway.proxy.Proxy`. Start-up builds the
+store, the upstream client and the revocation machinery; a failure there
+(bad upstream URL, Redis unreachable when configured) stops the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.admission import Gatekeeper
+from gateway.auth import SecretHasher
+from gateway.errors import ConfigError, StoreUnavailable, error_body
+from gateway.metrics import Metrics
+from gateway.proxy import Proxy
+from gateway.revocation import Revoker
+from gateway.settings import Settings, UnknownSecrets, load_settings
+from gateway.store.base import Store
+from gateway.store.memory import MemoryStore
+from gateway.store.redis import RedisStore, connect
+from gateway.upstream import create_session
+
+logger = logging.getLogger("gateway")
+
+Scope = dict[str, Any]
+ASGIApp = Callable[..., Any]
+LOCAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+@dataclass
+class Components:
+    """What start-up builds; the admin API and tests reach in through this."""
+
+    settings: Settings
+    store: Store
+    revoker: Revoker
+    hasher: SecretHasher
+    metrics: Metrics
+    session: aiohttp.ClientSession
+    proxy: Proxy
+
+
+def build_store(settings: Settings) -> Store:
+    if settings.redis_url is None:
+        return MemoryStore(
+            window_seconds=settings.window_seconds,
+            retention_seconds=settings.session_retention_seconds,
+            revocation_ttl_seconds=settings.revocation_ttl_seconds,
+        )
+    url = settings.redis_url.get_secret_value()
+    return RedisStore(
+        connect(url, cluster=settings.redis_cluster, timeout=settings.redis_timeout),
+        prefix=settings.key_prefix,
+        window_seconds=settings.window_seconds,
+        retention_seconds=settings.session_retention_seconds,
+        revocation_ttl_seconds=settings.revocation_ttl_seconds,
+        pubsub_url=url,
+    )
+
+
+class GatewayApp:
+    """The ASGI application uvicorn serves."""
+
+    def __init__(self, settings: Settings, *, store: Store | None = None) -> None:
+        self.settings = settings
+        self._store = store
+        self.components: Components | None = None
+        self._local = Starlette(
+            routes=[
+                Route("/healthz", self._healthz),
+                Route("/readyz", self._readyz),
+                Route("/metrics", self._metrics),
+            ]
+        )
+        self._admin: Any = None
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            components = self.components
+            if scope["path"] in LOCAL_PATHS or components is None:
+                await self._local(scope, receive, send)
+            else:
+                await components.proxy(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        # websocket: not part of the ChatKit API; the server closes it.
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        await receive()  # lifespan.startup
+        try:
+            await self.startup()
+        except Exception as exc:
+            logger.critical("Start-up failed: %s", exc)
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        try:
+            await self.shutdown()
+        finally:
+            await send({"type": "lifespan.shutdown.complete"})
+
+    async def startup(self) -> None:
+        settings = self.settings
+        store = self._store or build_store(settings)
+        try:
+            await store.ping()
+        except StoreUnavailable as exc:
+            await store.close()
+            raise ConfigError(f"GATEWAY_REDIS_URL: cannot reach Redis ({exc})") from exc
+        if isinstance(store, MemoryStore):
+            logger.warning(
+                "No GATEWAY_REDIS_URL: using the embedded store. Its state is per process, "
+                "so limits and revocations are not shared between replicas or workers."
+            )
+        metrics = Metrics()
+        hasher = SecretHasher(
+            settings.secret_pepper.get_secret_value().encode() if settings.secret_pepper else None
+        )
+        revoker = Revoker(store, replica=settings.effective_replica_id, metrics=metrics)
+        gatekeeper = Gatekeeper(
+            store,
+            hasher=hasher,
+            revoker=revoker,
+            metrics=metrics,
+            allow_unknown=settings.unknown_secrets is UnknownSecrets.ALLOW,
+            default_limit=settings.default_max_requests_per_1_minute,
+            user_limit=settings.user_max_requests_per_1_minute,
+            window_seconds=settings.window_seconds,
+            enforce=settings.enforce,
+        )
+        session = create_session(settings)
+        proxy = Proxy(
+            settings=settings,
+            session=session,
+            store=store,
+            gatekeeper=gatekeeper,
+            revoker=revoker,
+            hasher=hasher,
+            metrics=metrics,
+        )
+        revoker.start()
+        self.components = Components(settings, store, revoker, hasher, metrics, session, proxy)
+        if settings.admin_token is not None:
+            from gateway.admin import AdminServer
+
+            self._admin = AdminServer(self.components)
+            await self._admin.start()
+        logger.info("chatkit-gateway ready: %s", settings.redacted())
+
+    async def shutdown(self) -> None:
+        components = self.components
+        if components is None:
+            return
+        if self._admin is not None:
+            await self._admin.stop()
+        await components.revoker.stop()
+        await components.session.close()
+        await components.store.close()
+
+    # -- the gateway's own endpoints ------------------------------------------------
+
+    async def _healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def _readyz(self, request: Request) -> Response:
+        components = self.components
+        if components is None:
+            return _unready("The gateway is starting.")
+        try:
+            await components.store.ping()
+        except StoreUnavailable as exc:
+            return _unready(f"The store is unreachable: {exc}")
+        return JSONResponse(
+            {
+                "status": "ready",
+                "store": components.store.name,
+                "pending_revocations": components.revoker.pending,
+            }
+        )
+
+    async def _metrics(self, request: Request) -> Response:
+        if self.components is None:
+            return _unready("The gateway is starting.")
+        return Response(
+            generate_latest(self.components.metrics.registry), media_type=CONTENT_TYPE_LATEST
+        )
+
+
+def _unready(message: str) -> Response:
+    return Response(
+        error_body(message, type="api_error", code="not_ready"),
+        status_code=503,
+        media_type="application/json",
+    )
+
+
+def create_app() -> GatewayApp:
+    """uvicorn's factory: each worker process reads the environment itself."""
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        raise SystemExit(f"chatkit-gateway: {exc}") from None
+    return GatewayApp(settings)
+
+
+@contextlib.asynccontextmanager
+async def running(app: GatewayApp) -> AsyncIterator[GatewayApp]:
+    """Start and stop an app in-process (tests, embedding)."""
+    await app.startup()
+    try:
+        yield app
+    finally:
+        await app.shutdown()
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket several worker processes can share."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock

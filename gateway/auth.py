@@ -1,0 +1,70 @@
+"""Client-secret authentication: parsing the bearer token and hashing it.
+
+The raw secret lives only in the request being handled. Everything stored,
+logged or compared is its HMAC-SHA-256 under an optional pepper, so a leaked
+Redis dump does not leak usable secrets, and lookups by hash never compare
+secret bytes against attacker-chosen input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from gateway.errors import AuthError
+
+_BEARER = b"bearer "
+# RFC 6750 b64token, which covers every client-secret format seen (ek_..., etc.).
+_TOKEN_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
+MAX_SECRET_BYTES = 1024
+
+
+def bearer_secret(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The client secret from ``Authorization: Bearer <secret>``.
+
+    Raises :class:`AuthError` with code ``missing_client_secret`` when there is
+    no Authorization header, ``invalid_authorization`` when it is not exactly
+    one well-formed bearer token.
+    """
+    found: bytes | None = None
+    for name, value in headers:
+        if name == b"authorization":
+            if found is not None:
+                raise AuthError(
+                    "Send exactly one Authorization header.", code="invalid_authorization"
+                )
+            found = value
+    if found is None:
+        raise AuthError(
+            "Missing client secret: send 'Authorization: Bearer <client_secret>'.",
+            code="missing_client_secret",
+        )
+    if found[:7].lower() != _BEARER:
+        raise AuthError(
+            "The Authorization header must use the Bearer scheme.", code="invalid_authorization"
+        )
+    token = found[7:].strip(b" ")
+    if not token or len(token) > MAX_SECRET_BYTES or not _TOKEN_BYTES.issuperset(token):
+        raise AuthError("The bearer token is malformed.", code="invalid_authorization")
+    return token
+
+
+class SecretHasher:
+    """Keyed hash of a client secret: the only form in which secrets are kept."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, pepper: bytes | None) -> None:
+        # A fixed key without a pepper still separates these hashes from plain
+        # SHA-256 of the secret; a pepper keeps them unguessable from a dump.
+        self._key = pepper or b"chatkit-gateway/v1"
+
+    def __call__(self, secret: bytes) -> str:
+        return hmac.new(self._key, secret, hashlib.sha256).hexdigest()
+
+
+def constant_time_equal(a: str | bytes, b: str | bytes) -> bool:
+    """Compare credentials without leaking the position of the first difference."""
+    a_bytes = a.encode() if isinstance(a, str) else a
+    b_bytes = b.encode() if isinstance(b, str) else b
+    return hmac.compare_digest(a_bytes, b_bytes)

@@ -1,0 +1,135 @@
+"""The gateway's exceptions, and how each becomes an OpenAI-style response.
+
+    GatewayError                    any error the gateway answers itself
+    ├── BadRequest (400)            malformed target, path or header
+    ├── NotFound (404)              no route: never forwarded
+    ├── MethodNotAllowed (405)
+    ├── PayloadTooLarge (413)
+    ├── HeadersTooLarge (431)
+    ├── AuthError (401)             missing, malformed, unknown, revoked, expired secret
+    ├── RateLimited (429)           carries the rate-limit headers
+    ├── UpstreamError
+    │   ├── UpstreamUnavailable (502)
+    │   └── UpstreamTimeout (504)
+    └── StoreUnavailable (503)      the shared store did not answer: fail closed
+
+    ConfigError                     bad settings: start-up stops, exit status 2
+
+Every response the gateway makes itself has the body
+``{"error": {"message", "type", "param", "code"}}`` that the official SDKs
+parse; upstream responses pass through untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message names the variable."""
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers = list(headers)
+
+    def body(self) -> bytes:
+        return error_body(self.message, type=self.type, code=self.code, param=self.param)
+
+
+class BadRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "unknown_route"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_headers_too_large"
+
+
+class AuthError(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_client_secret"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"  # not "requests": this is the gateway's limit
+    code = "rate_limit_exceeded"
+
+
+class UpstreamError(GatewayError):
+    type = "api_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 502
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class StoreUnavailable(GatewayError):
+    status = 503
+    type = "api_error"
+    code = "store_unavailable"
+
+
+def error_body(
+    message: str, *, type: str, code: str | None = None, param: str | None = None
+) -> bytes:
+    return json.dumps(
+        {"error": {"message": message, "type": type, "param": param, "code": code}},
+        separators=(",", ":"),
+    ).encode()
+
+
+def error_response_headers(exc: GatewayError, body: bytes) -> Headers:
+    return [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *exc.headers,
+    ]

@@ -1,0 +1,127 @@
+"""Admission decisions and the headers that describe them. Pure functions.
+
+The store (Redis or embedded) evaluates one request in one atomic step and
+returns a :class:`Decision`; this module turns it into the OpenAI-style and
+IETF draft (draft-ietf-httpapi-ratelimit-headers) response headers, or into the
+error that rejects the request.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from gateway.errors import AuthError, GatewayError, RateLimited
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class Outcome(enum.IntEnum):
+    """Result codes shared with the Lua script; the numbers are its return values."""
+
+    ADMITTED = 0
+    RATE_LIMITED = 1
+    USER_RATE_LIMITED = 2
+    REVOKED = 3
+    EXPIRED = 4
+    UNKNOWN = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One sliding window's state after the decision.
+
+    ``wait_ms`` is how long until the oldest admitted request leaves the window
+    (when one more request can be admitted); ``reset_ms`` until the newest does
+    (when the window is empty again).
+    """
+
+    limit: int
+    remaining: int
+    wait_ms: int
+    reset_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    outcome: Outcome
+    session: Window | None = None
+    user: Window | None = None
+
+    @property
+    def admitted(self) -> bool:
+        return self.outcome is Outcome.ADMITTED
+
+
+ADMIT_UNLIMITED = Decision(Outcome.ADMITTED)
+
+
+def duration(ms: int) -> str:
+    """OpenAI's reset format (Go durations): ``20ms``, ``1s``, ``1.5s``, ``6m0s``."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m" + (f"{rest:.3f}".rstrip("0").rstrip(".") or "0") + "s"
+
+
+def _binding(decision: Decision) -> Window | None:
+    windows = [w for w in (decision.session, decision.user) if w is not None]
+    if not windows:
+        return None
+    if decision.outcome is Outcome.USER_RATE_LIMITED and decision.user is not None:
+        return decision.user
+    if decision.outcome is Outcome.RATE_LIMITED and decision.session is not None:
+        return decision.session
+    return min(windows, key=lambda w: (w.remaining, -w.wait_ms))
+
+
+def rate_limit_headers(decision: Decision, *, window_seconds: int) -> Headers:
+    """Headers for a response to a request that went through the limiter."""
+    binding = _binding(decision)
+    if binding is None:
+        return []
+    policies = []
+    states = []
+    for name, window in (("session", decision.session), ("user", decision.user)):
+        if window is None:
+            continue
+        policies.append(f'"{name}";q={window.limit};w={window_seconds}')
+        states.append(f'"{name}";r={window.remaining};t={math.ceil(window.wait_ms / 1000)}')
+    return [
+        (b"x-ratelimit-limit-requests", str(binding.limit).encode()),
+        (b"x-ratelimit-remaining-requests", str(binding.remaining).encode()),
+        (b"x-ratelimit-reset-requests", duration(binding.reset_ms).encode()),
+        (b"ratelimit-policy", ", ".join(policies).encode()),
+        (b"ratelimit", ", ".join(states).encode()),
+    ]
+
+
+def rejection(decision: Decision, *, window_seconds: int) -> GatewayError | None:
+    """The error that rejects this decision, or None when it admits."""
+    outcome = decision.outcome
+    if outcome is Outcome.ADMITTED:
+        return None
+    if outcome is Outcome.REVOKED:
+        return AuthError("This client secret has been revoked.", code="client_secret_revoked")
+    if outcome is Outcome.EXPIRED:
+        return AuthError("This client secret has expired.", code="client_secret_expired")
+    if outcome is Outcome.UNKNOWN:
+        return AuthError("Unknown client secret.", code="invalid_client_secret")
+    binding = _binding(decision)
+    wait_ms = max(binding.wait_ms if binding else window_seconds * 1000, 1)
+    scope = "user" if outcome is Outcome.USER_RATE_LIMITED else "session"
+    headers = [
+        (b"retry-after", str(max(1, math.ceil(wait_ms / 1000))).encode()),
+        (b"retry-after-ms", str(wait_ms).encode()),
+        *rate_limit_headers(decision, window_seconds=window_seconds),
+    ]
+    limit = binding.limit if binding else 0
+    return RateLimited(
+        f"Rate limit reached: this {scope} allows {limit} requests per "
+        f"{window_seconds} s. Retry after {wait_ms / 1000:.3f} s.",
+        headers=headers,
+    )

@@ -1,0 +1,151 @@
+"""Revocation that is never lost, and the closing of streams it cuts off.
+
+A revocation is written to the store; if the store cannot take it (Redis
+down, paused, failing over) it is kept in a local pending set, enforced by
+this replica at once, and retried with backoff until the store accepts it.
+Streams in flight for a revoked secret are closed here and, through the
+store's revocation channel, on every other replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.errors import StoreUnavailable
+from gateway.metrics import Metrics
+from gateway.store.base import RevokeResult, Store
+
+logger = logging.getLogger(__name__)
+
+MAX_BACKOFF_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRevocation:
+    secret_hash: str | None
+    session_id: str | None
+    reason: str
+
+
+class Revoker:
+    def __init__(self, store: Store, *, replica: str, metrics: Metrics) -> None:
+        self._store = store
+        self._replica = replica
+        self._metrics = metrics
+        self._pending: dict[tuple[str | None, str | None], PendingRevocation] = {}
+        self._local: set[str] = set()
+        self._streams: dict[str, set[Callable[[], None]]] = {}
+        self._retry_task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    # -- what the hot path asks -----------------------------------------------
+
+    def is_revoked_locally(self, secret_hash: str) -> bool:
+        return secret_hash in self._local
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    # -- revoking -------------------------------------------------------------
+
+    async def revoke(
+        self, *, secret_hash: str | None, session_id: str | None, reason: str
+    ) -> RevokeResult | None:
+        """Revoke now; on a store failure keep it pending and return None."""
+        if secret_hash is not None:
+            # Enforced here before the store is even asked: from this moment
+            # this replica admits nothing with the secret.
+            self._local.add(secret_hash)
+            self.close_streams(secret_hash)
+        try:
+            result = await self._store.revoke(
+                secret_hash=secret_hash, session_id=session_id, reason=reason, replica=self._replica
+            )
+        except StoreUnavailable as exc:
+            logger.warning("Revocation kept pending, the store failed: %s", exc)
+            self._keep(PendingRevocation(secret_hash, session_id, reason))
+            return None
+        if secret_hash is not None and (secret_hash, session_id) not in self._pending:
+            self._local.discard(secret_hash)
+        if result.secret_hash is not None and result.secret_hash != secret_hash:
+            self.close_streams(result.secret_hash)
+        self._metrics.revocations.labels(reason, str(result.secret_hash is not None).lower()).inc()
+        return result
+
+    def _keep(self, item: PendingRevocation) -> None:
+        self._pending[(item.secret_hash, item.session_id)] = item
+        self._metrics.revocations_pending.set(len(self._pending))
+        if self._retry_task is None or self._retry_task.done():
+            self._retry_task = asyncio.create_task(self._retry_until_stored())
+
+    async def _retry_until_stored(self) -> None:
+        delay = 0.1
+        while self._pending:
+            await asyncio.sleep(delay)
+            for key, item in list(self._pending.items()):
+                try:
+                    result = await self._store.revoke(
+                        secret_hash=item.secret_hash,
+                        session_id=item.session_id,
+                        reason=item.reason,
+                        replica=self._replica,
+                    )
+                except StoreUnavailable:
+                    delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+                    break
+                del self._pending[key]
+                self._metrics.revocations_pending.set(len(self._pending))
+                if item.secret_hash is not None:
+                    self._local.discard(item.secret_hash)
+                if result.secret_hash is not None:
+                    self.close_streams(result.secret_hash)
+                self._metrics.revocations.labels(
+                    item.reason, str(result.secret_hash is not None).lower()
+                ).inc()
+                logger.info("Pending revocation stored (%d left)", len(self._pending))
+
+    # -- streams in flight ----------------------------------------------------
+
+    def track(self, secret_hash: str, close: Callable[[], None]) -> None:
+        self._streams.setdefault(secret_hash, set()).add(close)
+
+    def untrack(self, secret_hash: str, close: Callable[[], None]) -> None:
+        closers = self._streams.get(secret_hash)
+        if closers is not None:
+            closers.discard(close)
+            if not closers:
+                del self._streams[secret_hash]
+
+    def close_streams(self, secret_hash: str) -> None:
+        for close in self._streams.pop(secret_hash, ()):
+            self._metrics.streams_closed.inc()
+            close()
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def start(self) -> None:
+        self._listener = asyncio.create_task(self._listen())
+
+    async def _listen(self) -> None:
+        async for secret_hash in self._store.revocations():
+            self.close_streams(secret_hash)
+
+    async def stop(self, *, flush_timeout: float = 5.0) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        if self._retry_task is not None and not self._retry_task.done():
+            # One last chance to store what is pending before the process ends.
+            try:
+                await asyncio.wait_for(asyncio.shield(self._retry_task), flush_timeout)
+            except TimeoutError:
+                logger.error(
+                    "%d revocations could not be stored before shutdown", len(self._pending)
+                )
+            self._retry_task.cancel()
+            await asyncio.gather(self._retry_task, return_exceptions=True)

@@ -1,0 +1,134 @@
+"""The route table (data, not branches) and the raw-path checks in front of it.
+
+Deny by default: a request is forwarded only if its raw path passes
+:func:`check_raw_path` and matches a :class:`Route`. Matching is on the raw
+bytes of the target, never on a decoded form, so ``/v1/chatkit/%2e%2e/x`` can
+not be made to mean something the table did not allow (the upstream may decode
+differently from us; RFC 3986 section 6 leaves that open).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from gateway.errors import BadRequest, MethodNotAllowed, NotFound
+
+
+class Kind(enum.Enum):
+    """Who calls a route, and so what the gateway does around it."""
+
+    #: Server-to-server call with an API key: credentials pass through.
+    SERVER = "server"
+    #: Session create: pass through, learn the session from the response.
+    SESSION_CREATE = "session_create"
+    #: Session cancel: pass through, revoke the secret on upstream success.
+    SESSION_CANCEL = "session_cancel"
+    #: Browser/client traffic carrying a ChatKit client secret.
+    CLIENT = "client"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One allowed family of requests.
+
+    ``pattern`` is a path whose ``{name}`` segments match one non-empty
+    segment, and whose trailing ``/**`` matches one or more further segments.
+    """
+
+    pattern: str
+    methods: frozenset[str]
+    kind: Kind
+    upstream: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    route: Route
+    params: dict[str, str]
+
+
+# A parameter is one whole segment; check_raw_path has already vetted its bytes.
+_ID = r"[^/]{1,256}"
+
+#: The ChatKit API as the official SDKs call it (see shared/reference/CHATKIT.md).
+DEFAULT_ROUTES: tuple[Route, ...] = (
+    Route("/v1/chatkit/sessions", frozenset({"POST"}), Kind.SESSION_CREATE),
+    Route("/v1/chatkit/sessions/{session_id}/cancel", frozenset({"POST"}), Kind.SESSION_CANCEL),
+    Route("/v1/chatkit/threads", frozenset({"GET"}), Kind.SERVER),
+    Route("/v1/chatkit/threads/{thread_id}", frozenset({"GET", "DELETE"}), Kind.SERVER),
+    Route("/v1/chatkit/threads/{thread_id}/items", frozenset({"GET"}), Kind.SERVER),
+    # Everything else under /v1/chatkit/ is client traffic: the hosted widget's
+    # /conversation, uploads, and whatever the API adds next.
+    Route(
+        "/v1/chatkit/**",
+        frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}),
+        Kind.CLIENT,
+    ),
+)
+
+# Bytes allowed in a raw path: RFC 3986 pchar and "/", minus the backslash.
+_PATH_BYTES = re.compile(rb"^/[A-Za-z0-9\-._~!$&'()*+,;=:@%/]*$")
+_PCT = re.compile(rb"%(?![0-9A-Fa-f]{2})|%(2[eEfF]|5[cC]|00)")
+_PCT_TRIPLET = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+def check_raw_path(raw_path: bytes) -> None:
+    """Reject a target that could be read two ways. Raises :class:`BadRequest`."""
+    if not _PATH_BYTES.match(raw_path):
+        raise BadRequest("The request path contains characters that are not allowed.")
+    if _PCT.search(raw_path):
+        raise BadRequest("The request path contains a forbidden or malformed percent-encoding.")
+    if b"//" in raw_path:
+        raise BadRequest("The request path contains an empty segment.")
+    for segment in raw_path.split(b"/"):
+        if segment in (b".", b".."):
+            raise BadRequest("The request path contains a dot segment.")
+    # A percent-encoded byte outside ASCII, or a control byte, is refused too:
+    # the upstream has no reason to see one and decoders disagree about them.
+    for octet in _PCT_TRIPLET.findall(raw_path):
+        value = int(octet, 16)
+        if value < 0x20 or value >= 0x7F:
+            raise BadRequest("The request path contains an encoded control or non-ASCII byte.")
+
+
+class RouteTable:
+    """Matches ``(method, raw path)`` against routes, first match wins."""
+
+    def __init__(self, routes: Iterable[Route] = DEFAULT_ROUTES) -> None:
+        self._routes: list[tuple[re.Pattern[str], Route]] = [
+            (_compile(route.pattern), route) for route in routes
+        ]
+
+    @property
+    def routes(self) -> Sequence[Route]:
+        return [route for _, route in self._routes]
+
+    def match(self, method: str, path: str) -> Match:
+        """Return the match or raise :class:`NotFound`/:class:`MethodNotAllowed`."""
+        path_matched = False
+        for regex, route in self._routes:
+            found = regex.match(path)
+            if found is None:
+                continue
+            if method not in route.methods:
+                path_matched = True
+                continue
+            return Match(route, found.groupdict())
+        if path_matched:
+            raise MethodNotAllowed(f"Method {method} is not allowed on this path.")
+        raise NotFound("Unknown route: this gateway only serves the ChatKit API.")
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    out = []
+    for segment in pattern.strip("/").split("/"):
+        if segment == "**":
+            out.append(r"[^/]+(?:/[^/]+)*")
+        elif segment.startswith("{") and segment.endswith("}"):
+            out.append(f"(?P<{segment[1:-1]}>{_ID})")
+        else:
+            out.append(re.escape(segment))
+    return re.compile("^/" + "/".join(out) + "$")

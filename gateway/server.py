@@ -1,0 +1,84 @@
+"""Running the gateway under uvicorn (uvloop event loop, httptools parser)."""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.settings import Settings
+
+STREAM_ABORTED = "gateway.proxy.StreamAborted"
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """httptools protocol that tells the app about absolute-form targets.
+
+    uvicorn reduces ``GET http://host/path`` to its path, so the app could
+    not refuse it; the gateway accepts origin-form targets only (RFC 9112
+    3.2.1: absolute-form is for requests to proxies, which this is not).
+    """
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if not self.url.startswith(b"/"):
+            extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
+            extensions["gateway.absolute_form"] = True
+
+
+class _DropStreamAborted(logging.Filter):
+    """A response deliberately cut off is not an application error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and type(exc).__name__ == "StreamAborted")
+
+
+def log_config(level: str) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"stream_aborted": {"()": _DropStreamAborted}},
+        "formatters": {
+            "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        },
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "plain",
+                "filters": ["stream_aborted"],
+            },
+        },
+        "loggers": {
+            "gateway": {"level": level.upper(), "handlers": ["stderr"], "propagate": False},
+            "uvicorn": {"level": level.upper(), "handlers": ["stderr"], "propagate": False},
+        },
+    }
+
+
+def serve(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT; returns after a graceful shutdown."""
+    config = log_config(settings.log_level)
+    logging.config.dictConfig(config)
+    uvicorn.run(
+        "gateway.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="gateway.server:GatewayHttpProtocol",
+        # Start-up failures must stop the process ("auto" would serve anyway).
+        lifespan="on",
+        # uvicorn would otherwise trust X-Forwarded-* from loopback peers.
+        proxy_headers=False,
+        server_header=False,
+        access_log=False,
+        log_config=config,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+        ws="none",
+    )

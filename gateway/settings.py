@@ -1,0 +1,221 @@
+"""The gateway's configuration: one frozen object, read once at start-up.
+
+Every setting is an environment variable with the ``GATEWAY_`` prefix; a TOML
+file named by ``GATEWAY_CONFIG_FILE`` may supply defaults, and the environment
+wins over the file. The variable names are a public interface.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from enum import Enum, StrEnum
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from gateway.errors import ConfigError
+
+ENV_PREFIX = "GATEWAY_"
+MIB = 1024 * 1024
+
+
+class UnknownSecrets(StrEnum):
+    """What to do with a bearer secret that no session registered."""
+
+    REJECT = "reject"
+    ALLOW = "allow"
+
+
+class Settings(BaseSettings):
+    """Validated gateway settings. Construct with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    # Listener.
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    log_level: str = "info"
+    # An identifier for this replica in the audit log; defaults to host:pid.
+    replica_id: str = ""
+
+    # Upstream.
+    upstream_url: str = "https://api.openai.com"
+    upstream_connect_timeout: float = Field(5.0, gt=0)
+    # Longest silence allowed while reading an upstream response; SSE streams
+    # may go quiet between events, so this is per read, not per response.
+    upstream_read_timeout: float = Field(300.0, gt=0)
+    upstream_write_timeout: float = Field(60.0, gt=0)
+    upstream_pool_timeout: float = Field(5.0, gt=0)
+    upstream_max_connections: int = Field(512, ge=1)
+
+    # Limits on what clients may send.
+    max_body_bytes: int = Field(512 * MIB + MIB, ge=0)  # 512 MB upload + multipart framing
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    max_headers: int = Field(100, ge=8)
+
+    # Whether X-Forwarded-For/Forwarded from the client are extended (True) or
+    # replaced (False). Only trust them behind a proxy you run.
+    trust_forwarded_headers: bool = False
+
+    # Store.
+    redis_url: SecretStr | None = None
+    redis_cluster: bool = False
+    redis_timeout: float = Field(2.0, gt=0)
+    key_prefix: str = Field("ckg", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+
+    # Admission.
+    unknown_secrets: UnknownSecrets = UnknownSecrets.REJECT
+    default_max_requests_per_1_minute: int = Field(10, ge=1)
+    user_max_requests_per_1_minute: int | None = Field(None, ge=1)
+    enforce: bool = True
+    secret_pepper: SecretStr | None = None
+    # The sliding window's length; 60 s is the ChatKit contract, shorter
+    # values exist for tests that must watch the window slide.
+    window_seconds: int = Field(60, ge=1, le=3600)
+
+    # Revocation.
+    revocation_ttl_seconds: int = Field(86400, ge=60)
+    # How long after expiry a session's record (and revocation) is kept, so a
+    # late request is told "expired" rather than "unknown".
+    session_retention_seconds: int = Field(3600, ge=0)
+
+    # Admin listener: off unless a token is configured.
+    admin_token: SecretStr | None = None
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(8081, ge=1, le=65535)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings() merges the environment over the TOML file and hands
+        # the result in as init values, so tests never touch os.environ.
+        return (init_settings,)
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _upstream_is_http(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("must not carry credentials, a query or a fragment")
+        return value.rstrip("/")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        value = value.lower()
+        if value not in ("critical", "error", "warning", "info", "debug"):
+            raise ValueError("must be one of critical, error, warning, info, debug")
+        return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_token_strong(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.redis_cluster and self.redis_url is None:
+            raise ValueError("GATEWAY_REDIS_CLUSTER needs GATEWAY_REDIS_URL")
+        if self.admin_token is not None and self.admin_port == self.port:
+            raise ValueError("GATEWAY_ADMIN_PORT must differ from GATEWAY_PORT")
+        return self
+
+    @property
+    def effective_replica_id(self) -> str:
+        return self.replica_id or f"{socket.gethostname()}:{os.getpid()}"
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration for the start-up log, secrets masked."""
+        out: dict[str, Any] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                out[name] = "***" if value.get_secret_value() else None
+            elif isinstance(value, Enum):
+                out[name] = value.value
+            else:
+                out[name] = value
+        if self.redis_url is not None:
+            parts = urlsplit(self.redis_url.get_secret_value())
+            netloc = parts.hostname or ""
+            if parts.port:
+                netloc += f":{parts.port}"
+            out["redis_url"] = f"{parts.scheme}://{netloc}{parts.path}"
+        return out
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from ``environ`` (default: the process environment).
+
+    ``GATEWAY_CONFIG_FILE`` may name a TOML file of lower-case setting names;
+    the environment wins over it. Raises :class:`ConfigError` with one line
+    per problem, naming the variable.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    toml_file = env.get(f"{ENV_PREFIX}CONFIG_FILE")
+    if toml_file:
+        try:
+            with open(toml_file, "rb") as fh:
+                values.update(tomllib.load(fh))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{ENV_PREFIX}CONFIG_FILE: cannot read {toml_file}: {exc}") from None
+    for key, value in env.items():
+        upper = key.upper()
+        if not upper.startswith(ENV_PREFIX) or upper == f"{ENV_PREFIX}CONFIG_FILE":
+            continue
+        name = upper.removeprefix(ENV_PREFIX).lower()
+        if name not in Settings.model_fields:
+            raise ConfigError(f"{upper}: unknown setting (check the spelling)")
+        if value != "":  # an empty variable means "use the default"
+            values[name] = value
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "configuration"
+        name = f"{ENV_PREFIX}{field.upper()}" if error["loc"] else field
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{name}: {message}")
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""The store interface and the records that cross it."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from gateway.ratelimit import Decision
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """What the gateway learns from a session-create response."""
+
+    secret_hash: str
+    session_id: str
+    user: str
+    expires_at: int  # unix seconds
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """An operator's view of one session."""
+
+    session_id: str
+    status: str  # "active" | "revoked" | "expired"
+    user: str | None
+    limit: int | None
+    remaining: int | None
+    expires_at: int | None
+    secret_hash_prefix: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitRequest:
+    """Parameters of one admission, fixed by configuration except the hash."""
+
+    secret_hash: str
+    allow_unknown: bool
+    default_limit: int
+    user_limit: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    id: str
+    session_id: str | None
+    secret_hash_prefix: str | None
+    reason: str
+    replica: str
+    at: float  # unix seconds
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeResult:
+    """What a revocation changed; ``secret_hash`` is None when the session was never seen."""
+
+    secret_hash: str | None
+    session_id: str | None
+    already_revoked: bool
+
+
+class Store(abc.ABC):
+    """Backend-independent operations. Every method may raise StoreUnavailable."""
+
+    #: Shown in the start-up log and /readyz.
+    name: str
+
+    @abc.abstractmethod
+    async def admit(self, request: AdmitRequest) -> Decision:
+        """Check revocation, expiry and both windows, and count an admission.
+
+        One atomic step: a rejected request consumes no quota.
+        """
+
+    @abc.abstractmethod
+    async def register(self, record: SessionRecord) -> bool:
+        """Record a session. Returns True when its id was already revoked (born revoked)."""
+
+    @abc.abstractmethod
+    async def secret_hash_for(self, session_id: str) -> str | None:
+        """The secret hash registered for a session id."""
+
+    @abc.abstractmethod
+    async def revoke(
+        self,
+        *,
+        secret_hash: str | None,
+        session_id: str | None,
+        reason: str,
+        replica: str,
+    ) -> RevokeResult:
+        """Revoke a secret and/or session id, idempotently, audit it and announce it."""
+
+    @abc.abstractmethod
+    async def lookup(self, session_id: str) -> SessionInfo | None:
+        """An operator's view of a session, or None if the store never saw it."""
+
+    @abc.abstractmethod
+    async def audit_tail(self, count: int) -> list[AuditEntry]:
+        """The newest ``count`` revocations, oldest first."""
+
+    @abc.abstractmethod
+    def revocations(self) -> AsyncIterator[str]:
+        """Secret hashes revoked anywhere, as they happen (for closing open streams)."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

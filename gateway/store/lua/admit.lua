@@ -1,0 +1,84 @@
+-- Admission for one request, atomically: revocation, session, expiry, and the
+-- exact sliding windows (session, then optional user).
+--
+-- KEYS[1] session hash  {p}:{h}:s  fields lim, exp, uh
+-- KEYS[2] window zset   {p}:{h}:w  one member per admitted request, score = µs
+-- KEYS[3] revoked flag  {p}:{h}:r
+-- ARGV[1] window length in µs
+-- ARGV[2] "1" to admit unknown secrets under ARGV[3]
+-- ARGV[3] default limit
+-- ARGV[4] per-user limit, "0" for none
+-- ARGV[5] user window key prefix; the user hash and "}:w" complete it
+--         (standalone Redis only: the key lives in another slot)
+--
+-- Returns {outcome, s_limit, s_remaining, s_wait_ms, s_reset_ms,
+--          u_limit, u_remaining, u_wait_ms, u_reset_ms}; outcome codes are
+-- gateway.ratelimit.Outcome. Rejected requests add nothing.
+--
+-- Time is the server's TIME, one clock for every replica. Redis 7 replicates
+-- scripts by effects, so reading TIME before writing is allowed.
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local window = tonumber(ARGV[1])
+
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return {3}
+end
+
+local s = redis.call('HMGET', KEYS[1], 'lim', 'exp', 'uh')
+local limit = tonumber(s[1])
+if not limit then
+  if ARGV[2] ~= '1' then
+    return {5}
+  end
+  limit = tonumber(ARGV[3])
+elseif tonumber(s[2]) * 1000000 <= now then
+  return {4}
+end
+
+-- Prune what left the window; report count, µs until the oldest and newest leave.
+local function state(key)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  local count = redis.call('ZCARD', key)
+  if count == 0 then
+    return 0, 0, 0
+  end
+  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  return count, tonumber(oldest[2]) + window - now, tonumber(newest[2]) + window - now
+end
+
+local function ms(us)
+  return math.ceil(us / 1000)
+end
+
+local count, wait, reset = state(KEYS[2])
+if count >= limit then
+  return {1, limit, 0, ms(wait), ms(reset)}
+end
+
+local user_limit = tonumber(ARGV[4])
+local ukey = nil
+local ucount, uwait, ureset = 0, 0, 0
+if user_limit > 0 and s[3] then
+  ukey = ARGV[5] .. s[3] .. '}:w'
+  ucount, uwait, ureset = state(ukey)
+  if ucount >= user_limit then
+    return {2, limit, limit - count, ms(wait), ms(reset), user_limit, 0, ms(uwait), ms(ureset)}
+  end
+end
+
+-- Admit. Two admissions in one µs see different counts, so members are unique.
+local ttl = ms(window) + 1000
+redis.call('ZADD', KEYS[2], now, now .. '-' .. count)
+redis.call('PEXPIRE', KEYS[2], ttl)
+if count == 0 then wait = window end
+if ukey then
+  redis.call('ZADD', ukey, now, now .. '-' .. ucount)
+  redis.call('PEXPIRE', ukey, ttl)
+  if ucount == 0 then uwait = window end
+  return {0, limit, limit - count - 1, ms(wait), ms(window),
+          user_limit, user_limit - ucount - 1, ms(uwait), ms(window)}
+end
+return {0, limit, limit - count - 1, ms(wait), ms(window)}

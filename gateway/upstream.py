@@ -1,0 +1,98 @@
+"""The shared upstream HTTP client, and the one place its errors are translated.
+
+aiohttp's client, measured against httpx on this workload (README, "Why
+aiohttp"), proxies several times more requests per second at a fraction of the
+tail latency. One pooled session per process; nothing is taken from the
+environment (``trust_env=False``: no proxy variables, no .netrc), no cookies
+are kept between callers, and bodies are never decoded or re-encoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import aiohttp
+
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    PayloadTooLarge,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from gateway.settings import Settings
+
+
+class ClientDisconnected(Exception):
+    """The client went away; raised into the upstream request body to abort it.
+
+    Raising (rather than ending the body early) matters: a short body under a
+    forwarded Content-Length would leave the pooled connection waiting for
+    bytes, and the next request on it would be read as the rest of this body.
+    """
+
+
+class BodyTooLarge(PayloadTooLarge):
+    pass
+
+
+class BodyMalformed(BadRequest):
+    pass
+
+
+def create_session(settings: Settings) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=settings.upstream_max_connections,
+        limit_per_host=0,
+        ttl_dns_cache=60,
+        enable_cleanup_closed=False,
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        # aiohttp's connect covers waiting for a pool slot and connecting.
+        connect=settings.upstream_pool_timeout + settings.upstream_connect_timeout,
+        sock_connect=settings.upstream_connect_timeout,
+        sock_read=settings.upstream_read_timeout,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        # The caller's headers are forwarded as they came; aiohttp adds none.
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        read_bufsize=2**16,
+        max_line_size=16 * 1024,
+        max_field_size=16 * 1024,
+    )
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    seen = exc
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    return seen
+
+
+@contextmanager
+def translate_errors() -> Iterator[None]:
+    """Map aiohttp's exceptions to the gateway's tree, before a response started.
+
+    Errors raised by our own request-body iterator arrive wrapped by aiohttp;
+    they are unwrapped so a client disconnect or an oversized body is reported
+    as what it is, not as an upstream failure.
+    """
+    try:
+        yield
+    except aiohttp.ClientError as exc:
+        cause = _root_cause(exc)
+        if isinstance(cause, (ClientDisconnected, GatewayError)):
+            raise cause from None
+        if isinstance(exc, aiohttp.ServerTimeoutError) or isinstance(cause, asyncio.TimeoutError):
+            raise UpstreamTimeout("The upstream did not answer in time.") from exc
+        raise UpstreamUnavailable("The upstream could not be reached.") from exc
+    except TimeoutError as exc:
+        raise UpstreamTimeout("The upstream did not answer in time.") from exc
