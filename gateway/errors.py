@@ -23,6 +23,7 @@ parse; upstream responses pass through untouched.
 from __future__ import annotations
 
 import json
+from email.utils import formatdate
 from collections.abc import Sequence
 
 Headers = list[tuple[bytes, bytes]]
@@ -129,6 +130,7 @@ def error_body(
 
 def error_response_headers(exc: GatewayError, body: bytes) -> Headers:
     return [
+        (b"date", formatdate(usegmt=True).encode()),
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         *exc.headers,

@@ -76,6 +76,9 @@ def serve(settings: Settings) -> None:
         # uvicorn would otherwise trust X-Forwarded-* from loopback peers.
         proxy_headers=False,
         server_header=False,
+        # Proxied responses carry the upstream's Date; the gateway's own
+        # responses add theirs (errors.error_response_headers).
+        date_header=False,
         access_log=False,
         log_config=config,
         log_level=settings.log_level,

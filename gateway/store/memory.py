@@ -67,7 +67,7 @@ class MemoryStore(Store):
         self._revocation_ttl = revocation_ttl_seconds
         self._clock = clock
         self._sessions: dict[str, _Expiring] = {}  # hash -> SessionRecord
-        self._revoked: dict[str, _Expiring] = {}  # hash -> None
+        self._revoked: dict[str, _Expiring] = {}  # hash -> True
         self._sid_hash: dict[str, _Expiring] = {}  # sid -> hash
         self._sid_revoked: dict[str, _Expiring] = {}
         self._windows: dict[str, _SlidingWindow] = {}  # "s:" + hash | "u:" + user
@@ -146,7 +146,7 @@ class MemoryStore(Store):
         self._sid_hash[record.session_id] = _Expiring(record.secret_hash, until)
         born_revoked = self._get(self._sid_revoked, record.session_id) is not None
         if born_revoked:
-            self._revoked[record.secret_hash] = _Expiring(None, until)
+            self._revoked[record.secret_hash] = _Expiring(True, until)
         self._sweep()
         return born_revoked
 
@@ -166,7 +166,7 @@ class MemoryStore(Store):
         if session_id is not None:
             if self._get(self._sid_revoked, session_id) is None:
                 already = False
-                self._sid_revoked[session_id] = _Expiring(None, self._keep_until(None))
+                self._sid_revoked[session_id] = _Expiring(True, self._keep_until(None))
             if secret_hash is None:
                 secret_hash = await self.secret_hash_for(session_id)
         if secret_hash is not None:
@@ -177,7 +177,7 @@ class MemoryStore(Store):
                 session_id = session_id or record.session_id
             if self._get(self._revoked, secret_hash) is None:
                 already = False
-                self._revoked[secret_hash] = _Expiring(None, self._keep_until(expires_at))
+                self._revoked[secret_hash] = _Expiring(True, self._keep_until(expires_at))
             for queue in self._listeners:
                 queue.put_nowait(secret_hash)
         self._audit_seq += 1
