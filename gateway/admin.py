@@ -108,7 +108,7 @@ class AdminAPI:
                 "session_id": result.session_id,
                 "secret_hash_prefix": result.secret_hash[:12] if result.secret_hash else None,
                 "already_revoked": result.already_revoked,
-                "session_known": result.secret_hash is not None,
+                "session_known": result.registered,
             }
         )
 

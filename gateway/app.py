@@ -69,6 +69,7 @@ def build_store(settings: Settings) -> Store:
         window_seconds=settings.window_seconds,
         retention_seconds=settings.session_retention_seconds,
         revocation_ttl_seconds=settings.revocation_ttl_seconds,
+        timeout=settings.redis_timeout,
         pubsub_url=url,
     )
 

@@ -23,8 +23,8 @@ parse; upstream responses pass through untouched.
 from __future__ import annotations
 
 import json
-from email.utils import formatdate
 from collections.abc import Sequence
+from email.utils import formatdate
 
 Headers = list[tuple[bytes, bytes]]
 

@@ -103,7 +103,8 @@ def upstream_request_headers(
         forwarded_for.append(client_ip.encode())
     if forwarded_for:
         out.append((b"x-forwarded-for", b", ".join(forwarded_for)))
-    if not trust_forwarded:
+    # A trusted proxy's X-Forwarded-Proto stands; without one, say what we saw.
+    if not trust_forwarded or header_value(out, b"x-forwarded-proto") is None:
         out.append((b"x-forwarded-proto", scheme.encode()))
     return out
 

@@ -74,7 +74,7 @@ class Revoker:
             self._local.discard(secret_hash)
         if result.secret_hash is not None and result.secret_hash != secret_hash:
             self.close_streams(result.secret_hash)
-        self._metrics.revocations.labels(reason, str(result.secret_hash is not None).lower()).inc()
+        self._metrics.revocations.labels(reason, str(result.registered).lower()).inc()
         return result
 
     def _keep(self, item: PendingRevocation) -> None:
@@ -104,9 +104,7 @@ class Revoker:
                     self._local.discard(item.secret_hash)
                 if result.secret_hash is not None:
                     self.close_streams(result.secret_hash)
-                self._metrics.revocations.labels(
-                    item.reason, str(result.secret_hash is not None).lower()
-                ).inc()
+                self._metrics.revocations.labels(item.reason, str(result.registered).lower()).inc()
                 logger.info("Pending revocation stored (%d left)", len(self._pending))
 
     # -- streams in flight ----------------------------------------------------

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import logging.config
+import signal
+from types import FrameType
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.errors import BadRequest, error_response_headers
 from gateway.settings import Settings
 
 STREAM_ABORTED = "gateway.proxy.StreamAborted"
@@ -27,6 +30,18 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if not self.url.startswith(b"/"):
             extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
             extensions["gateway.absolute_form"] = True
+
+    def send_400_response(self, msg: str) -> None:
+        # The parser refused the request before the app saw it (raw control or
+        # non-ASCII bytes in the target, broken framing); answer in the same
+        # OpenAI shape as every other response the gateway makes itself.
+        error = BadRequest(msg)
+        body = error.body()
+        head = b"".join(n + b": " + v + b"\r\n" for n, v in error_response_headers(error, body))
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\n" + head + b"connection: close\r\n\r\n" + body
+        )
+        self.transport.close()
 
 
 class _DropStreamAborted(logging.Filter):
@@ -63,6 +78,12 @@ def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT; returns after a graceful shutdown."""
     config = log_config(settings.log_level)
     logging.config.dictConfig(config)
+    # uvicorn drains on SIGTERM/SIGINT, restores the handlers it found and then
+    # raises the signal again, so with the default handlers a clean shutdown
+    # would still end as "killed by SIGTERM". Ours turns it into exit status 0
+    # (and also covers a signal that arrives before uvicorn installs its own).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_cleanly)
     uvicorn.run(
         "gateway.app:create_app",
         factory=True,
@@ -85,3 +106,7 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=30,
         ws="none",
     )
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)

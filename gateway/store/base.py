@@ -55,11 +55,17 @@ class AuditEntry:
 
 @dataclass(frozen=True, slots=True)
 class RevokeResult:
-    """What a revocation changed; ``secret_hash`` is None when the session was never seen."""
+    """What a revocation changed.
+
+    ``secret_hash`` is None when no hash was given and the session id maps to
+    none; ``registered`` says whether the store held the session's record (a
+    hash echoed by a cancel reply can be known for a session never seen).
+    """
 
     secret_hash: str | None
     session_id: str | None
     already_revoked: bool
+    registered: bool = False
 
 
 class Store(abc.ABC):

@@ -163,6 +163,7 @@ class MemoryStore(Store):
         replica: str,
     ) -> RevokeResult:
         already = True
+        registered = False
         if session_id is not None:
             if self._get(self._sid_revoked, session_id) is None:
                 already = False
@@ -173,6 +174,7 @@ class MemoryStore(Store):
             record = self._get(self._sessions, secret_hash)
             expires_at = None
             if isinstance(record, SessionRecord):
+                registered = True
                 expires_at = record.expires_at
                 session_id = session_id or record.session_id
             if self._get(self._revoked, secret_hash) is None:
@@ -192,7 +194,7 @@ class MemoryStore(Store):
             )
         )
         del self._audit[:-AUDIT_MAXLEN]
-        return RevokeResult(secret_hash, session_id, already)
+        return RevokeResult(secret_hash, session_id, already, registered)
 
     async def lookup(self, session_id: str) -> SessionInfo | None:
         sid_revoked = self._get(self._sid_revoked, session_id) is not None

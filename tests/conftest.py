@@ -1,0 +1,48 @@
+"""Shared fixtures: one real Redis per session, one fake upstream per test.
+
+Nothing here skips. A missing ``redis-server`` fails the run with instructions,
+because a suite that quietly skips its storage tests proves nothing.
+
+Event loops: every async fixture here is function-scoped and runs in the
+test's own loop (pyproject sets ``asyncio_default_fixture_loop_scope``), so the
+fake upstream, the gateway client and the test share one loop and one clock.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from tests.fake_upstream import FakeUpstream
+from tests.harness import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server for the whole session; use ``redis_url`` in tests."""
+    if shutil.which("redis-server") is None:
+        pytest.fail(
+            "redis-server was not found on PATH. These tests run against a real Redis: "
+            "install it (Debian/Ubuntu: `apt-get install redis-server`; macOS: "
+            "`brew install redis`) and run the tests again.",
+            pytrace=False,
+        )
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of an empty, running Redis, whatever the previous test did to it."""
+    redis_server.ensure_running()
+    redis_server.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    """A fresh fake ChatKit API on a free port, in the test's event loop."""
+    async with FakeUpstream() as fake:
+        yield fake

@@ -1,0 +1,538 @@
+"""Real processes and sockets for tests: Redis, a Redis Cluster, the gateway.
+
+Everything here starts genuine binaries on free local ports and waits for them
+to answer before returning, so a test never races a server that is still
+booting. Waiting for readiness is the one place we poll: a process that has not
+bound its port yet cannot tell us when it will.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+import redis
+import redis.asyncio
+import redis.asyncio.cluster
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_POLL = 0.01  # readiness poll interval, seconds
+_INSTALL_REDIS = (
+    "redis-server was not found on PATH. The test suite needs a real Redis: install it "
+    "(Debian/Ubuntu: `apt-get install redis-server`; macOS: `brew install redis`)."
+)
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _flags(options: Mapping[str, str]) -> list[str]:
+    """``{"port": "1"}`` -> ``["--port", "1"]``, the way redis-server takes config."""
+    return [item for name, value in options.items() for item in (f"--{name}", value)]
+
+
+def _wait_until(ready: Callable[[], bool], *, timeout: float, what: Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what()}")
+        time.sleep(_POLL)
+
+
+def _terminate(proc: subprocess.Popen[bytes], *, timeout: float) -> int:
+    """SIGTERM, then SIGKILL after ``timeout``; always reaps the process."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)  # a SIGSTOPped process cannot act on SIGTERM
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free port, in its own temporary directory."""
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        appendonly: bool = False,
+        appendfsync: str = "everysec",
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 10.0,
+    ) -> None:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError(_INSTALL_REDIS)
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.extra_args = tuple(extra_args)
+        self.startup_timeout = startup_timeout
+        self.dir = Path(tempfile.mkdtemp(prefix="redis-test-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._paused = False
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self._close_log()
+        self._log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - lives with the process
+        options = {
+            "port": str(self.port),
+            "bind": self.host,
+            "dir": str(self.dir),
+            "daemonize": "no",
+            "save": "",
+            "appendonly": "yes" if self.appendonly else "no",
+            "appendfsync": self.appendfsync,
+        }
+        self.proc = subprocess.Popen(
+            ["redis-server", *_flags(options), *self.extra_args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self._paused = False
+        _wait_until(self._answers, timeout=self.startup_timeout, what=self._describe)
+
+    def _answers(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited early:\n{self.log_text()}")
+        try:
+            with redis.Redis(host=self.host, port=self.port, socket_timeout=1) as client:
+                return bool(client.ping())
+        except redis.exceptions.ConnectionError:  # includes BusyLoadingError (AOF replay)
+            return False
+
+    def _describe(self) -> str:
+        return f"redis-server on port {self.port} to answer PING:\n{self.log_text()}"
+
+    def log_text(self) -> str:
+        path = self.dir / "redis.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        """Graceful shutdown (SIGTERM): with AOF on, everything written survives."""
+        if self.proc is not None:
+            _terminate(self.proc, timeout=10.0)
+        self._paused = False
+        self._close_log()
+
+    def kill(self) -> None:
+        """SIGKILL: only what appendfsync already flushed survives."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._paused = False
+        self._close_log()
+
+    def pause(self) -> None:
+        """SIGSTOP: the port stays open but nothing answers (a hung server)."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError("cannot pause a redis-server that is not running")
+        self.proc.send_signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        if self.proc is not None and self._paused:
+            self.proc.send_signal(signal.SIGCONT)
+        self._paused = False
+
+    def restart(self) -> None:
+        """Stop (if running) and start again on the same port with the same directory."""
+        self.stop()
+        self.start()
+
+    def ensure_running(self) -> None:
+        """Undo whatever a previous test did to the server: resume or restart it."""
+        self.resume()
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+
+    def flushall(self) -> None:
+        with redis.Redis(host=self.host, port=self.port, socket_timeout=5) as client:
+            client.flushall()
+
+    def client(self, **kwargs: Any) -> redis.asyncio.Redis:
+        """An asyncio client; the caller must ``await client.aclose()``."""
+        return redis.asyncio.Redis(host=self.host, port=self.port, **kwargs)
+
+    def close(self) -> None:
+        """Stop the server and delete its directory."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class RedisCluster:
+    """Three masters (no replicas) with ``cluster-enabled``, joined into one cluster."""
+
+    def __init__(self, *, masters: int = 3, startup_timeout: float = 30.0) -> None:
+        self.nodes: list[RedisServer] = []
+        try:
+            for _ in range(masters):
+                options = {
+                    "cluster-enabled": "yes",
+                    "cluster-config-file": "nodes.conf",
+                    "cluster-node-timeout": "5000",
+                    # Explicit bus port: port+10000 may be taken or above 65535.
+                    "cluster-port": str(free_port()),
+                }
+                self.nodes.append(RedisServer(extra_args=_flags(options)))
+            addresses = [f"{node.host}:{node.port}" for node in self.nodes]
+            subprocess.run(
+                ["redis-cli", "--cluster", "create", *addresses, "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=startup_timeout,
+            )
+            _wait_until(
+                lambda: all(self._state_ok(node) for node in self.nodes),
+                timeout=startup_timeout,
+                what=lambda: "cluster_state:ok on every node",
+            )
+        except BaseException:
+            self.stop()
+            raise
+
+    @staticmethod
+    def _state_ok(node: RedisServer) -> bool:
+        with redis.Redis(host=node.host, port=node.port, socket_timeout=1) as client:
+            info = client.execute_command("CLUSTER INFO")
+        # redis-py parses the reply into a dict; older versions return the text.
+        if isinstance(info, dict):
+            return bool(info.get("cluster_state") == "ok")
+        return b"cluster_state:ok" in info if isinstance(info, bytes) else False
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        return [(node.host, node.port) for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """URL of one node; cluster clients discover the rest from it."""
+        return f"redis://{self.nodes[0].host}:{self.nodes[0].port}"
+
+    def client(self) -> redis.asyncio.cluster.RedisCluster:
+        """An asyncio cluster client; the caller must ``await client.aclose()``."""
+        node = self.nodes[0]
+        return redis.asyncio.cluster.RedisCluster(host=node.host, port=node.port)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def gateway_env(
+    upstream_url: str,
+    *,
+    port: int,
+    redis_url: str | None = None,
+    extra: Mapping[str, str] | None = None,
+    base: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The gateway's environment: ``base`` without any ``GATEWAY_*``, plus ours.
+
+    Stale ``GATEWAY_*`` variables from the developer's shell would otherwise
+    change what a test exercises.
+    """
+    env = {k: v for k, v in (os.environ if base is None else base).items()}
+    env = {k: v for k, v in env.items() if not k.startswith("GATEWAY_")}
+    env["PYTHONUNBUFFERED"] = "1"  # so output() shows log lines as they happen
+    env["GATEWAY_HOST"] = "127.0.0.1"
+    env["GATEWAY_PORT"] = str(port)
+    env["GATEWAY_UPSTREAM_URL"] = upstream_url
+    if redis_url is not None:
+        env["GATEWAY_REDIS_URL"] = redis_url
+    env.update(extra or {})
+    return env
+
+
+class GatewayProcess:
+    """The gateway as a subprocess (``python -m gateway serve``), ready on return.
+
+    Use ``with`` from synchronous code and ``async with`` from a test whose event
+    loop also runs the fake upstream: the async variants never block that loop,
+    so the upstream keeps answering while the gateway starts and drains.
+    """
+
+    def __init__(
+        self,
+        upstream_url: str,
+        *,
+        redis_url: str | None = None,
+        env: Mapping[str, str] | None = None,
+        port: int | None = None,
+        command: Sequence[str] | None = None,
+        startup_timeout: float = 20.0,
+    ) -> None:
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.startup_timeout = startup_timeout
+        # ``{port}`` in a custom command is replaced, for stand-ins in harness tests.
+        argv = command or [sys.executable, "-m", "gateway", "serve"]
+        self._argv = [arg.replace("{port}", str(self.port)) for arg in argv]
+        self._env = gateway_env(upstream_url, port=self.port, redis_url=redis_url, extra=env)
+        self._log: IO[bytes] | None = None
+        self._final_output: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        if self._proc is None:
+            raise RuntimeError("the gateway is not started: call start() or astart()")
+        return self._proc
+
+    def _spawn(self) -> None:
+        # A file, not a pipe: a chatty gateway can never block on a full pipe.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in _reap
+        self._final_output = None
+        self._proc = subprocess.Popen(
+            self._argv, env=self._env, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def _check_alive(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            output = self._reap()
+            raise RuntimeError(
+                f"gateway exited with code {code} before /healthz answered 200.\n"
+                f"command: {self._argv}\n--- output ---\n{output}"
+            )
+
+    def _healthy(self) -> bool:
+        self._check_alive()
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=1)
+        try:
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    async def _ahealthy(self) -> bool:
+        self._check_alive()
+        request = f"GET /healthz HTTP/1.1\r\nHost: {self.host}\r\nConnection: close\r\n\r\n"
+        try:
+            reply = await raw_http(self.host, self.port, request.encode(), timeout=1)
+        except (OSError, TimeoutError):
+            return False
+        return reply.startswith((b"HTTP/1.1 200 ", b"HTTP/1.0 200 "))
+
+    def start(self) -> Self:
+        self._spawn()
+        try:
+            _wait_until(self._healthy, timeout=self.startup_timeout, what=self._describe)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def astart(self) -> Self:
+        self._spawn()
+        try:
+            async with asyncio.timeout(self.startup_timeout):
+                while not await self._ahealthy():  # noqa: ASYNC110 - nothing to await but a poll
+                    await asyncio.sleep(_POLL)
+        except TimeoutError:
+            await self.astop()
+            raise TimeoutError(f"timed out waiting for {self._describe()}") from None
+        except BaseException:
+            await self.astop()
+            raise
+        return self
+
+    def _describe(self) -> str:
+        return f"the gateway's /healthz on {self.url}\n--- output ---\n{self.output()}"
+
+    def stop(self, grace: float = 10.0) -> int:
+        """SIGTERM and wait (SIGKILL after ``grace`` seconds); returns the exit code."""
+        if self._proc is None:
+            return 0
+        code = _terminate(self._proc, timeout=grace)
+        self._reap()
+        return code
+
+    async def astop(self, grace: float = 10.0) -> int:
+        """Like stop(), waiting in a thread so this event loop keeps running."""
+        if self._proc is None:
+            return 0
+        code = await asyncio.to_thread(_terminate, self._proc, timeout=grace)
+        self._reap()
+        return code
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._reap()
+
+    def output(self) -> str:
+        """Everything the process wrote to stdout and stderr so far."""
+        if self._final_output is not None:
+            return self._final_output
+        if self._log is None:
+            return ""
+        # pread leaves the shared file offset alone: the child keeps appending.
+        size = os.fstat(self._log.fileno()).st_size
+        return os.pread(self._log.fileno(), size, 0).decode(errors="replace")
+
+    def _reap(self) -> str:
+        if self._log is not None and (self._proc is None or self._proc.poll() is not None):
+            self._final_output = self.output()
+            self._log.close()
+            self._log = None
+        return self.output()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Self:
+        return await self.astart()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.astop()
+
+
+async def raw_http(
+    host: str,
+    port: int,
+    data: bytes,
+    *,
+    read_until_close: bool = True,
+    timeout: float = 5.0,  # noqa: ASYNC109 - part of the helper's contract
+) -> bytes:
+    """Write ``data`` verbatim on a fresh connection and return the raw reply.
+
+    With ``read_until_close`` false, return after one complete response
+    (Content-Length or chunked framing; interim 1xx responses are included).
+    A reset by the server ends the read; what arrived before it is returned.
+    """
+    reader, writer = await asyncio.open_connection(host, port)
+    received = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            with contextlib.suppress(ConnectionError):
+                # The server may answer and close before it has read everything.
+                writer.write(data)
+                await writer.drain()
+            try:
+                if read_until_close:
+                    while chunk := await reader.read(65536):
+                        received += chunk
+                else:
+                    await _read_response(reader, received)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return bytes(received)
+
+
+async def _read_response(reader: asyncio.StreamReader, out: bytearray) -> None:
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        out += head
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        if status >= 200 or status == 101:
+            break
+    fields = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    if status in (204, 304) or status < 200:
+        return
+    if "chunked" in fields.get("transfer-encoding", "").lower():
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            out += size_line
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                # Trailer section, ended by an empty line.
+                while (trailer := await reader.readuntil(b"\r\n")) != b"\r\n":
+                    out += trailer
+                out += b"\r\n"
+                return
+            out += await reader.readexactly(size + 2)
+    elif "content-length" in fields:
+        out += await reader.readexactly(int(fields["content-length"]))
+    else:
+        while chunk := await reader.read(65536):
+            out += chunk
