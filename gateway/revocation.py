@@ -40,7 +40,6 @@ class Revoker:
         self._streams: dict[str, set[Callable[[], None]]] = {}
         self._retry_task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
 
     # -- what the hot path asks -----------------------------------------------
 
@@ -70,8 +69,8 @@ class Revoker:
             logger.warning("Revocation kept pending, the store failed: %s", exc)
             self._keep(PendingRevocation(secret_hash, session_id, reason))
             return None
-        if secret_hash is not None and (secret_hash, session_id) not in self._pending:
-            self._local.discard(secret_hash)
+        if secret_hash is not None:
+            self._forget_local(secret_hash)
         if result.secret_hash is not None and result.secret_hash != secret_hash:
             self.close_streams(result.secret_hash)
         self._metrics.revocations.labels(reason, str(result.registered).lower()).inc()
@@ -82,6 +81,11 @@ class Revoker:
         self._metrics.revocations_pending.set(len(self._pending))
         if self._retry_task is None or self._retry_task.done():
             self._retry_task = asyncio.create_task(self._retry_until_stored())
+
+    def _forget_local(self, secret_hash: str) -> None:
+        """The store holds the revocation now, unless another pending one needs it."""
+        if not any(item.secret_hash == secret_hash for item in self._pending.values()):
+            self._local.discard(secret_hash)
 
     async def _retry_until_stored(self) -> None:
         delay = 0.1
@@ -101,7 +105,7 @@ class Revoker:
                 del self._pending[key]
                 self._metrics.revocations_pending.set(len(self._pending))
                 if item.secret_hash is not None:
-                    self._local.discard(item.secret_hash)
+                    self._forget_local(item.secret_hash)
                 if result.secret_hash is not None:
                     self.close_streams(result.secret_hash)
                 self._metrics.revocations.labels(item.reason, str(result.registered).lower()).inc()

@@ -153,6 +153,13 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.redis_cluster and self.redis_url is None:
             raise ValueError("GATEWAY_REDIS_CLUSTER needs GATEWAY_REDIS_URL")
+        if self.redis_cluster and self.user_max_requests_per_1_minute is not None:
+            # The user's window lives in another hash slot than the secret's
+            # keys, so one atomic script cannot cover both on a cluster.
+            raise ValueError(
+                "GATEWAY_USER_MAX_REQUESTS_PER_1_MINUTE is not supported with "
+                "GATEWAY_REDIS_CLUSTER=true (the user window is in another hash slot)"
+            )
         if self.admin_token is not None and self.admin_port == self.port:
             raise ValueError("GATEWAY_ADMIN_PORT must differ from GATEWAY_PORT")
         return self

@@ -38,6 +38,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from gateway.errors import StoreUnavailable
 from gateway.ratelimit import Decision, Outcome, Window
@@ -99,7 +100,15 @@ def connect(url: str, *, cluster: bool, timeout: float) -> Client:
     }
     if cluster:
         return RedisCluster.from_url(url, **options)
-    return aioredis.Redis.from_url(url, max_connections=256, **options)
+    # With maintenance notifications left at "auto", redis-py 8's pool skips
+    # its check for pooled connections the server has closed: after a Redis
+    # restart each one then fails a batch with 503 although Redis is back.
+    return aioredis.Redis.from_url(
+        url,
+        max_connections=256,
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        **options,
+    )
 
 
 class RedisStore(Store):
@@ -165,7 +174,7 @@ class RedisStore(Store):
     def _admit_args(self, request: AdmitRequest) -> tuple[Any, ...]:
         skey, wkey, rkey = self._keys(request.secret_hash)
         return (
-            b"EVALSHA",
+            "EVALSHA",
             ADMIT_SHA,
             3,
             skey,
