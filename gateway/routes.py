@@ -42,6 +42,9 @@ class Route:
     methods: frozenset[str]
     kind: Kind
     upstream: str = "default"
+    #: An exclusive route claims its path for every method: a method it does
+    #: not take is a 405 rather than a match for a broader route below it.
+    exclusive: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +58,19 @@ _ID = r"[^/]{1,256}"
 
 #: The ChatKit API as the official SDKs call it (see shared/reference/CHATKIT.md).
 DEFAULT_ROUTES: tuple[Route, ...] = (
-    Route("/v1/chatkit/sessions", frozenset({"POST"}), Kind.SESSION_CREATE),
-    Route("/v1/chatkit/sessions/{session_id}/cancel", frozenset({"POST"}), Kind.SESSION_CANCEL),
+    Route("/v1/chatkit/sessions", frozenset({"POST"}), Kind.SESSION_CREATE, exclusive=True),
+    Route(
+        "/v1/chatkit/sessions/{session_id}/cancel",
+        frozenset({"POST"}),
+        Kind.SESSION_CANCEL,
+        exclusive=True,
+    ),
     Route("/v1/chatkit/threads", frozenset({"GET"}), Kind.SERVER),
     Route("/v1/chatkit/threads/{thread_id}", frozenset({"GET", "DELETE"}), Kind.SERVER),
     Route("/v1/chatkit/threads/{thread_id}/items", frozenset({"GET"}), Kind.SERVER),
+    # Nothing else under sessions/ exists (no retrieve, no list): the
+    # namespace is the server's, and a browser must not reach it as traffic.
+    Route("/v1/chatkit/sessions/**", frozenset(), Kind.SERVER, exclusive=True),
     # Everything else under /v1/chatkit/ is client traffic: the hosted widget's
     # /conversation, uploads, and whatever the API adds next.
     Route(
@@ -95,7 +106,7 @@ def check_raw_path(raw_path: bytes) -> None:
 
 
 class RouteTable:
-    """Matches ``(method, raw path)`` against routes, first match wins."""
+    """Matches ``(method, raw path)`` against routes in order; first match wins."""
 
     def __init__(self, routes: Iterable[Route] = DEFAULT_ROUTES) -> None:
         self._routes: list[tuple[re.Pattern[str], Route]] = [
@@ -108,16 +119,24 @@ class RouteTable:
 
     def match(self, method: str, path: str) -> Match:
         """Return the match or raise :class:`NotFound`/:class:`MethodNotAllowed`."""
-        path_matched = False
+        path_known = False
+        claimed: str | None = None
         for regex, route in self._routes:
+            # Once an exclusive route claims the path, only routes of the same
+            # pattern (other methods on it) may still take it: GET on the
+            # session-create path is a 405, not client traffic.
+            if claimed is not None and route.pattern != claimed:
+                continue
             found = regex.match(path)
             if found is None:
                 continue
             if method not in route.methods:
-                path_matched = True
+                path_known = True
+                if route.exclusive:
+                    claimed = route.pattern
                 continue
             return Match(route, found.groupdict())
-        if path_matched:
+        if path_known:
             raise MethodNotAllowed(f"Method {method} is not allowed on this path.")
         raise NotFound("Unknown route: this gateway only serves the ChatKit API.")
 
