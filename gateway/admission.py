@@ -83,5 +83,8 @@ class Gatekeeper:
     def _report_only(self, error: GatewayError, what: str) -> Headers:
         if self._enforce:
             raise error
+        # Counted like the store's outcomes: "malformed" and "store_unavailable"
+        # complete the label's fixed vocabulary.
+        self._metrics.would_reject.labels(what).inc()
         logger.info("Report-only: would reject (%s)", what)
         return []

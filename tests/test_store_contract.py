@@ -1,0 +1,536 @@
+"""One contract for every store: the embedded one and Redis behave the same.
+
+Each test below runs unchanged against :class:`MemoryStore` (with a clock the
+test moves) and :class:`RedisStore` (against a real ``redis-server``). Redis
+decides with its own ``TIME``, which no test can move, so where time must pass
+the Redis variant uses a short window and real time: ``backend.reach(t)``
+advances the embedded clock to ``t``, and for Redis waits until the wall clock
+(the same clock Redis reads on this machine) has passed ``t``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+import redis.asyncio
+
+from gateway.auth import SecretHasher
+from gateway.ratelimit import Decision, Outcome
+from gateway.registry import session_from_response
+from gateway.store.base import AdmitRequest, SessionRecord, Store
+from gateway.store.memory import MemoryStore
+from gateway.store.redis import RedisStore, connect
+
+HASHER = SecretHasher(b"contract-pepper")
+
+
+class FakeClock:
+    """Seconds since the epoch, held as whole microseconds so steps are exact."""
+
+    def __init__(self, start: float = 1_750_000_000.0) -> None:
+        self.us = round(start * 1_000_000)
+
+    def __call__(self) -> float:
+        return self.us / 1_000_000
+
+    def set(self, seconds: float) -> None:
+        self.us = max(self.us, round(seconds * 1_000_000))
+
+
+@dataclass
+class Backend:
+    """A store factory plus the means to let time pass for it."""
+
+    name: str
+    make_store: Callable[[int], Store]
+    now: Callable[[], float]
+    reach: Callable[[float], Awaitable[None]]
+    stores: list[Store] = field(default_factory=list)
+
+    def store(self, *, window_seconds: int = 60) -> Store:
+        store = self.make_store(window_seconds)
+        self.stores.append(store)
+        return store
+
+
+async def _wall_clock_reach(when: float) -> None:
+    # Redis reads the same system clock; nothing to wait *for* but time itself.
+    while (left := when - time.time()) > 0:  # noqa: ASYNC110 - waiting on the clock itself
+        await asyncio.sleep(min(left, 0.05))
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    if request.param == "memory":
+        clock = FakeClock()
+
+        async def reach(when: float) -> None:
+            clock.set(when)
+
+        kit = Backend(
+            "memory", lambda window: MemoryStore(window_seconds=window, clock=clock), clock, reach
+        )
+    else:
+        url: str = request.getfixturevalue("redis_url")
+        kit = Backend(
+            "redis",
+            lambda window: RedisStore(
+                connect(url, cluster=False, timeout=5.0), window_seconds=window, pubsub_url=url
+            ),
+            time.time,
+            _wall_clock_reach,
+        )
+    try:
+        yield kit
+    finally:
+        for store in kit.stores:
+            await store.close()
+
+
+def _record(
+    backend: Backend,
+    *,
+    limit: int = 10,
+    user: str = "user_alice",
+    ttl: float = 600,
+    session_id: str | None = None,
+) -> SessionRecord:
+    return SessionRecord(
+        secret_hash=HASHER(secrets.token_urlsafe(24).encode()),
+        session_id=session_id or f"cksess_{secrets.token_hex(8)}",
+        user=user,
+        expires_at=int(backend.now() + ttl),
+        limit=limit,
+    )
+
+
+def _ask(
+    secret_hash: str,
+    *,
+    allow_unknown: bool = False,
+    default_limit: int = 10,
+    user_limit: int | None = None,
+) -> AdmitRequest:
+    return AdmitRequest(secret_hash, allow_unknown, default_limit, user_limit)
+
+
+async def _admit_many(store: Store, request: AdmitRequest, count: int) -> list[Decision]:
+    return [await store.admit(request) for _ in range(count)]
+
+
+# -- admission -------------------------------------------------------------------
+
+
+async def test_registered_session_is_admitted_exactly_its_limit(backend: Backend) -> None:
+    store = backend.store()
+    record = _record(backend, limit=5)
+    assert await store.register(record) is False
+
+    decisions = await _admit_many(store, _ask(record.secret_hash), 5)
+    assert [d.outcome for d in decisions] == [Outcome.ADMITTED] * 5
+    assert [d.session.remaining for d in decisions if d.session] == [4, 3, 2, 1, 0]
+    assert all(d.session and d.session.limit == 5 for d in decisions)
+    assert all(d.user is None for d in decisions)  # no user limit configured
+
+    refused = await store.admit(_ask(record.secret_hash))
+    assert refused.outcome is Outcome.RATE_LIMITED
+    assert refused.session is not None
+    assert refused.session.limit == 5
+    assert refused.session.remaining == 0
+    # All five were admitted just now: the oldest leaves in (almost) a full window.
+    assert 50_000 <= refused.session.wait_ms <= 60_000
+
+
+async def test_concurrent_admissions_never_exceed_the_limit(backend: Backend) -> None:
+    store = backend.store()
+    record = _record(backend, limit=10)
+    await store.register(record)
+    decisions = await asyncio.gather(*(store.admit(_ask(record.secret_hash)) for _ in range(60)))
+    admitted = [d for d in decisions if d.admitted]
+    assert len(admitted) == 10
+    # Each admission saw a different count: the check and the update are atomic.
+    assert sorted(d.session.remaining for d in admitted if d.session) == list(range(10))
+    assert {d.outcome for d in decisions if not d.admitted} == {Outcome.RATE_LIMITED}
+
+
+async def test_rejected_requests_consume_no_quota(backend: Backend) -> None:
+    window = 2
+    store = backend.store(window_seconds=window)
+    record = _record(backend, limit=3)
+    await store.register(record)
+    ask = _ask(record.secret_hash)
+    assert all(d.admitted for d in await _admit_many(store, ask, 3))
+
+    # Half a window later, hammer the full window: every request is refused.
+    await backend.reach(backend.now() + window / 2)
+    refused = await _admit_many(store, ask, 10)
+    assert {d.outcome for d in refused} == {Outcome.RATE_LIMITED}
+    last = refused[-1].session
+    assert last is not None
+
+    # When the three admissions leave, the window is empty again: had the
+    # refusals counted, they would fill it for another half window.
+    await backend.reach(
+        backend.now() + last.wait_ms / 1000 + (0.15 if backend.name == "redis" else 0)
+    )
+    again = await _admit_many(store, ask, 4)
+    assert [d.outcome for d in again] == [Outcome.ADMITTED] * 3 + [Outcome.RATE_LIMITED]
+
+
+@pytest.mark.parametrize(
+    ("ttl", "outcome"),
+    [
+        (600, Outcome.ADMITTED),  # in its lifetime
+        (-1, Outcome.EXPIRED),  # expires_at has passed
+        (-3000, Outcome.EXPIRED),  # long gone, but still remembered as expired
+    ],
+)
+async def test_expiry_is_checked_on_admission(
+    backend: Backend, ttl: float, outcome: Outcome
+) -> None:
+    store = backend.store()
+    record = _record(backend, ttl=ttl)
+    await store.register(record)
+    assert (await store.admit(_ask(record.secret_hash))).outcome is outcome
+
+
+async def test_session_expires_while_in_use(backend: Backend) -> None:
+    store = backend.store()
+    record = _record(backend, ttl=1.5)  # expires_at is whole seconds: 0.5 to 1.5 s away
+    await store.register(record)
+    assert (await store.admit(_ask(record.secret_hash))).admitted
+    await backend.reach(record.expires_at + 0.01)
+    decision = await store.admit(_ask(record.secret_hash))
+    assert decision.outcome is Outcome.EXPIRED
+    assert decision.session is None
+
+
+async def test_revoked_secret_is_refused(backend: Backend) -> None:
+    store = backend.store()
+    record = _record(backend)
+    await store.register(record)
+    assert (await store.admit(_ask(record.secret_hash))).admitted
+    await store.revoke(secret_hash=record.secret_hash, session_id=None, reason="test", replica="r1")
+    decision = await store.admit(_ask(record.secret_hash, allow_unknown=True))
+    assert decision.outcome is Outcome.REVOKED
+    assert decision.session is None
+
+
+async def test_revocation_wins_over_expiry(backend: Backend) -> None:
+    store = backend.store()
+    record = _record(backend, ttl=-5)
+    await store.register(record)
+    await store.revoke(secret_hash=None, session_id=record.session_id, reason="test", replica="r1")
+    assert (await store.admit(_ask(record.secret_hash))).outcome is Outcome.REVOKED
+
+
+@pytest.mark.parametrize(
+    "allow_unknown",
+    [
+        False,  # GATEWAY_UNKNOWN_SECRETS=reject
+        True,  # allow: but a revoked unknown secret is still revoked (next test)
+    ],
+)
+async def test_unknown_secret(backend: Backend, allow_unknown: bool) -> None:
+    store = backend.store()
+    decision = await store.admit(_ask(HASHER(b"never-registered"), allow_unknown=allow_unknown))
+    assert decision.outcome is (Outcome.ADMITTED if allow_unknown else Outcome.UNKNOWN)
+
+
+async def test_allowed_unknown_secrets_get_the_default_limit_per_hash(backend: Backend) -> None:
+    store = backend.store()
+    first, second = HASHER(b"unknown-one"), HASHER(b"unknown-two")
+    decisions = await _admit_many(store, _ask(first, allow_unknown=True, default_limit=3), 4)
+    assert [d.outcome for d in decisions] == [Outcome.ADMITTED] * 3 + [Outcome.RATE_LIMITED]
+    assert all(d.session and d.session.limit == 3 for d in decisions)
+    # Another unknown secret has a window of its own.
+    other = await store.admit(_ask(second, allow_unknown=True, default_limit=3))
+    assert other.admitted
+    assert other.session is not None
+    assert other.session.remaining == 2
+    # A revoked unknown secret stays refused even when unknown ones are allowed.
+    await store.revoke(secret_hash=second, session_id=None, reason="test", replica="r1")
+    assert (await store.admit(_ask(second, allow_unknown=True))).outcome is Outcome.REVOKED
+
+
+async def test_user_limit_spans_the_users_sessions(backend: Backend) -> None:
+    store = backend.store()
+    one, two = _record(backend, limit=10), _record(backend, limit=10)
+    stranger = _record(backend, limit=10, user="user_bob")
+    for record in (one, two, stranger):
+        await store.register(record)
+
+    outcomes = []
+    for index in range(8):
+        record = (one, two)[index % 2]
+        outcomes.append(await store.admit(_ask(record.secret_hash, user_limit=3)))
+    assert [d.outcome for d in outcomes] == [Outcome.ADMITTED] * 3 + [Outcome.USER_RATE_LIMITED] * 5
+    assert [d.user.remaining for d in outcomes[:3] if d.user] == [2, 1, 0]
+    refused = outcomes[-1]
+    assert refused.user is not None
+    assert refused.user.limit == 3
+    assert refused.user.remaining == 0
+    assert 0 < refused.user.wait_ms <= 60_000
+    # The session windows hold only what was admitted: one got 2, two got 1.
+    assert refused.session is not None
+    assert refused.session.remaining == 10 - 1  # the last request was session two's
+
+    # Another user is not affected.
+    assert (await store.admit(_ask(stranger.secret_hash, user_limit=3))).admitted
+    # Without a user limit, the sessions' own limits apply again.
+    assert (await store.admit(_ask(two.secret_hash))).admitted
+
+
+async def test_user_limited_requests_consume_no_session_quota(backend: Backend) -> None:
+    store = backend.store()
+    one, two = _record(backend, limit=4), _record(backend, limit=4)
+    await store.register(one)
+    await store.register(two)
+    await _admit_many(store, _ask(one.secret_hash, user_limit=2), 2)
+    refused = await _admit_many(store, _ask(two.secret_hash, user_limit=2), 6)
+    assert {d.outcome for d in refused} == {Outcome.USER_RATE_LIMITED}
+    info = await store.lookup(two.session_id)
+    assert info is not None
+    assert info.remaining == 4
+
+
+# -- revocation -------------------------------------------------------------------
+
+
+async def test_revoke_by_session_id_resolves_the_secret(backend: Backend) -> None:
+    store = backend.store()
+    record = _record(backend)
+    await store.register(record)
+    assert await store.secret_hash_for(record.session_id) == record.secret_hash
+    result = await store.revoke(
+        secret_hash=None, session_id=record.session_id, reason="cancel", replica="r1"
+    )
+    assert result.secret_hash == record.secret_hash
+    assert result.session_id == record.session_id
+    assert result.already_revoked is False
+    assert (await store.admit(_ask(record.secret_hash))).outcome is Outcome.REVOKED
+
+
+async def test_revoke_by_secret_names_the_session(backend: Backend) -> None:
+    store = backend.store()
+    record = _record(backend)
+    await store.register(record)
+    result = await store.revoke(
+        secret_hash=record.secret_hash, session_id=None, reason="admin", replica="r1"
+    )
+    assert result.session_id == record.session_id
+    assert result.already_revoked is False
+
+
+@pytest.mark.parametrize(
+    "by",
+    [
+        "session_id",  # a cancel repeated by the SDK's retry
+        "secret_hash",  # an operator revoking the same secret twice
+        "both",
+    ],
+)
+async def test_revoke_is_idempotent(backend: Backend, by: str) -> None:
+    store = backend.store()
+    record = _record(backend)
+    await store.register(record)
+    kwargs = {
+        "secret_hash": record.secret_hash if by != "session_id" else None,
+        "session_id": record.session_id if by != "secret_hash" else None,
+    }
+    first = await store.revoke(**kwargs, reason="cancel", replica="r1")
+    second = await store.revoke(**kwargs, reason="cancel", replica="r2")
+    assert (first.already_revoked, second.already_revoked) == (False, True)
+    assert first.secret_hash == second.secret_hash == record.secret_hash
+    assert (await store.admit(_ask(record.secret_hash))).outcome is Outcome.REVOKED
+
+
+async def test_session_cancelled_before_registration_is_born_revoked(backend: Backend) -> None:
+    store = backend.store()
+    record = _record(backend)
+    # The cancel's success arrived before the create response was learned.
+    early = await store.revoke(
+        secret_hash=None, session_id=record.session_id, reason="cancel", replica="r1"
+    )
+    assert early.secret_hash is None
+    assert early.session_id == record.session_id
+    assert early.already_revoked is False
+    assert await store.register(record) is True
+    assert (await store.admit(_ask(record.secret_hash))).outcome is Outcome.REVOKED
+    info = await store.lookup(record.session_id)
+    assert info is not None
+    assert info.status == "revoked"
+
+
+async def test_revoking_an_unseen_session_is_recorded(backend: Backend) -> None:
+    store = backend.store()
+    result = await store.revoke(
+        secret_hash=None, session_id="cksess_never_seen", reason="cancel", replica="r1"
+    )
+    assert result.secret_hash is None
+    info = await store.lookup("cksess_never_seen")
+    assert info is not None
+    assert info.status == "revoked"
+    assert info.limit is None
+
+
+# -- lookup and audit ---------------------------------------------------------------
+
+
+async def test_lookup_reports_status_and_remaining_quota(backend: Backend) -> None:
+    store = backend.store()
+    active = _record(backend, limit=5, user="user_carol")
+    expired = _record(backend, ttl=-10)
+    revoked = _record(backend)
+    for record in (active, expired, revoked):
+        await store.register(record)
+    await _admit_many(store, _ask(active.secret_hash), 2)
+    await store.revoke(secret_hash=revoked.secret_hash, session_id=None, reason="t", replica="r")
+
+    info = await store.lookup(active.session_id)
+    assert info is not None
+    assert (info.status, info.user, info.limit, info.remaining, info.expires_at) == (
+        "active",
+        "user_carol",
+        5,
+        3,
+        active.expires_at,
+    )
+    assert info.secret_hash_prefix == active.secret_hash[:12]
+    assert len(info.secret_hash_prefix) < len(active.secret_hash)  # a prefix, not the hash
+
+    for record, status in ((expired, "expired"), (revoked, "revoked")):
+        found = await store.lookup(record.session_id)
+        assert found is not None
+        assert found.status == status
+        assert found.limit == record.limit
+    assert await store.lookup("cksess_unknown") is None
+
+
+async def test_audit_tail_is_newest_entries_oldest_first(backend: Backend) -> None:
+    store = backend.store()
+    records = [_record(backend) for _ in range(3)]
+    for record in records:
+        await store.register(record)
+    for index, record in enumerate(records):
+        await store.revoke(
+            secret_hash=None,
+            session_id=record.session_id,
+            reason=f"r{index}",
+            replica=f"rep{index}",
+        )
+    tail = await store.audit_tail(2)
+    assert [e.reason for e in tail] == ["r1", "r2"]
+    everything = await store.audit_tail(10)
+    assert [e.session_id for e in everything] == [r.session_id for r in records]
+    assert [e.replica for e in everything] == ["rep0", "rep1", "rep2"]
+    assert [e.secret_hash_prefix for e in everything] == [r.secret_hash[:12] for r in records]
+    assert len({e.id for e in everything}) == 3
+    assert all(abs(e.at - backend.now()) < 60 for e in everything)
+    assert await store.audit_tail(0) == []
+
+
+async def test_revocations_stream_delivers_revoked_hashes(backend: Backend) -> None:
+    store = backend.store()
+    record = _record(backend)
+    await store.register(record)
+    received: asyncio.Queue[str] = asyncio.Queue()
+
+    async def listen() -> None:
+        async for secret_hash in store.revocations():
+            received.put_nowait(secret_hash)
+
+    listener = asyncio.create_task(listen())
+    try:
+        # The subscription is established in the background, and pub/sub does
+        # not replay: revoke (idempotently) until the listener hears one.
+        got = None
+        async with asyncio.timeout(10):
+            while got is None:
+                await store.revoke(
+                    secret_hash=None, session_id=record.session_id, reason="t", replica="r"
+                )
+                with contextlib.suppress(TimeoutError):
+                    got = await asyncio.wait_for(received.get(), 0.2)
+        assert got == record.secret_hash
+    finally:
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+
+
+async def test_ping_answers(backend: Backend) -> None:
+    await backend.store().ping()
+
+
+# -- Redis only: what is at rest ------------------------------------------------------
+
+
+async def _dump_everything(client: redis.asyncio.Redis) -> dict[bytes, tuple[bytes, int, bytes]]:
+    """Every key: (type, TTL in ms, all names and values in it, concatenated)."""
+    out = {}
+    async for key in client.scan_iter(count=1000):
+        kind = await client.type(key)
+        if kind == b"string":
+            parts = [await client.get(key) or b""]
+        elif kind == b"hash":
+            parts = [b for kv in (await client.hgetall(key)).items() for b in kv]
+        elif kind == b"zset":
+            parts = [m for m, _ in await client.zrange(key, 0, -1, withscores=True)]
+        elif kind == b"stream":
+            parts = [
+                b for _, fields in await client.xrange(key) for kv in fields.items() for b in kv
+            ]
+        else:
+            parts = [await client.dump(key) or b""]
+        out[key] = (kind, await client.pttl(key), b"\x00".join(parts))
+    return out
+
+
+async def test_redis_holds_no_secret_and_every_key_expires(redis_url: str) -> None:
+    secret = f"ek_{secrets.token_urlsafe(32)}"
+    body = json.dumps(
+        {
+            "id": "cksess_at_rest",
+            "object": "chatkit.session",
+            "client_secret": secret,
+            "user": "user_dave",
+            "expires_at": int(time.time()) + 600,
+            "max_requests_per_1_minute": 3,
+        }
+    ).encode()
+    record = session_from_response(body, hasher=HASHER, default_limit=10)
+    store = RedisStore(connect(redis_url, cluster=False, timeout=5.0), pubsub_url=redis_url)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await store.register(record)
+        for _ in range(4):  # admitted and refused, with a user window too
+            await store.admit(_ask(record.secret_hash, user_limit=5))
+        await store.admit(_ask(HASHER(b"unknown"), allow_unknown=True))
+        await store.revoke(secret_hash=None, session_id=record.session_id, reason="t", replica="r")
+        await store.revoke(secret_hash=None, session_id="cksess_unseen", reason="t", replica="r")
+
+        contents = await _dump_everything(client)
+    finally:
+        await client.aclose()
+        await store.close()
+
+    kinds = {kind for kind, _, _ in contents.values()}
+    assert {b"hash", b"zset", b"string", b"stream"} <= kinds  # the test saw every structure
+    for key, (kind, ttl, values) in contents.items():
+        for needle in (secret.encode(), secret[3:].encode()):
+            assert needle not in key, key
+            assert needle not in values, key
+        if kind == b"stream":
+            # The audit log is the one key without a TTL: it is shared by all
+            # sessions and capped by length (XADD MAXLEN), so it stays bounded.
+            assert key.endswith(b":audit")
+            continue
+        assert ttl > 0, f"{key!r} has no TTL"
