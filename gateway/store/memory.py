@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 
 from gateway.ratelimit import Decision, Outcome, Window
@@ -113,7 +113,7 @@ class MemoryStore(Store):
         if count >= limit:
             return Decision(Outcome.RATE_LIMITED, Window(limit, 0, _ms(wait), _ms(reset)))
         user_window = None
-        if request.user_limit and user is not None:
+        if request.user_limit and user:  # no user, no user window (as in Redis)
             user_window = self._windows.setdefault("u:" + user, _SlidingWindow())
             ucount, uwait, ureset = user_window.state(now, self._window)
             if ucount >= request.user_limit:
@@ -224,6 +224,9 @@ class MemoryStore(Store):
 
     async def audit_tail(self, count: int) -> list[AuditEntry]:
         return self._audit[-count:] if count > 0 else []
+
+    async def revoked_among(self, secret_hashes: Collection[str]) -> set[str]:
+        return {h for h in secret_hashes if self._get(self._revoked, h) is not None}
 
     async def revocations(self) -> AsyncIterator[str]:
         queue: asyncio.Queue[str] = asyncio.Queue()

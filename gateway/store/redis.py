@@ -28,7 +28,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -296,16 +296,15 @@ class RedisStore(Store):
 
         async def write() -> list[Any]:
             pipe = self._client.pipeline(transaction=False)
-            pipe.hset(
-                skey,
-                mapping={
-                    "sid": record.session_id,
-                    "user": record.user,
-                    "uh": user_hash(record.user),
-                    "exp": record.expires_at,
-                    "lim": record.limit,
-                },
-            )
+            fields: dict[str, str | int] = {
+                "sid": record.session_id,
+                "user": record.user,
+                "exp": record.expires_at,
+                "lim": record.limit,
+            }
+            if record.user:  # no user, no user window (the API requires one)
+                fields["uh"] = user_hash(record.user)
+            pipe.hset(skey, mapping=fields)  # type: ignore[arg-type]
             pipe.pexpireat(skey, keep_until_ms)
             pipe.set(hkey, record.secret_hash, pxat=keep_until_ms)
             # Read after writing: a cancel that raced ahead wrote its flag
@@ -376,9 +375,16 @@ class RedisStore(Store):
             "replica": replica,
             "at": f"{self._clock():.3f}",
         }
-        await self._idempotent(
-            lambda: self._client.xadd(self._audit, fields, maxlen=AUDIT_MAXLEN, approximate=True)  # type: ignore[arg-type]
-        )
+
+        async def append() -> Any:
+            # Capped by length, and given a TTL like every other key: an idle
+            # gateway's audit log ends with the last revocation it records.
+            pipe = self._client.pipeline(transaction=False)
+            pipe.xadd(self._audit, fields, maxlen=AUDIT_MAXLEN, approximate=True)  # type: ignore[arg-type]
+            pipe.expire(self._audit, self._revocation_ttl)
+            return await pipe.execute()
+
+        await self._idempotent(append)
         if secret_hash is not None:
             await self._idempotent(lambda: self._client.publish(self._channel, secret_hash))
 
@@ -441,9 +447,29 @@ class RedisStore(Store):
             )
         return entries
 
-    async def revocations(self) -> AsyncIterator[str]:
-        """Revoked hashes from every replica; resubscribes after a Redis outage."""
+    async def revoked_among(self, secret_hashes: Collection[str]) -> set[str]:
+        hashes = list(secret_hashes)
+        if not hashes:
+            return set()
+
+        async def read() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for secret_hash in hashes:
+                pipe.exists(self._keys(secret_hash)[2])
+            return await pipe.execute()
+
+        flags = await self._call(read)
+        return {h for h, flag in zip(hashes, flags, strict=True) if flag}
+
+    async def revocations(self) -> AsyncIterator[str | None]:
+        """Revoked hashes from every replica; resubscribes after a Redis outage.
+
+        Pub/sub does not replay what was published while we were away, so a
+        resubscription yields None for the caller to re-check what it holds.
+        The retry delay stays short: streams must close within seconds.
+        """
         delay = 0.1
+        resumed = False
         while True:
             # A dedicated connection without a read timeout: the channel is
             # silent most of the time.
@@ -454,6 +480,9 @@ class RedisStore(Store):
             try:
                 await pubsub.subscribe(self._channel)
                 delay = 0.1
+                if resumed:
+                    yield None
+                resumed = True
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         yield _text(message["data"]) or ""
@@ -463,7 +492,7 @@ class RedisStore(Store):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
                 await client.aclose()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, 1.0)
 
     async def ping(self) -> None:
         await self._call(lambda: self._client.ping())
