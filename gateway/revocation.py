@@ -135,6 +135,22 @@ class Revoker:
 
     async def _listen(self) -> None:
         async for secret_hash in self._store.revocations():
+            if secret_hash is None:
+                await self._recheck_streams()
+            else:
+                self.close_streams(secret_hash)
+
+    async def _recheck_streams(self) -> None:
+        """The feed had a gap: close the streams whose secret was revoked meanwhile."""
+        if not self._streams:
+            return
+        try:
+            revoked = await self._store.revoked_among(list(self._streams))
+        except StoreUnavailable as exc:
+            # The feed will drop again and resume, and this runs once more.
+            logger.warning("Open streams not re-checked after a revocation-feed gap: %s", exc)
+            return
+        for secret_hash in revoked:
             self.close_streams(secret_hash)
 
     async def stop(self, *, flush_timeout: float = 5.0) -> None:

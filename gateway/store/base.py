@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 
 from gateway.ratelimit import Decision
@@ -109,8 +109,16 @@ class Store(abc.ABC):
         """The newest ``count`` revocations, oldest first."""
 
     @abc.abstractmethod
-    def revocations(self) -> AsyncIterator[str]:
-        """Secret hashes revoked anywhere, as they happen (for closing open streams)."""
+    def revocations(self) -> AsyncIterator[str | None]:
+        """Secret hashes revoked anywhere, as they happen (for closing open streams).
+
+        ``None`` means the feed was interrupted and has resumed: revocations
+        made meanwhile were not delivered, so re-check with :meth:`revoked_among`.
+        """
+
+    @abc.abstractmethod
+    async def revoked_among(self, secret_hashes: Collection[str]) -> set[str]:
+        """Those of ``secret_hashes`` that are revoked."""
 
     @abc.abstractmethod
     async def ping(self) -> None:

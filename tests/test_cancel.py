@@ -1,0 +1,561 @@
+"""Issue 4: a cancel revokes the session's secret on every replica, and is never lost.
+
+Two gateway replicas (A and B) share one real Redis; the official ``openai``
+SDK creates and cancels sessions, and client traffic is plain HTTP with the
+client secret as a bearer token. The fake upstream's request records show
+which requests reached it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import pytest_asyncio
+from openai import AsyncOpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.auth import SecretHasher
+from tests import fake_upstream
+from tests.fake_upstream import FakeUpstream
+from tests.harness import GatewayProcess, RedisServer
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+API_KEY = "sk-test-cancel"
+CONVERSATION = "/v1/chatkit/conversation"
+REVOCATION_TTL = 7200  # not the default, so the test sees the setting applied
+RETENTION = 3600  # GATEWAY_SESSION_RETENTION_SECONDS
+UPSTREAM_READ_TIMEOUT = 3.0  # the "stall" row waits this long for its 504
+HASH = SecretHasher(None)  # no GATEWAY_SECRET_PEPPER is configured
+
+
+# -- fixtures: one Redis, one fake upstream, two replicas for the module ----------
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    # appendfsync always: a killed and restarted Redis keeps every write, so the
+    # kill test shows the gateway losing nothing, not Redis losing a second.
+    with RedisServer(appendonly=True, appendfsync="always") as server:
+        yield server
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fake() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream() as upstream:
+        yield upstream
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def replicas(
+    redis: RedisServer, fake: FakeUpstream
+) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
+    def replica(name: str) -> GatewayProcess:
+        return GatewayProcess(
+            fake.url,
+            redis_url=redis.url,
+            env={
+                "GATEWAY_REPLICA_ID": name,
+                # Short, so a paused Redis fails a write quickly; not shorter,
+                # so a busy machine does not make a healthy Redis look down.
+                "GATEWAY_REDIS_TIMEOUT": "1.0",
+                "GATEWAY_UPSTREAM_READ_TIMEOUT": str(UPSTREAM_READ_TIMEOUT),
+                "GATEWAY_REVOCATION_TTL_SECONDS": str(REVOCATION_TTL),
+                "GATEWAY_SESSION_RETENTION_SECONDS": str(RETENTION),
+            },
+        )
+
+    a, b = replica("replica-a"), replica("replica-b")
+    await asyncio.gather(a.astart(), b.astart())
+    try:
+        yield a, b
+    finally:
+        await asyncio.gather(a.astop(), b.astop())
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture(autouse=True)
+def fresh(
+    redis: RedisServer, fake: FakeUpstream, replicas: tuple[GatewayProcess, GatewayProcess]
+) -> Iterator[None]:
+    """Each test starts with a running Redis and a fake without faults or records,
+    and ends with no client secret the upstream ever issued in either replica's log."""
+    redis.ensure_running()
+    fake.clear_faults()
+    fake.reset_records()
+    fake.cancel_shape = "full"
+    yield
+    redis.ensure_running()
+    issued = [session["client_secret"] for session in fake.sessions.values()]
+    for gateway in replicas:
+        output = gateway.output()
+        assert not [s for s in issued if s in output], f"a client secret in {gateway.url}'s log"
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def sdk(gateway: GatewayProcess) -> AsyncIterator[AsyncOpenAI]:
+    """The official SDK pointed at one replica; no retries, so every call is one request."""
+    async with AsyncOpenAI(
+        api_key=API_KEY, base_url=f"{gateway.url}/v1", max_retries=0, timeout=30
+    ) as client:
+        yield client
+
+
+async def create_session(gateway: GatewayProcess, **extra: Any) -> tuple[str, str, int]:
+    """(session id, client secret, expires_at) of a session created through ``gateway``."""
+    async with sdk(gateway) as client:
+        session = await client.beta.chatkit.sessions.create(
+            user="user_cancel", workflow={"id": "wf_cancel"}, **extra
+        )
+    return session.id, session.client_secret, session.expires_at
+
+
+async def converse(
+    http: aiohttp.ClientSession, gateway: GatewayProcess, secret: str
+) -> tuple[int, str | None]:
+    """One client-traffic request: (status, error code or None)."""
+    async with http.post(
+        f"{gateway.url}{CONVERSATION}",
+        json={"type": "threads.list", "params": {}},
+        headers={"Authorization": f"Bearer {secret}", "OpenAI-Beta": "chatkit_beta=v1"},
+    ) as response:
+        body = await response.json()
+        code = body["error"]["code"] if response.status >= 400 else None
+        return response.status, code
+
+
+async def metric(
+    http: aiohttp.ClientSession, gateway: GatewayProcess, name: str, **labels: str
+) -> float:
+    """One sample of the replica's /metrics (0 when the labelled child does not exist yet)."""
+    async with http.get(f"{gateway.url}/metrics") as response:
+        text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+async def eventually(
+    condition: Callable[[], Awaitable[bool]],
+    *,
+    timeout: float,  # noqa: ASYNC109 - a deadline for a poll, not for one await
+    what: str,
+) -> float:
+    """Poll ``condition`` until it holds; returns the seconds it took."""
+    started = time.monotonic()
+    deadline = started + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"after {timeout}s still not true: {what}")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+async def redis_flag(redis: RedisServer, key: str) -> tuple[bool, int]:
+    """(exists, TTL in seconds) of a key, read with a client of the test's own."""
+    client = redis.client(socket_timeout=2)
+    try:
+        exists = bool(await client.exists(key))
+        ttl = int(await client.ttl(key))
+    finally:
+        await client.aclose()
+    return exists, ttl
+
+
+def secret_key(secret: str) -> str:
+    return f"ckg:{{{HASH(secret.encode())}}}:r"
+
+
+def session_key(session_id: str) -> str:
+    return f"ckg:{{sid:{session_id}}}:r"
+
+
+def cancel_path(session_id: str) -> str:
+    return f"/v1/chatkit/sessions/{session_id}/cancel"
+
+
+# -- the cancel flow ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cancel_shape",
+    [
+        "full",  # the cancel reply echoes client_secret: both hash sources agree
+        "stale",  # the API reference's example: no client_secret, the registry alone
+    ],
+)
+async def test_cancel_through_one_replica_revokes_the_secret_on_every_replica(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+    cancel_shape: str,
+) -> None:
+    a, b = replicas
+    fake.cancel_shape = cancel_shape  # type: ignore[assignment]
+    session_id, secret, _ = await create_session(a)
+    assert await converse(http, a, secret) == (200, None)
+    assert await converse(http, b, secret) == (200, None)
+
+    async with sdk(b) as client:
+        raw = await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
+    cancelled = raw.parse()
+
+    assert raw.status_code == 200
+    assert cancelled.id == session_id
+    assert cancelled.status == "cancelled"
+    assert raw.headers["x-chatkit-gateway-revocation"] == "stored"
+    upstream_answer = raw.http_response.json()
+    if cancel_shape == "full":
+        assert upstream_answer == fake.sessions[session_id]
+    else:
+        assert "client_secret" not in upstream_answer
+        assert upstream_answer["cancelled_at"] > 0
+    reached = fake.count(CONVERSATION)
+    for gateway in (a, b):
+        assert await converse(http, gateway, secret) == (401, "client_secret_revoked")
+    assert fake.count(CONVERSATION) == reached == 2
+
+
+@pytest.mark.parametrize(
+    ("fault", "params", "error", "status"),
+    [
+        # the upstream does not know the session
+        ("status", {"status": 404}, openai.NotFoundError, 404),
+        # the upstream refuses (the SDK would retry this; max_retries=0 here)
+        ("status", {"status": 409}, openai.ConflictError, 409),
+        # the upstream fails
+        ("status", {"status": 500}, openai.InternalServerError, 500),
+        # the upstream never answers: the gateway gives up with 504
+        ("stall", {}, openai.InternalServerError, 504),
+    ],
+)
+async def test_failed_cancel_leaves_the_secret_admitted(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+    redis: RedisServer,
+    fault: Any,
+    params: dict[str, Any],
+    error: type[openai.APIStatusError],
+    status: int,
+) -> None:
+    a, b = replicas
+    session_id, secret, _ = await create_session(a)
+    fake.inject(fault, path_prefix=cancel_path(session_id), **params)
+
+    async with sdk(b) as client:
+        with pytest.raises(error) as raised:
+            await client.beta.chatkit.sessions.cancel(session_id)
+
+    assert raised.value.status_code == status
+    assert fake.count(cancel_path(session_id)) == 1
+    for gateway in (a, b):
+        assert await converse(http, gateway, secret) == (200, None)
+    assert await redis_flag(redis, secret_key(secret)) == (False, -2)
+    assert await redis_flag(redis, session_key(session_id)) == (False, -2)
+
+
+async def test_a_cancel_the_sdk_retries_after_an_upstream_failure_revokes_once_it_succeeds(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+) -> None:
+    a, b = replicas
+    session_id, secret, _ = await create_session(a)
+    fake.inject(
+        "status",
+        path_prefix=cancel_path(session_id),
+        status=500,
+        headers={"retry-after-ms": "10"},  # retry at once rather than after ~0.5 s
+    )
+
+    async with AsyncOpenAI(api_key=API_KEY, base_url=f"{b.url}/v1", max_retries=2) as client:
+        cancelled = await client.beta.chatkit.sessions.cancel(session_id)
+
+    assert cancelled.status == "cancelled"
+    assert [seen.status for seen in fake.requests if seen.path == cancel_path(session_id)] == [
+        500,
+        200,
+    ]
+    for gateway in (a, b):
+        assert await converse(http, gateway, secret) == (401, "client_secret_revoked")
+
+
+async def test_cancelling_an_unseen_session_is_recorded_and_a_late_registration_is_born_revoked(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+    redis: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b = replicas
+    # Created on the upstream directly: no replica ever saw this session.
+    async with http.post(
+        f"{fake.url}/v1/chatkit/sessions",
+        json={"user": "user_elsewhere", "workflow": {"id": "wf_cancel"}},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ) as response:
+        assert response.status == 200
+        session_id = (await response.json())["id"]
+    unknown_before = await metric(
+        http, b, "chatkit_gateway_revocations_total", source="cancel", known="false"
+    )
+
+    async with sdk(b) as client:
+        raw = await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
+
+    assert raw.status_code == 200
+    assert raw.parse().status == "cancelled"
+    assert fake.count(cancel_path(session_id)) == 1
+    assert raw.headers["x-chatkit-gateway-revocation"] == "stored"
+    unknown_after = await metric(
+        http, b, "chatkit_gateway_revocations_total", source="cancel", known="false"
+    )
+    assert unknown_after == unknown_before + 1
+    assert (await redis_flag(redis, session_key(session_id)))[0]
+
+    # A gateway now learns a create response carrying that id (a cancel that
+    # raced ahead of the registration): the session is born revoked.
+    original = fake_upstream.build_session
+
+    def same_id(body: object, *, now: float) -> fake_upstream.JSONObject:
+        return {**original(body, now=now), "id": session_id}
+
+    monkeypatch.setattr(fake_upstream, "build_session", same_id)
+    late_id, late_secret, _ = await create_session(a)
+    assert late_id == session_id
+    for gateway in (a, b):
+        assert await converse(http, gateway, late_secret) == (401, "client_secret_revoked")
+    assert fake.count(CONVERSATION) == 0
+
+
+async def test_repeated_and_concurrent_cancels_are_harmless(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+) -> None:
+    a, b = replicas
+    session_id, secret, _ = await create_session(a)
+    assert await converse(http, b, secret) == (200, None)
+
+    async def cancel(gateway: GatewayProcess) -> tuple[int, str, str]:
+        async with sdk(gateway) as client:
+            raw = await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
+        return raw.status_code, raw.parse().status, raw.headers["x-chatkit-gateway-revocation"]
+
+    # Five at once, through both replicas; then once more, as an SDK retry would.
+    concurrent = await asyncio.gather(*(cancel((a, b)[i % 2]) for i in range(5)))
+    repeated = await cancel(a)
+
+    assert concurrent == [(200, "cancelled", "stored")] * 5
+    assert repeated == (200, "cancelled", "stored")
+    assert fake.count(cancel_path(session_id)) == 6
+    for gateway in (a, b):
+        assert await converse(http, gateway, secret) == (401, "client_secret_revoked")
+
+
+async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+    redis: RedisServer,
+) -> None:
+    a, b = replicas
+    # A session the gateway knows: the flag lives as long as its record would.
+    session_id, secret, expires_at = await create_session(
+        a, expires_after={"anchor": "created_at", "seconds": 300}
+    )
+    async with sdk(b) as client:
+        await client.beta.chatkit.sessions.cancel(session_id)
+    exists, ttl = await redis_flag(redis, secret_key(secret))
+    expected = expires_at + RETENTION - time.time()
+    assert exists
+    assert expected - 30 <= ttl <= expected + 1, (ttl, expected)
+
+    # A session it never saw: no expiry is known, so GATEWAY_REVOCATION_TTL_SECONDS.
+    async with http.post(
+        f"{fake.url}/v1/chatkit/sessions",
+        json={"user": "user_elsewhere", "workflow": {"id": "wf_cancel"}},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ) as response:
+        unseen_id = (await response.json())["id"]
+    async with sdk(b) as client:
+        await client.beta.chatkit.sessions.cancel(unseen_id)
+    exists, ttl = await redis_flag(redis, session_key(unseen_id))
+    assert exists
+    assert REVOCATION_TTL - 30 <= ttl <= REVOCATION_TTL, ttl
+
+
+# -- never lost: the store fails between the upstream's success and the write --------
+
+
+@pytest.mark.parametrize(
+    "outage",
+    [
+        "pause",  # SIGSTOP: Redis hangs, writes time out
+        "kill",  # SIGKILL, then a restart from the append-only file
+    ],
+)
+async def test_a_revocation_the_store_missed_is_enforced_at_once_and_stored_later(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+    redis: RedisServer,
+    outage: str,
+) -> None:
+    a, b = replicas
+    session_id, secret, _ = await create_session(a)
+    assert await converse(http, b, secret) == (200, None)
+    # The upstream takes a second to answer the cancel; Redis goes away meanwhile.
+    fake.inject("delay", path_prefix=cancel_path(session_id), seconds=1.0)
+
+    async def cancel_through_a() -> Any:
+        async with sdk(a) as client:
+            return await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
+
+    cancelling = asyncio.create_task(cancel_through_a())
+    await fake.wait_for(lambda: fake.count(cancel_path(session_id)) == 1, timeout=10)
+    if outage == "pause":
+        redis.pause()
+    else:
+        redis.kill()
+    raw = await cancelling
+
+    # The caller gets the upstream's answer, marked as not yet stored.
+    assert raw.status_code == 200
+    assert raw.parse().status == "cancelled"
+    assert raw.headers["x-chatkit-gateway-revocation"] == "pending"
+    # Enforced by this replica at once, without Redis (any Redis call would 503).
+    reached = fake.count(CONVERSATION)
+    assert await converse(http, a, secret) == (401, "client_secret_revoked")
+    assert fake.count(CONVERSATION) == reached
+    assert await metric(http, a, "chatkit_gateway_revocations_pending") == 1
+
+    if outage == "pause":
+        redis.resume()
+    else:
+        redis.start()
+
+    async def stored() -> bool:
+        return (await redis_flag(redis, secret_key(secret)))[0]
+
+    await eventually(stored, timeout=30, what="the pending revocation reached Redis")
+
+    async def drained() -> bool:
+        return await metric(http, a, "chatkit_gateway_revocations_pending") == 0
+
+    await eventually(drained, timeout=10, what="replica A's pending count back to 0")
+    answers: list[tuple[int, str | None]] = []
+
+    async def b_says_revoked() -> bool:
+        # After a restart each pooled Redis connection fails its first command
+        # (redis-py finds out it is dead only by using it), which the gateway
+        # answers 503, failing closed: a rejection too, but not yet the verdict.
+        answers.append(await converse(http, b, secret))
+        return answers[-1] == (401, "client_secret_revoked")
+
+    await eventually(b_says_revoked, timeout=10, what="replica B rejects the secret as revoked")
+    assert set(answers) <= {(401, "client_secret_revoked"), (503, "store_unavailable")}
+    assert await converse(http, a, secret) == (401, "client_secret_revoked")
+    assert fake.count(CONVERSATION) == reached
+
+
+# -- streams in flight ----------------------------------------------------------------
+
+STREAM_EVENTS = 100  # 10 s of events at 0.1 s: far from their natural end in these tests
+
+
+async def open_stream(
+    http: aiohttp.ClientSession, gateway: GatewayProcess, secret: str
+) -> aiohttp.ClientResponse:
+    """An SSE response in flight, its first event already read."""
+    response = await http.post(
+        f"{gateway.url}{CONVERSATION}?events={STREAM_EVENTS}&interval=0.1",
+        json={"type": "threads.create", "params": {}},
+        headers={"Authorization": f"Bearer {secret}", "Accept": "text/event-stream"},
+    )
+    assert response.status == 200
+    assert (await response.content.readline()).startswith(b"data: ")
+    return response
+
+
+async def until_closed(response: aiohttp.ClientResponse) -> tuple[int, float]:
+    """(events read in all, monotonic time the stream ended)."""
+    seen = 1
+    try:
+        async for line in response.content:
+            seen += line.startswith(b"data: ")
+    except aiohttp.ClientPayloadError:
+        pass  # cut off mid-body: what closing a stream looks like to a client
+    finally:
+        response.release()
+    return seen, time.monotonic()
+
+
+async def test_open_streams_close_on_every_replica_within_two_seconds_of_a_cancel(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    http: aiohttp.ClientSession,
+) -> None:
+    a, b = replicas
+    session_id, secret, _ = await create_session(a)
+    streams = [await open_stream(http, a, secret), await open_stream(http, b, secret)]
+    readers = [asyncio.create_task(until_closed(r)) for r in streams]
+
+    async with sdk(b) as client:
+        await client.beta.chatkit.sessions.cancel(session_id)
+    cancelled_at = time.monotonic()
+    async with asyncio.timeout(15):
+        results = await asyncio.gather(*readers)
+
+    for (seen, ended), where in zip(results, ("A", "B"), strict=True):
+        assert seen < STREAM_EVENTS, f"the stream on replica {where} ran to its end"
+        assert ended - cancelled_at < 2.0, f"replica {where} took {ended - cancelled_at:.2f}s"
+
+
+async def test_a_stream_is_closed_even_when_its_revocation_was_announced_during_a_feed_gap(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    http: aiohttp.ClientSession,
+    redis: RedisServer,
+) -> None:
+    a, _ = replicas
+    session_id, secret, _ = await create_session(a)
+    reader = asyncio.create_task(until_closed(await open_stream(http, a, secret)))
+
+    # Cut every replica's revocation subscription, then revoke and announce it
+    # while nobody listens (one pipeline: no replica can resubscribe in between).
+    # Pub/sub does not replay, so only a re-check on resubscribing can find it.
+    client = redis.client(socket_timeout=5)
+    try:
+        pipe = client.pipeline(transaction=False)
+        pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        pipe.set(secret_key(secret), 1, ex=600)
+        pipe.set(session_key(session_id), 1, ex=600)
+        pipe.publish("ckg:revocations", HASH(secret.encode()))
+        killed, *_, listeners = await pipe.execute()
+    finally:
+        await client.aclose()
+    revoked_at = time.monotonic()
+    assert killed >= 2  # both replicas were subscribed
+    assert listeners == 0  # the announcement reached no one
+    async with asyncio.timeout(15):
+        seen, ended = await reader
+
+    assert seen < STREAM_EVENTS, "the stream ran to its end"
+    assert ended - revoked_at < 2.0, f"closed {ended - revoked_at:.2f}s after the revocation"
