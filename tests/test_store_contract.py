@@ -524,7 +524,7 @@ async def test_redis_holds_no_secret_and_every_key_expires(redis_url: str) -> No
 
     kinds = {kind for kind, _, _ in contents.values()}
     assert {b"hash", b"zset", b"string", b"stream"} <= kinds  # the test saw every structure
-    for key, (kind, ttl, values) in contents.items():
+    for key, (_kind, ttl, values) in contents.items():
         for needle in (secret.encode(), secret[3:].encode()):
             assert needle not in key, key
             assert needle not in values, key
