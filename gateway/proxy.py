@@ -46,6 +46,7 @@ from gateway.metrics import Metrics
 from gateway.registry import (
     SESSION_ID,
     Unlearnable,
+    decoded_body,
     secret_hash_from_cancel,
     session_from_response,
 )
@@ -234,6 +235,11 @@ class Proxy:
             request_id=exchange.request_id,
             trust_forwarded=self._settings.trust_forwarded_headers,
         )
+        if kind is Kind.SESSION_CREATE or kind is Kind.SESSION_CANCEL:
+            # The gateway must read these answers: ask for them uncompressed
+            # (the official SDKs send Accept-Encoding: gzip).
+            out_headers = [(n, v) for n, v in out_headers if n != b"accept-encoding"]
+            out_headers.append((b"accept-encoding", b"identity"))
         query = scope.get("query_string", b"")
         target = self._upstreams[match.route.upstream] + scope["raw_path"].decode("ascii")
         if query:
@@ -294,43 +300,55 @@ class Proxy:
         match: Match,
         cancel_hash: str | None,
     ) -> None:
-        """Session create/cancel: read the (small) answer, act on it, then reply."""
-        declared = response.content_length
-        if declared is not None and declared > MAX_CONTROL_BODY:
-            self._metrics.sessions_unparsed.labels("too_large").inc()
-            await self._stream(exchange, response, headers, None)
-            return
-        chunks = []
+        """Session create/cancel: read the (small) answer, act on it, then reply.
+
+        The action (learning or revoking) completes before the caller sees the
+        answer, so a secret is usable, or revoked, the moment it is returned.
+        """
+        chunks: list[bytes] = []
         size = 0
-        async for chunk in response.content.iter_any():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_CONTROL_BODY:
-                self._metrics.sessions_unparsed.labels("too_large").inc()
-                await exchange.start(response.status, headers)
-                for seen in chunks:
-                    await exchange.body(seen, True)
-                await self._stream_rest(exchange, response)
-                return
-        body = b"".join(chunks)
+        complete = response.content_length is None or response.content_length <= MAX_CONTROL_BODY
+        if complete:
+            async for chunk in response.content.iter_any():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_CONTROL_BODY:
+                    complete = False
+                    break
+        body = b"".join(chunks) if complete else None
         if 200 <= response.status < 300:
+            parsed = None
+            if body is None:
+                self._metrics.sessions_unparsed.labels("too_large").inc()
+            else:
+                encoding = response.headers.get("content-encoding")
+                parsed = decoded_body(body, encoding, limit=MAX_CONTROL_BODY)
+                if parsed is None:
+                    self._metrics.sessions_unparsed.labels("encoding").inc()
             # Shielded: once the upstream has acted, a client that goes away
             # must not stop the gateway from recording it.
             if kind is Kind.SESSION_CREATE:
-                await asyncio.shield(self._learn(body))
+                await asyncio.shield(self._learn(parsed))
             else:
                 await asyncio.shield(
-                    self._revoke_cancelled(match.params["session_id"], cancel_hash, body, headers)
+                    self._revoke_cancelled(match.params["session_id"], cancel_hash, parsed, headers)
                 )
         await exchange.start(response.status, headers)
-        await exchange.body(body, False)
+        if body is not None:
+            await exchange.body(body, False)
+            return
+        for seen in chunks:
+            await exchange.body(seen, True)
+        await self._stream_rest(exchange, response)
 
     async def _stream_rest(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
         async for chunk in response.content.iter_any():
             await exchange.body(chunk, True)
         await exchange.body(b"", False)
 
-    async def _learn(self, body: bytes) -> None:
+    async def _learn(self, body: bytes | None) -> None:
+        if body is None:
+            return  # too large or in an encoding we do not read; counted
         try:
             record = session_from_response(
                 body,
@@ -368,10 +386,10 @@ class Proxy:
         self,
         session_id: str,
         known_hash: str | None,
-        body: bytes,
+        body: bytes | None,
         headers: list[tuple[bytes, bytes]],
     ) -> None:
-        echoed = secret_hash_from_cancel(body, hasher=self._hasher)
+        echoed = secret_hash_from_cancel(body, hasher=self._hasher) if body else None
         hashes: set[str | None] = {h for h in (known_hash, echoed) if h is not None} or {None}
         sid = session_id if SESSION_ID.match(session_id) else None
         stored = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import zlib
 from typing import Any
 
 from gateway.auth import SecretHasher
@@ -85,3 +86,31 @@ def secret_hash_from_cancel(body: bytes, *, hasher: SecretHasher) -> str | None:
     if isinstance(secret, dict):
         secret = secret.get("value")
     return hasher(secret.encode()) if isinstance(secret, str) and secret else None
+
+
+def decoded_body(body: bytes, content_encoding: str | None, *, limit: int) -> bytes | None:
+    """The body as JSON text for parsing, whatever gzip/deflate it came in.
+
+    The gateway asks for identity on these routes, but an upstream may
+    compress anyway; the caller still receives the bytes as they came. None
+    when the encoding is one we do not read or the text would exceed ``limit``
+    (a decompression bomb stops there).
+    """
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding in ("gzip", "x-gzip"):
+        wbits = 16 + zlib.MAX_WBITS
+    elif encoding == "deflate":
+        # RFC 9110 says zlib-wrapped; some servers send raw deflate.
+        wbits = zlib.MAX_WBITS if body[:1] == b"\x78" else -zlib.MAX_WBITS
+    else:
+        return None
+    decompressor = zlib.decompressobj(wbits)
+    try:
+        text = decompressor.decompress(body, limit)
+    except zlib.error:
+        return None
+    if decompressor.unconsumed_tail:
+        return None
+    return text

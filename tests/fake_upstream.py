@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import hashlib
 import json
 import secrets
@@ -396,9 +397,13 @@ class FakeUpstream:
         clock: Callable[[], float] = time.time,
         record: bool = True,
         cancel_shape: Literal["full", "stale"] = "full",
+        compress: Literal["never", "accepted", "always"] = "never",
     ) -> None:
         # None accepts any ``sk-`` key; a value demands exactly that key.
         self.api_key = api_key
+        # JSON answers gzipped like the real API ("accepted": when the request
+        # allows gzip) or regardless of Accept-Encoding ("always").
+        self.compress: Literal["never", "accepted", "always"] = compress
         self.cancel_shape: Literal["full", "stale"] = cancel_shape
         self.record = record
         self.requests: list[Seen] = []
@@ -778,7 +783,13 @@ class FakeUpstream:
         payload: object,
         headers: dict[str, str] | None = None,
     ) -> web.Response:
-        response = web.Response(status=status, body=json.dumps(payload).encode(), headers=_JSON)
+        body = json.dumps(payload).encode()
+        accepted = "gzip" in request.headers.get("Accept-Encoding", "").lower()
+        if self.compress == "always" or (self.compress == "accepted" and accepted):
+            response = web.Response(status=status, body=gzip.compress(body), headers=_JSON)
+            response.headers["Content-Encoding"] = "gzip"
+        else:
+            response = web.Response(status=status, body=body, headers=_JSON)
         if headers:
             response.headers.update(headers)
         self._decorate(request, response)
