@@ -157,3 +157,15 @@ def content_length(headers: Headers) -> int | None:
             raise BadRequest("Conflicting Content-Length headers.")
         found = parsed
     return found
+
+
+def is_cors_preflight(method: str, headers: Headers) -> bool:
+    """A browser's CORS preflight: OPTIONS with Origin and Access-Control-Request-Method.
+
+    The Fetch standard sends preflights without credentials, so one can never
+    carry a client secret; it is forwarded for the upstream to answer.
+    """
+    if method != "OPTIONS":
+        return False
+    names = {name for name, _ in headers}
+    return b"origin" in names and b"access-control-request-method" in names

@@ -39,6 +39,7 @@ from gateway.headers import (
     client_response_headers,
     content_length,
     header_value,
+    is_cors_preflight,
     request_id,
     upstream_request_headers,
 )
@@ -221,7 +222,7 @@ class Proxy:
         kind = match.route.kind
         extra: list[tuple[bytes, bytes]] = []
         secret_hash: str | None = None
-        if kind is Kind.CLIENT:
+        if kind is Kind.CLIENT and not is_cors_preflight(scope["method"], headers):
             secret_hash, extra = await self._gatekeeper.check(headers)
         cancel_hash: str | None = None
         if kind is Kind.SESSION_CANCEL:

@@ -1,0 +1,48 @@
+"""Browsers' CORS preflights on client routes carry no secret, by the Fetch
+standard, so they are forwarded for the upstream to answer; any other OPTIONS
+still needs a client secret."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from gateway.headers import is_cors_preflight
+from tests.fake_upstream import FakeUpstream
+from tests.harness import GatewayProcess
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "expected"),
+    [
+        ("OPTIONS", [(b"origin", b"https://a"), (b"access-control-request-method", b"POST")], True),
+        ("OPTIONS", [(b"origin", b"https://a")], False),  # a plain OPTIONS from a page
+        ("OPTIONS", [(b"access-control-request-method", b"POST")], False),  # no Origin
+        ("POST", [(b"origin", b"https://a"), (b"access-control-request-method", b"POST")], False),
+    ],
+)
+def test_preflight_detection(
+    method: str, headers: list[tuple[bytes, bytes]], expected: bool
+) -> None:
+    assert is_cors_preflight(method, headers) is expected
+
+
+async def test_preflight_is_forwarded_without_a_secret_and_plain_options_is_not(
+    upstream: FakeUpstream,
+) -> None:
+    async with GatewayProcess(upstream.url) as gateway, aiohttp.ClientSession() as http:
+        preflight = {
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        }
+        async with http.options(f"{gateway.url}/v1/chatkit/conversation", headers=preflight) as r:
+            assert r.status == 200
+        assert upstream.count("/v1/chatkit/conversation", method="OPTIONS") == 1
+        # Without the preflight headers an OPTIONS is ordinary client traffic.
+        async with http.options(
+            f"{gateway.url}/v1/chatkit/conversation", headers={"Origin": "https://app.example"}
+        ) as r:
+            assert r.status == 401
+            assert (await r.json())["error"]["code"] == "missing_client_secret"
+        assert upstream.count("/v1/chatkit/conversation", method="OPTIONS") == 1
