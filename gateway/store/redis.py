@@ -54,6 +54,9 @@ from gateway.store.base import (
 logger = logging.getLogger(__name__)
 
 AUDIT_MAXLEN = 10_000
+# A silent revocation channel is pinged after this long, and given up on (and
+# resubscribed) when the ping goes unanswered for as long again.
+PUBSUB_PING_SECONDS = 10.0
 ADMIT_SCRIPT = resources.files("gateway.store").joinpath("lua/admit.lua").read_text()
 ADMIT_SHA = hashlib.sha1(ADMIT_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
 
@@ -124,6 +127,7 @@ class RedisStore(Store):
         revocation_ttl_seconds: int = 86400,
         timeout: float = 2.0,
         pubsub_url: str,
+        ping_seconds: float = PUBSUB_PING_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._client = client
@@ -137,6 +141,7 @@ class RedisStore(Store):
         # Cluster clients have no async pub/sub; PUBLISH reaches every node of
         # a cluster, so one plain connection to any node will do.
         self._pubsub_url = pubsub_url
+        self._ping_seconds = ping_seconds
         # The clock only sets TTLs (expiry is checked against Redis TIME).
         self._clock = clock
         self._channel = f"{prefix}:revocations"
@@ -471,10 +476,13 @@ class RedisStore(Store):
         delay = 0.1
         resumed = False
         while True:
-            # A dedicated connection without a read timeout: the channel is
-            # silent most of the time.
+            # A dedicated connection; the channel is silent most of the time,
+            # so liveness comes from _listen's pings, not a read timeout.
             client = aioredis.Redis.from_url(
-                self._pubsub_url, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0)
+                self._pubsub_url,
+                socket_connect_timeout=5,
+                socket_keepalive=True,
+                retry=Retry(NoBackoff(), 0),
             )
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
@@ -483,16 +491,39 @@ class RedisStore(Store):
                 if resumed:
                     yield None
                 resumed = True
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        yield _text(message["data"]) or ""
-            except (RedisError, OSError) as exc:
+                async for secret_hash in self._listen(pubsub):
+                    yield secret_hash
+            except (TimeoutError, RedisError, OSError) as exc:
                 logger.warning("Revocation channel lost (%s); resubscribing", type(exc).__name__)
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
                 await client.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    async def _listen(self, pubsub: Any) -> AsyncIterator[str]:
+        """Messages from a subscribed connection, pinging it when it goes quiet.
+
+        A Redis host that vanishes without closing the connection would
+        otherwise leave the listener waiting forever; no reply to a ping
+        within ``ping_seconds`` raises, and the caller resubscribes.
+        """
+        quiet_since = time.monotonic()
+        pinged = False
+        while True:
+            message = await pubsub.get_message(timeout=self._ping_seconds / 2)
+            if message is not None:
+                quiet_since, pinged = time.monotonic(), False
+                if message.get("type") == "message":
+                    yield _text(message["data"]) or ""
+                continue
+            if time.monotonic() - quiet_since < self._ping_seconds:
+                continue
+            if pinged:
+                raise TimeoutError("no answer to a ping on the revocation channel")
+            await pubsub.ping()
+            pinged = True
+            quiet_since = time.monotonic()
 
     async def ping(self) -> None:
         await self._call(lambda: self._client.ping())
