@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -67,6 +68,9 @@ Send = Any
 #: Session create/cancel answers are small JSON; anything larger is passed
 #: through unread (and counted), never buffered without bound.
 MAX_CONTROL_BODY = 1024 * 1024
+#: How many recently created sessions each replica remembers (id -> hash, about
+#: 150 bytes each) for cancels that arrive while the store is unreachable.
+RECENT_SESSIONS = 100_000
 
 
 class StreamAborted(Exception):
@@ -150,7 +154,9 @@ class Proxy:
         self._upstreams = {"default": settings.upstream_url}
         self._max_body = settings.max_body_bytes
         self._write_timeout = settings.upstream_write_timeout
-        self._host = URL(settings.upstream_url).raw_host or ""
+        # Sessions this replica saw created, newest last: lets a cancel find
+        # the secret's hash even when the store is down at that moment.
+        self._recent_sessions: OrderedDict[str, str] = OrderedDict()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -360,6 +366,7 @@ class Proxy:
             self._metrics.sessions_unparsed.labels(exc.reason).inc()
             logger.warning("Session-create response not learned: %s", exc.reason)
             return
+        self._remember(record.session_id, record.secret_hash)
         try:
             born_revoked = await self._store.register(record)
         except StoreUnavailable as exc:
@@ -379,9 +386,15 @@ class Proxy:
         if not SESSION_ID.match(session_id):
             return None
         try:
-            return await self._store.secret_hash_for(session_id)
+            found = await self._store.secret_hash_for(session_id)
         except StoreUnavailable:
-            return None
+            found = None
+        return found or self._recent_sessions.get(session_id)
+
+    def _remember(self, session_id: str, secret_hash: str) -> None:
+        self._recent_sessions[session_id] = secret_hash
+        if len(self._recent_sessions) > RECENT_SESSIONS:
+            self._recent_sessions.popitem(last=False)
 
     async def _revoke_cancelled(
         self,

@@ -477,6 +477,34 @@ async def test_a_revocation_the_store_missed_is_enforced_at_once_and_stored_late
     assert fake.count(CONVERSATION) == reached
 
 
+async def test_a_cancel_while_redis_is_down_is_enforced_by_the_replica_that_saw_the_session(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+    redis: RedisServer,
+) -> None:
+    # Redis is down before the cancel, so the registry cannot be read, and
+    # the reply has no client_secret: only the replica's memory of the
+    # sessions it saw created can name the secret to refuse.
+    a, _ = replicas
+    fake.cancel_shape = "stale"
+    session_id, secret, _ = await create_session(a)
+    redis.pause()
+    async with sdk(a) as client:
+        raw = await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
+    assert raw.status_code == 200
+    assert raw.headers["x-chatkit-gateway-revocation"] == "pending"
+    reached = fake.count(CONVERSATION)
+    assert await converse(http, a, secret) == (401, "client_secret_revoked")
+    assert fake.count(CONVERSATION) == reached
+    redis.resume()
+
+    async def stored() -> bool:
+        return (await redis_flag(redis, secret_key(secret)))[0]
+
+    await eventually(stored, timeout=30, what="the pending revocation reached Redis")
+
+
 # -- streams in flight ----------------------------------------------------------------
 
 STREAM_EVENTS = 100  # 10 s of events at 0.1 s: far from their natural end in these tests
