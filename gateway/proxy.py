@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -59,6 +60,7 @@ from gateway.store.base import Store
 from gateway.upstream import BodyTooLarge, ClientDisconnected, translate_errors
 
 logger = logging.getLogger(__name__)
+access_log = logging.getLogger("gateway.access")
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -81,12 +83,13 @@ class StreamAborted(Exception):
 class _Exchange:
     """One request/response in flight: what was sent, and why it may be cut short."""
 
-    __slots__ = ("_send", "aborted", "request_id", "started", "task", "watcher")
+    __slots__ = ("_send", "aborted", "request_id", "started", "status", "task", "watcher")
 
     def __init__(self, send: Send, rid: bytes) -> None:
         self._send = send
         self.request_id = rid
         self.started = False
+        self.status = 0
         self.aborted: str | None = None  # "disconnect" | "write_timeout" | "revoked"
         self.task = asyncio.current_task()
         self.watcher: asyncio.Future[Any] | None = None
@@ -115,6 +118,7 @@ class _Exchange:
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started = True
+        self.status = status
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def body(self, chunk: bytes, more: bool) -> None:
@@ -154,6 +158,7 @@ class Proxy:
         self._upstreams = {"default": settings.upstream_url}
         self._max_body = settings.max_body_bytes
         self._write_timeout = settings.upstream_write_timeout
+        self._access_log = settings.access_log
         # Sessions this replica saw created, newest last: lets a cancel find
         # the secret's hash even when the store is down at that moment.
         self._recent_sessions: OrderedDict[str, str] = OrderedDict()
@@ -162,6 +167,7 @@ class Proxy:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         exchange = _Exchange(send, request_id(headers))
         kind = "rejected"
+        started = time.perf_counter() if self._access_log else 0.0
         try:
             match = self._route(scope, headers)
             kind = match.route.kind.value
@@ -184,6 +190,18 @@ class Proxy:
             await self._aborted(exchange)
         finally:
             exchange.stop_watching()
+            if self._access_log:
+                # The path without its query: a query string may carry anything.
+                access_log.info(
+                    "%s %s %d %s %.1fms rid=%s%s",
+                    scope["method"],
+                    scope["path"],
+                    exchange.status,
+                    kind,
+                    (time.perf_counter() - started) * 1000,
+                    exchange.request_id.decode("latin-1"),
+                    f" aborted={exchange.aborted}" if exchange.aborted else "",
+                )
 
     async def _aborted(self, exchange: _Exchange) -> None:
         reason = exchange.aborted

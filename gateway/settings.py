@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64)
     log_level: str = "info"
+    # One line per proxied request (method, path without query, status, route
+    # kind, duration, request id); off by default: a log write per request.
+    access_log: bool = False
     # An identifier for this replica in the audit log; defaults to host:pid.
     replica_id: str = ""
 
