@@ -3,6 +3,8 @@ id or a user, so cardinality stays bounded and nothing sensitive is exported."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway.ratelimit import Outcome
@@ -84,3 +86,11 @@ class Metrics:
         self.would_reject_by_outcome = {
             o: self.would_reject.labels(o.name.lower()) for o in Outcome
         }
+        self._request_children: dict[tuple[str, int], Any] = {}
+
+    def count_request(self, kind: str, status: int) -> None:
+        """Count one request; the labelled child is looked up once per pair."""
+        child = self._request_children.get((kind, status))
+        if child is None:
+            child = self._request_children[(kind, status)] = self.requests.labels(kind, str(status))
+        child.inc()

@@ -176,7 +176,7 @@ class Proxy:
             if exchange.started:
                 raise StreamAborted(exc.message) from exc
             await exchange.error(exc)
-            self._metrics.requests.labels(kind, str(exc.status)).inc()
+            self._metrics.count_request(kind, exc.status)
         except ClientDisconnected:
             # The upload was cut short; aiohttp closed the upstream connection.
             self._metrics.client_disconnects.inc()
@@ -293,7 +293,7 @@ class Proxy:
                     if extra:
                         response_headers.extend(extra)
                     await self._stream(exchange, response, response_headers, secret_hash)
-        self._metrics.requests.labels(kind.value, str(response.status)).inc()
+        self._metrics.count_request(kind.value, response.status)
 
     async def _stream(
         self,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.errors import AuthError, GatewayError, RateLimited
 
@@ -28,13 +28,13 @@ class Outcome(enum.IntEnum):
     UNKNOWN = 5
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
+class Window(NamedTuple):
     """One sliding window's state after the decision.
 
     ``wait_ms`` is how long until the oldest admitted request leaves the window
     (when one more request can be admitted); ``reset_ms`` until the newest does
-    (when the window is empty again).
+    (when the window is empty again). A NamedTuple, not a dataclass: one is
+    built per request, and tuples build several times faster.
     """
 
     limit: int
@@ -43,8 +43,7 @@ class Window:
     reset_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     outcome: Outcome
     session: Window | None = None
     user: Window | None = None
@@ -54,6 +53,8 @@ class Decision:
         return self.outcome is Outcome.ADMITTED
 
 
+#: Outcome by the script's code, without Enum.__call__ on the hot path.
+OUTCOMES: tuple[Outcome, ...] = tuple(Outcome)
 ADMIT_UNLIMITED = Decision(Outcome.ADMITTED)
 
 
@@ -81,6 +82,20 @@ def _binding(decision: Decision) -> Window | None:
 
 def rate_limit_headers(decision: Decision, *, window_seconds: int) -> Headers:
     """Headers for a response to a request that went through the limiter."""
+    user = decision.user
+    session = decision.session
+    if user is None:
+        if session is None:
+            return []
+        # The common case, kept short: it runs for every admitted request.
+        wait_s = -(-session.wait_ms // 1000)
+        return [
+            (b"x-ratelimit-limit-requests", str(session.limit).encode()),
+            (b"x-ratelimit-remaining-requests", str(session.remaining).encode()),
+            (b"x-ratelimit-reset-requests", duration(session.reset_ms).encode()),
+            (b"ratelimit-policy", f'"session";q={session.limit};w={window_seconds}'.encode()),
+            (b"ratelimit", f'"session";r={session.remaining};t={wait_s}'.encode()),
+        ]
     binding = _binding(decision)
     if binding is None:
         return []

@@ -41,7 +41,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from gateway.errors import StoreUnavailable
-from gateway.ratelimit import Decision, Outcome, Window
+from gateway.ratelimit import OUTCOMES, Decision, Window
 from gateway.store.base import (
     AdmitRequest,
     AuditEntry,
@@ -77,7 +77,7 @@ def user_hash(user: str) -> str:
 
 
 def decode_decision(reply: list[int]) -> Decision:
-    outcome = Outcome(reply[0])
+    outcome = OUTCOMES[reply[0]]
     if len(reply) == 1:
         return Decision(outcome)
     session = Window(
@@ -147,7 +147,8 @@ class RedisStore(Store):
         self._channel = f"{prefix}:revocations"
         self._audit = f"{prefix}:audit"
         self._pending: list[_Pending] = []
-        self._flushing: set[asyncio.Task[None]] = set()
+        self._drainer: asyncio.Future[None] | None = None
+        self._admit_connection: Any = None
 
     # -- keys ---------------------------------------------------------------
 
@@ -164,17 +165,25 @@ class RedisStore(Store):
     async def admit(self, request: AdmitRequest) -> Decision:
         future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         self._pending.append((request, future))
-        if len(self._pending) == 1:
-            # First of this loop turn: flush once every handler that is ready
-            # to run in this turn has queued its decision.
-            asyncio.get_running_loop().call_soon(self._flush)
+        if self._drainer is None:
+            # The drainer starts on the next loop turn, so every handler that
+            # runs in this turn joins the first batch.
+            self._drainer = asyncio.ensure_future(self._drain())
         return await future
 
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        task = asyncio.ensure_future(self._run(batch))
-        self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
+    async def _drain(self) -> None:
+        """Send queued decisions, one batch in flight at a time.
+
+        While a batch is on the wire the next one fills up, so under load
+        batches grow instead of multiplying: the per-batch cost (a write, a
+        deadline, a task switch) is shared by more requests.
+        """
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._run(batch)
+        finally:
+            self._drainer = None
 
     def _admit_args(self, request: AdmitRequest) -> tuple[Any, ...]:
         skey, wkey, rkey = self._keys(request.secret_hash)
@@ -235,18 +244,18 @@ class RedisStore(Store):
         return await self._client.script_load(ADMIT_SCRIPT)
 
     async def _send_batch(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """One write and one read pass for the batch on a pooled connection.
+        """One write and one read pass for the batch, on the admission connection.
 
-        redis-py's Pipeline packs arguments in Python and arms a timeout per
-        reply; here hiredis packs in C and one deadline covers the batch,
-        which is most of the cost of a decision. Parsing stays redis-py's.
+        redis-py's Pipeline packs arguments in Python, takes a pooled
+        connection and arms a timeout per reply; here hiredis packs in C, one
+        connection is kept for admissions (batches never overlap, see
+        _drain) and one deadline covers the batch. Parsing stays redis-py's.
         """
         assert isinstance(self._client, aioredis.Redis)
-        pool = self._client.connection_pool
         payload = b"".join([hiredis.pack_command(args) for args in commands])
 
         async def run() -> list[Any]:
-            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            connection = await self._admission_connection()
             try:
                 async with asyncio.timeout(self._timeout):
                     await connection.send_packed_command(payload, check_health=False)
@@ -259,12 +268,29 @@ class RedisStore(Store):
                     return replies
             except BaseException:
                 # A batch cut short leaves unread replies on the socket.
+                self._admit_connection = None
                 await connection.disconnect(nowait=True)
                 raise
-            finally:
-                await pool.release(connection)
 
         return await self._call(run)
+
+    async def _admission_connection(self) -> Any:
+        connection = self._admit_connection
+        if connection is not None:
+            try:
+                # Readable while idle means closed by the server (a restart,
+                # a timeout): the batch would fail on it though nothing ran.
+                if not await connection.can_read():
+                    return connection
+            except (RedisError, OSError):
+                pass
+            await connection.disconnect(nowait=True)
+        assert isinstance(self._client, aioredis.Redis)
+        connection = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        async with asyncio.timeout(self._timeout):
+            await connection.connect()
+        self._admit_connection = connection
+        return connection
 
     async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         async def run() -> list[Any]:
@@ -529,5 +555,8 @@ class RedisStore(Store):
         await self._call(lambda: self._client.ping())
 
     async def close(self) -> None:
-        await asyncio.gather(*self._flushing, return_exceptions=True)
+        if self._drainer is not None:
+            await asyncio.gather(self._drainer, return_exceptions=True)
+        if self._admit_connection is not None:
+            await self._admit_connection.disconnect()
         await self._client.aclose()
