@@ -9,8 +9,8 @@ logs a warning saying so at start-up.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 
@@ -35,16 +35,19 @@ class _Expiring:
 
 @dataclass(slots=True)
 class _SlidingWindow:
-    times: list[int] = field(default_factory=list)  # µs, ascending
+    # µs, ascending. A deque: each admission is appended once and popped once,
+    # so pruning costs O(1) amortised even for limits in the millions.
+    times: deque[int] = field(default_factory=deque)
 
     def state(self, now: int, window: int) -> tuple[int, int, int]:
         """Prune and return (count, µs until oldest leaves, µs until newest leaves)."""
-        cut = bisect.bisect_right(self.times, now - window)
-        if cut:
-            del self.times[:cut]
-        if not self.times:
+        times = self.times
+        cutoff = now - window
+        while times and times[0] <= cutoff:
+            times.popleft()
+        if not times:
             return 0, 0, 0
-        return len(self.times), self.times[0] + window - now, self.times[-1] + window - now
+        return len(times), times[0] + window - now, times[-1] + window - now
 
 
 def _ms(us: int) -> int:
