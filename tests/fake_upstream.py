@@ -387,6 +387,11 @@ def _page(records: list[JSONObject], query: MultiMapping[str]) -> JSONObject:
 # -- the server ----------------------------------------------------------------
 
 
+BENCH_BODY = json.dumps(
+    {"object": "list", "data": [], "first_id": None, "last_id": None, "has_more": False}
+).encode()
+
+
 class FakeUpstream:
     """The OpenAI ChatKit API as a real aiohttp server, with faults and recording."""
 
@@ -575,6 +580,11 @@ class FakeUpstream:
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         # raw_path is the request target as sent; yarl's views of it are decoded.
         path, _, query = request.raw_path.partition("?")
+        if query == "bench=1":
+            # For scripts/bench: every route gives the same constant answer, so
+            # comparing two gateway routes measures the gateway, not our handlers.
+            await request.read()
+            return web.Response(body=BENCH_BODY, headers=_JSON)
         seen = Seen(
             method=request.method,
             path=path,
