@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -144,8 +145,6 @@ class AdminServer:
     SO_REUSEPORT; all of them act on the same store."""
 
     def __init__(self, components: Components) -> None:
-        from gateway.app import reuse_port_socket
-
         settings = components.settings
         self._socket = reuse_port_socket(settings.admin_host, settings.admin_port)
         config = uvicorn.Config(
@@ -173,3 +172,16 @@ class AdminServer:
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         self._socket.close()
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket several worker processes can share."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock

@@ -9,10 +9,7 @@ store, the upstream client and the revocation machinery; a failure there
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.admin import AdminServer
 from gateway.admission import Gatekeeper
 from gateway.auth import SecretHasher
 from gateway.errors import ConfigError, StoreUnavailable, error_body
@@ -38,7 +36,6 @@ from gateway.upstream import create_session
 logger = logging.getLogger("gateway")
 
 Scope = dict[str, Any]
-ASGIApp = Callable[..., Any]
 LOCAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
@@ -88,7 +85,7 @@ class GatewayApp:
                 Route("/metrics", self._metrics),
             ]
         )
-        self._admin: Any = None
+        self._admin: AdminServer | None = None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -158,8 +155,6 @@ class GatewayApp:
         revoker.start()
         self.components = Components(settings, store, revoker, hasher, metrics, session, proxy)
         if settings.admin_token is not None:
-            from gateway.admin import AdminServer
-
             self._admin = AdminServer(self.components)
             await self._admin.start()
         logger.info("chatkit-gateway ready: %s", settings.redacted())
@@ -218,26 +213,3 @@ def create_app() -> GatewayApp:
     except ConfigError as exc:
         raise SystemExit(f"chatkit-gateway: {exc}") from None
     return GatewayApp(settings)
-
-
-@contextlib.asynccontextmanager
-async def running(app: GatewayApp) -> AsyncIterator[GatewayApp]:
-    """Start and stop an app in-process (tests, embedding)."""
-    await app.startup()
-    try:
-        yield app
-    finally:
-        await app.shutdown()
-
-
-def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A listening socket several worker processes can share."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if hasattr(socket, "SO_REUSEPORT"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock

@@ -63,7 +63,6 @@ logger = logging.getLogger(__name__)
 access_log = logging.getLogger("gateway.access")
 
 Scope = dict[str, Any]
-Message = dict[str, Any]
 Receive = Any
 Send = Any
 

@@ -14,8 +14,6 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from gateway.errors import BadRequest, error_response_headers
 from gateway.settings import Settings
 
-STREAM_ABORTED = "gateway.proxy.StreamAborted"
-
 
 class GatewayHttpProtocol(HttpToolsProtocol):
     """httptools protocol that tells the app about absolute-form targets.

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 import aiohttp
 
 from gateway.errors import (
-    BadRequest,
     GatewayError,
     PayloadTooLarge,
     UpstreamTimeout,
@@ -35,10 +34,6 @@ class ClientDisconnected(Exception):
 
 
 class BodyTooLarge(PayloadTooLarge):
-    pass
-
-
-class BodyMalformed(BadRequest):
     pass
 
 
