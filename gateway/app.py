@@ -9,6 +9,7 @@ store, the upstream client and the revocation machinery; a failure there
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -157,6 +158,7 @@ class GatewayApp:
         if settings.admin_token is not None:
             self._admin = AdminServer(self.components)
             await self._admin.start()
+        tune_gc()
         logger.info("chatkit-gateway ready: %s", settings.redacted())
 
     async def shutdown(self) -> None:
@@ -196,6 +198,21 @@ class GatewayApp:
         return Response(
             generate_latest(self.components.metrics.registry), media_type=CONTENT_TYPE_LATEST
         )
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a long-running proxy.
+
+    Everything built at start-up lives for the whole process: freezing it
+    keeps full collections from walking it again and again. A request makes
+    a few hundred short-lived objects, so the default gen-0 threshold (700
+    allocations) ran a collection every couple of requests; most of them
+    free nothing, since request objects die by reference counting.
+    Measured with scripts/bench: less CPU per request on every route.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
 
 
 def _unready(message: str) -> Response:
