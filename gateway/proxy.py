@@ -243,14 +243,40 @@ class Proxy:
             length is None and header_value(headers, b"transfer-encoding") is not None
         )
         kind = match.route.kind
-        extra: list[tuple[bytes, bytes]] = []
-        secret_hash: str | None = None
-        if kind is Kind.CLIENT and not is_cors_preflight(scope["method"], headers):
-            secret_hash, extra = await self._gatekeeper.check(headers)
-        cancel_hash: str | None = None
-        if kind is Kind.SESSION_CANCEL:
-            cancel_hash = await self._resolve_for_cancel(match.params["session_id"])
+        if kind is not Kind.CLIENT or is_cors_preflight(scope["method"], headers):
+            cancel_hash = None
+            if kind is Kind.SESSION_CANCEL:
+                cancel_hash = await self._resolve_for_cancel(match.params["session_id"])
+            await self._exchange(
+                scope, receive, exchange, match, headers, has_body, [], cancel_hash
+            )
+            return
+        secret_hash, extra = await self._gatekeeper.check(headers)
+        if secret_hash is None:  # report-only mode let a malformed secret through
+            await self._exchange(scope, receive, exchange, match, headers, has_body, extra, None)
+            return
+        # From admission on, a revocation of this secret anywhere ends the
+        # exchange: with a 401 while the upstream has not answered yet, by
+        # cutting the stream off once it has.
+        self._revoker.track(secret_hash, exchange.close_revoked)
+        try:
+            await self._exchange(scope, receive, exchange, match, headers, has_body, extra, None)
+        finally:
+            self._revoker.untrack(secret_hash, exchange.close_revoked)
 
+    async def _exchange(
+        self,
+        scope: Scope,
+        receive: Receive,
+        exchange: _Exchange,
+        match: Match,
+        headers: list[tuple[bytes, bytes]],
+        has_body: bool,
+        extra: list[tuple[bytes, bytes]],
+        cancel_hash: str | None,
+    ) -> None:
+        """Forward the request and relay the answer (or act on it, for control routes)."""
+        kind = match.route.kind
         client = scope.get("client")
         out_headers = upstream_request_headers(
             headers,
@@ -291,7 +317,7 @@ class Proxy:
                 else:
                     if extra:
                         response_headers.extend(extra)
-                    await self._stream(exchange, response, response_headers, secret_hash)
+                    await self._stream(exchange, response, response_headers)
         self._metrics.count_request(kind.value, response.status)
 
     async def _stream(
@@ -299,20 +325,14 @@ class Proxy:
         exchange: _Exchange,
         response: aiohttp.ClientResponse,
         headers: list[tuple[bytes, bytes]],
-        secret_hash: str | None,
     ) -> None:
         await exchange.start(response.status, headers)
-        if secret_hash is not None:
-            self._revoker.track(secret_hash, exchange.close_revoked)
         try:
             async for chunk in response.content.iter_any():
                 await exchange.body(chunk, True)
         except (TimeoutError, aiohttp.ClientError) as exc:
             self._metrics.upstream_errors.labels("mid_stream").inc()
             raise StreamAborted("upstream failed mid-response") from exc
-        finally:
-            if secret_hash is not None:
-                self._revoker.untrack(secret_hash, exchange.close_revoked)
         await exchange.body(b"", False)
 
     async def _control(

@@ -557,6 +557,29 @@ async def test_open_streams_close_on_every_replica_within_two_seconds_of_a_cance
         assert ended - cancelled_at < 2.0, f"replica {where} took {ended - cancelled_at:.2f}s"
 
 
+async def test_a_request_waiting_for_the_upstream_is_refused_when_its_secret_is_revoked(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+) -> None:
+    # Admitted on A, then the upstream takes its time; a cancel through B
+    # lands meanwhile. The caller gets 401 client_secret_revoked rather than
+    # the answer of a request its secret no longer covers.
+    a, b = replicas
+    session_id, secret, _ = await create_session(a)
+    fake.inject("delay", path_prefix=CONVERSATION, seconds=10.0)
+    waiting = asyncio.create_task(converse(http, a, secret))
+    await fake.wait_for(lambda: fake.active >= 1, timeout=10)
+    async with sdk(b) as client:
+        await client.beta.chatkit.sessions.cancel(session_id)
+    cancelled_at = time.monotonic()
+    async with asyncio.timeout(15):
+        assert await waiting == (401, "client_secret_revoked")
+    assert time.monotonic() - cancelled_at < 2.0
+    # And the upstream saw the request go away.
+    await fake.wait_for(lambda: fake.active == 0, timeout=10)
+
+
 async def test_a_stream_is_closed_even_when_its_revocation_was_announced_during_a_feed_gap(
     replicas: tuple[GatewayProcess, GatewayProcess],
     http: aiohttp.ClientSession,
