@@ -286,9 +286,13 @@ class RedisStore(Store):
                 pass
             await connection.disconnect(nowait=True)
         assert isinstance(self._client, aioredis.Redis)
-        connection = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        pool = self._client.connection_pool
+        # No socket timeout of its own: the batch runs under one deadline
+        # (_send_batch), and with a socket timeout redis-py wraps every send
+        # in asyncio.wait_for, a task per batch.
+        connection = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         async with asyncio.timeout(self._timeout):
-            await connection.connect()
+            await connection.connect()  # type: ignore[no-untyped-call]
         self._admit_connection = connection
         return connection
 
