@@ -9,6 +9,7 @@ error that rejects the request.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from typing import NamedTuple
 
@@ -58,6 +59,7 @@ OUTCOMES: tuple[Outcome, ...] = tuple(Outcome)
 ADMIT_UNLIMITED = Decision(Outcome.ADMITTED)
 
 
+@functools.lru_cache(maxsize=4096)
 def duration(ms: int) -> str:
     """OpenAI's reset format (Go durations): ``20ms``, ``1s``, ``1.5s``, ``6m0s``."""
     if ms < 1000:
