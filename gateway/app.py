@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route as LocalRoute
 
 from gateway.admin import AdminServer
 from gateway.admission import Gatekeeper
@@ -28,6 +28,7 @@ from gateway.errors import ConfigError, StoreUnavailable, error_body
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.revocation import Revoker
+from gateway.routes import Kind, Route, table_with
 from gateway.settings import Settings, UnknownSecrets, load_settings
 from gateway.store.base import Store
 from gateway.store.memory import MemoryStore
@@ -81,9 +82,9 @@ class GatewayApp:
         self.components: Components | None = None
         self._local = Starlette(
             routes=[
-                Route("/healthz", self._healthz),
-                Route("/readyz", self._readyz),
-                Route("/metrics", self._metrics),
+                LocalRoute("/healthz", self._healthz),
+                LocalRoute("/readyz", self._readyz),
+                LocalRoute("/metrics", self._metrics),
             ]
         )
         self._admin: AdminServer | None = None
@@ -144,7 +145,12 @@ class GatewayApp:
             enforce=settings.enforce,
         )
         session = create_session(settings)
+        routes = table_with(
+            Route(r.pattern, frozenset(r.methods), Kind(r.kind), r.upstream, r.exclusive)
+            for r in settings.routes
+        )
         proxy = Proxy(
+            routes=routes,
             settings=settings,
             session=session,
             store=store,

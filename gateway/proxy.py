@@ -154,7 +154,7 @@ class Proxy:
         self._hasher = hasher
         self._metrics = metrics
         self._routes = routes or RouteTable()
-        self._upstreams = {"default": settings.upstream_url}
+        self._upstreams = {"default": settings.upstream_url, **settings.upstreams}
         self._max_body = settings.max_body_bytes
         self._write_timeout = settings.upstream_write_timeout
         self._access_log = settings.access_log

@@ -141,6 +141,11 @@ class RouteTable:
         raise NotFound("Unknown route: this gateway only serves the ChatKit API.")
 
 
+def table_with(configured: Iterable[Route]) -> RouteTable:
+    """The built-in ChatKit table, after the routes configuration adds."""
+    return RouteTable([*configured, *DEFAULT_ROUTES])
+
+
 def _compile(pattern: str) -> re.Pattern[str]:
     out = []
     for segment in pattern.strip("/").split("/"):

@@ -7,7 +7,9 @@ wins over the file. The variable names are a public interface.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -15,7 +17,15 @@ from enum import Enum, StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,6 +35,8 @@ from pydantic_settings import (
 from gateway.errors import ConfigError
 
 ENV_PREFIX = "GATEWAY_"
+# Settings given as JSON in the environment (tables in the TOML file).
+_STRUCTURED = frozenset({"upstreams", "routes"})
 MIB = 1024 * 1024
 
 
@@ -33,6 +45,62 @@ class UnknownSecrets(StrEnum):
 
     REJECT = "reject"
     ALLOW = "allow"
+
+
+_SEGMENT = re.compile(r"^([A-Za-z0-9._~-]+|\{[a-z_]{1,32}\})$")
+ROUTE_KINDS = ("server", "client", "session_create", "session_cancel")
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("must not carry credentials, a query or a fragment")
+    return value.rstrip("/")
+
+
+class RouteSetting(BaseModel):
+    """A route added by configuration, e.g. to a self-hosted ChatKit server.
+
+    Configured routes are matched before the built-in ChatKit table.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pattern: str
+    methods: tuple[str, ...]
+    kind: str
+    upstream: str = "default"
+    exclusive: bool = False
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        segments = value.split("/")
+        if segments[0] != "" or len(segments) < 2:
+            raise ValueError(f"route pattern {value!r} must start with /")
+        for index, segment in enumerate(segments[1:], start=1):
+            if segment == "**" and index == len(segments) - 1:
+                continue
+            if not _SEGMENT.match(segment):
+                raise ValueError(f"route pattern {value!r}: bad segment {segment!r}")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        allowed = {"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+        if not value or not set(value) <= allowed:
+            raise ValueError(f"methods must be some of {sorted(allowed)}")
+        return value
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        if value not in ROUTE_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(ROUTE_KINDS)}")
+        return value
 
 
 class Settings(BaseSettings):
@@ -58,6 +126,9 @@ class Settings(BaseSettings):
 
     # Upstream.
     upstream_url: str = "https://api.openai.com"
+    # More upstreams by name, for configured routes ("default" is upstream_url).
+    upstreams: dict[str, str] = Field(default_factory=dict)
+    routes: tuple[RouteSetting, ...] = ()
     upstream_connect_timeout: float = Field(5.0, gt=0)
     # Longest silence allowed while reading an upstream response; SSE streams
     # may go quiet between events, so this is per read, not per response.
@@ -118,12 +189,14 @@ class Settings(BaseSettings):
     @field_validator("upstream_url")
     @classmethod
     def _upstream_is_http(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if parts.query or parts.fragment or parts.username or parts.password:
-            raise ValueError("must not carry credentials, a query or a fragment")
-        return value.rstrip("/")
+        return _http_url(value)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _upstreams_are_http(cls, value: dict[str, str]) -> dict[str, str]:
+        if "default" in value:
+            raise ValueError("'default' is GATEWAY_UPSTREAM_URL; name the others differently")
+        return {name: _http_url(url) for name, url in value.items()}
 
     @field_validator("redis_url")
     @classmethod
@@ -163,6 +236,12 @@ class Settings(BaseSettings):
                 "GATEWAY_USER_MAX_REQUESTS_PER_1_MINUTE is not supported with "
                 "GATEWAY_REDIS_CLUSTER=true (the user window is in another hash slot)"
             )
+        for route in self.routes:
+            if route.upstream != "default" and route.upstream not in self.upstreams:
+                raise ValueError(
+                    f"route {route.pattern!r} names upstream {route.upstream!r}, "
+                    "which GATEWAY_UPSTREAMS does not define"
+                )
         if self.admin_token is not None and self.admin_port == self.port:
             raise ValueError("GATEWAY_ADMIN_PORT must differ from GATEWAY_PORT")
         return self
@@ -213,7 +292,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         name = upper.removeprefix(ENV_PREFIX).lower()
         if name not in Settings.model_fields:
             raise ConfigError(f"{upper}: unknown setting (check the spelling)")
-        if value != "":  # an empty variable means "use the default"
+        if value == "":  # an empty variable means "use the default"
+            continue
+        if name in _STRUCTURED:
+            try:
+                values[name] = json.loads(value)
+            except ValueError:
+                raise ConfigError(f"{upper}: must be JSON (or set it in the TOML file)") from None
+        else:
             values[name] = value
     try:
         return Settings(**values)
