@@ -72,13 +72,12 @@ class Gatekeeper:
             self._metrics.decision_seconds.observe(time.perf_counter() - started)
         self._metrics.decision_by_outcome[decision.outcome].inc()
         error = rejection(decision, window_seconds=self._window)
-        headers_out = rate_limit_headers(decision, window_seconds=self._window)
         if error is not None:
             if self._enforce:
-                raise error
+                raise error  # a 429 carries its own rate-limit headers
             self._metrics.would_reject_by_outcome[decision.outcome].inc()
             logger.info("Report-only: would reject (%s)", decision.outcome.name.lower())
-        return secret_hash, headers_out
+        return secret_hash, rate_limit_headers(decision, window_seconds=self._window)
 
     def _report_only(self, error: GatewayError, what: str) -> Headers:
         if self._enforce:
