@@ -223,17 +223,20 @@ class EchoChatKitServer(ChatKitServer[RequestContext]):
                 yield event
             return
         words = f"{context.user} said: {_user_text(input_user_message)}".split()
-        async for event in self.stream_text(thread, context, words, self.config.echo_delay_seconds):
+        deltas = [words[0], *(f" {word}" for word in words[1:])]
+        async for event in self.stream_text(
+            thread, context, deltas, self.config.echo_delay_seconds
+        ):
             yield event
 
     async def stream_text(
         self,
         thread: ThreadMetadata,
         context: RequestContext,
-        words: list[str],
+        deltas: list[str],
         delay: float,
     ) -> AsyncIterator[ThreadStreamEvent]:
-        """One assistant message, one ``text_delta`` event per word, ``delay`` apart."""
+        """One assistant message streamed as one ``text_delta`` event per delta, ``delay`` apart."""
         item = AssistantMessageItem(
             id=self.store.generate_item_id("message", thread, context),
             thread_id=thread.id,
@@ -247,17 +250,14 @@ class EchoChatKitServer(ChatKitServer[RequestContext]):
                 content_index=0, content=AssistantMessageContent(text="")
             ),
         )
-        text = ""
-        for index, word in enumerate(words):
+        for index, delta in enumerate(deltas):
             if index and delay > 0:
                 await asyncio.sleep(delay)
-            delta = word if index == 0 else f" {word}"
-            text += delta
             yield ThreadItemUpdatedEvent(
                 item_id=item.id,
                 update=AssistantMessageContentPartTextDelta(content_index=0, delta=delta),
             )
-        content = AssistantMessageContent(text=text)
+        content = AssistantMessageContent(text="".join(deltas))
         yield ThreadItemUpdatedEvent(
             item_id=item.id,
             update=AssistantMessageContentPartDone(content_index=0, content=content),
