@@ -41,7 +41,9 @@
     // After `used` was refused as expired: the session another call has already
     // renewed to, if any, else a new one (so N refused calls make one renewal).
     async function renewAfter(used) {
-      const latest = current && (await current.catch(() => null));
+      const pending = current;
+      const latest = pending && (await pending.catch(() => null));
+      if (pending !== current) return current ?? renew(); // renewed while we waited
       return latest && latest !== used ? latest : renew();
     }
 
