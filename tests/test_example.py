@@ -11,11 +11,18 @@ gateway with the right user in the server's context.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import os
+import signal
+import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import jwt
@@ -23,12 +30,13 @@ import openai
 import pytest
 
 from tests.chatkit_server import (
+    EXAMPLE_DIR,
     ChatKitServerProcess,
     WebAppProcess,
     sse_events,
     threads_create_body,
 )
-from tests.harness import GatewayProcess
+from tests.harness import GatewayProcess, free_port
 
 SIGNING_KEY = "test-identity-signing-key-0123456789abcdef"  # >= 32 bytes for HS256
 WORKFLOW = "wf_example"
@@ -37,8 +45,6 @@ API_KEY = "sk-test-example-issuer-key"
 
 def identity(user: str = "alice", session: str = "cksess_alice", **more: str) -> dict[str, str]:
     """The identity headers the gateway adds (user percent-encoded)."""
-    from urllib.parse import quote
-
     headers = {
         "X-ChatKit-User": quote(user, safe=""),
         "X-ChatKit-Session-Id": session,
@@ -297,3 +303,77 @@ async def test_the_example_app_backend_mints_a_secret_that_reaches_its_user(
         # The page's settings point ChatKit JS at the gateway, not at the ChatKit server.
         async with http.get(f"{app.base_url}/config.js") as response:
             assert f'"url": "{gw.url}/chatkit"' in await response.text()
+
+
+async def test_the_run_command_starts_everything_and_stops_it(
+    http: aiohttp.ClientSession,
+) -> None:
+    app_port, gateway_port, chatkit_port = free_port(), free_port(), free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GATEWAY_", "CHATKIT_", "EXAMPLE_", "OPENAI_")) and k != "REDIS_URL"
+    }
+    env.update(
+        EXAMPLE_APP_PORT=str(app_port),
+        EXAMPLE_GATEWAY_PORT=str(gateway_port),
+        EXAMPLE_CHATKIT_PORT=str(chatkit_port),
+        VENV=str(Path(sys.executable).parent.parent),
+    )
+    run = await asyncio.create_subprocess_exec(
+        str(EXAMPLE_DIR / "run"),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,  # its own process group, so nothing outlives the test
+    )
+    output = b""
+    try:
+        assert run.stdout is not None
+        async with asyncio.timeout(60):
+            while f"Open http://127.0.0.1:{app_port}".encode() not in output:
+                line = await run.stdout.readline()
+                assert line, f"run exited before printing its URL:\n{output.decode()}"
+                output += line
+        app = f"http://127.0.0.1:{app_port}"
+        async with http.post(f"{app}/api/chatkit/session") as response:
+            assert response.status == 200, output.decode()
+            secret = (await response.json())["client_secret"]
+        # The page's origin may call the gateway: run configured CORS for it.
+        async with http.options(
+            f"http://127.0.0.1:{gateway_port}/chatkit",
+            headers={
+                "Origin": app,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        ) as response:
+            assert response.headers.get("Access-Control-Allow-Origin") == app
+        # Through the gateway, which signs the identity the server verifies.
+        status, body = await post(
+            http,
+            f"http://127.0.0.1:{gateway_port}/chatkit",
+            threads_create_body("hello"),
+            {"Authorization": f"Bearer {secret}"},
+        )
+        assert status == 200
+        assert assistant_text(sse_events(body)).endswith(" said: hello")
+        # The ChatKit server itself refuses anyone else: there is an assertion to check.
+        status, _ = await post(
+            http,
+            f"http://127.0.0.1:{chatkit_port}/chatkit",
+            threads_create_body("hello"),
+            identity(session="cksess_forged"),
+        )
+        assert status == 401
+    finally:
+        if run.returncode is None:
+            run.terminate()  # run's trap stops the three servers it started
+            try:
+                await asyncio.wait_for(run.wait(), 15)
+            except TimeoutError:
+                os.killpg(run.pid, signal.SIGKILL)
+                await run.wait()
+    for port in (app_port, gateway_port, chatkit_port):
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still served"
