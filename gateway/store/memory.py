@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from gateway.ratelimit import Decision, Outcome, Window
 from gateway.store.base import (
@@ -26,10 +27,12 @@ from gateway.store.base import (
 
 AUDIT_MAXLEN = 10_000
 
+V = TypeVar("V")
+
 
 @dataclass(slots=True)
-class _Expiring:
-    value: object
+class _Expiring(Generic[V]):
+    value: V
     until: float  # clock seconds
 
 
@@ -69,17 +72,17 @@ class MemoryStore(Store):
         self._retention = retention_seconds
         self._revocation_ttl = revocation_ttl_seconds
         self._clock = clock
-        self._sessions: dict[str, _Expiring] = {}  # hash -> SessionRecord
-        self._revoked: dict[str, _Expiring] = {}  # hash -> True
-        self._sid_hash: dict[str, _Expiring] = {}  # sid -> hash
-        self._sid_revoked: dict[str, _Expiring] = {}
+        self._sessions: dict[str, _Expiring[SessionRecord]] = {}  # by hash
+        self._revoked: dict[str, _Expiring[bool]] = {}  # by hash
+        self._sid_hash: dict[str, _Expiring[str]] = {}  # sid -> hash
+        self._sid_revoked: dict[str, _Expiring[bool]] = {}
         self._windows: dict[str, _SlidingWindow] = {}  # "s:" + hash | "u:" + user
         self._audit: list[AuditEntry] = []
         self._audit_seq = 0
         self._listeners: set[asyncio.Queue[str]] = set()
         self._admits = 0
 
-    def _get(self, table: dict[str, _Expiring], key: str) -> object | None:
+    def _get(self, table: dict[str, _Expiring[V]], key: str) -> V | None:
         entry = table.get(key)
         if entry is None:
             return None
@@ -106,7 +109,6 @@ class MemoryStore(Store):
                 return Decision(Outcome.UNKNOWN)
             limit, user = request.default_limit, None
         else:
-            assert isinstance(record, SessionRecord)
             if record.expires_at * 1_000_000 <= now:
                 return Decision(Outcome.EXPIRED)
             limit, user = record.limit, record.user
@@ -154,8 +156,7 @@ class MemoryStore(Store):
         return born_revoked
 
     async def secret_hash_for(self, session_id: str) -> str | None:
-        value = self._get(self._sid_hash, session_id)
-        return value if isinstance(value, str) else None
+        return self._get(self._sid_hash, session_id)
 
     async def revoke(
         self,
@@ -176,7 +177,7 @@ class MemoryStore(Store):
         if secret_hash is not None:
             record = self._get(self._sessions, secret_hash)
             expires_at = None
-            if isinstance(record, SessionRecord):
+            if record is not None:
                 registered = True
                 expires_at = record.expires_at
                 session_id = session_id or record.session_id
@@ -203,7 +204,7 @@ class MemoryStore(Store):
         sid_revoked = self._get(self._sid_revoked, session_id) is not None
         secret_hash = await self.secret_hash_for(session_id)
         record = self._get(self._sessions, secret_hash) if secret_hash else None
-        if not isinstance(record, SessionRecord) or secret_hash is None:
+        if record is None or secret_hash is None:
             if sid_revoked:
                 return SessionInfo(session_id, "revoked", None, None, None, None, None)
             return None
