@@ -15,10 +15,11 @@ from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from gateway.ratelimit import Decision, Outcome, Window
+from gateway.ratelimit import Decision, Identity, Outcome, Window
 from gateway.store.base import (
     AdmitRequest,
     AuditEntry,
+    IssuedSession,
     RevokeResult,
     SessionInfo,
     SessionRecord,
@@ -104,6 +105,7 @@ class MemoryStore(Store):
         if self._get(self._revoked, request.secret_hash) is not None:
             return Decision(Outcome.REVOKED)
         record = self._get(self._sessions, request.secret_hash)
+        identity = None
         if record is None:
             if not request.allow_unknown:
                 return Decision(Outcome.UNKNOWN)
@@ -112,6 +114,13 @@ class MemoryStore(Store):
             if record.expires_at * 1_000_000 <= now:
                 return Decision(Outcome.EXPIRED)
             limit, user = record.limit, record.user
+            identity = Identity(
+                record.session_id,
+                record.user,
+                record.workflow_id,
+                record.workflow_version,
+                record.expires_at,
+            )
 
         session = self._windows.setdefault("s:" + request.secret_hash, _SlidingWindow())
         count, wait, reset = session.state(now, self._window)
@@ -132,7 +141,7 @@ class MemoryStore(Store):
             limit, limit - count - 1, _ms(wait if count else self._window), _ms(self._window)
         )
         if user_window is None or request.user_limit is None:
-            return Decision(Outcome.ADMITTED, admitted_session)
+            return Decision(Outcome.ADMITTED, admitted_session, None, identity)
         user_window.times.append(now)
         return Decision(
             Outcome.ADMITTED,
@@ -143,6 +152,7 @@ class MemoryStore(Store):
                 _ms(uwait if ucount else self._window),
                 _ms(self._window),
             ),
+            identity,
         )
 
     async def register(self, record: SessionRecord) -> bool:
@@ -157,6 +167,17 @@ class MemoryStore(Store):
 
     async def secret_hash_for(self, session_id: str) -> str | None:
         return self._get(self._sid_hash, session_id)
+
+    async def issued_session(self, session_id: str) -> IssuedSession | None:
+        secret_hash = self._get(self._sid_hash, session_id)
+        record = self._get(self._sessions, secret_hash) if secret_hash else None
+        if record is None or secret_hash is None or not record.issued:
+            return None
+        revoked = (
+            self._get(self._revoked, secret_hash) is not None
+            or self._get(self._sid_revoked, session_id) is not None
+        )
+        return IssuedSession(record.document, secret_hash, record.expires_at, revoked)
 
     async def revoke(
         self,

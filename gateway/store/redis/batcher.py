@@ -26,7 +26,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from gateway.errors import StoreUnavailable
-from gateway.ratelimit import OUTCOMES, Decision, Window
+from gateway.ratelimit import OUTCOMES, Decision, Identity, Window
 from gateway.store.base import AdmitRequest
 from gateway.store.redis.client import Client, call
 from gateway.store.redis.keys import KeyLayout
@@ -40,20 +40,22 @@ Command = tuple[Any, ...]
 _Pending = tuple[AdmitRequest, "asyncio.Future[Decision]"]
 
 
-def decode_decision(reply: list[int]) -> Decision:
+def decode_decision(reply: list[Any]) -> Decision:
     """The script's reply as a Decision (see admit.lua for the layout)."""
+    size = len(reply)
     outcome = OUTCOMES[reply[0]]
-    if len(reply) == 1:
+    if size == 1:
         return Decision(outcome)
-    session = Window(
-        limit=reply[1], remaining=max(reply[2], 0), wait_ms=reply[3], reset_ms=reply[4]
+    session = Window(reply[1], max(reply[2], 0), reply[3], reply[4])
+    if size == 5:
+        return Decision(outcome, session)
+    user = Window(reply[5], max(reply[6], 0), reply[7], reply[8]) if reply[5] else None
+    if size == 9:
+        return Decision(outcome, session, user)
+    identity = Identity(
+        reply[9].decode(), reply[10].decode(), reply[11].decode(), reply[12].decode(), reply[13]
     )
-    user = None
-    if len(reply) >= 9:
-        user = Window(
-            limit=reply[5], remaining=max(reply[6], 0), wait_ms=reply[7], reset_ms=reply[8]
-        )
-    return Decision(outcome, session, user)
+    return Decision(outcome, session, user, identity)
 
 
 class _Sender(Protocol):

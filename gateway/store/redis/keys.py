@@ -2,12 +2,15 @@
 
 Key layout (``p`` is the configured prefix, ``h`` the secret's HMAC):
 
-    p:{h}:s       hash: sid, user, uh (user hash), exp, lim   TTL exp + retention
+    p:{h}:s       hash: sid, user, uh (user hash), exp, lim,  TTL exp + retention
+                  wf, wv (workflow id and version, if any),
+                  iss (1 if the gateway issued the session)
     p:{h}:w       zset: the session's sliding window           TTL window
     p:{h}:r       revoked flag                                  TTL exp + retention
     p:{u:U}:w     zset: user U's window (standalone Redis only) TTL window
     p:{sid:S}:h   session id S -> h                             TTL exp + retention
     p:{sid:S}:r   session id S revoked (cancel before/without registration)
+    p:{sid:S}:d   issued session S's ChatSession JSON, no secret  TTL exp + retention
     p:audit       stream of revocations, capped
     p:revocations pub/sub channel of revoked hashes
 
@@ -34,6 +37,7 @@ class SessionIdKeys(NamedTuple):
 
     secret_hash: str
     revoked: str
+    document: str
 
 
 def user_hash(user: str) -> str:
@@ -59,4 +63,4 @@ class KeyLayout:
 
     def session_id(self, session_id: str) -> SessionIdKeys:
         base = f"{self.prefix}:{{sid:{session_id}}}"
-        return SessionIdKeys(f"{base}:h", f"{base}:r")
+        return SessionIdKeys(f"{base}:h", f"{base}:r", f"{base}:d")

@@ -17,6 +17,7 @@ from gateway.ratelimit import Decision
 from gateway.store.base import (
     AdmitRequest,
     AuditEntry,
+    IssuedSession,
     RevokeResult,
     SessionInfo,
     SessionRecord,
@@ -70,7 +71,7 @@ class RedisStore(Store):
 
     async def register(self, record: SessionRecord) -> bool:
         skey = self.keys.secret(record.secret_hash).session
-        hkey, rkey = self.keys.session_id(record.session_id)
+        hkey, rkey, dkey = self.keys.session_id(record.session_id)
         keep_until_ms = (record.expires_at + self._retention) * 1000
 
         async def write() -> list[Any]:
@@ -83,9 +84,18 @@ class RedisStore(Store):
             }
             if record.user:  # no user, no user window (the API requires one)
                 fields["uh"] = user_hash(record.user)
+            # Absent fields read as empty (admit.lua), so unset ones cost nothing.
+            if record.workflow_id:
+                fields["wf"] = record.workflow_id
+            if record.workflow_version:
+                fields["wv"] = record.workflow_version
+            if record.issued:
+                fields["iss"] = 1
             pipe.hset(skey, mapping=fields)  # type: ignore[arg-type]
             pipe.pexpireat(skey, keep_until_ms)
             pipe.set(hkey, record.secret_hash, pxat=keep_until_ms)
+            if record.issued:
+                pipe.set(dkey, record.document, pxat=keep_until_ms)
             # Read after writing: a cancel that raced ahead wrote its flag
             # first and then looks for this mapping, so one of us sees the other.
             pipe.exists(rkey)
@@ -101,6 +111,39 @@ class RedisStore(Store):
         hkey = self.keys.session_id(session_id).secret_hash
         value = await call(lambda: self._client.get(hkey))
         return text(value)
+
+    async def issued_session(self, session_id: str) -> IssuedSession | None:
+        hkey, sid_rkey, dkey = self.keys.session_id(session_id)
+
+        async def by_id() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.get(dkey)
+            pipe.get(hkey)
+            pipe.exists(sid_rkey)
+            return await pipe.execute()
+
+        document, raw_hash, sid_revoked = await call(by_id)
+        secret_hash = text(raw_hash)
+        if document is None or secret_hash is None:
+            return None
+        skey, _, rkey = self.keys.secret(secret_hash)
+
+        async def by_secret() -> list[Any]:
+            # Another hash slot than the id's keys: a second round trip.
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hget(skey, "exp")
+            pipe.exists(rkey)
+            return await pipe.execute()
+
+        exp, revoked = await call(by_secret)
+        if exp is None:
+            return None
+        return IssuedSession(
+            document=bytes(document),
+            secret_hash=secret_hash,
+            expires_at=int(exp),
+            revoked=bool(revoked or sid_revoked),
+        )
 
     # -- revocation -------------------------------------------------------------
 
