@@ -2,7 +2,7 @@
 
 It is the only stand-in our tests allow: the gateway reaches it over a real
 socket, so streaming, disconnects and resets behave as they do in production.
-Wire facts come from ``/work/shared/reference/CHATKIT.md``.
+Wire facts follow OpenAI's published ChatKit spec and what its official SDKs send.
 
     async with FakeUpstream() as up:
         up.inject("status", path_prefix="/v1/chatkit/sessions", status=503)

@@ -1,4 +1,4 @@
-"""Pure decisions of issue 3: bearer parsing, secret hashing, rate-limit headers,
+"""Pure decisions on the hot path: bearer parsing, secret hashing, rate-limit headers,
 rejections, and learning a session from a session-create response.
 
 Everything here is a function of its arguments, so the tables below are the

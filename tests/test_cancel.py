@@ -1,4 +1,4 @@
-"""Issue 4: a cancel revokes the session's secret on every replica, and is never lost.
+"""A cancel revokes the session's secret on every replica, and is never lost.
 
 Two gateway replicas (A and B) share one real Redis; the official ``openai``
 SDK creates and cancels sessions, and client traffic is plain HTTP with the

@@ -1,4 +1,4 @@
-"""Issue 4: the operators' revocation controls, end to end.
+"""The operators' revocation controls, end to end.
 
 The CLI runs as a real subprocess (``chatkit-gateway revoke|revocations``)
 against a real Redis that a running gateway also uses; the admin API is the
