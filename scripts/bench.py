@@ -710,8 +710,9 @@ class Bench:
         passthrough = Outcome("gateway pass-through", "GET", get_threads.path)
         embedded = Outcome("gateway client (embedded)", "POST", conversation)
         with_redis = Outcome("gateway client (redis)", "POST", conversation)
-        # It splits the client route's cost: the same decision on a body-less GET, whose upstream answer is the size
-        # of the pass-through's, so only the decision differs from target 3.
+        # It splits the client route's cost: the same decision on a body-less
+        # GET, whose upstream answer is the size of the pass-through's, so only
+        # the decision differs from target 3.
         decision_only = Outcome("gateway client GET (redis)", "GET", conversation)
         self.outcomes = [upstream, nginx, passthrough, embedded, with_redis, decision_only]
 
