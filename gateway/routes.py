@@ -56,7 +56,7 @@ class Match:
 # A parameter is one whole segment; check_raw_path has already vetted its bytes.
 _ID = r"[^/]{1,256}"
 
-#: The ChatKit API as the official SDKs call it (see shared/reference/CHATKIT.md).
+#: The ChatKit API as OpenAI's published spec and official SDKs call it.
 DEFAULT_ROUTES: tuple[Route, ...] = (
     Route("/v1/chatkit/sessions", frozenset({"POST"}), Kind.SESSION_CREATE, exclusive=True),
     Route(
