@@ -214,6 +214,17 @@ async def test_a_slow_stream_arrives_event_by_event_and_a_cut_is_recorded(
         assert (cut.user, cut.session_id) == ("alice", "cksess_alice")
 
 
+async def test_the_app_backend_reports_an_unreachable_gateway_without_details(
+    http: aiohttp.ClientSession,
+) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    async with WebAppProcess(gateway_url=nowhere, api_key=API_KEY, workflow_id=WORKFLOW) as app:
+        async with http.post(f"{app.base_url}/api/chatkit/session") as response:
+            assert response.status == 502
+            assert await response.json() == {"error": "session_unavailable"}
+        assert API_KEY not in app.output()
+
+
 # --- the whole example through a gateway (issuer mode) --------------------------------------
 
 
