@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -156,42 +156,54 @@ async def test_a_workflow_the_server_does_not_serve_is_refused(
         assert json.loads(body)["error"]["code"] == "unknown_workflow"
 
 
+@pytest.fixture(scope="module")
+def signed_server() -> Iterator[ChatKitServerProcess]:
+    """One server that verifies assertions, for the whole table below."""
+    with ChatKitServerProcess(signing_key=SIGNING_KEY) as chatkit:
+        yield chatkit
+
+
 @pytest.mark.parametrize(
     ("make_assertion", "code"),
     [
-        # no assertion at all: a request that did not come through the gateway
-        (lambda: None, "missing_assertion"),
-        # signed with another key
-        (lambda: assertion(key="another-key-of-at-least-32-bytes-0123456789"), "invalid_assertion"),
-        # expired (beyond the 5 s leeway)
-        (lambda: assertion(exp=int(time.time()) - 30), "invalid_assertion"),
-        # made for another workflow's server
-        (lambda: assertion(aud="wf_other"), "invalid_assertion"),
-        # made by another issuer
-        (lambda: assertion(iss="someone-else"), "invalid_assertion"),
-        # for another user than the header says
-        (lambda: assertion(sub="mallory"), "invalid_assertion"),
-        # for another session than the header says
-        (lambda: assertion(sid="cksess_other"), "invalid_assertion"),
-        # without a required claim
-        (lambda: assertion(sid=None), "invalid_assertion"),
-        # not a JWT
-        (lambda: "not-a-jwt", "invalid_assertion"),
+        # a request that did not come through the gateway
+        pytest.param(lambda: None, "missing_assertion", id="none"),
+        pytest.param(
+            lambda: assertion(key="another-key-of-at-least-32-bytes-0123456789"),
+            "invalid_assertion",
+            id="signed-with-another-key",
+        ),
+        # beyond the 5 s leeway
+        pytest.param(
+            lambda: assertion(exp=int(time.time()) - 30), "invalid_assertion", id="expired"
+        ),
+        # made for another workflow's server (which may share the key)
+        pytest.param(lambda: assertion(aud="wf_other"), "invalid_assertion", id="other-workflow"),
+        pytest.param(lambda: assertion(iss="someone-else"), "invalid_assertion", id="other-issuer"),
+        # the headers say alice; the signed claim is the one to believe, and they differ
+        pytest.param(lambda: assertion(sub="mallory"), "invalid_assertion", id="other-user"),
+        pytest.param(
+            lambda: assertion(sid="cksess_other"), "invalid_assertion", id="other-session"
+        ),
+        pytest.param(lambda: assertion(sid=None), "invalid_assertion", id="missing-claim"),
+        pytest.param(lambda: "not-a-jwt", "invalid_assertion", id="not-a-jwt"),
     ],
 )
 async def test_with_a_signing_key_only_a_valid_assertion_is_accepted(
-    http: aiohttp.ClientSession, make_assertion: Any, code: str
+    http: aiohttp.ClientSession,
+    signed_server: ChatKitServerProcess,
+    make_assertion: Callable[[], str | None],
+    code: str,
 ) -> None:
-    async with ChatKitServerProcess(signing_key=SIGNING_KEY) as chatkit:
-        token = make_assertion()
-        headers = identity() if token is None else identity(**{"X-ChatKit-Assertion": token})
-        status, body = await post(http, chatkit.url, threads_create_body("hi"), headers)
-        assert status == 401
-        assert json.loads(body)["error"]["code"] == code
-        # A valid one from the same test passes, so the refusal was about the token.
-        headers = identity(**{"X-ChatKit-Assertion": assertion()})
-        status, _ = await post(http, chatkit.url, threads_create_body("hi"), headers)
-        assert status == 200
+    token = make_assertion()
+    headers = identity() if token is None else identity(**{"X-ChatKit-Assertion": token})
+    status, body = await post(http, signed_server.url, threads_create_body("hi"), headers)
+    assert status == 401
+    assert json.loads(body)["error"]["code"] == code
+    # A valid one, on the same server, passes: the refusal was about the token.
+    headers = identity(**{"X-ChatKit-Assertion": assertion()})
+    status, _ = await post(http, signed_server.url, threads_create_body("hi"), headers)
+    assert status == 200
 
 
 async def test_a_slow_stream_arrives_event_by_event_and_a_cut_is_recorded(
