@@ -300,6 +300,44 @@ async def test_a_session_from_the_sdk_streams_a_thread_through_the_gateway(
         assert session.client_secret not in json.dumps(seen.chatkit_headers)
 
 
+async def test_a_cancel_on_one_replica_ends_the_chatkit_servers_stream_on_the_other(
+    http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    async with (
+        ChatKitServerProcess(workflow_ids=[WORKFLOW]) as chatkit,
+        GatewayProcess("http://127.0.0.1:9", redis_url=redis_url, env=issuer_env(chatkit)) as a,
+        GatewayProcess("http://127.0.0.1:9", redis_url=redis_url, env=issuer_env(chatkit)) as b,
+    ):
+        client = openai.AsyncOpenAI(api_key=API_KEY, base_url=f"{a.url}/v1")
+        async with client:
+            session = await client.beta.chatkit.sessions.create(
+                user="dave", workflow={"id": WORKFLOW}
+            )
+            headers = {"Authorization": f"Bearer {session.client_secret}"}
+            deltas = 0
+            async with http.post(
+                f"{b.url}/chatkit", data=threads_create_body("slow 100 0.1"), headers=headers
+            ) as response:
+                assert response.status == 200
+                try:
+                    async for line in response.content:
+                        if b"text_delta" in line:
+                            deltas += 1
+                            if deltas == 2:  # live on replica B: cancel on replica A
+                                cancelled = await client.beta.chatkit.sessions.cancel(session.id)
+                                assert cancelled.status == "cancelled"
+                except aiohttp.ClientPayloadError:
+                    pass  # the cut may show as an unfinished chunked body
+        assert 2 <= deltas < 100, "the stream was not cut"
+        # The ChatKit SDK saw its stream end early, as when a browser goes away.
+        await chatkit.wait_for(lambda: len(chatkit.cancelled()) == 1)
+        assert chatkit.cancelled()[0].session_id == session.id
+        status, body = await post(http, f"{b.url}/chatkit", threads_create_body("again"), headers)
+        assert status == 401
+        assert json.loads(body)["error"]["code"] == "client_secret_revoked"
+        assert len(chatkit.seen()) == 1
+
+
 async def test_the_example_app_backend_mints_a_secret_that_reaches_its_user(
     http: aiohttp.ClientSession, redis_url: str
 ) -> None:
