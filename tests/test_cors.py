@@ -53,18 +53,20 @@ async def test_a_preflight_forwards_neither_credentials_nor_a_body(
 ) -> None:
     # An OPTIONS dressed as a preflight must not carry a secret or a body past
     # admission: a browser never sends either with one.
-    async with GatewayProcess(upstream.url) as gateway, aiohttp.ClientSession() as http:
-        async with http.options(
-            f"{gateway.url}/v1/chatkit/conversation",
-            data=b"x" * (1024 * 1024),
-            headers={
-                "Origin": "https://app.example",
-                "Access-Control-Request-Method": "POST",
-                "Authorization": "Bearer ek_revoked_or_not",
-                "Cookie": "session=1",
-            },
-        ) as r:
-            assert r.status == 200
+    headers = {
+        "Origin": "https://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Authorization": "Bearer ek_revoked_or_not",
+        "Cookie": "session=1",
+    }
+    async with (
+        GatewayProcess(upstream.url) as gateway,
+        aiohttp.ClientSession() as http,
+        http.options(
+            f"{gateway.url}/v1/chatkit/conversation", data=b"x" * (1024 * 1024), headers=headers
+        ) as r,
+    ):
+        assert r.status == 200
     [seen] = [s for s in upstream.requests if s.method == "OPTIONS"]
     assert seen.authorization is None
     assert seen.header("cookie") is None
