@@ -145,7 +145,9 @@ async def test_a_stream_from_another_origin_arrives_event_by_event(redis_url: st
         # page: the gateway and the browser passed them on as they came.
         assert deltas[-1] - deltas[0] >= 600
         assert result["events"][0]["event"]["type"] == "thread.created"
+        # Only the POST reached the ChatKit server: the gateway answered the preflight.
         [seen] = s.chatkit.seen()
+        assert seen.method == "POST"
         assert seen.authorization is False
         assert seen.context is not None
         assert seen.context.user.startswith("user_")  # the example's cookie user
