@@ -37,35 +37,6 @@ _INSTALL_REDIS = (
 )
 
 
-class FakeClock:
-    """A clock a test moves by hand: seconds since the epoch, held in whole µs.
-
-    Whole microseconds keep steps exact; the stores read ``int(seconds * 1e6)``
-    and get back the microsecond that was set.
-    """
-
-    def __init__(self, start: float = 1_750_000_000.0) -> None:
-        self.us = round(start * 1_000_000)
-
-    def __call__(self) -> float:
-        return self.us / 1_000_000
-
-    def at(self, us: int) -> None:
-        """Move to ``us`` microseconds; time only moves forward."""
-        if us < self.us:
-            raise ValueError("time only moves forward")
-        if int(us / 1_000_000 * 1_000_000) != us:
-            raise ValueError(f"{us} µs does not survive the stores' float seconds exactly")
-        self.us = us
-
-    def set(self, seconds: float) -> None:
-        """Move to ``seconds`` unless the clock is already past it."""
-        self.us = max(self.us, round(seconds * 1_000_000))
-
-    def advance(self, seconds: float) -> None:
-        self.at(self.us + round(seconds * 1_000_000))
-
-
 async def eventually(
     condition: Callable[[], bool | Awaitable[bool]],
     *,

@@ -23,7 +23,8 @@ from gateway.ratelimit import Decision, Outcome
 from gateway.store.base import AdmitRequest, SessionRecord
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore, connect
-from tests.harness import FakeClock, wall_clock_reach
+from tests.doubles import FakeClock
+from tests.harness import wall_clock_reach
 
 SECOND = 1_000_000  # µs
 EPOCH = 1_750_000_000 * SECOND
