@@ -15,7 +15,6 @@ import http.client
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,8 +28,31 @@ import redis
 import redis.asyncio
 import redis.asyncio.cluster
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-_POLL = 0.01  # readiness poll interval, seconds
+from tests.processes import (
+    POLL_SECONDS,
+    REPO_ROOT,
+    free_port,
+    gateway_env,
+    terminate,
+    wait_until,
+)
+
+# Re-exported: tests import every process helper from here.
+__all__ = [
+    "REPO_ROOT",
+    "GatewayProcess",
+    "RedisCluster",
+    "RedisServer",
+    "eventually",
+    "free_port",
+    "gateway_env",
+    "raw_http",
+    "redis_key_contents",
+    "subscribed",
+    "wall_clock_reach",
+]
+
+_POLL = POLL_SECONDS
 _INSTALL_REDIS = (
     "redis-server was not found on PATH. The test suite needs a real Redis: install it "
     "(Debian/Ubuntu: `apt-get install redis-server`; macOS: `brew install redis`)."
@@ -104,37 +126,9 @@ async def subscribed(client: redis.asyncio.Redis, channel: str) -> bool:
     return counts[0][1] >= 1
 
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _flags(options: Mapping[str, str]) -> list[str]:
     """``{"port": "1"}`` -> ``["--port", "1"]``, the way redis-server takes config."""
     return [item for name, value in options.items() for item in (f"--{name}", value)]
-
-
-def _wait_until(ready: Callable[[], bool], *, timeout: float, what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what()}")
-        time.sleep(_POLL)
-
-
-def _terminate(proc: subprocess.Popen[bytes], *, timeout: float) -> int:
-    """SIGTERM, then SIGKILL after ``timeout``; always reaps the process."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGCONT)  # a SIGSTOPped process cannot act on SIGTERM
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait()
 
 
 class RedisServer:
@@ -191,7 +185,7 @@ class RedisServer:
             stderr=subprocess.STDOUT,
         )
         self._paused = False
-        _wait_until(self._answers, timeout=self.startup_timeout, what=self._describe)
+        wait_until(self._answers, timeout=self.startup_timeout, what=self._describe)
 
     def _answers(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -212,7 +206,7 @@ class RedisServer:
     def stop(self) -> None:
         """Graceful shutdown (SIGTERM): with AOF on, everything written survives."""
         if self.proc is not None:
-            _terminate(self.proc, timeout=10.0)
+            terminate(self.proc, timeout=10.0)
         self._paused = False
         self._close_log()
 
@@ -299,7 +293,7 @@ class RedisCluster:
                 capture_output=True,
                 timeout=startup_timeout,
             )
-            _wait_until(
+            wait_until(
                 lambda: all(self._state_ok(node) for node in self.nodes),
                 timeout=startup_timeout,
                 what=lambda: "cluster_state:ok on every node",
@@ -345,31 +339,6 @@ class RedisCluster:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def gateway_env(
-    upstream_url: str,
-    *,
-    port: int,
-    redis_url: str | None = None,
-    extra: Mapping[str, str] | None = None,
-    base: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """The gateway's environment: ``base`` without any ``GATEWAY_*``, plus ours.
-
-    Stale ``GATEWAY_*`` variables from the developer's shell would otherwise
-    change what a test exercises.
-    """
-    env = {k: v for k, v in (os.environ if base is None else base).items()}
-    env = {k: v for k, v in env.items() if not k.startswith("GATEWAY_")}
-    env["PYTHONUNBUFFERED"] = "1"  # so output() shows log lines as they happen
-    env["GATEWAY_HOST"] = "127.0.0.1"
-    env["GATEWAY_PORT"] = str(port)
-    env["GATEWAY_UPSTREAM_URL"] = upstream_url
-    if redis_url is not None:
-        env["GATEWAY_REDIS_URL"] = redis_url
-    env.update(extra or {})
-    return env
 
 
 class GatewayProcess:
@@ -451,7 +420,7 @@ class GatewayProcess:
     def start(self) -> Self:
         self._spawn()
         try:
-            _wait_until(self._healthy, timeout=self.startup_timeout, what=self._describe)
+            wait_until(self._healthy, timeout=self.startup_timeout, what=self._describe)
         except BaseException:
             self.stop()
             raise
@@ -478,7 +447,7 @@ class GatewayProcess:
         """SIGTERM and wait (SIGKILL after ``grace`` seconds); returns the exit code."""
         if self._proc is None:
             return 0
-        code = _terminate(self._proc, timeout=grace)
+        code = terminate(self._proc, timeout=grace)
         self._reap()
         return code
 
@@ -486,7 +455,7 @@ class GatewayProcess:
         """Like stop(), waiting in a thread so this event loop keeps running."""
         if self._proc is None:
             return 0
-        code = await asyncio.to_thread(_terminate, self._proc, timeout=grace)
+        code = await asyncio.to_thread(terminate, self._proc, timeout=grace)
         self._reap()
         return code
 
