@@ -60,6 +60,7 @@ from pathlib import Path
 from bench import BenchError
 from bench.report import report
 from bench.targets import INSTALL_HINT, Bench
+from bench.wrk import add_load_arguments, resolve_durations
 from tests.processes import REPO_ROOT, find_tool
 
 
@@ -80,11 +81,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
-    parser.add_argument("--duration", type=int, default=None, help="seconds per target (10)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up seconds (2; 0: none)")
-    parser.add_argument("--quick", action="store_true", help="3 s per target, 1 s warm-up")
+    add_load_arguments(parser, per="target")
     parser.add_argument(
         "--rounds",
         type=int,
@@ -103,9 +100,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
     parser.add_argument("--keep-temp", action="store_true", help="keep logs and configs")
     args = parser.parse_args(argv)
-    if args.duration is None:
-        args.duration = 3 if args.quick else 10
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    resolve_durations(args)
     if args.threads < 1 or args.threads > args.connections:
         parser.error("--threads must be between 1 and --connections")
     if args.duration < 1 or args.warmup < 0 or args.rounds < 1 or args.workers < 1:

@@ -38,7 +38,14 @@ from pathlib import Path
 from bench import BenchError
 from bench.cpu import CpuWatch
 from bench.probe import answers, http_request
-from bench.wrk import Request, WrkParams, run_wrk, wrk_script
+from bench.wrk import (
+    Request,
+    WrkParams,
+    add_load_arguments,
+    resolve_durations,
+    run_wrk,
+    wrk_script,
+)
 from tests.processes import Service, free_port, gateway_env
 
 PATH = "/v1/chatkit/threads?bench=1"
@@ -335,18 +342,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
-    parser.add_argument("--duration", type=int, default=None, help="seconds per run (10)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up seconds (2)")
-    parser.add_argument("--quick", action="store_true", help="3 s per run, 1 s warm-up")
+    add_load_arguments(parser, per="run")
     parser.add_argument("--rounds", type=int, default=1, help="measured runs per target (1)")
     parser.add_argument("--sut-cpus", default="0", help="CPUs for the proxy under test (0)")
     parser.add_argument("--load-cpus", default="1", help="CPUs for wrk and the upstream (1)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
     args = parser.parse_args(argv)
-    args.duration = args.duration or (3 if args.quick else 10)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    resolve_durations(args)
     if args.duration < 1 or args.rounds < 1 or args.warmup < 0:
         parser.error("--duration and --rounds must be >= 1, --warmup >= 0")
     return args

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
@@ -117,3 +118,20 @@ def run_wrk(
         socket_errors={k: raw[k] for k in ("connect", "read", "write", "timeout") if raw[k]},
         cpu_seconds=(after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
     )
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, *, per: str) -> None:
+    """The wrk and timing options both benchmarks take; ``per`` names what is timed."""
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
+    parser.add_argument("--duration", type=int, default=None, help=f"seconds per {per} (10)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up seconds (2; 0: none)")
+    parser.add_argument("--quick", action="store_true", help=f"3 s per {per}, 1 s warm-up")
+
+
+def resolve_durations(args: argparse.Namespace) -> None:
+    """Fill in --duration and --warmup from --quick where they were not given."""
+    if args.duration is None:
+        args.duration = 3 if args.quick else 10
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else 2

@@ -21,9 +21,9 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any, Self
 
+import aiohttp
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
@@ -43,6 +43,7 @@ __all__ = [
     "GatewayProcess",
     "RedisCluster",
     "RedisServer",
+    "create_session",
     "eventually",
     "free_port",
     "gateway_env",
@@ -262,12 +263,7 @@ class RedisServer:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
@@ -332,12 +328,7 @@ class RedisCluster:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 
@@ -485,24 +476,38 @@ class GatewayProcess:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     async def __aenter__(self) -> Self:
         return await self.astart()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.astop()
+
+
+async def create_session(
+    http: aiohttp.ClientSession,
+    gateway_url: str,
+    *,
+    limit: int,
+    user: str = "u1",
+    api_key: str = "sk-test",
+) -> dict[str, Any]:
+    """Create a session through the gateway, so it learns it; the upstream's answer."""
+    async with http.post(
+        f"{gateway_url}/v1/chatkit/sessions",
+        headers={"Authorization": f"Bearer {api_key}"},
+        json={
+            "user": user,
+            "workflow": {"id": "wf_1"},
+            "rate_limits": {"max_requests_per_1_minute": limit},
+        },
+    ) as response:
+        if response.status != 200:
+            raise AssertionError(f"session create answered {response.status}")
+        session: dict[str, Any] = await response.json()
+    return session
 
 
 async def raw_http(

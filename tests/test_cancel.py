@@ -39,28 +39,14 @@ HASH = SecretHasher(None)  # no GATEWAY_SECRET_PEPPER is configured
 # -- fixtures: one Redis, one fake upstream, two replicas for the module ----------
 
 
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    # appendfsync always: a killed and restarted Redis keeps every write, so the
-    # kill test shows the gateway losing nothing, not Redis losing a second.
-    with RedisServer(appendonly=True, appendfsync="always") as server:
-        yield server
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def fake() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as upstream:
-        yield upstream
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def replicas(
-    redis: RedisServer, fake: FakeUpstream
+    aof_redis: RedisServer, fake: FakeUpstream
 ) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
     def replica(name: str) -> GatewayProcess:
         return GatewayProcess(
             fake.url,
-            redis_url=redis.url,
+            redis_url=aof_redis.url,
             env={
                 "GATEWAY_REPLICA_ID": name,
                 # Short, so a paused Redis fails a write quickly; not shorter,
@@ -88,16 +74,16 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture(autouse=True)
 def fresh(
-    redis: RedisServer, fake: FakeUpstream, replicas: tuple[GatewayProcess, GatewayProcess]
+    aof_redis: RedisServer, fake: FakeUpstream, replicas: tuple[GatewayProcess, GatewayProcess]
 ) -> Iterator[None]:
     """Each test starts with a running Redis and a fake without faults or records,
     and ends with no client secret the upstream ever issued in either replica's log."""
-    redis.ensure_running()
+    aof_redis.ensure_running()
     fake.clear_faults()
     fake.reset_records()
     fake.cancel_shape = "full"
     yield
-    redis.ensure_running()
+    aof_redis.ensure_running()
     issued = [session["client_secret"] for session in fake.sessions.values()]
     for gateway in replicas:
         output = gateway.output()
@@ -152,9 +138,9 @@ async def metric(
     return 0.0
 
 
-async def redis_flag(redis: RedisServer, key: str) -> tuple[bool, int]:
+async def redis_flag(server: RedisServer, key: str) -> tuple[bool, int]:
     """(exists, TTL in seconds) of a key, read with a client of the test's own."""
-    client = redis.client(socket_timeout=2)
+    client = server.client(socket_timeout=2)
     try:
         exists = bool(await client.exists(key))
         ttl = int(await client.ttl(key))
@@ -234,7 +220,7 @@ async def test_failed_cancel_leaves_the_secret_admitted(
     replicas: tuple[GatewayProcess, GatewayProcess],
     fake: FakeUpstream,
     http: aiohttp.ClientSession,
-    redis: RedisServer,
+    aof_redis: RedisServer,
     fault: Any,
     params: dict[str, Any],
     error: type[openai.APIStatusError],
@@ -252,8 +238,8 @@ async def test_failed_cancel_leaves_the_secret_admitted(
     assert fake.count(cancel_path(session_id)) == 1
     for gateway in (a, b):
         assert await converse(http, gateway, secret) == (200, None)
-    assert await redis_flag(redis, secret_key(secret)) == (False, -2)
-    assert await redis_flag(redis, session_key(session_id)) == (False, -2)
+    assert await redis_flag(aof_redis, secret_key(secret)) == (False, -2)
+    assert await redis_flag(aof_redis, session_key(session_id)) == (False, -2)
 
 
 async def test_a_cancel_the_sdk_retries_after_an_upstream_failure_revokes_once_it_succeeds(
@@ -286,7 +272,7 @@ async def test_cancelling_an_unseen_session_is_recorded_and_a_late_registration_
     replicas: tuple[GatewayProcess, GatewayProcess],
     fake: FakeUpstream,
     http: aiohttp.ClientSession,
-    redis: RedisServer,
+    aof_redis: RedisServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     a, b = replicas
@@ -313,7 +299,7 @@ async def test_cancelling_an_unseen_session_is_recorded_and_a_late_registration_
         http, b, "chatkit_gateway_revocations_total", source="cancel", known="false"
     )
     assert unknown_after == unknown_before + 1
-    assert (await redis_flag(redis, session_key(session_id)))[0]
+    assert (await redis_flag(aof_redis, session_key(session_id)))[0]
 
     # A gateway now learns a create response carrying that id (a cancel that
     # raced ahead of the registration): the session is born revoked.
@@ -359,7 +345,7 @@ async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
     replicas: tuple[GatewayProcess, GatewayProcess],
     fake: FakeUpstream,
     http: aiohttp.ClientSession,
-    redis: RedisServer,
+    aof_redis: RedisServer,
 ) -> None:
     a, b = replicas
     # A session the gateway knows: the flag lives as long as its record would.
@@ -368,7 +354,7 @@ async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
     )
     async with sdk(b) as client:
         await client.beta.chatkit.sessions.cancel(session_id)
-    exists, ttl = await redis_flag(redis, secret_key(secret))
+    exists, ttl = await redis_flag(aof_redis, secret_key(secret))
     expected = expires_at + RETENTION - time.time()
     assert exists
     assert expected - 30 <= ttl <= expected + 1, (ttl, expected)
@@ -382,7 +368,7 @@ async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
         unseen_id = (await response.json())["id"]
     async with sdk(b) as client:
         await client.beta.chatkit.sessions.cancel(unseen_id)
-    exists, ttl = await redis_flag(redis, session_key(unseen_id))
+    exists, ttl = await redis_flag(aof_redis, session_key(unseen_id))
     assert exists
     assert REVOCATION_TTL - 30 <= ttl <= REVOCATION_TTL, ttl
 
@@ -401,7 +387,7 @@ async def test_a_revocation_the_store_missed_is_enforced_at_once_and_stored_late
     replicas: tuple[GatewayProcess, GatewayProcess],
     fake: FakeUpstream,
     http: aiohttp.ClientSession,
-    redis: RedisServer,
+    aof_redis: RedisServer,
     outage: str,
 ) -> None:
     a, b = replicas
@@ -417,9 +403,9 @@ async def test_a_revocation_the_store_missed_is_enforced_at_once_and_stored_late
     cancelling = asyncio.create_task(cancel_through_a())
     await fake.wait_for(lambda: fake.count(cancel_path(session_id)) == 1, timeout=10)
     if outage == "pause":
-        redis.pause()
+        aof_redis.pause()
     else:
-        redis.kill()
+        aof_redis.kill()
     raw = await cancelling
 
     # The caller gets the upstream's answer, marked as not yet stored.
@@ -433,12 +419,12 @@ async def test_a_revocation_the_store_missed_is_enforced_at_once_and_stored_late
     assert await metric(http, a, "chatkit_gateway_revocations_pending") == 1
 
     if outage == "pause":
-        redis.resume()
+        aof_redis.resume()
     else:
-        redis.start()
+        aof_redis.start()
 
     async def stored() -> bool:
-        return (await redis_flag(redis, secret_key(secret)))[0]
+        return (await redis_flag(aof_redis, secret_key(secret)))[0]
 
     await eventually(stored, timeout=30, what="the pending revocation reached Redis")
 
@@ -465,7 +451,7 @@ async def test_a_cancel_while_redis_is_down_is_enforced_by_the_replica_that_saw_
     replicas: tuple[GatewayProcess, GatewayProcess],
     fake: FakeUpstream,
     http: aiohttp.ClientSession,
-    redis: RedisServer,
+    aof_redis: RedisServer,
 ) -> None:
     # Redis is down before the cancel, so the registry cannot be read, and
     # the reply has no client_secret: only the replica's memory of the
@@ -473,7 +459,7 @@ async def test_a_cancel_while_redis_is_down_is_enforced_by_the_replica_that_saw_
     a, _ = replicas
     fake.cancel_shape = "stale"
     session_id, secret, _ = await create_session(a)
-    redis.pause()
+    aof_redis.pause()
     async with sdk(a) as client:
         raw = await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
     assert raw.status_code == 200
@@ -481,10 +467,10 @@ async def test_a_cancel_while_redis_is_down_is_enforced_by_the_replica_that_saw_
     reached = fake.count(CONVERSATION)
     assert await converse(http, a, secret) == (401, "client_secret_revoked")
     assert fake.count(CONVERSATION) == reached
-    redis.resume()
+    aof_redis.resume()
 
     async def stored() -> bool:
-        return (await redis_flag(redis, secret_key(secret)))[0]
+        return (await redis_flag(aof_redis, secret_key(secret)))[0]
 
     await eventually(stored, timeout=30, what="the pending revocation reached Redis")
 
@@ -567,7 +553,7 @@ async def test_a_request_waiting_for_the_upstream_is_refused_when_its_secret_is_
 async def test_a_stream_is_closed_even_when_its_revocation_was_announced_during_a_feed_gap(
     replicas: tuple[GatewayProcess, GatewayProcess],
     http: aiohttp.ClientSession,
-    redis: RedisServer,
+    aof_redis: RedisServer,
 ) -> None:
     a, _ = replicas
     session_id, secret, _ = await create_session(a)
@@ -576,7 +562,7 @@ async def test_a_stream_is_closed_even_when_its_revocation_was_announced_during_
     # Cut every replica's revocation subscription, then revoke and announce it
     # while nobody listens (one pipeline: no replica can resubscribe in between).
     # Pub/sub does not replay, so only a re-check on resubscribing can find it.
-    client = redis.client(socket_timeout=5)
+    client = aof_redis.client(socket_timeout=5)
     try:
         pipe = client.pipeline(transaction=False)
         pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")

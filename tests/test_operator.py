@@ -65,12 +65,6 @@ def redis() -> Iterator[RedisServer]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def fake() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as upstream:
-        yield upstream
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def gateway(redis: RedisServer, fake: FakeUpstream) -> AsyncIterator[Gateway]:
     admin_port = free_port()
     process = GatewayProcess(
