@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import IO, Any, Protocol, Self
 
 import aiohttp
 import redis
@@ -43,6 +43,7 @@ __all__ = [
     "GatewayProcess",
     "RedisCluster",
     "RedisServer",
+    "converse",
     "create_session",
     "eventually",
     "free_port",
@@ -484,6 +485,26 @@ class GatewayProcess:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.astop()
+
+
+class Served(Protocol):
+    """Anything with a base URL: a gateway process, or a test's wrapper of one."""
+
+    @property
+    def url(self) -> str: ...
+
+
+async def converse(
+    http: aiohttp.ClientSession, gateway: Served, secret: str
+) -> tuple[int, str | None]:
+    """One client-traffic request with ``secret``: (status, error code or None)."""
+    async with http.post(
+        f"{gateway.url}/v1/chatkit/conversation",
+        json={"type": "threads.list", "params": {}},
+        headers={"Authorization": f"Bearer {secret}", "OpenAI-Beta": "chatkit_beta=v1"},
+    ) as response:
+        body = await response.json()
+        return response.status, body["error"]["code"] if response.status >= 400 else None
 
 
 async def create_session(

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.auth import SecretHasher
 from tests import fake_upstream
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer, eventually
+from tests.harness import GatewayProcess, RedisServer, converse, eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -109,20 +109,6 @@ async def create_session(gateway: GatewayProcess, **extra: Any) -> tuple[str, st
             user="user_cancel", workflow={"id": "wf_cancel"}, **extra
         )
     return session.id, session.client_secret, session.expires_at
-
-
-async def converse(
-    http: aiohttp.ClientSession, gateway: GatewayProcess, secret: str
-) -> tuple[int, str | None]:
-    """One client-traffic request: (status, error code or None)."""
-    async with http.post(
-        f"{gateway.url}{CONVERSATION}",
-        json={"type": "threads.list", "params": {}},
-        headers={"Authorization": f"Bearer {secret}", "OpenAI-Beta": "chatkit_beta=v1"},
-    ) as response:
-        body = await response.json()
-        code = body["error"]["code"] if response.status >= 400 else None
-        return response.status, code
 
 
 async def metric(
