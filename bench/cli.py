@@ -81,23 +81,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_load_arguments(parser, per="target")
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="measured runs per target; the one with the median req/s is reported (1)",
-    )
+    add_load_arguments(parser, per="target", sut="what is measured", load="wrk, backend, redis")
     parser.add_argument(
         "--workers",
         type=int,
         default=int(os.environ.get("GATEWAY_WORKERS") or 1),
         help="gateway worker processes (default: $GATEWAY_WORKERS or 1)",
     )
-    parser.add_argument("--sut-cpus", default="0", help="CPUs for what is measured (0)")
-    parser.add_argument("--load-cpus", default="1", help="CPUs for wrk, backend, redis (1)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
     parser.add_argument("--keep-temp", action="store_true", help="keep logs and configs")
     args = parser.parse_args(argv)
     resolve_durations(args)

@@ -342,11 +342,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_load_arguments(parser, per="run")
-    parser.add_argument("--rounds", type=int, default=1, help="measured runs per target (1)")
-    parser.add_argument("--sut-cpus", default="0", help="CPUs for the proxy under test (0)")
-    parser.add_argument("--load-cpus", default="1", help="CPUs for wrk and the upstream (1)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    add_load_arguments(parser, per="run", sut="the proxy under test", load="wrk and the upstream")
     args = parser.parse_args(argv)
     resolve_durations(args)
     if args.duration < 1 or args.rounds < 1 or args.warmup < 0:

@@ -120,13 +120,25 @@ def run_wrk(
     )
 
 
-def add_load_arguments(parser: argparse.ArgumentParser, *, per: str) -> None:
-    """The wrk and timing options both benchmarks take; ``per`` names what is timed."""
+def add_load_arguments(parser: argparse.ArgumentParser, *, per: str, sut: str, load: str) -> None:
+    """The options both benchmarks take: wrk's load, timing, rounds, CPUs, output.
+
+    ``per`` names what is timed; ``sut`` and ``load`` what runs on each CPU set.
+    """
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
     parser.add_argument("--duration", type=int, default=None, help=f"seconds per {per} (10)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up seconds (2; 0: none)")
     parser.add_argument("--quick", action="store_true", help=f"3 s per {per}, 1 s warm-up")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measured runs per target; the one with the median req/s is reported (1)",
+    )
+    parser.add_argument("--sut-cpus", default="0", help=f"CPUs for {sut} (0)")
+    parser.add_argument("--load-cpus", default="1", help=f"CPUs for {load} (1)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
 
 
 def resolve_durations(args: argparse.Namespace) -> None:
