@@ -111,6 +111,17 @@ async def create_session(gateway: GatewayProcess, **extra: Any) -> tuple[str, st
     return session.id, session.client_secret, session.expires_at
 
 
+REVOKED = (401, "client_secret_revoked")
+ADMITTED = (200, None)
+
+
+async def everywhere(
+    http: aiohttp.ClientSession, replicas: tuple[GatewayProcess, GatewayProcess], secret: str
+) -> list[tuple[int, str | None]]:
+    """What each replica answers a client request with ``secret``."""
+    return [await converse(http, gateway, secret) for gateway in replicas]
+
+
 async def metric(
     http: aiohttp.ClientSession, gateway: GatewayProcess, name: str, **labels: str
 ) -> float:
@@ -184,8 +195,7 @@ async def test_cancel_through_one_replica_revokes_the_secret_on_every_replica(
         assert "client_secret" not in upstream_answer
         assert upstream_answer["cancelled_at"] > 0
     reached = fake.count(CONVERSATION)
-    for gateway in (a, b):
-        assert await converse(http, gateway, secret) == (401, "client_secret_revoked")
+    assert await everywhere(http, replicas, secret) == [REVOKED, REVOKED]
     assert fake.count(CONVERSATION) == reached == 2
 
 
@@ -222,8 +232,7 @@ async def test_failed_cancel_leaves_the_secret_admitted(
 
     assert raised.value.status_code == status
     assert fake.count(cancel_path(session_id)) == 1
-    for gateway in (a, b):
-        assert await converse(http, gateway, secret) == (200, None)
+    assert await everywhere(http, replicas, secret) == [ADMITTED, ADMITTED]
     assert await redis_flag(aof_redis, secret_key(secret)) == (False, -2)
     assert await redis_flag(aof_redis, session_key(session_id)) == (False, -2)
 
@@ -250,8 +259,7 @@ async def test_a_cancel_the_sdk_retries_after_an_upstream_failure_revokes_once_i
         500,
         200,
     ]
-    for gateway in (a, b):
-        assert await converse(http, gateway, secret) == (401, "client_secret_revoked")
+    assert await everywhere(http, replicas, secret) == [REVOKED, REVOKED]
 
 
 async def test_cancelling_an_unseen_session_is_recorded_and_a_late_registration_is_born_revoked(
@@ -297,8 +305,7 @@ async def test_cancelling_an_unseen_session_is_recorded_and_a_late_registration_
     monkeypatch.setattr(fake_upstream, "build_session", same_id)
     late_id, late_secret, _ = await create_session(a)
     assert late_id == session_id
-    for gateway in (a, b):
-        assert await converse(http, gateway, late_secret) == (401, "client_secret_revoked")
+    assert await everywhere(http, replicas, late_secret) == [REVOKED, REVOKED]
     assert fake.count(CONVERSATION) == 0
 
 
@@ -323,8 +330,7 @@ async def test_repeated_and_concurrent_cancels_are_harmless(
     assert concurrent == [(200, "cancelled", "stored")] * 5
     assert repeated == (200, "cancelled", "stored")
     assert fake.count(cancel_path(session_id)) == 6
-    for gateway in (a, b):
-        assert await converse(http, gateway, secret) == (401, "client_secret_revoked")
+    assert await everywhere(http, replicas, secret) == [REVOKED, REVOKED]
 
 
 async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
