@@ -69,10 +69,10 @@ def bearer(secret: bytes) -> list[tuple[bytes, bytes]]:
 
 
 async def test_an_admitted_secret_yields_its_hash_and_rate_limit_headers(kit: Kit) -> None:
-    secret_hash, headers = await kit.gatekeeper().check(bearer(SECRET))
+    admission = await kit.gatekeeper().check(bearer(SECRET))
 
-    assert secret_hash == HASHER(SECRET)
-    assert dict(headers)[b"x-ratelimit-remaining-requests"] == b"1"
+    assert admission.secret_hash == HASHER(SECRET)
+    assert dict(admission.headers)[b"x-ratelimit-remaining-requests"] == b"1"
     assert kit.count("chatkit_gateway_admission_decisions_total", outcome="admitted") == 1
 
 
@@ -88,8 +88,7 @@ async def test_the_window_refuses_at_the_limit_and_admits_again_once_it_slides(
     assert dict(refused.value.headers)[b"retry-after"] == str(WINDOW).encode()
 
     kit.clock.advance(WINDOW)
-    secret_hash, _ = await gatekeeper.check(bearer(SECRET))
-    assert secret_hash == HASHER(SECRET)
+    assert (await gatekeeper.check(bearer(SECRET))).secret_hash == HASHER(SECRET)
 
 
 @pytest.mark.parametrize(
@@ -119,9 +118,9 @@ async def test_a_secret_the_store_rejects_is_refused_with_its_code(
 
 
 async def test_unknown_secrets_are_admitted_at_the_default_limit_when_allowed(kit: Kit) -> None:
-    _, headers = await kit.gatekeeper(allow_unknown=True).check(bearer(b"ek_never_learned"))
+    admission = await kit.gatekeeper(allow_unknown=True).check(bearer(b"ek_never_learned"))
 
-    assert dict(headers)[b"x-ratelimit-limit-requests"] == b"5"
+    assert dict(admission.headers)[b"x-ratelimit-limit-requests"] == b"5"
 
 
 async def test_a_malformed_authorization_is_refused_before_the_store_is_asked(kit: Kit) -> None:
@@ -179,7 +178,7 @@ async def test_report_only_admits_what_it_would_reject_and_counts_it(
     else:
         request = bearer(b"ek_never_learned")
 
-    _, sent = await gatekeeper.check(request)  # admitted: nothing is raised
+    admission = await gatekeeper.check(request)  # admitted: nothing is raised
 
-    assert bool(sent) is headers
+    assert bool(admission.headers) is headers
     assert kit.count("chatkit_gateway_report_only_would_reject_total", outcome=label) == 1
