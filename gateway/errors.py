@@ -4,8 +4,12 @@
     ├── BadRequest (400)            malformed target, path or header
     ├── NotFound (404)              no route: never forwarded
     ├── MethodNotAllowed (405)
+    ├── RequestTimeout (408)        the client was too slow sending its request
     ├── PayloadTooLarge (413)
+    ├── TargetTooLong (414)
     ├── HeadersTooLarge (431)
+    ├── CodingNotImplemented (501)  a transfer coding other than chunked
+    ├── Overloaded (503)            connection caps reached: try another replica
     ├── AuthError (401)             missing, malformed, unknown, revoked, expired secret
     ├── RateLimited (429)           carries the rate-limit headers
     ├── UpstreamError
@@ -75,16 +79,40 @@ class MethodNotAllowed(GatewayError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
 
 
+class TargetTooLong(GatewayError):
+    status = 414
+    type = "invalid_request_error"
+    code = "request_target_too_long"
+
+
 class HeadersTooLarge(GatewayError):
     status = 431
     type = "invalid_request_error"
     code = "request_headers_too_large"
+
+
+class CodingNotImplemented(GatewayError):
+    status = 501
+    type = "invalid_request_error"
+    code = "transfer_coding_not_implemented"
+
+
+class Overloaded(GatewayError):
+    status = 503
+    type = "api_error"
+    code = "overloaded"
 
 
 class AuthError(GatewayError):
