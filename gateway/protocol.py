@@ -65,6 +65,7 @@ _REQUEST_LINE = 64
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?")
 #: Seconds a refused connection stays open, unread, for its answer to arrive.
 _LINGER = 1.0
+_LINGER_BYTES = 64 * 1024
 #: Descriptors kept back from the connection cap: Redis, logs, the admin API.
 _RESERVED_FDS = 128
 
@@ -133,6 +134,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._client_key: str | None = None
         self._over_capacity = False
         self._refused = False
+        self._discarded = 0
         self._refusal: GatewayError | None = None
         self._draining = False
         self._timer: asyncio.TimerHandle | None = None
@@ -175,19 +177,27 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._arm(self._head_deadline)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._release_client()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().connection_lost(exc)
+
+    def _release_client(self) -> None:
         key = self._client_key
         if key is not None:
             self._client_key = None
             self._clients[key] -= 1
             if self._clients[key] <= 0:
                 del self._clients[key]
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
+            # Answered and closing: discard a little (to see the client's
+            # FIN and close early), then stop reading altogether.
+            self._discarded += len(data)
+            if self._discarded > _LINGER_BYTES:
+                self.flow.pause_reading()
             return
         self._unset_keepalive_if_required()
         view = memoryview(data)
@@ -497,9 +507,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def _close_after_answer(self) -> None:
         """Close so that the client can read the answer: closing a socket with
         unread input sends a reset, which may destroy the answer in flight.
-        So stop reading (the client's sends back up, nothing more is taken),
-        send FIN after the answer, and close a moment later."""
-        self.flow.pause_reading()
+        So send FIN after the answer, read (and drop) a little more, and
+        close when the client does or a moment later."""
+        self._release_client()
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(_LINGER, self.transport.close)
