@@ -150,6 +150,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._host = b""
         self._codings: bytes | None = None
         self._length: bytes | None = None
+        self._upgrade = False
+        self._valid_host: bytes | None = None
         self._keep_alive = True
         # The request body being read.
         self._body_bytes = 0
@@ -200,8 +202,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 self.flow.pause_reading()
             return
         self._unset_keepalive_if_required()
-        view = memoryview(data)
+        view: bytes | memoryview = data
         while view:
+            piece = view
             # While a head is arriving, feed at most what is left of its budget,
             # so an endless header value is never read past the limit.
             if self._in_head:
@@ -209,17 +212,16 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 if budget <= 0:
                     self._refuse(self._head_too_large())
                     return
-                piece = view[:budget]
+                if len(view) > budget:
+                    piece = memoryview(view)[:budget]
                 self._head_bytes += len(piece)
-            else:
-                piece = view
             try:
                 self.parser.feed_data(piece)
             except httptools.HttpParserUpgrade as upgrade:
                 # llhttp stops after a request that asked to upgrade; we did not
                 # agree to (no 101), so what follows is HTTP/1.1 again.
                 offset = upgrade.args[0] if upgrade.args else len(piece)
-                view = view[offset:]
+                view = memoryview(view)[offset:]
                 continue
             except httptools.HttpParserError:
                 if self._refusal is not None:
@@ -229,7 +231,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                     self.send_400_response("Invalid HTTP request received.")
                     self._refused = True
                 return
-            view = view[len(piece) :]
+            if piece is view:
+                break
+            view = memoryview(view)[len(piece) :]
         if self._in_head:
             if self._head_bytes:
                 if (
@@ -278,6 +282,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._host = b""
         self._codings = None
         self._length = None
+        self._upgrade = False
 
     def on_url(self, url: bytes) -> None:
         self._url_bytes += len(url)
@@ -301,6 +306,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._codings = value if self._codings is None else self._codings + b"," + value
         elif name == b"content-length":
             self._length = value
+        elif name == b"upgrade":
+            self._upgrade = True
         elif name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
         self.headers.append((name, value))
@@ -348,28 +355,33 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _check_framing(self) -> None:
         """Host and Transfer-Encoding, which the app must be able to trust."""
-        version = self.parser.get_http_version()
-        if self._host_count > 1:
+        if self._host_count == 1:
+            host = self._host
+            # Checked once per connection while it keeps sending the same Host.
+            if host != self._valid_host:
+                if not _HOST.fullmatch(host):
+                    self._stop(BadRequest("Malformed Host header."))
+                self._valid_host = host
+            if not self.url.startswith(b"/") and self.url != b"*":
+                target = httptools.parse_url(self.url)
+                authority = target.host + (b":%d" % target.port if target.port else b"")
+                if authority.lower() != host.lower():
+                    self._stop(BadRequest("The Host header differs from the request target."))
+        elif self._host_count > 1:
             self._stop(BadRequest("More than one Host header."))
-        if self._host_count == 0:
-            if version == "1.1":
-                self._stop(BadRequest("Missing Host header."))
-        elif not _HOST.fullmatch(self._host):
-            self._stop(BadRequest("Malformed Host header."))
-        elif not self.url.startswith(b"/") and self.url != b"*":
-            target = httptools.parse_url(self.url)
-            authority = target.host + (b":%d" % target.port if target.port else b"")
-            if authority.lower() != self._host.lower():
-                self._stop(BadRequest("The Host header differs from the request target."))
+        elif self.parser.get_http_version() == "1.1":
+            self._stop(BadRequest("Missing Host header."))
         if self._codings is not None:
-            if version != "1.1":
+            if self.parser.get_http_version() != "1.1":
                 # RFC 9112 6.1: framing an HTTP/1.0 message this way is faulty.
                 self._stop(BadRequest("Transfer-Encoding is not allowed in HTTP/1.0."))
             codings = [c.strip().lower() for c in self._codings.split(b",") if c.strip()]
             if codings != [b"chunked"]:
                 self._stop(CodingNotImplemented("The only transfer coding accepted is chunked."))
-        if self.parser.should_upgrade() and (
-            self._codings is not None or self._length not in (None, b"0")
+        if (
+            self._upgrade
+            and self.parser.should_upgrade()
+            and (self._codings is not None or self._length not in (None, b"0"))
         ):
             # llhttp takes whatever follows an upgrade request's head for the
             # new protocol, so its body would never be read as one and the
