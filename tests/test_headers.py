@@ -23,6 +23,7 @@ from gateway.headers import (
     request_id,
     upstream_request_headers,
 )
+from gateway.identity import strip_client_identity
 
 Headers = list[tuple[bytes, bytes]]
 RID = b"req-fixed-1"
@@ -379,3 +380,10 @@ def test_underscore_twins_of_headers_the_gateway_controls_are_dropped(
     assert name not in names
     # An underscore name that shadows nothing is the client's own business.
     assert b"x_custom_header" in names
+
+
+def test_underscore_twins_of_identity_headers_are_stripped() -> None:
+    # The gateway states who the caller is in x-chatkit-*; a server folding
+    # "_" into "-" must not see a client's own claim beside it.
+    headers = [(b"x_chatkit_user", b"mallory"), (b"x-chatkit_session-id", b"s"), (b"x-kept", b"1")]
+    assert strip_client_identity(headers) == [(b"x-kept", b"1")]
