@@ -26,6 +26,7 @@ from gateway.admission import Gatekeeper
 from gateway.auth import ApiKeys, SecretHasher
 from gateway.errors import ConfigError, StoreUnavailable, error_body
 from gateway.issuer import Issuer, SessionIds
+from gateway.lifecycle import draining
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.revocation import Revoker
@@ -222,6 +223,8 @@ class GatewayApp:
         components = self.components
         if components is None:
             return _unready("The gateway is starting.")
+        if draining.is_set():
+            return _unready("The gateway is shutting down.")
         try:
             await components.store.ping()
         except StoreUnavailable as exc:

@@ -210,6 +210,27 @@ class Settings(BaseSettings):
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(8081, ge=1, le=65535)
 
+    # -- Client connections: limits and timeouts against slow or hostile -----
+    # -- clients, and the drain on shutdown (gateway/protocol.py) ------------
+    # Longest request target (path and query), refused with 414 while reading.
+    max_target_bytes: int = Field(8192, ge=256)
+    # The whole request head (request line and headers) must arrive within this.
+    client_header_timeout: float = Field(10.0, gt=0)
+    # Longest silence while a request body is being received.
+    client_body_timeout: float = Field(30.0, gt=0)
+    # Slowest average upload (bytes/s) allowed once the grace period is over,
+    # so a trickled body cannot hold an upstream connection; 0 turns it off.
+    client_body_min_rate: int = Field(240, ge=0)
+    client_body_min_rate_grace: float = Field(5.0, gt=0)
+    # Open client connections per worker; 0 derives it from the file-descriptor
+    # limit (each proxied request also needs an upstream socket).
+    max_connections: int = Field(0, ge=0)
+    # Open connections per client address and worker; 0 is no limit (behind a
+    # load balancer every connection may come from one address).
+    max_connections_per_client: int = Field(0, ge=0)
+    # How long open requests (SSE streams) may go on after SIGTERM.
+    shutdown_grace_seconds: float = Field(30.0, ge=0)
+
     @classmethod
     def settings_customise_sources(
         cls,
