@@ -14,6 +14,8 @@
     └── StoreUnavailable (503)      the shared store did not answer: fail closed
 
     ConfigError                     bad settings: start-up stops, exit status 2
+    StreamAborted                   raised after a response started, to make the
+                                    server drop the connection (never logged as an error)
 
 Every response the gateway makes itself has the body
 ``{"error": {"message", "type", "param", "code"}}`` that the official SDKs
@@ -31,6 +33,11 @@ Headers = list[tuple[bytes, bytes]]
 
 class ConfigError(Exception):
     """A setting is invalid; the message names the variable."""
+
+
+class StreamAborted(Exception):
+    """Raised after the response started to make the server drop the connection,
+    so the client sees a truncated response rather than a clean end."""
 
 
 class GatewayError(Exception):

@@ -33,6 +33,7 @@ from gateway.errors import (
     GatewayError,
     PayloadTooLarge,
     StoreUnavailable,
+    StreamAborted,
     UpstreamTimeout,
     error_response_headers,
 )
@@ -72,11 +73,6 @@ MAX_CONTROL_BODY = 1024 * 1024
 #: How many recently created sessions each replica remembers (id -> hash, about
 #: 150 bytes each) for cancels that arrive while the store is unreachable.
 RECENT_SESSIONS = 100_000
-
-
-class StreamAborted(Exception):
-    """Raised after the response started to make the server drop the connection,
-    so the client sees a truncated response rather than a clean end."""
 
 
 class _Exchange:

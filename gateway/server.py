@@ -12,6 +12,8 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.errors import BadRequest, error_response_headers
+from gateway.logs import log_config
+from gateway.metrics import shared_across_workers
 from gateway.settings import Settings
 
 
@@ -42,39 +44,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-class _DropStreamAborted(logging.Filter):
-    """A response deliberately cut off is not an application error."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (exc is not None and type(exc).__name__ == "StreamAborted")
-
-
-def log_config(level: str) -> dict[str, Any]:
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "filters": {"stream_aborted": {"()": _DropStreamAborted}},
-        "formatters": {
-            "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
-        },
-        "handlers": {
-            "stderr": {
-                "class": "logging.StreamHandler",
-                "formatter": "plain",
-                "filters": ["stream_aborted"],
-            },
-        },
-        "loggers": {
-            "gateway": {"level": level.upper(), "handlers": ["stderr"], "propagate": False},
-            "uvicorn": {"level": level.upper(), "handlers": ["stderr"], "propagate": False},
-        },
-    }
-
-
 def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT; returns after a graceful shutdown."""
-    config = log_config(settings.log_level)
+    config = log_config(settings.log_level, settings.log_format)
     logging.config.dictConfig(config)
     # uvicorn drains on SIGTERM/SIGINT, restores the handlers it found and then
     # raises the signal again, so with the default handlers a clean shutdown
@@ -82,6 +54,11 @@ def serve(settings: Settings) -> None:
     # (and also covers a signal that arrives before uvicorn installs its own).
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _exit_cleanly)
+    with shared_across_workers(settings.workers):
+        _run(settings, config)
+
+
+def _run(settings: Settings, config: dict[str, Any]) -> None:
     uvicorn.run(
         "gateway.app:create_app",
         factory=True,
