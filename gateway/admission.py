@@ -16,10 +16,10 @@ from gateway.metrics import Metrics
 from gateway.ratelimit import Decision, Outcome, rate_limit_headers, rejection
 from gateway.revocation import Revoker
 from gateway.store.base import AdmitRequest, Store
+from gateway.types import Headers
 
 logger = logging.getLogger(__name__)
 
-Headers = list[tuple[bytes, bytes]]
 _REVOKED = Decision(Outcome.REVOKED)
 
 

@@ -34,6 +34,7 @@ from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.revocation import Revoker
 from gateway.routes import Kind, Route, table_with
+from gateway.sessions import SessionControl
 from gateway.settings import Settings, UnknownSecrets, load_settings, otel_traces_exporter
 from gateway.store.base import Store
 from gateway.store.memory import MemoryStore
@@ -168,14 +169,20 @@ class GatewayApp:
             Route(r.pattern, frozenset(r.methods), Kind(r.kind), r.upstream, r.exclusive)
             for r in settings.routes
         )
+        sessions = SessionControl(
+            store=store,
+            revoker=revoker,
+            hasher=hasher,
+            metrics=metrics,
+            default_limit=settings.default_max_requests_per_1_minute,
+        )
         proxy = Proxy(
             routes=routes,
             settings=settings,
             session=session,
-            store=store,
             gatekeeper=gatekeeper,
             revoker=revoker,
-            hasher=hasher,
+            sessions=sessions,
             metrics=metrics,
         )
         revoker.start()

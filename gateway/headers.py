@@ -14,8 +14,7 @@ import re
 from collections.abc import Iterable
 
 from gateway.errors import BadRequest, HeadersTooLarge
-
-Headers = list[tuple[bytes, bytes]]
+from gateway.types import Headers
 
 HOP_BY_HOP = frozenset(
     {

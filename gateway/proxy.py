@@ -5,12 +5,13 @@ plain ASGI messages, so this module speaks ASGI directly. For each request:
 
 1. vet the raw target and headers, match the route table (deny by default);
 2. for client traffic, the admission decision (``Gatekeeper``);
-3. forward with streaming both ways, never buffering a body, except the small
-   JSON answers of session create and cancel, which the gateway must read
-   (to learn or revoke) before the caller sees them.
+3. forward with streaming both ways, never buffering a body, except session
+   create and cancel: their small JSON bodies are read whole and handed to
+   :class:`~gateway.sessions.SessionControl`, which decides what they mean.
 
 A client that goes away cancels the upstream request at any point, and the
-pooled upstream connection is closed rather than reused half-written.
+pooled upstream connection is closed rather than reused half-written; a
+session call alone runs to its end, since the upstream may already have acted.
 """
 
 from __future__ import annotations
@@ -18,22 +19,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
 from gateway.admission import Gatekeeper
-from gateway.auth import SecretHasher
 from gateway.errors import (
     AuthError,
     BadRequest,
+    ClientDisconnected,
     GatewayError,
     PayloadTooLarge,
-    StoreUnavailable,
     StreamAborted,
+    UpstreamError,
     UpstreamTimeout,
     error_response_headers,
 )
@@ -47,32 +48,15 @@ from gateway.headers import (
     upstream_request_headers,
 )
 from gateway.metrics import Metrics
-from gateway.registry import (
-    SESSION_ID,
-    Unlearnable,
-    decoded_body,
-    secret_hash_from_cancel,
-    session_from_response,
-)
 from gateway.revocation import Revoker
 from gateway.routes import Kind, Match, RouteTable, check_raw_path
+from gateway.sessions import MAX_CONTROL_BODY, Answer, SessionControl
 from gateway.settings import Settings
-from gateway.store.base import Store
-from gateway.upstream import BodyTooLarge, ClientDisconnected, translate_errors
+from gateway.types import Headers, Receive, Scope, Send
+from gateway.upstream import translate_errors
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("gateway.access")
-
-Scope = dict[str, Any]
-Receive = Any
-Send = Any
-
-#: Session create/cancel answers are small JSON; anything larger is passed
-#: through unread (and counted), never buffered without bound.
-MAX_CONTROL_BODY = 1024 * 1024
-#: How many recently created sessions each replica remembers (id -> hash, about
-#: 150 bytes each) for cancels that arrive while the store is unreachable.
-RECENT_SESSIONS = 100_000
 
 
 class _Exchange:
@@ -87,7 +71,7 @@ class _Exchange:
         self.status = 0
         self.aborted: str | None = None  # "disconnect" | "write_timeout" | "revoked"
         self.task = asyncio.current_task()
-        self.watcher: asyncio.Future[Any] | None = None
+        self.watcher: asyncio.Future[None] | None = None
 
     def abort(self, reason: str) -> None:
         if self.aborted is None and self.task is not None:
@@ -111,7 +95,7 @@ class _Exchange:
         if self.watcher is not None:
             self.watcher.cancel()
 
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    async def start(self, status: int, headers: Headers) -> None:
         self.started = True
         self.status = status
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
@@ -127,6 +111,16 @@ class _Exchange:
         await self.body(body, False)
 
 
+@dataclass(slots=True)
+class Outbound:
+    """One request for the upstream, ready to send."""
+
+    method: str
+    url: URL
+    headers: list[tuple[str, str]]
+    body: AsyncIterator[bytes] | bytes | None
+
+
 class Proxy:
     """ASGI app that forwards the allowed ChatKit routes to the upstream."""
 
@@ -135,40 +129,40 @@ class Proxy:
         *,
         settings: Settings,
         session: aiohttp.ClientSession,
-        store: Store,
         gatekeeper: Gatekeeper,
         revoker: Revoker,
-        hasher: SecretHasher,
+        sessions: SessionControl,
         metrics: Metrics,
         routes: RouteTable | None = None,
     ) -> None:
-        self._settings = settings
         self._session = session
-        self._store = store
         self._gatekeeper = gatekeeper
         self._revoker = revoker
-        self._hasher = hasher
+        self._sessions = sessions
         self._metrics = metrics
         self._routes = routes or RouteTable()
+        # What the hot path needs from the settings, read once.
         self._upstreams = {"default": settings.upstream_url, **settings.upstreams}
         self._max_body = settings.max_body_bytes
+        self._max_header_bytes = settings.max_header_bytes
+        self._max_headers = settings.max_headers
         self._write_timeout = settings.upstream_write_timeout
+        self._trust_forwarded = settings.trust_forwarded_headers
         self._access_log = settings.access_log
-        # Sessions this replica saw created, newest last: lets a cancel find
-        # the secret's hash even when the store is down at that moment.
-        self._recent_sessions: OrderedDict[str, str] = OrderedDict()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        headers: Headers = scope["headers"]
         exchange = _Exchange(send, request_id(headers))
         kind = "rejected"
         started = time.perf_counter() if self._access_log else 0.0
         try:
             match = self._route(scope, headers)
             kind = match.route.kind.value
-            await self._forward(scope, receive, exchange, match, headers)
+            await self._handle(scope, receive, exchange, match, headers)
         except GatewayError as exc:
             if exchange.started:
+                if isinstance(exc, UpstreamError):
+                    self._metrics.upstream_errors.labels("mid_stream").inc()
                 raise StreamAborted(exc.message) from exc
             await exchange.error(exc)
             self._metrics.count_request(kind, exc.status)
@@ -213,24 +207,17 @@ class Proxy:
                 AuthError("This client secret has been revoked.", code="client_secret_revoked")
             )
 
-    def _route(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> Match:
+    def _route(self, scope: Scope, headers: Headers) -> Match:
         if scope.get("extensions", {}).get("gateway.absolute_form"):
             raise BadRequest("Absolute-form request targets are not accepted.")
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         check_raw_path(raw_path)
         match = self._routes.match(scope["method"], raw_path.decode("ascii"))
-        check_limits(
-            headers, max_bytes=self._settings.max_header_bytes, max_count=self._settings.max_headers
-        )
+        check_limits(headers, max_bytes=self._max_header_bytes, max_count=self._max_headers)
         return match
 
-    async def _forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        exchange: _Exchange,
-        match: Match,
-        headers: list[tuple[bytes, bytes]],
+    async def _handle(
+        self, scope: Scope, receive: Receive, exchange: _Exchange, match: Match, headers: Headers
     ) -> None:
         length = content_length(headers)
         if length is not None and length > self._max_body:
@@ -239,213 +226,183 @@ class Proxy:
             length is None and header_value(headers, b"transfer-encoding") is not None
         )
         kind = match.route.kind
+        if kind is Kind.SESSION_CREATE or kind is Kind.SESSION_CANCEL:
+            await self._session_call(scope, receive, exchange, match, headers, has_body, length)
+            return
         if kind is not Kind.CLIENT or is_cors_preflight(scope["method"], headers):
-            cancel_hash = None
-            if kind is Kind.SESSION_CANCEL:
-                cancel_hash = await self._resolve_for_cancel(match.params["session_id"])
-            await self._exchange(
-                scope, receive, exchange, match, headers, has_body, [], cancel_hash
-            )
+            body = self._body(receive, exchange) if has_body else None
+            outbound = self._outbound(scope, exchange, match, headers, body)
+            await self._forward(receive, exchange, outbound, kind, [])
             return
         secret_hash, extra = await self._gatekeeper.check(headers)
+        body = self._body(receive, exchange) if has_body else None
+        outbound = self._outbound(scope, exchange, match, headers, body)
         if secret_hash is None:  # report-only mode let a malformed secret through
-            await self._exchange(scope, receive, exchange, match, headers, has_body, extra, None)
+            await self._forward(receive, exchange, outbound, kind, extra)
             return
         # From admission on, a revocation of this secret anywhere ends the
         # exchange: with a 401 while the upstream has not answered yet, by
         # cutting the stream off once it has.
         self._revoker.track(secret_hash, exchange.close_revoked)
         try:
-            await self._exchange(scope, receive, exchange, match, headers, has_body, extra, None)
+            await self._forward(receive, exchange, outbound, kind, extra)
         finally:
             self._revoker.untrack(secret_hash, exchange.close_revoked)
 
-    async def _exchange(
+    def _outbound(
         self,
         scope: Scope,
-        receive: Receive,
         exchange: _Exchange,
         match: Match,
-        headers: list[tuple[bytes, bytes]],
-        has_body: bool,
-        extra: list[tuple[bytes, bytes]],
-        cancel_hash: str | None,
-    ) -> None:
-        """Forward the request and relay the answer (or act on it, for control routes)."""
-        kind = match.route.kind
+        headers: Headers,
+        body: AsyncIterator[bytes] | bytes | None,
+    ) -> Outbound:
         client = scope.get("client")
         out_headers = upstream_request_headers(
             headers,
             client_ip=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
             request_id=exchange.request_id,
-            trust_forwarded=self._settings.trust_forwarded_headers,
+            trust_forwarded=self._trust_forwarded,
         )
-        if kind is Kind.SESSION_CREATE or kind is Kind.SESSION_CANCEL:
-            # The gateway must read these answers: ask for them uncompressed
-            # (the official SDKs send Accept-Encoding: gzip).
-            out_headers = [(n, v) for n, v in out_headers if n != b"accept-encoding"]
-            out_headers.append((b"accept-encoding", b"identity"))
         query = scope.get("query_string", b"")
         target = self._upstreams[match.route.upstream] + scope["raw_path"].decode("ascii")
         if query:
             target += "?" + query.decode("latin-1")
-        body = self._body(receive, exchange) if has_body else None
-        if body is None:
-            exchange.watch_disconnect(receive)
+        return Outbound(
+            scope["method"],
+            URL(target, encoded=True),
+            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in out_headers],
+            body,
+        )
 
+    def _request(self, outbound: Outbound) -> Any:  # aiohttp's request context manager
+        return self._session.request(
+            outbound.method,
+            outbound.url,
+            headers=outbound.headers,
+            data=outbound.body,
+            allow_redirects=False,
+            compress=None,
+        )
+
+    async def _forward(
+        self,
+        receive: Receive,
+        exchange: _Exchange,
+        outbound: Outbound,
+        kind: Kind,
+        extra: Headers,
+    ) -> None:
+        """Send the request and stream the answer back as it arrives."""
+        if outbound.body is None:
+            exchange.watch_disconnect(receive)
         with translate_errors():
-            async with self._session.request(
-                scope["method"],
-                URL(target, encoded=True),
-                headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in out_headers],
-                data=body,
-                allow_redirects=False,
-                compress=None,
-            ) as response:
-                response_headers = client_response_headers(
+            async with self._request(outbound) as response:
+                headers = client_response_headers(
                     response.raw_headers, request_id=exchange.request_id
                 )
-                if kind is Kind.SESSION_CREATE or kind is Kind.SESSION_CANCEL:
-                    await self._control(
-                        exchange, response, response_headers, kind, match, cancel_hash
-                    )
-                else:
-                    if extra:
-                        response_headers.extend(extra)
-                    await self._stream(exchange, response, response_headers)
+                if extra:
+                    headers.extend(extra)
+                await exchange.start(response.status, headers)
+                async for chunk in response.content.iter_any():
+                    await exchange.body(chunk, True)
+                await exchange.body(b"", False)
         self._metrics.count_request(kind.value, response.status)
 
-    async def _stream(
-        self,
-        exchange: _Exchange,
-        response: aiohttp.ClientResponse,
-        headers: list[tuple[bytes, bytes]],
-    ) -> None:
-        await exchange.start(response.status, headers)
-        try:
-            async for chunk in response.content.iter_any():
-                await exchange.body(chunk, True)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            self._metrics.upstream_errors.labels("mid_stream").inc()
-            raise StreamAborted("upstream failed mid-response") from exc
-        await exchange.body(b"", False)
+    # -- session create and cancel -------------------------------------------------
 
-    async def _control(
+    async def _session_call(
         self,
+        scope: Scope,
+        receive: Receive,
         exchange: _Exchange,
-        response: aiohttp.ClientResponse,
-        headers: list[tuple[bytes, bytes]],
-        kind: Kind,
         match: Match,
-        cancel_hash: str | None,
+        headers: Headers,
+        has_body: bool,
+        length: int | None,
     ) -> None:
-        """Session create/cancel: read the (small) answer, act on it, then reply.
+        if length is not None and length > MAX_CONTROL_BODY:
+            raise PayloadTooLarge(f"A session request body is at most {MAX_CONTROL_BODY} bytes.")
+        body = await self._read_body(receive) if has_body else b""
+        exchange.watch_disconnect(receive)
+        outbound = self._outbound(scope, exchange, match, headers, body or None)
+        # The gateway must read these answers: ask for them uncompressed (the
+        # official SDKs send Accept-Encoding: gzip).
+        outbound.headers = [(n, v) for n, v in outbound.headers if n != "accept-encoding"]
+        outbound.headers.append(("accept-encoding", "identity"))
 
-        The action (learning or revoking) completes before the caller sees the
-        answer, so a secret is usable, or revoked, the moment it is returned.
-        """
+        async def forward() -> Answer:
+            return await self._read_answer(outbound, exchange.request_id)
+
+        if match.route.kind is Kind.SESSION_CREATE:
+            call = self._sessions.create(headers, body, forward)
+        else:
+            call = self._sessions.cancel(match.params["session_id"], headers, forward)
+        answer = await _to_completion(call)
+        if header_value(answer.headers, b"x-request-id") is None:
+            answer.headers.append((b"x-request-id", exchange.request_id))
+        await exchange.start(answer.status, answer.headers)
+        if answer.rest is None:
+            await exchange.body(answer.body, False)
+        else:
+            try:
+                await exchange.body(answer.body, True)
+                with translate_errors():
+                    async for chunk in answer.rest:
+                        await exchange.body(chunk, True)
+                await exchange.body(b"", False)
+            finally:
+                if answer.release is not None:
+                    answer.release()
+        self._metrics.count_request(match.route.kind.value, answer.status)
+
+    async def _read_answer(self, outbound: Outbound, rid: bytes) -> Answer:
+        """The upstream's answer to a session call, read whole unless it is too large."""
+        with translate_errors():
+            response: aiohttp.ClientResponse = await self._request(outbound)
+            try:
+                headers = client_response_headers(response.raw_headers, request_id=rid)
+                declared = response.content_length
+                chunks: list[bytes] = []
+                size = 0
+                if declared is None or declared <= MAX_CONTROL_BODY:
+                    async for chunk in response.content.iter_any():
+                        chunks.append(chunk)
+                        size += len(chunk)
+                        if size > MAX_CONTROL_BODY:
+                            break
+                    else:
+                        response.release()
+                        return Answer(response.status, headers, b"".join(chunks))
+            except BaseException:
+                response.close()
+                raise
+        return Answer(
+            response.status,
+            headers,
+            b"".join(chunks),
+            rest=response.content.iter_any(),
+            release=response.close,
+        )
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        """A session call's whole (small) request body."""
         chunks: list[bytes] = []
         size = 0
-        complete = response.content_length is None or response.content_length <= MAX_CONTROL_BODY
-        if complete:
-            async for chunk in response.content.iter_any():
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_CONTROL_BODY:
-                    complete = False
-                    break
-        body = b"".join(chunks) if complete else None
-        if 200 <= response.status < 300:
-            parsed = None
-            if body is None:
-                self._metrics.sessions_unparsed.labels("too_large").inc()
-            else:
-                encoding = response.headers.get("content-encoding")
-                parsed = decoded_body(body, encoding, limit=MAX_CONTROL_BODY)
-                if parsed is None:
-                    self._metrics.sessions_unparsed.labels("encoding").inc()
-            # Shielded: once the upstream has acted, a client that goes away
-            # must not stop the gateway from recording it.
-            if kind is Kind.SESSION_CREATE:
-                await asyncio.shield(self._learn(parsed))
-            else:
-                await asyncio.shield(
-                    self._revoke_cancelled(match.params["session_id"], cancel_hash, parsed, headers)
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected("client disconnected during the request body")
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_CONTROL_BODY:
+                raise PayloadTooLarge(
+                    f"A session request body is at most {MAX_CONTROL_BODY} bytes."
                 )
-        await exchange.start(response.status, headers)
-        if body is not None:
-            await exchange.body(body, False)
-            return
-        for seen in chunks:
-            await exchange.body(seen, True)
-        await self._stream_rest(exchange, response)
-
-    async def _stream_rest(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
-        async for chunk in response.content.iter_any():
-            await exchange.body(chunk, True)
-        await exchange.body(b"", False)
-
-    async def _learn(self, body: bytes | None) -> None:
-        if body is None:
-            return  # too large or in an encoding we do not read; counted
-        try:
-            record = session_from_response(
-                body,
-                hasher=self._hasher,
-                default_limit=self._settings.default_max_requests_per_1_minute,
-            )
-        except Unlearnable as exc:
-            self._metrics.sessions_unparsed.labels(exc.reason).inc()
-            logger.warning("Session-create response not learned: %s", exc.reason)
-            return
-        self._remember(record.session_id, record.secret_hash)
-        try:
-            born_revoked = await self._store.register(record)
-        except StoreUnavailable as exc:
-            # The caller still gets its session; requests with that secret will
-            # be refused as unknown until it is recreated. Counted and logged.
-            self._metrics.sessions_unparsed.labels("store_unavailable").inc()
-            logger.error("Session %s not registered: %s", record.session_id, exc)
-            return
-        self._metrics.sessions_registered.inc()
-        if born_revoked:
-            self._revoker.close_streams(record.secret_hash)
-            logger.info("Session %s was cancelled before it was registered", record.session_id)
-
-    async def _resolve_for_cancel(self, session_id: str) -> str | None:
-        """Look the secret up before forwarding, so a store failure after the
-        upstream succeeded can still be enforced locally by hash."""
-        if not SESSION_ID.match(session_id):
-            return None
-        try:
-            found = await self._store.secret_hash_for(session_id)
-        except StoreUnavailable:
-            found = None
-        return found or self._recent_sessions.get(session_id)
-
-    def _remember(self, session_id: str, secret_hash: str) -> None:
-        self._recent_sessions[session_id] = secret_hash
-        if len(self._recent_sessions) > RECENT_SESSIONS:
-            self._recent_sessions.popitem(last=False)
-
-    async def _revoke_cancelled(
-        self,
-        session_id: str,
-        known_hash: str | None,
-        body: bytes | None,
-        headers: list[tuple[bytes, bytes]],
-    ) -> None:
-        echoed = secret_hash_from_cancel(body, hasher=self._hasher) if body else None
-        hashes: set[str | None] = {h for h in (known_hash, echoed) if h is not None} or {None}
-        sid = session_id if SESSION_ID.match(session_id) else None
-        stored = True
-        for secret_hash in hashes:
-            result = await self._revoker.revoke(
-                secret_hash=secret_hash, session_id=sid, reason="cancel"
-            )
-            stored = stored and result is not None
-        headers.append((b"x-chatkit-gateway-revocation", b"stored" if stored else b"pending"))
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     async def _body(self, receive: Receive, exchange: _Exchange) -> AsyncIterator[bytes]:
         """The request body as it arrives; raises (never ends early) on a disconnect."""
@@ -459,7 +416,7 @@ class Proxy:
             chunk: bytes = message.get("body", b"")
             received += len(chunk)
             if received > self._max_body:
-                raise BodyTooLarge(f"The request body exceeds {self._max_body} bytes.")
+                raise PayloadTooLarge(f"The request body exceeds {self._max_body} bytes.")
             more = message.get("more_body", False)
             if not more:
                 exchange.watch_disconnect(receive)
@@ -473,3 +430,26 @@ class Proxy:
                     timer.cancel()
             if not more:
                 return
+
+
+async def _to_completion(call: Awaitable[Answer]) -> Answer:
+    """Await a session call that the caller's departure must not interrupt.
+
+    Once forwarded, the upstream may act whatever the caller does; the gateway
+    has to see the answer and act on it (learn, revoke). Bounded by the
+    upstream timeouts.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_release_unread)
+        raise
+
+
+def _release_unread(task: asyncio.Future[Answer]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    release = task.result().release
+    if release is not None:
+        release()

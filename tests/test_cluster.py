@@ -50,7 +50,7 @@ async def test_keys_of_one_secret_share_a_slot_and_sessions_spread_over_primarie
     try:
         owners = set()
         for n in range(12):
-            keys = store._keys(_hash(n))
+            keys = store.keys.secret(_hash(n))
             slots = {await client.cluster_keyslot(key) for key in keys}
             assert len(slots) == 1, keys
             owners.add(client.get_node_from_key(keys[0]).name)
