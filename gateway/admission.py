@@ -12,6 +12,7 @@ import time
 
 from gateway.auth import SecretHasher, bearer_secret
 from gateway.errors import AuthError, GatewayError, StoreUnavailable
+from gateway.logs import Throttled
 from gateway.metrics import Metrics
 from gateway.ratelimit import Decision, Outcome, rate_limit_headers, rejection
 from gateway.revocation import Revoker
@@ -19,6 +20,9 @@ from gateway.store.base import AdmitRequest, Store
 from gateway.types import Headers
 
 logger = logging.getLogger(__name__)
+#: While the store is down every client request fails the same way: one line
+#: per interval (with a count), not one per request.
+STORE_FAILURE_LOG_INTERVAL = 10.0
 
 _REVOKED = Decision(Outcome.REVOKED)
 
@@ -48,6 +52,7 @@ class Gatekeeper:
         self._user_limit = user_limit
         self._window = window_seconds
         self._enforce = enforce
+        self._store_failures = Throttled(logger, STORE_FAILURE_LOG_INTERVAL)
 
     async def check(self, headers: Headers) -> tuple[str | None, Headers]:
         """Return the secret's hash and the rate-limit headers for the response."""
@@ -67,7 +72,7 @@ class Gatekeeper:
                 )
             except StoreUnavailable as exc:
                 self._metrics.store_errors.inc()
-                logger.warning("Admission refused: %s", exc)
+                self._store_failures.warning("Admission refused: %s", exc)
                 return secret_hash, self._report_only(exc, "store_unavailable")
             self._metrics.decision_seconds.observe(time.perf_counter() - started)
         self._metrics.decision_by_outcome[decision.outcome].inc()

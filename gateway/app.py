@@ -39,6 +39,7 @@ from gateway.settings import Settings, UnknownSecrets, load_settings, otel_trace
 from gateway.store.base import Store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore, connect
+from gateway.telemetry import Telemetry
 from gateway.tracing import Tracing, configure
 from gateway.upstream import create_session
 
@@ -184,6 +185,7 @@ class GatewayApp:
             revoker=revoker,
             sessions=sessions,
             metrics=metrics,
+            telemetry=Telemetry(metrics, tracing=self._tracing, access_log=settings.access_log),
         )
         revoker.start()
         monitor = StoreMonitor(

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
 _TRACE_HEADERS = (b"traceparent", b"tracestate")
+_TRACE_NAMES = ("traceparent", "tracestate")
 _EXPORTERS = "opentelemetry_traces_exporter"  # the SDK's entry-point group
 
 
@@ -67,12 +68,12 @@ class Tracing:
             name, context=self._trace.set_span_in_context(parent), kind=kind
         )
 
-    def propagate(self, span: Span, headers: Headers) -> Headers:
+    def propagate(self, span: Span, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """``headers`` for the upstream, with ``span`` as their trace parent."""
         carrier: dict[str, str] = {}
         self._propagator.inject(carrier, context=self._trace.set_span_in_context(span))
-        out = [(n, v) for n, v in headers if n not in _TRACE_HEADERS]
-        out.extend((n.encode("latin-1"), v.encode("latin-1")) for n, v in carrier.items())
+        out = [(n, v) for n, v in headers if n not in _TRACE_NAMES]
+        out.extend(carrier.items())
         return out
 
     def finish(self, span: Span, status: int, *, error: str | None = None) -> None:
