@@ -133,7 +133,7 @@ def test_throttled_logs_once_per_interval_with_the_count(
 async def upstream_with_ids() -> AsyncIterator[str]:
     """An upstream that names its own request ids, as OpenAI's API does."""
 
-    async def handle(request: web.Request) -> web.Response:
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
         await request.read()
         return web.json_response({"ok": True}, headers={"x-request-id": "req_upstream_42"})
 
@@ -212,9 +212,6 @@ async def test_a_percent_encoded_newline_in_the_path_cannot_forge_a_log_line(
 async def test_every_line_of_a_request_carries_its_id_and_store_failures_are_throttled(
     redis_server: RedisServer,
 ) -> None:
-    async def handle(request: web.Request) -> web.Response:
-        return web.json_response({})
-
     redis_server.ensure_running()
     env = {"GATEWAY_STORE_CHECK_INTERVAL_SECONDS": "0.2", "GATEWAY_REDIS_TIMEOUT": "0.5"}
     async with (

@@ -141,7 +141,7 @@ def per_worker_requests(directory: Path) -> dict[str, float]:
     """Each worker's own count of served requests, read from its own file."""
     counts = {}
     for path in directory.glob("histogram_*.db"):
-        merged = MultiProcessCollector.merge([str(path)], accumulate=True)
+        merged = MultiProcessCollector.merge([str(path)], accumulate=True)  # type: ignore[no-untyped-call]
         counts[path.stem] = sum(
             s.value
             for family in merged
