@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,8 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from gateway.admission import Gatekeeper
+from gateway.admission import Admission, Gatekeeper
+from gateway.cors import CorsPolicy
 from gateway.errors import (
     AuthError,
     BadRequest,
@@ -37,17 +39,22 @@ from gateway.errors import (
     error_response_headers,
 )
 from gateway.headers import (
+    CORS_HEADERS,
+    RATE_LIMIT_HEADERS,
     check_limits,
     client_response_headers,
     content_length,
     header_value,
     is_cors_preflight,
+    preflight_headers,
     request_id,
     upstream_request_headers,
 )
+from gateway.identity import IdentityHeaders, strip_client_identity
 from gateway.metrics import Metrics
+from gateway.ratelimit import Identity
 from gateway.revocation import Revoker
-from gateway.routes import Kind, Match, RouteTable, check_raw_path
+from gateway.routes import ISSUED_PREFIX, Kind, Match, RouteTable, check_raw_path
 from gateway.sessions import MAX_CONTROL_BODY, Answer, SessionControl
 from gateway.settings import Settings
 from gateway.telemetry import RequestTelemetry, Telemetry
@@ -60,12 +67,24 @@ logger = logging.getLogger(__name__)
 class _Exchange:
     """One request/response in flight: what was sent, and why it may be cut short."""
 
-    __slots__ = ("_send", "aborted", "request_id", "started", "status", "task", "tel", "watcher")
+    __slots__ = (
+        "_send",
+        "aborted",
+        "always",
+        "request_id",
+        "started",
+        "status",
+        "task",
+        "tel",
+        "watcher",
+    )
 
     def __init__(self, send: Send, rid: bytes, tel: RequestTelemetry) -> None:
         self._send = send
         self.request_id = rid
         self.tel = tel
+        #: Headers every answer carries, the gateway's own errors included (CORS).
+        self.always: Headers = []
         self.started = False
         self.status = 0
         self.aborted: str | None = None  # "disconnect" | "write_timeout" | "revoked"
@@ -97,6 +116,8 @@ class _Exchange:
     async def start(self, status: int, headers: Headers) -> None:
         self.started = True
         self.status = status
+        if self.always:
+            headers = headers + self.always
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def body(self, chunk: bytes, more: bool) -> None:
@@ -152,6 +173,17 @@ class Proxy:
         self._telemetry = telemetry or Telemetry(
             metrics, tracing=None, access_log=settings.access_log
         )
+        self._workflows = {name: w.upstream for name, w in settings.workflows.items()}
+        key = settings.identity_signing_key
+        self._identity = IdentityHeaders(
+            signing_key=key.get_secret_value().encode() if key else None,
+            issuer=settings.identity_issuer,
+            ttl_seconds=settings.identity_assertion_ttl_seconds,
+        )
+        origins = settings.cors_origin_list
+        self._cors = CorsPolicy(origins) if origins else None
+        # Upstream headers the gateway states itself on client routes.
+        self._client_drop = RATE_LIMIT_HEADERS | (CORS_HEADERS if self._cors else frozenset())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: Headers = scope["headers"]
@@ -222,25 +254,100 @@ class Proxy:
         if kind is Kind.SESSION_CREATE or kind is Kind.SESSION_CANCEL:
             await self._session_call(scope, receive, exchange, match, headers, has_body, length)
             return
-        if kind is not Kind.CLIENT or is_cors_preflight(scope["method"], headers):
+        if kind is not Kind.CLIENT and kind is not Kind.ISSUED:
             body = self._body(receive, exchange) if has_body else None
             outbound = self._outbound(scope, exchange, match, headers, body)
             await self._forward(receive, exchange, outbound, kind, [])
             return
-        secret_hash, extra = await exchange.tel.admission(self._gatekeeper.check(headers))
+        cors = self._cors
+        origin = header_value(headers, b"origin") if cors is not None else None
+        if is_cors_preflight(scope["method"], headers):
+            if cors is not None:
+                await self._preflight(exchange, cors, origin, match, headers)
+                return
+            outbound = self._outbound(scope, exchange, match, preflight_headers(headers), None)
+            await self._forward(receive, exchange, outbound, kind, [])
+            return
+        if cors is not None:
+            exchange.always = cors.response_headers(origin)
+        admission = await exchange.tel.admission(self._gatekeeper.check(headers))
         body = self._body(receive, exchange) if has_body else None
-        outbound = self._outbound(scope, exchange, match, headers, body)
+        if kind is Kind.ISSUED:
+            outbound = self._issued_outbound(scope, exchange, headers, admission, body)
+        else:
+            if admission.identity is not None and admission.identity.workflow_id in self._workflows:
+                # An issued secret is for its workflow's server, never the hosted API.
+                raise _not_for_this_route()
+            outbound = self._outbound(scope, exchange, match, headers, body)
+        secret_hash = admission.secret_hash
         if secret_hash is None:  # report-only mode let a malformed secret through
-            await self._forward(receive, exchange, outbound, kind, extra)
+            await self._forward(receive, exchange, outbound, kind, admission.headers)
             return
         # From admission on, a revocation of this secret anywhere ends the
         # exchange: with a 401 while the upstream has not answered yet, by
         # cutting the stream off once it has.
         self._revoker.track(secret_hash, exchange.close_revoked)
         try:
-            await self._forward(receive, exchange, outbound, kind, extra)
+            await self._forward(receive, exchange, outbound, kind, admission.headers)
         finally:
             self._revoker.untrack(secret_hash, exchange.close_revoked)
+
+    async def _preflight(
+        self,
+        exchange: _Exchange,
+        cors: CorsPolicy,
+        origin: bytes | None,
+        match: Match,
+        headers: Headers,
+    ) -> None:
+        """Answer a CORS preflight here: it carries no secret, so nothing is forwarded."""
+        status, answer = cors.preflight(
+            origin, match.route.methods, header_value(headers, b"access-control-request-headers")
+        )
+        answer.append((b"x-request-id", exchange.request_id))
+        await exchange.start(status, answer)
+        await exchange.body(b"", False)
+        self._metrics.count_request(match.route.kind.value, status)
+
+    def _issued_outbound(
+        self,
+        scope: Scope,
+        exchange: _Exchange,
+        headers: Headers,
+        admission: Admission,
+        body: AsyncIterator[bytes] | bytes | None,
+    ) -> Outbound:
+        """The request for the session's own ChatKit server, with its identity stated."""
+        identity: Identity | None = admission.identity
+        upstream = self._workflows.get(identity.workflow_id) if identity is not None else None
+        if identity is None or upstream is None:
+            raise _not_for_this_route()
+        client = scope.get("client")
+        out_headers = upstream_request_headers(
+            strip_client_identity(headers),
+            client_ip=client[0] if client else None,
+            scheme=scope.get("scheme", "http"),
+            request_id=exchange.request_id,
+            trust_forwarded=self._trust_forwarded,
+        )
+        # Servers build upload URLs from the host the client used: the gateway's.
+        if header_value(out_headers, b"x-forwarded-host") is None:
+            host = header_value(headers, b"host")
+            if host is not None:
+                out_headers.append((b"x-forwarded-host", host))
+        out_headers += self._identity(
+            identity, request_id=exchange.request_id, now=int(time.time())
+        )
+        target = upstream + scope["raw_path"].decode("ascii")[len(ISSUED_PREFIX) :]
+        query = scope.get("query_string", b"")
+        if query:
+            target += "?" + query.decode("latin-1")
+        return Outbound(
+            scope["method"],
+            URL(target, encoded=True),
+            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in out_headers],
+            body,
+        )
 
     def _outbound(
         self,
@@ -294,11 +401,17 @@ class Proxy:
         with translate_errors():
             async with self._request(outbound, exchange.tel) as response:
                 exchange.tel.answered(kind.value, response)
-                headers = client_response_headers(
-                    response.raw_headers, request_id=exchange.request_id
-                )
-                if extra:
+                if extra or exchange.always:
+                    headers = client_response_headers(
+                        response.raw_headers,
+                        request_id=exchange.request_id,
+                        drop=self._client_drop,
+                    )
                     headers.extend(extra)
+                else:
+                    headers = client_response_headers(
+                        response.raw_headers, request_id=exchange.request_id
+                    )
                 await exchange.start(response.status, headers)
                 async for chunk in response.content.iter_any():
                     await exchange.body(chunk, True)
@@ -430,6 +543,10 @@ class Proxy:
                     timer.cancel()
             if not more:
                 return
+
+
+def _not_for_this_route() -> AuthError:
+    return AuthError("This client secret is not valid on this route.", code="invalid_client_secret")
 
 
 async def _to_completion(call: Awaitable[Answer]) -> Answer:
