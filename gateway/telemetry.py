@@ -43,6 +43,7 @@ class RequestTelemetry:
     """One request: call :meth:`finish` exactly once, whatever happened."""
 
     __slots__ = (
+        "_admitting",
         "_owner",
         "_scope",
         "_sent_at",
@@ -64,7 +65,9 @@ class RequestTelemetry:
         logs.REQUEST_ID.set(request_id.decode("latin-1"))
         self.bytes_in = 0
         self.bytes_out = 0
-        self.outcome = "-"
+        #: The error code the gateway answered with, if it did.
+        self.outcome: str | None = None
+        self._admitting = False
         self.upstream_request_id: str | None = None
         self.upstream_seconds: float | None = None
         self._sent_at = 0.0
@@ -74,22 +77,25 @@ class RequestTelemetry:
         if owner.tracing is not None:
             self._span = owner.tracing.request(scope["method"], "rejected", scope["headers"])
 
-    async def admission(self, check: Awaitable[T]) -> T:
-        """Await the admission decision (in its own span when tracing)."""
+    def admission(self, check: Awaitable[T]) -> Awaitable[T]:
+        """The admission decision, in a span of its own when tracing (else as is)."""
+        self._admitting = True
         tracing = self._owner.tracing
         if tracing is None or self._span is None:
+            return check
+        return self._traced_admission(check, tracing, self._span)
+
+    @staticmethod
+    async def _traced_admission(check: Awaitable[T], tracing: Tracing, parent: Span) -> T:
+        span = tracing.child(parent, "admission")
+        try:
             result = await check
-        else:
-            span = tracing.child(self._span, "admission")
-            try:
-                result = await check
-            except GatewayError as exc:
-                span.set_attribute("chatkit_gateway.outcome", str(exc.code))
-                tracing.finish(span, exc.status)
-                raise
-            span.set_attribute("chatkit_gateway.outcome", "admitted")
-            tracing.finish(span, 0)
-        self.outcome = "admitted"
+        except GatewayError as exc:
+            span.set_attribute("chatkit_gateway.outcome", str(exc.code))
+            tracing.finish(span, exc.status)
+            raise
+        span.set_attribute("chatkit_gateway.outcome", "admitted")
+        tracing.finish(span, 0)
         return result
 
     def sending(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -153,7 +159,7 @@ class RequestTelemetry:
             "path": scope["path"],
             "status": status,
             "kind": kind,
-            "outcome": self.outcome,
+            "outcome": self.outcome or ("admitted" if self._admitting else "-"),
             "client": f"{client[0]}:{client[1]}" if client else "-",
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
