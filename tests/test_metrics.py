@@ -9,9 +9,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.errors import ConfigError
+from gateway.settings import load_settings
 from tests.fake_upstream import FakeUpstream
 from tests.harness import GatewayProcess, free_port
 
@@ -184,3 +187,22 @@ async def test_with_two_workers_every_scrape_sees_the_sum(
     assert seen == [sent] * 8
     # The serve command removes the directory it made.
     assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"GATEWAY_METRICS_PORT": "8080"}, "GATEWAY_METRICS_PORT"),  # the client port
+        (  # the admin port, when the admin API is on
+            {"GATEWAY_METRICS_PORT": "8081", "GATEWAY_ADMIN_TOKEN": "a" * 16},
+            "GATEWAY_METRICS_PORT",
+        ),
+        ({"GATEWAY_LOG_FORMAT": "xml"}, "GATEWAY_LOG_FORMAT"),
+        ({"GATEWAY_STORE_CHECK_INTERVAL_SECONDS": "0"}, "GATEWAY_STORE_CHECK_INTERVAL_SECONDS"),
+    ],
+)
+def test_observability_settings_that_cannot_work_stop_start_up(
+    environ: dict[str, str], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_settings(environ)

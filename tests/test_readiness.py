@@ -12,7 +12,11 @@ from typing import Any
 import aiohttp
 
 from gateway.app import GatewayApp
+from gateway.errors import StoreUnavailable
+from gateway.health import StoreMonitor
+from gateway.metrics import Metrics
 from gateway.settings import load_settings
+from gateway.store.memory import MemoryStore
 from gateway.types import Message
 from tests.fake_upstream import FakeUpstream
 from tests.harness import GatewayProcess, RedisServer
@@ -153,3 +157,47 @@ async def test_readyz_is_503_once_draining_begins() -> None:
         # Start-up tunes the collector for a long-running server; not for pytest.
         gc.unfreeze()
         gc.set_threshold(*thresholds)
+
+
+class FlakyStore(MemoryStore):
+    """Its pings fail in the ways listed, then answer."""
+
+    def __init__(self, failures: list[BaseException]) -> None:
+        super().__init__()
+        self.failures = failures
+        self.pings = 0
+
+    async def ping(self) -> None:
+        self.pings += 1
+        if self.failures:
+            raise self.failures.pop(0)
+
+
+async def test_the_store_check_survives_its_own_bugs_and_keeps_the_gauge_current() -> None:
+    metrics = Metrics()
+    store = FlakyStore([RuntimeError("a bug"), StoreUnavailable("Redis is unavailable")])
+    monitor = StoreMonitor(store, metrics=metrics, interval=0.01, timeout=1.0)
+    monitor.start()
+    try:
+        async with asyncio.timeout(10):
+            while store.pings < 3 or monitor.up is not True:  # noqa: ASYNC110 - a plain attribute
+                await asyncio.sleep(0.01)
+    finally:
+        await monitor.stop()
+    assert metrics.registry.get_sample_value("chatkit_gateway_store_up") == 1
+
+
+async def test_a_hung_store_check_gives_up_after_the_timeout() -> None:
+    class HungStore(MemoryStore):
+        async def ping(self) -> None:
+            await asyncio.Event().wait()
+
+    metrics = Metrics()
+    monitor = StoreMonitor(HungStore(), metrics=metrics, interval=1.0, timeout=0.05)
+    assert await monitor.check() is False
+    assert monitor.report() == {
+        "backend": "embedded",
+        "up": False,
+        "error": "the store did not answer in time",
+    }
+    assert metrics.registry.get_sample_value("chatkit_gateway_store_up") == 0
