@@ -125,9 +125,9 @@ class RequestTelemetry:
             self._upstream_span.set_attribute("http.response.status_code", response.status)
 
     def failed(self, error: GatewayError, *, started: bool) -> None:
-        """The gateway answered (or, once ``started``, cut off) with ``error``."""
-        if not started:
-            self.outcome = error.code or type(error).__name__
+        """The gateway answered with ``error`` (or, once ``started``, cut the
+        response off because of it)."""
+        self.outcome = error.code or type(error).__name__
         if isinstance(error, UpstreamError):
             self._owner.metrics.upstream_failed(None if started else error)
 
@@ -146,6 +146,10 @@ class RequestTelemetry:
             self._span.set_attribute("chatkit_gateway.route_kind", kind)
             tracing.finish(self._span, status, error=error)
         if owner.access_log:
+            if self.upstream_request_id is not None:
+                # A session call hears the upstream in a task of its own, whose
+                # context variables do not flow back here.
+                logs.UPSTREAM_REQUEST_ID.set(self.upstream_request_id)
             logs.log_access(self._access_fields(kind, status, aborted, seconds))
 
     def _access_fields(

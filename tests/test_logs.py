@@ -174,11 +174,21 @@ async def test_json_access_log_names_everything_on_call_needs(upstream_with_ids:
         ) as response:
             assert response.status == 200
             answer = await response.read()
-        output = await _wait_for_output(gateway, lambda out: "rid-json" in out)
+        async with http.post(
+            f"{gateway.url}/v1/chatkit/sessions",
+            headers={"Authorization": "Bearer sk-test", "x-request-id": "rid-session"},
+            json={},
+        ) as response:
+            assert response.status == 200
+        output = await _wait_for_output(gateway, lambda out: out.count('"gateway.access"') == 2)
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     access = [line for line in lines if line["logger"] == "gateway.access"]
-    assert len(access) == 1, output
-    entry = access[0]
+    assert len(access) == 2, output
+    entry, session = access
+    # The session call hears the upstream in a task of its own: its id still shows.
+    assert session["kind"] == "session_create"
+    assert session["request_id"] == "rid-session"
+    assert session["upstream_request_id"] == "req_upstream_42"
     assert entry["request_id"] == "rid-json"
     assert entry["upstream_request_id"] == "req_upstream_42"
     assert entry["method"] == "POST"
