@@ -10,48 +10,19 @@ import logging
 import logging.config
 import signal
 from types import FrameType
-from typing import Any
 
 from gateway.lifecycle import GatewayConfig, raise_fd_limit, run
+from gateway.logs import log_config
+from gateway.metrics import shared_across_workers
 from gateway.protocol import HttpLimits
 from gateway.settings import Settings
 
 logger = logging.getLogger("gateway")
 
 
-class _DropStreamAborted(logging.Filter):
-    """A response deliberately cut off is not an application error."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (exc is not None and type(exc).__name__ == "StreamAborted")
-
-
-def log_config(level: str) -> dict[str, Any]:
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "filters": {"stream_aborted": {"()": _DropStreamAborted}},
-        "formatters": {
-            "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
-        },
-        "handlers": {
-            "stderr": {
-                "class": "logging.StreamHandler",
-                "formatter": "plain",
-                "filters": ["stream_aborted"],
-            },
-        },
-        "loggers": {
-            "gateway": {"level": level.upper(), "handlers": ["stderr"], "propagate": False},
-            "uvicorn": {"level": level.upper(), "handlers": ["stderr"], "propagate": False},
-        },
-    }
-
-
 def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT; returns after a graceful shutdown."""
-    config = log_config(settings.log_level)
+    config = log_config(settings.log_level, settings.log_format)
     logging.config.dictConfig(config)
     # uvicorn drains on SIGTERM/SIGINT, restores the handlers it found and then
     # raises the signal again, so with the default handlers a clean shutdown
@@ -66,34 +37,36 @@ def serve(settings: Settings) -> None:
         fd_limit,
         limits.max_connections,
     )
-    run(
-        GatewayConfig(
-            "gateway.app:create_app",
-            limits=limits,
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers,
-            loop="uvloop",
-            http="gateway.protocol:GatewayHttpProtocol",
-            # Start-up failures must stop the process ("auto" would serve anyway).
-            lifespan="on",
-            # uvicorn would otherwise trust X-Forwarded-* from loopback peers.
-            proxy_headers=False,
-            server_header=False,
-            # Proxied responses carry the upstream's Date; the gateway's own
-            # responses add theirs (errors.error_response_headers).
-            date_header=False,
-            access_log=False,
-            log_config=config,
-            log_level=settings.log_level,
-            # The protocol ends what is still open when the grace period is
-            # over; uvicorn's own deadline (which cancels tasks, logging an
-            # error for each) is only a backstop behind it.
-            timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
-            ws="none",
+    # Metrics from several workers are summed in a directory they share.
+    with shared_across_workers(settings.workers):
+        run(
+            GatewayConfig(
+                "gateway.app:create_app",
+                limits=limits,
+                factory=True,
+                host=settings.host,
+                port=settings.port,
+                workers=settings.workers,
+                loop="uvloop",
+                http="gateway.protocol:GatewayHttpProtocol",
+                # Start-up failures must stop the process ("auto" would serve anyway).
+                lifespan="on",
+                # uvicorn would otherwise trust X-Forwarded-* from loopback peers.
+                proxy_headers=False,
+                server_header=False,
+                # Proxied responses carry the upstream's Date; the gateway's own
+                # responses add theirs (errors.error_response_headers).
+                date_header=False,
+                access_log=False,
+                log_config=config,
+                log_level=settings.log_level,
+                # The protocol ends what is still open when the grace period is
+                # over; uvicorn's own deadline (which cancels tasks, logging an
+                # error for each) is only a backstop behind it.
+                timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 5,
+                ws="none",
+            )
         )
-    )
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
