@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -59,7 +60,7 @@ from pathlib import Path
 
 from bench import BenchError
 from bench.report import report
-from bench.targets import INSTALL_HINT, Bench
+from bench.targets import INSTALL_HINT, PARTS, Bench
 from bench.wrk import add_load_arguments, resolve_durations
 from tests.processes import REPO_ROOT, find_tool
 
@@ -88,10 +89,39 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=int(os.environ.get("GATEWAY_WORKERS") or 1),
         help="gateway worker processes (default: $GATEWAY_WORKERS or 1)",
     )
+    parser.add_argument(
+        "--streams",
+        type=int,
+        default=None,
+        help="idle SSE streams held at once (10000; quick 2000)",
+    )
+    parser.add_argument(
+        "--paced-streams",
+        type=int,
+        default=None,
+        help="streams receiving one event per second (1000; quick 200)",
+    )
+    parser.add_argument(
+        "--paced-seconds", type=float, default=None, help="how long they run (10; quick 4)"
+    )
+    parser.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated parts to run, of: {', '.join(PARTS)} (default: all)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--keep-temp", action="store_true", help="keep logs and configs")
     args = parser.parse_args(argv)
     resolve_durations(args)
+    if args.streams is None:
+        args.streams = 2000 if args.quick else 10_000
+    if args.paced_streams is None:
+        args.paced_streams = 200 if args.quick else 1000
+    if args.paced_seconds is None:
+        args.paced_seconds = 4.0 if args.quick else 10.0
+    args.only = set(PARTS) if args.only is None else set(args.only.split(","))
+    if not args.only <= set(PARTS):
+        parser.error(f"--only takes some of: {', '.join(PARTS)}")
     if args.threads < 1 or args.threads > args.connections:
         parser.error("--threads must be between 1 and --connections")
     if args.duration < 1 or args.warmup < 0 or args.rounds < 1 or args.workers < 1:
@@ -99,8 +129,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def raise_fd_limit(streams: int) -> None:
+    """Every stream is two descriptors in the gateway and one in the driver and
+    the upstream each; the children inherit the limit set here (root may raise
+    the hard limit too)."""
+    need = 2 * streams + 4096
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(need, hard)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        print(
+            f"scripts/bench: could not raise the descriptor limit to {need} (hard limit {hard}); "
+            "run as root or raise `ulimit -n` for the stream targets"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    raise_fd_limit(args.streams)
     if find_tool("wrk") is None:
         print(f"scripts/bench: wrk not found; {INSTALL_HINT}", file=sys.stderr)
         return 1

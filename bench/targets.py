@@ -3,24 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import re
+import socket
+import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from bench import BenchError
+from bench.clients import PROXY_AIOHTTP, PROXY_COMMON, RUNNER
 from bench.cpu import CpuWatch
+from bench.memory import open_fds, rss_bytes, settle
 from bench.nginx import nginx_conf
 from bench.probe import answers, http_request
 from bench.redis_figures import RedisCounter, RedisFigures
-from bench.wrk import Request, WrkParams, WrkResult, run_wrk, wrk_script
-from tests.processes import Service, find_tool, free_port, gateway_env
+from bench.wrk import BackgroundWrk, Request, WrkParams, WrkResult, run_wrk, wrk_script
+from tests.processes import Service, find_tool, free_port, gateway_env, pinned
 
 API_KEY = "sk-bench"
+#: Creates issued sessions (issuer mode); never the key forwarded upstream.
+ISSUER_KEY = "sk-bench-issuer-0123456789"
+ISSUED_WORKFLOW = "wf_issued"
 # Large enough that the sliding window never rejects during a run.
 HUGE_LIMIT = 1_000_000_000
 CONVERSATION_BODY = (
@@ -28,6 +38,13 @@ CONVERSATION_BODY = (
     b'[{"type":"input_text","text":"Hello from scripts/bench"}]}}}'
 )
 INSTALL_HINT = "install it with: apt-get install wrk nginx-light"
+CONVERSATION = "/v1/chatkit/conversation?bench=1"
+# Issuer mode: the gateway sends it to <workflow upstream>?bench=1, which the
+# fake answers with the same constant as every other row.
+ISSUED_PATH = "/chatkit?bench=1"
+STREAM_WORKFLOW = "wf_stream"
+#: What ``--only`` can pick.
+PARTS = ("direct", "nginx", "minimal", "embedded", "gateway", "workers", "streams")
 
 
 @dataclass
@@ -46,6 +63,12 @@ class Outcome:
     name: str
     method: str
     path: str
+    #: wrk connections when not the run's --connections (1: the latency rows).
+    connections: int | None = None
+    #: A rejection flood: every answer must have this status.
+    expect_status: int | None = None
+    #: False for the stream targets: they are not wrk rows (they only carry a failure).
+    wrk_row: bool = True
     runs: list[Run] = field(default_factory=list)
     warmup_errors: int = 0
     skipped: str | None = None
@@ -82,6 +105,12 @@ class Bench:
         self.outcomes: list[Outcome] = []
         self.redis_figures: RedisFigures | None = None
         self.notes: list[str] = []
+        #: RSS in bytes, per process measured: "idle" after start-up, "loaded"
+        #: the highest seen after a 64-connection run.
+        self.memory: dict[str, dict[str, int]] = {}
+        self.idle_streams: IdleStreams | None = None
+        self.paced: dict[str, dict[str, object]] = {}
+        self.flood: dict[str, float] = {}
 
     # processes
 
@@ -108,17 +137,52 @@ class Bench:
         service = Service(name, argv, cpus=cpus, workdir=self.workdir)
         return self.start(service, answers(port)), port
 
-    def gateway(self, name: str, upstream_port: int, redis_url: str | None) -> tuple[Service, int]:
+    def gateway(
+        self,
+        name: str,
+        upstream_port: int,
+        redis_url: str | None,
+        *,
+        workers: int | None = None,
+        cpus: str | None = "sut",
+        extra: dict[str, str] | None = None,
+    ) -> tuple[Service, int]:
         port = free_port()
         env = gateway_env(
             f"http://127.0.0.1:{upstream_port}",
             port=port,
             redis_url=redis_url,
-            extra={"GATEWAY_WORKERS": str(self.args.workers), "GATEWAY_LOG_LEVEL": "warning"},
+            extra={
+                "GATEWAY_WORKERS": str(workers or self.args.workers),
+                "GATEWAY_LOG_LEVEL": "warning",
+                # Issuer mode beside the hosted upstream: the issued-session row.
+                "GATEWAY_WORKFLOWS": json.dumps(
+                    {ISSUED_WORKFLOW: {"upstream": f"http://127.0.0.1:{upstream_port}/v1/chatkit"}}
+                ),
+                "GATEWAY_ISSUER_API_KEYS": ISSUER_KEY,
+                **(extra or {}),
+            },
         )
         argv = [sys.executable, "-m", "gateway", "serve"]
-        service = Service(name, argv, cpus=self.sut_cpus, workdir=self.workdir, env=env)
+        pin = self.sut_cpus if cpus == "sut" else cpus
+        service = Service(name, argv, cpus=pin, workdir=self.workdir, env=env)
         return self.start(service, answers(port)), port
+
+    def minimal_proxy(self, upstream_port: int) -> tuple[Service, int]:
+        """The reference: the ~40-line raw-ASGI + aiohttp proxy of bench/clients.py."""
+        path = self.workdir / "minimal_proxy.py"
+        path.write_text(PROXY_COMMON + PROXY_AIOHTTP + RUNNER)
+        port = free_port()
+        env = {"PYTHONUNBUFFERED": "1", "BENCH_UPSTREAM": f"http://127.0.0.1:{upstream_port}"}
+        env.update({k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")})
+        argv = [sys.executable, str(path), str(port)]
+        service = Service("minimal proxy", argv, cpus=self.sut_cpus, workdir=self.workdir, env=env)
+        return self.start(service, answers(port)), port
+
+    def sample_memory(self, name: str, service: Service, what: str) -> None:
+        figures = self.memory.setdefault(name, {})
+        rss = rss_bytes(service)
+        figures[what] = max(figures.get(what, 0), rss) if what == "loaded" else rss
 
     def nginx(self, upstream_port: int) -> tuple[Service, int] | None:
         binary = find_tool("nginx")
@@ -176,20 +240,27 @@ class Bench:
 
         return self.start(service, pong), port
 
-    def client_secret(self, gateway_port: int) -> str:
-        body = json.dumps(
-            {
-                "user": "bench-user",
-                "workflow": {"id": "wf_bench"},
-                "rate_limits": {"max_requests_per_1_minute": HUGE_LIMIT},
-            }
-        ).encode()
+    def client_secret(
+        self,
+        gateway_port: int,
+        *,
+        workflow: str = "wf_bench",
+        key: str = API_KEY,
+        limit: int = HUGE_LIMIT,
+    ) -> str:
+        """A session's secret: learned from the fake upstream, or issued by the
+        gateway itself for a configured workflow."""
+        session: dict[str, object] = {
+            "user": "bench-user",
+            "workflow": {"id": workflow},
+            "rate_limits": {"max_requests_per_1_minute": limit},
+        }
         status, _, reply = http_request(
             gateway_port,
             "POST",
             "/v1/chatkit/sessions",
-            {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
-            body,
+            {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            json.dumps(session).encode(),
         )
         if status != 200:
             raise BenchError(f"session create through the gateway answered {status}")
@@ -210,8 +281,12 @@ class Bench:
         before_run: Callable[[], None] | None = None,
         after_run: Callable[[WrkResult], None] | None = None,
         rounds: int = 1,
+        alongside: Callable[[], BackgroundWrk] | None = None,
     ) -> None:
-        """Check one request answers 2xx, warm up once per target, then measure."""
+        """Check one request answers as expected, warm up once per target, then measure.
+
+        ``alongside`` starts a second load (a flood) just before each measured run.
+        """
         try:
             status, headers, body = http_request(
                 port, request.method, request.path, request.headers(), request.body
@@ -221,7 +296,13 @@ class Bench:
                 f"{outcome.name}: the first request failed ({exc!r}); "
                 f"{sut[0].name} log:\n{sut[0].tail()}"
             ) from None
-        if not 200 <= status < 300:
+        if outcome.expect_status is not None:
+            if status != outcome.expect_status:
+                raise BenchError(
+                    f"{outcome.name}: the first request answered {status}, "
+                    f"not {outcome.expect_status}: {body[:300]!r}"
+                )
+        elif not 200 <= status < 300:
             raise BenchError(
                 f"{outcome.name}: the first request answered {status}, not 2xx: {body[:300]!r}"
             )
@@ -230,33 +311,43 @@ class Bench:
         slug = re.sub(r"[^a-z0-9]+", "-", outcome.name.lower()).strip("-")
         script = wrk_script(request, self.workdir / f"wrk-{slug}.lua")
         url = f"http://127.0.0.1:{port}{request.path}"
+        params = self.params
+        if outcome.connections is not None:
+            params = replace(params, connections=outcome.connections, threads=1)
         print(f"  {outcome.name}:", end="", flush=True)
-        if not outcome.runs and self.params.warmup > 0:
-            print(f" warm-up {self.params.warmup:g}s ...", end="", flush=True)
-            warm = run_wrk(
-                url, script, self.params, seconds=self.params.warmup, cpus=self.load_cpus
-            )
+        if not outcome.runs and params.warmup > 0:
+            print(f" warm-up {params.warmup:g}s ...", end="", flush=True)
+            warm = run_wrk(url, script, params, seconds=params.warmup, cpus=self.load_cpus)
+            warm.expect_status = outcome.expect_status
             outcome.warmup_errors += warm.errors
         for _ in range(rounds):
-            self._measure_once(outcome, url, script, sut, load, before_run, after_run)
+            flood = alongside() if alongside is not None else None
+            try:
+                self._measure_once(outcome, url, script, params, sut, load, before_run, after_run)
+            finally:
+                if flood is not None:
+                    result = flood.result()
+                    result.expect_status = 401
+                    self.flood["rejected_rps"] = result.rps
+                    self.flood["rejected_errors"] = result.errors
 
     def _measure_once(
         self,
         outcome: Outcome,
         url: str,
         script: Path,
+        params: WrkParams,
         sut: list[Service],
         load: dict[str, list[Service]],
         before_run: Callable[[], None] | None,
         after_run: Callable[[WrkResult], None] | None,
     ) -> None:
-        print(f" measuring {self.params.duration:g}s ...", end="", flush=True)
+        print(f" measuring {params.duration:g}s ...", end="", flush=True)
         if before_run is not None:
             before_run()
         watch = CpuWatch({"sut": sut, **load})
-        result = run_wrk(
-            url, script, self.params, seconds=self.params.duration, cpus=self.load_cpus
-        )
+        result = run_wrk(url, script, params, seconds=params.duration, cpus=self.load_cpus)
+        result.expect_status = outcome.expect_status
         procs, cores = watch.percent(result.seconds)
         procs["wrk"] = 100 * result.cpu_seconds / result.seconds
         busy = sum(v for k, v in cores.items() if k.startswith("cpu"))
@@ -270,144 +361,442 @@ class Bench:
             print(f" ({result.errors} ERRORS)", end="", flush=True)
         print()
 
-    def attempt(self, outcome: Outcome, step: Callable[[], None]) -> None:
+    def attempt(
+        self, outcome: Outcome, step: Callable[..., None], *args: Any, **kwargs: Any
+    ) -> None:
         """Run one target; a failure is reported and the other targets still run."""
+        if outcome.failed is not None:
+            return  # failed in an earlier round: its figures are not comparable
         try:
-            step()
+            step(*args, **kwargs)
         except BenchError as exc:
             outcome.failed = str(exc)
             print(f"\n!!! {outcome.name} FAILED: {str(exc).splitlines()[0]}", flush=True)
 
+    # the targets, in the order they run
+
     def run(self) -> None:
         # "?bench=1": the fake answers every route with the same constant, so
-        # the routes compared below differ only in what the gateway does.
+        # the routes compared below differ only in what sits in front of it.
         get_threads = Request("GET", "/v1/chatkit/threads?bench=1", f"Bearer {API_KEY}")
-        conversation = "/v1/chatkit/conversation?bench=1"
-        upstream = Outcome("upstream direct", "GET", get_threads.path)
-        nginx = Outcome("nginx proxy_pass", "GET", get_threads.path)
-        passthrough = Outcome("gateway pass-through", "GET", get_threads.path)
-        embedded = Outcome("gateway client (embedded)", "POST", conversation)
-        with_redis = Outcome("gateway client (redis)", "POST", conversation)
-        # It splits the client route's cost: the same decision on a body-less
-        # GET, whose upstream answer is the size of the pass-through's, so only
-        # the decision differs from target 3.
-        decision_only = Outcome("gateway client GET (redis)", "GET", conversation)
-        self.outcomes = [upstream, nginx, passthrough, embedded, with_redis, decision_only]
+        o = self.o = Outcomes(get_threads.path, CONVERSATION)
+        self.outcomes = o.all()
 
         # The fake upstream behind every proxy, on the load side.
         backend, backend_port = self.fake_upstream("fake upstream (backend)", self.load_cpus)
-        load = {"upstream": [backend]}
+        self.load: dict[str, list[Service]] = {"upstream": [backend]}
+        self.backend_port = backend_port
+        direct_post = Request("POST", CONVERSATION, f"Bearer {API_KEY}", CONVERSATION_BODY)
 
-        rounds = self.args.rounds
+        only = self.args.only
+        for outcome in self.outcomes:
+            outcome.skipped = "not asked for (--only)"
+        for part, rows in (
+            ("direct", (o.upstream, o.upstream_c1)),
+            ("nginx", (o.nginx,)),
+            ("minimal", (o.minimal, o.minimal_c1)),
+            ("embedded", (o.embedded,)),
+            ("gateway", (o.passthrough, o.with_redis, o.decision_only, o.issued, o.gateway_c1,
+                         o.unauthorized, o.limited, o.under_flood)),
+            ("workers", (o.workers_one, o.workers_two)),
+            ("streams", (o.streams_idle, o.streams_paced)),
+        ):  # fmt: skip
+            if part in only:
+                for outcome in rows:
+                    outcome.skipped = None
+        if "direct" in only:
+            self.attempt(o.upstream, self._direct, get_threads, direct_post)
+        if "nginx" in only:
+            self.attempt(o.nginx, self._nginx, get_threads)
+        if "minimal" in only:
+            self.attempt(o.minimal, self._minimal, direct_post)
+        if "embedded" in only:
+            self.attempt(o.embedded, self._embedded)
 
-        def upstream_direct() -> None:
-            # The fake as the system under test: its own instance, on the SUT side.
-            direct, port = self.fake_upstream("fake upstream (direct)", self.sut_cpus)
-            try:
-                self.measure(upstream, port, get_threads, sut=[direct], load={}, rounds=rounds)
-            finally:
-                self.stop(direct)
-
-        def nginx_proxy() -> None:
-            started = self.nginx(backend_port)
-            if started is None:
-                nginx.skipped = "nginx not installed"
-                return
-            service, port = started
-            try:
-                self.measure(nginx, port, get_threads, sut=[service], load=load, rounds=rounds)
-            finally:
-                self.stop(service)
-
-        def client_embedded() -> None:
-            if self.args.workers > 1:
-                # A session is learned by the worker that proxied its creation;
-                # the others' in-process stores never hear of it (by design).
-                embedded.skipped = "the embedded store is per worker process (--workers > 1)"
-                return
-            gw, port = self.gateway("gateway (embedded)", backend_port, None)
-            try:
-                self.measure(
-                    embedded,
-                    port,
-                    self.conversation(port),
-                    sut=[gw],
-                    load=load,
-                    expect_header="ratelimit-policy",
-                    rounds=rounds,
-                )
-            finally:
-                self.stop(gw)
-
-        self.attempt(upstream, upstream_direct)
-        self.attempt(nginx, nginx_proxy)
-        self.attempt(embedded, client_embedded)
-
-        # Pass-through and client route on one gateway backed by Redis, in
-        # alternating rounds: their ratio is the cost of the decision, and
-        # alternating keeps a drift in the machine's load out of it.
         started = self.redis_server()
         if started is None:
-            with_redis.skipped = decision_only.skipped = "redis-server not installed"
-            gw, port = self.gateway("gateway", backend_port, None)
-            self.attempt(
-                passthrough,
-                lambda: self.measure(
-                    passthrough, port, get_threads, sut=[gw], load=load, rounds=rounds
-                ),
-            )
+            for outcome in self.outcomes:
+                if outcome.runs or outcome.failed or outcome.skipped:
+                    continue
+                outcome.skipped = "redis-server not installed"
             self.stop_all()
             return
         redis_service, redis_port = started
-        load["redis"] = [redis_service]
-        gw, port = self.gateway(
-            "gateway (redis)", backend_port, f"redis://127.0.0.1:{redis_port}/0"
-        )
-        post = self.conversation(port)
-        get = Request("GET", conversation, post.authorization)
-        counter = RedisCounter(redis_port, port)
-        try:
-            for _ in range(rounds):
-                if passthrough.failed is None:
-                    self.attempt(
-                        passthrough,
-                        lambda: self.measure(
-                            passthrough, port, get_threads, sut=[gw], load=load, expect_header="via"
-                        ),
-                    )
-                if with_redis.failed is None:
-                    self.attempt(
-                        with_redis,
-                        lambda: self.measure(
-                            with_redis,
-                            port,
-                            post,
-                            sut=[gw],
-                            load=load,
-                            expect_header="ratelimit-policy",
-                            before_run=counter.before,
-                            after_run=counter.after,
-                        ),
-                    )
-                if decision_only.failed is None:
-                    self.attempt(
-                        decision_only,
-                        lambda: self.measure(
-                            decision_only,
-                            port,
-                            get,
-                            sut=[gw],
-                            load=load,
-                            expect_header="ratelimit-policy",
-                        ),
-                    )
-        finally:
-            counter.close()
-        self.redis_figures = counter.figures
+        self.load["redis"] = [redis_service]
+        self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        self.redis_port = redis_port
+        if "gateway" in only:
+            self.attempt(o.with_redis, self._gateway_rows, get_threads)
+        if "workers" in only:
+            self.attempt(o.workers_two, self._workers)
+        if "streams" in only:
+            self.attempt(o.streams_idle, self._idle_streams)
+            self.attempt(o.streams_paced, self._paced_streams)
         self.stop_all()
 
     def conversation(self, gateway_port: int) -> Request:
         secret = self.client_secret(gateway_port)
-        return Request(
-            "POST", "/v1/chatkit/conversation?bench=1", f"Bearer {secret}", CONVERSATION_BODY
+        return Request("POST", CONVERSATION, f"Bearer {secret}", CONVERSATION_BODY)
+
+    def issued(self, gateway_port: int) -> Request:
+        secret = self.client_secret(gateway_port, workflow=ISSUED_WORKFLOW, key=ISSUER_KEY)
+        return Request("POST", ISSUED_PATH, f"Bearer {secret}", CONVERSATION_BODY)
+
+    def _direct(self, get_threads: Request, post: Request) -> None:
+        # The fake as the system under test: its own instance, on the SUT side.
+        o = self.o
+        direct, port = self.fake_upstream("fake upstream (direct)", self.sut_cpus)
+        try:
+            self.measure(o.upstream, port, get_threads, sut=[direct], load={}, rounds=self.rounds)
+            self.attempt(
+                o.upstream_c1,
+                lambda: self.measure(
+                    o.upstream_c1, port, post, sut=[direct], load={}, rounds=self.rounds
+                ),
+            )
+        finally:
+            self.stop(direct)
+
+    def _nginx(self, get_threads: Request) -> None:
+        started = self.nginx(self.backend_port)
+        if started is None:
+            self.o.nginx.skipped = "nginx not installed"
+            return
+        service, port = started
+        try:
+            self.measure(
+                self.o.nginx, port, get_threads, sut=[service], load=self.load, rounds=self.rounds
+            )
+        finally:
+            self.stop(service)
+
+    def _minimal(self, post: Request) -> None:
+        o = self.o
+        service, port = self.minimal_proxy(self.backend_port)
+        try:
+            self.sample_memory("minimal proxy", service, "idle")
+            for _ in range(self.rounds):  # alternate, as on the gateway
+                self.measure(o.minimal, port, post, sut=[service], load=self.load)
+                self.sample_memory("minimal proxy", service, "loaded")
+                if o.minimal_c1.failed is None:
+                    self.attempt(
+                        o.minimal_c1,
+                        lambda: self.measure(
+                            o.minimal_c1, port, post, sut=[service], load=self.load
+                        ),
+                    )
+        finally:
+            self.stop(service)
+
+    def _embedded(self) -> None:
+        o = self.o
+        if self.args.workers > 1:
+            # A session is learned by the worker that proxied its creation;
+            # the others' in-process stores never hear of it (by design).
+            o.embedded.skipped = "the embedded store is per worker process (--workers > 1)"
+            return
+        gw, port = self.gateway("gateway (embedded)", self.backend_port, None)
+        try:
+            self.measure(
+                o.embedded,
+                port,
+                self.conversation(port),
+                sut=[gw],
+                load=self.load,
+                expect_header="ratelimit-policy",
+                rounds=self.rounds,
+            )
+        finally:
+            self.stop(gw)
+
+    def _gateway_rows(self, get_threads: Request) -> None:
+        """Pass-through, client and issued routes, latency and rejections on one
+        gateway backed by Redis, in alternating rounds: their ratios are the
+        cost of what differs, and alternating keeps a drift in the machine's
+        load out of them."""
+        o = self.o
+        gw, port = self.gateway("gateway (redis)", self.backend_port, self.redis_url)
+        self.sample_memory("gateway", gw, "idle")
+        load = self.load
+        counter = RedisCounter(self.redis_port, port)
+        try:
+            for _ in range(self.rounds):
+                # Fresh sessions each round: learned ones expire after 600 s.
+                post = self.conversation(port)
+                get = Request("GET", CONVERSATION, post.authorization)
+                issued = self.issued(port)
+                measure = functools.partial(self.measure, port=port, sut=[gw], load=load)
+                self.attempt(
+                    o.passthrough, measure, o.passthrough, request=get_threads, expect_header="via"
+                )
+                self.attempt(
+                    o.with_redis,
+                    measure,
+                    o.with_redis,
+                    request=post,
+                    expect_header="ratelimit-policy",
+                    before_run=counter.before,
+                    after_run=counter.after,
+                )
+                self.attempt(
+                    o.decision_only,
+                    measure,
+                    o.decision_only,
+                    request=get,
+                    expect_header="ratelimit-policy",
+                )
+                self.attempt(
+                    o.issued, measure, o.issued, request=issued, expect_header="ratelimit-policy"
+                )
+                self.sample_memory("gateway", gw, "loaded")
+                self.attempt(o.gateway_c1, measure, o.gateway_c1, request=post)
+            self._rejections(gw, port)
+        finally:
+            counter.close()
+        self.redis_figures = counter.figures
+        self.stop(gw)
+
+    def _rejections(self, gw: Service, port: int) -> None:
+        """401 and 429 answers (no upstream involved), and admitted traffic
+        measured while a flood of 401s runs beside it."""
+        o = self.o
+        # Well-formed, so each one costs the store's decision: the expensive case.
+        unknown = Request("POST", CONVERSATION, "Bearer ek_bench_" + "x" * 43, CONVERSATION_BODY)
+        over = self.client_secret(port, limit=1)
+        http_request(port, "POST", CONVERSATION, {"Authorization": f"Bearer {over}"}, b"{}")
+        limited = Request("POST", CONVERSATION, f"Bearer {over}", CONVERSATION_BODY)
+        flood_script = wrk_script(unknown, self.workdir / "wrk-flood.lua")
+        flood_url = f"http://127.0.0.1:{port}{unknown.path}"
+
+        def flood() -> BackgroundWrk:
+            # A second wrk with as many connections; it outlasts the measured run.
+            return BackgroundWrk(
+                flood_url,
+                flood_script,
+                self.params,
+                seconds=self.params.duration + 1,
+                cpus=self.load_cpus,
+            )
+
+        for _ in range(self.rounds):
+            measure = functools.partial(self.measure, port=port, sut=[gw], load=self.load)
+            self.attempt(o.unauthorized, measure, o.unauthorized, request=unknown)
+            self.attempt(o.limited, measure, o.limited, request=limited)
+            post = self.conversation(port)
+            self.attempt(o.under_flood, measure, o.under_flood, request=post, alongside=flood)
+
+    def _workers(self) -> None:
+        """One worker against two, everything sharing both cores (see report)."""
+        o = self.o
+        if self.sut_cpus is None or self.load_cpus is None:
+            both = None
+        else:
+            both = f"{self.sut_cpus},{self.load_cpus}"
+        saved, self.load_cpus = self.load_cpus, both
+        try:
+            one, one_port = self.gateway(
+                "gateway (1 worker)", self.backend_port, self.redis_url, workers=1, cpus=both
+            )
+            two, two_port = self.gateway(
+                "gateway (2 workers)", self.backend_port, self.redis_url, workers=2, cpus=both
+            )
+            for _ in range(self.rounds):
+                for outcome, service, port in (
+                    (o.workers_one, one, one_port),
+                    (o.workers_two, two, two_port),
+                ):
+                    post = self.conversation(port)
+                    self.measure(outcome, port, post, sut=[service], load=self.load)
+            self.stop(one)
+            self.stop(two)
+        finally:
+            self.load_cpus = saved
+
+    def _stream_gateway(self, sse_port: int, streams: int) -> tuple[Service, int]:
+        return self.gateway(
+            "gateway (streams)",
+            self.backend_port,
+            self.redis_url,
+            workers=1,
+            extra={
+                "GATEWAY_WORKFLOWS": json.dumps(
+                    {STREAM_WORKFLOW: {"upstream": f"http://127.0.0.1:{sse_port}/stream"}}
+                ),
+                # One upstream connection per open stream: the pool must hold them all.
+                "GATEWAY_UPSTREAM_MAX_CONNECTIONS": str(streams + 64),
+            },
         )
+
+    def sse_upstream(self) -> tuple[Service, int]:
+        port = free_port()
+        argv = [sys.executable, "-m", "bench.sse", "serve", "--port", str(port)]
+        service = Service("sse upstream", argv, cpus=self.load_cpus, workdir=self.workdir)
+
+        def up() -> bool:
+            try:
+                with socket_to(port):
+                    return True
+            except OSError:
+                return False
+
+        return self.start(service, up), port
+
+    def _drive(
+        self,
+        port: int,
+        path: str,
+        secret: str | None,
+        streams: int,
+        *,
+        hold: bool,
+        seconds: float = 0,
+    ) -> subprocess.Popen[str]:
+        argv = [sys.executable, "-m", "bench.sse", "drive", "--port", str(port), "--path", path,
+                "--streams", str(streams), "--seconds", str(seconds)]  # fmt: skip
+        if secret is not None:
+            argv += ["--secret", secret]
+        if hold:
+            argv.append("--hold")
+        return subprocess.Popen(
+            pinned(self.load_cpus, argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def _idle_streams(self) -> None:
+        """Idle SSE streams through one worker: memory per stream, and
+        descriptors back where they were once the streams close."""
+        count = self.args.streams
+        sse, sse_port = self.sse_upstream()
+        gw, port = self._stream_gateway(sse_port, count)
+        try:
+            secret = self.client_secret(port, workflow=STREAM_WORKFLOW, key=ISSUER_KEY)
+            # Warm the worker up with a few streams first, so what is measured
+            # is per stream, not the first stream's imports and pools.
+            warm = self._drive(port, "/chatkit?interval=3600", secret, 50, hold=False, seconds=0.5)
+            _figures(warm, "warm-up streams")
+            rss_before = settle(lambda: rss_bytes(gw), timeout=5)
+            fds_before = settle(lambda: open_fds(gw), timeout=5)
+            print(f"  {count:,} idle streams: opening ...", end="", flush=True)
+            driver = self._drive(port, "/chatkit?interval=3600", secret, count, hold=True)
+            line = driver.stdout.readline() if driver.stdout else ""
+            if not line.startswith("OPEN"):
+                driver.kill()
+                raise BenchError(f"stream driver failed: {line!r} {driver.communicate()[1]}")
+            rss_open = rss_bytes(gw)
+            fds_open = open_fds(gw)
+            print(f" {line.split()[1]} open, closing ...", end="", flush=True)
+            if driver.stdin is not None:
+                driver.stdin.write("\n")
+                driver.stdin.flush()
+            figures = _figures(driver, "idle streams")
+            fds_after = settle(lambda: open_fds(gw), timeout=15, target=fds_before)
+            rss_after = rss_bytes(gw)
+            print(" done", flush=True)
+            self.idle_streams = IdleStreams(
+                streams=count,
+                opened=int(figures["opened"]),  # type: ignore[call-overload]
+                failed=int(figures["failed"]),  # type: ignore[call-overload]
+                open_seconds=float(figures["open_seconds"]),  # type: ignore[arg-type]
+                rss_before=rss_before,
+                rss_open=rss_open,
+                rss_after=rss_after,
+                fds_before=fds_before,
+                fds_open=fds_open,
+                fds_after=fds_after,
+            )
+        finally:
+            self.stop(gw)
+            self.stop(sse)
+
+    def _paced_streams(self) -> None:
+        """Streams at one event per second: each event's delay, straight from
+        the upstream and through the gateway (added = the difference)."""
+        count = self.args.paced_streams
+        seconds = self.args.paced_seconds
+        sse, sse_port = self.sse_upstream()
+        gw, port = self._stream_gateway(sse_port, count)
+        try:
+            secret = self.client_secret(port, workflow=STREAM_WORKFLOW, key=ISSUER_KEY)
+            for name, target, path, auth in (
+                ("direct", sse_port, "/stream?interval=1", None),
+                ("gateway", port, "/chatkit?interval=1", secret),
+            ):
+                print(f"  {count:,} streams at 1 event/s, {name}: {seconds:g}s ...", end="")
+                driver = self._drive(target, path, auth, count, hold=False, seconds=seconds)
+                self.paced[name] = _figures(driver, f"paced streams ({name})")
+                print(f" p99 {self.paced[name]['p99_ms']} ms", flush=True)
+        finally:
+            self.stop(gw)
+            self.stop(sse)
+
+    @property
+    def rounds(self) -> int:
+        return int(self.args.rounds)
+
+
+def _figures(driver: subprocess.Popen[str], what: str) -> dict[str, object]:
+    out, err = driver.communicate(timeout=300)
+    line = next((x for x in out.splitlines() if x.startswith("SSE_JSON ")), None)
+    if driver.returncode != 0 or line is None:
+        raise BenchError(f"{what}: the stream driver failed ({driver.returncode}):\n{err[-2000:]}")
+    figures: dict[str, object] = json.loads(line.removeprefix("SSE_JSON "))
+    if figures["failed"]:
+        raise BenchError(f"{what}: {figures['failed']} streams failed to open:\n{err[-2000:]}")
+    return figures
+
+
+def socket_to(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=1)
+
+
+@dataclass
+class IdleStreams:
+    streams: int
+    opened: int
+    failed: int
+    open_seconds: float
+    rss_before: int
+    rss_open: int
+    rss_after: int
+    fds_before: int
+    fds_open: int
+    fds_after: int
+
+    @property
+    def kb_per_stream(self) -> float:
+        return (self.rss_open - self.rss_before) / 1024 / max(self.opened, 1)
+
+
+class Outcomes:
+    """Every wrk row of the report, by what it measures."""
+
+    def __init__(self, get_path: str, post_path: str) -> None:
+        self.upstream = Outcome("upstream direct", "GET", get_path)
+        self.nginx = Outcome("nginx proxy_pass", "GET", get_path)
+        self.minimal = Outcome("minimal proxy", "POST", post_path)
+        self.passthrough = Outcome("gateway pass-through", "GET", get_path)
+        self.embedded = Outcome("gateway client (embedded)", "POST", post_path)
+        self.with_redis = Outcome("gateway client (redis)", "POST", post_path)
+        # It splits the client route's cost: the same decision on a body-less
+        # GET, whose upstream answer is the size of the pass-through's.
+        self.decision_only = Outcome("gateway client GET (redis)", "GET", post_path)
+        self.issued = Outcome("gateway issued session", "POST", ISSUED_PATH)
+        self.upstream_c1 = Outcome("upstream direct c1", "POST", post_path, connections=1)
+        self.minimal_c1 = Outcome("minimal proxy c1", "POST", post_path, connections=1)
+        self.gateway_c1 = Outcome("gateway client (redis) c1", "POST", post_path, connections=1)
+        self.unauthorized = Outcome(
+            "gateway 401 unknown secret", "POST", post_path, expect_status=401
+        )
+        self.limited = Outcome("gateway 429 over limit", "POST", post_path, expect_status=429)
+        self.under_flood = Outcome("gateway client under 401 flood", "POST", post_path)
+        self.workers_one = Outcome("gateway 1 worker, 2 cores", "POST", post_path)
+        self.workers_two = Outcome("gateway 2 workers, 2 cores", "POST", post_path)
+        # Not wrk rows: they carry a failure or a skip for the stream targets.
+        self.streams_idle = Outcome("idle SSE streams", "POST", ISSUED_PATH, wrk_row=False)
+        self.streams_paced = Outcome("paced SSE streams", "POST", ISSUED_PATH, wrk_row=False)
+
+    def all(self) -> list[Outcome]:
+        return [v for v in vars(self).values() if isinstance(v, Outcome)]

@@ -68,9 +68,16 @@ class WrkResult:
     socket_errors: dict[str, int]
     cpu_seconds: float  # wrk's own CPU time
 
+    #: The status every answer must have when it is not 2xx (a rejection flood).
+    expect_status: int | None = None
+
     @property
     def errors(self) -> int:
-        return self.non_2xx + sum(self.socket_errors.values())
+        failed = sum(self.socket_errors.values())
+        if self.expect_status is None:
+            return failed + self.non_2xx
+        # wrk counts answers >= 400: all of them must be, or some got through.
+        return failed + (self.requests - self.non_2xx)
 
 
 @dataclass(frozen=True)
@@ -82,10 +89,10 @@ class WrkParams:
     timeout: int = 10
 
 
-def run_wrk(
+def wrk_argv(
     url: str, script: Path, params: WrkParams, *, seconds: int, cpus: str | None
-) -> WrkResult:
-    argv = pinned(
+) -> list[str]:
+    return pinned(
         cpus,
         [
             find_tool("wrk") or "wrk",
@@ -97,12 +104,47 @@ def run_wrk(
             url,
         ],
     )
+
+
+def run_wrk(
+    url: str, script: Path, params: WrkParams, *, seconds: int, cpus: str | None
+) -> WrkResult:
+    argv = wrk_argv(url, script, params, seconds=seconds, cpus=cpus)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    line = next((x for x in done.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
-    if done.returncode != 0 or line is None:
-        raise BenchError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return parse_wrk(done.returncode, done.stdout, done.stderr, cpu_seconds=cpu)
+
+
+class BackgroundWrk:
+    """A wrk run alongside another (a flood while admitted traffic is measured)."""
+
+    def __init__(
+        self, url: str, script: Path, params: WrkParams, *, seconds: int, cpus: str | None
+    ) -> None:
+        self._seconds = seconds
+        self._proc = subprocess.Popen(
+            wrk_argv(url, script, params, seconds=seconds, cpus=cpus),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def result(self) -> WrkResult:
+        try:
+            out, err = self._proc.communicate(timeout=self._seconds + 60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            out, err = self._proc.communicate()
+        # Its CPU time is not separable from the foreground run's: not reported.
+        return parse_wrk(self._proc.returncode, out, err, cpu_seconds=0.0)
+
+
+def parse_wrk(returncode: int, stdout: str, stderr: str, *, cpu_seconds: float) -> WrkResult:
+    line = next((x for x in stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
+    if returncode != 0 or line is None:
+        raise BenchError(f"wrk failed ({returncode}):\n{stdout}\n{stderr}")
     raw = json.loads(line.removeprefix("BENCH_JSON "))
     secs = raw["duration_us"] / 1e6
     return WrkResult(
@@ -116,7 +158,7 @@ def run_wrk(
         mean_ms=raw["mean_us"] / 1000,
         non_2xx=raw["status"],
         socket_errors={k: raw[k] for k in ("connect", "read", "write", "timeout") if raw[k]},
-        cpu_seconds=(after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+        cpu_seconds=cpu_seconds,
     )
 
 
@@ -129,7 +171,7 @@ def add_load_arguments(parser: argparse.ArgumentParser, *, per: str, sut: str, l
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
     parser.add_argument("--duration", type=int, default=None, help=f"seconds per {per} (10)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up seconds (2; 0: none)")
-    parser.add_argument("--quick", action="store_true", help=f"3 s per {per}, 1 s warm-up")
+    parser.add_argument("--quick", action="store_true", help=f"2 s per {per}, 1 s warm-up")
     parser.add_argument(
         "--rounds",
         type=int,
@@ -144,6 +186,6 @@ def add_load_arguments(parser: argparse.ArgumentParser, *, per: str, sut: str, l
 def resolve_durations(args: argparse.Namespace) -> None:
     """Fill in --duration and --warmup from --quick where they were not given."""
     if args.duration is None:
-        args.duration = 3 if args.quick else 10
+        args.duration = 2 if args.quick else 10
     if args.warmup is None:
         args.warmup = 1 if args.quick else 2
