@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import re
 import sys
 import time
@@ -44,15 +45,18 @@ async def _stream(request: web.BaseRequest) -> web.StreamResponse:
     )
     await response.prepare(request)
     index = 0
-    next_at = time.monotonic()
+    # Streams opened together would otherwise tick together: a random phase
+    # makes their events independent, as real conversations' are.
+    next_at = time.monotonic() + random.uniform(0, interval)
+    await response.write(b'data: {"t":"t=%d;","i":0}\n\n' % time.monotonic_ns())
     while events is None or index < events:
-        stamp = time.monotonic_ns()
-        await response.write(b'data: {"t":"t=%d;","i":%d}\n\n' % (stamp, index))
-        index += 1
         # Paced against the clock, not slept between writes, so a slow write
         # does not drift every later event.
-        next_at += interval
         await asyncio.sleep(max(next_at - time.monotonic(), 0))
+        index += 1
+        stamp = time.monotonic_ns()
+        await response.write(b'data: {"t":"t=%d;","i":%d}\n\n' % (stamp, index))
+        next_at += interval
     await response.write_eof()
     return response
 

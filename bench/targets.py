@@ -624,6 +624,8 @@ class Bench:
                 ),
                 # One upstream connection per open stream: the pool must hold them all.
                 "GATEWAY_UPSTREAM_MAX_CONNECTIONS": str(streams + 64),
+                # Held to the streams (the automatic cap is half the descriptor limit).
+                "GATEWAY_MAX_CONNECTIONS": str(streams + 64),
             },
         )
 
