@@ -25,6 +25,7 @@ from bench.nginx import nginx_conf
 from bench.probe import answers, http_request
 from bench.redis_figures import RedisCounter, RedisFigures
 from bench.wrk import BackgroundWrk, Request, WrkParams, WrkResult, run_wrk, wrk_script
+from tests.fake_upstream import BENCH_BODY
 from tests.processes import Service, find_tool, free_port, gateway_env, pinned
 
 API_KEY = "sk-bench"
@@ -184,28 +185,32 @@ class Bench:
         rss = rss_bytes(service)
         figures[what] = max(figures.get(what, 0), rss) if what == "loaded" else rss
 
-    def nginx(self, upstream_port: int) -> tuple[Service, int] | None:
+    def nginx(
+        self, upstream_port: int, *, constant: bytes | None = None
+    ) -> tuple[Service, int] | None:
+        """nginx proxying to ``upstream_port``; with ``constant``, the backend:
+        it answers ``?bench=1`` itself with that body (see bench/nginx.py)."""
         binary = find_tool("nginx")
         if binary is None:
-            print(f"  nginx not found, so not measured; {INSTALL_HINT}")
-            self.notes.append(f"nginx not found, nginx target skipped; {INSTALL_HINT}")
             return None
+        name = "nginx" if constant is None else "nginx-backend"
         port = free_port()
-        conf = self.workdir / "nginx.conf"
-        conf.write_text(nginx_conf(binary, self.workdir, port, upstream_port))
+        conf = self.workdir / f"{name}.conf"
+        conf.write_text(nginx_conf(binary, self.workdir, port, upstream_port, constant=constant))
         argv = [
             binary,
             "-p",
             f"{self.workdir}/",
             "-e",
-            str(self.workdir / "nginx-error.log"),
+            str(self.workdir / f"{name}-error.log"),
             "-c",
             str(conf),
             "-g",
             "daemon off;",
         ]
-        service = Service("nginx", argv, cpus=self.sut_cpus, workdir=self.workdir)
-        return self.start(service, answers(port, "/v1/chatkit/threads")), port
+        cpus = self.sut_cpus if constant is None else self.load_cpus
+        service = Service(name, argv, cpus=cpus, workdir=self.workdir)
+        return self.start(service, answers(port, "/v1/chatkit/threads?bench=1")), port
 
     def redis_server(self) -> tuple[Service, int] | None:
         binary = find_tool("redis-server")
@@ -382,10 +387,23 @@ class Bench:
         o = self.o = Outcomes(get_threads.path, CONVERSATION)
         self.outcomes = o.all()
 
-        # The fake upstream behind every proxy, on the load side.
-        backend, backend_port = self.fake_upstream("fake upstream (backend)", self.load_cpus)
-        self.load: dict[str, list[Service]] = {"upstream": [backend]}
-        self.backend_port = backend_port
+        # The upstream behind every proxy, on the load side: nginx answering
+        # "?bench=1" with the fake's constant itself, and passing the rest
+        # (session creates) to the fake. Python answering every request would
+        # make the load core the bottleneck, and the proxies' ratios would
+        # measure it rather than the proxies.
+        fake, fake_port = self.fake_upstream("fake upstream (backend)", self.load_cpus)
+        self.load: dict[str, list[Service]] = {"upstream": [fake]}
+        self.backend_port = fake_port
+        backend = self.nginx(fake_port, constant=BENCH_BODY)
+        if backend is None:
+            self.notes.append(
+                "nginx not found: the fake upstream answers every request itself, so the "
+                f"load core may saturate before the proxies do; {INSTALL_HINT}"
+            )
+        else:
+            self.load["upstream"].append(backend[0])
+            self.backend_port = backend[1]
         direct_post = Request("POST", CONVERSATION, f"Bearer {API_KEY}", CONVERSATION_BODY)
 
         only = self.args.only
@@ -460,6 +478,8 @@ class Bench:
     def _nginx(self, get_threads: Request) -> None:
         started = self.nginx(self.backend_port)
         if started is None:
+            print(f"  nginx not found, so not measured; {INSTALL_HINT}")
+            self.notes.append(f"nginx not found, nginx target skipped; {INSTALL_HINT}")
             self.o.nginx.skipped = "nginx not installed"
             return
         service, port = started
