@@ -71,6 +71,7 @@ class _Exchange:
         "_send",
         "aborted",
         "always",
+        "complete",
         "request_id",
         "started",
         "status",
@@ -86,6 +87,7 @@ class _Exchange:
         #: Headers every answer carries, the gateway's own errors included (CORS).
         self.always: Headers = []
         self.started = False
+        self.complete = False
         self.status = 0
         self.aborted: str | None = None  # "disconnect" | "write_timeout" | "revoked"
         self.task = asyncio.current_task()
@@ -110,7 +112,15 @@ class _Exchange:
         self.abort("disconnect")
 
     def stop_watching(self) -> None:
-        if self.watcher is not None:
+        """The exchange is over: from now on a disconnect changes nothing."""
+        self.task = None  # makes abort() a no-op
+        # Once the response is complete the server's receive() answers at once,
+        # so the watcher ends by itself. Cancelling it would leave its
+        # CancelledError, traceback and frames (and with them this exchange)
+        # in a reference cycle that only the garbage collector frees: ~40
+        # objects per request, and a gen-0 collection of 6-11 ms every few
+        # hundred requests, which was the one-connection p99.
+        if self.watcher is not None and not self.complete:
             self.watcher.cancel()
 
     async def start(self, status: int, headers: Headers) -> None:
@@ -123,6 +133,8 @@ class _Exchange:
     async def body(self, chunk: bytes, more: bool) -> None:
         self.tel.bytes_out += len(chunk)
         await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
+        if not more:
+            self.complete = True
 
     async def error(self, exc: GatewayError) -> None:
         body = exc.body()
@@ -198,6 +210,10 @@ class Proxy:
             exchange.tel.failed(exc, started=exchange.started)
             if exchange.started:
                 raise StreamAborted(exc.message) from exc
+            # Answered, never logged: its traceback's frames (the raiser's
+            # holds the error in a local) would keep it and this exchange in a
+            # reference cycle for the garbage collector, per 401 and 429.
+            exc.__traceback__ = None
             await exchange.error(exc)
             self._metrics.count_request(kind, exc.status)
         except ClientDisconnected:
