@@ -10,9 +10,8 @@ short-lived HS256 JWT (RFC 7519) over the same facts.
 
 from __future__ import annotations
 
+from types import ModuleType
 from urllib.parse import quote
-
-import jwt
 
 from gateway.ratelimit import Identity
 from gateway.types import Headers
@@ -41,12 +40,19 @@ def strip_client_identity(headers: Headers) -> Headers:
 class IdentityHeaders:
     """Builds the identity headers; signs an assertion when a key is configured."""
 
-    __slots__ = ("_issuer", "_key", "_ttl")
+    __slots__ = ("_issuer", "_jwt", "_key", "_ttl")
 
     def __init__(self, *, signing_key: bytes | None, issuer: str, ttl_seconds: int) -> None:
         self._key = signing_key
         self._issuer = issuer
         self._ttl = ttl_seconds
+        self._jwt: ModuleType | None = None
+        if signing_key is not None:
+            # Imported only when assertions are signed: PyJWT brings in
+            # cryptography, ~8 MB of resident memory per worker otherwise.
+            import jwt
+
+            self._jwt = jwt
 
     def __call__(self, identity: Identity, *, request_id: bytes, now: int) -> Headers:
         # The user id is the app's own string (any UTF-8): percent-encoded so
@@ -59,7 +65,7 @@ class IdentityHeaders:
         ]
         if identity.workflow_version:
             out.append((WORKFLOW_VERSION, quote(identity.workflow_version, safe="").encode()))
-        if self._key is not None:
+        if self._key is not None and self._jwt is not None:
             claims = {
                 "iss": self._issuer,
                 "aud": identity.workflow_id,
@@ -72,5 +78,6 @@ class IdentityHeaders:
             }
             if identity.workflow_version:
                 claims["wfv"] = identity.workflow_version
-            out.append((ASSERTION, jwt.encode(claims, self._key, algorithm="HS256").encode()))
+            token: str = self._jwt.encode(claims, self._key, algorithm="HS256")
+            out.append((ASSERTION, token.encode()))
         return out
