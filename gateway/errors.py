@@ -38,7 +38,9 @@ parse; upstream responses pass through untouched.
 
 from __future__ import annotations
 
+import functools
 import json
+import time
 from collections.abc import Sequence
 from email.utils import formatdate
 
@@ -186,6 +188,9 @@ class StoreUnavailable(GatewayError):
     code = "store_unavailable"
 
 
+# Rejections are the answer to floods (a bad or over-limit secret, repeated):
+# the same few bodies, over and over, so they are encoded once.
+@functools.lru_cache(maxsize=256)
 def error_body(
     message: str, *, type: str, code: str | None = None, param: str | None = None
 ) -> bytes:
@@ -195,9 +200,19 @@ def error_body(
     ).encode()
 
 
+def http_date() -> bytes:
+    """The Date header's value, formatted once per second."""
+    return _date_at(int(time.time()))
+
+
+@functools.lru_cache(maxsize=1)
+def _date_at(second: int) -> bytes:
+    return formatdate(second, usegmt=True).encode()
+
+
 def error_response_headers(exc: GatewayError, body: bytes) -> Headers:
     return [
-        (b"date", formatdate(usegmt=True).encode()),
+        (b"date", http_date()),
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         *exc.headers,
