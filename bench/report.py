@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+from bench.memory import import_costs
 
 if TYPE_CHECKING:
     from bench.targets import Bench, Run
@@ -186,6 +189,14 @@ def report(bench: Bench, layout: str) -> tuple[dict[str, Any], int]:
         out["redis"] = {**asdict(figures), "commands_per_request": figures.per_request}
 
     out["targets_met"] = print_targets(bench, medians)
+    if bench.memory:
+        costs = import_costs(sys.executable)
+        out["import_rss"] = dict(costs)
+        print("\nWhere idle memory goes: RSS each group of imports adds to a fresh interpreter")
+        for label, size in costs:
+            print(f"  {size / 2**20:6.1f} MB  {label}")
+    if bench.workers_layout:
+        print(f"\nTarget 5: {bench.workers_layout}")
 
     for note in bench.notes:
         print(f"\nnote: {note}")

@@ -112,6 +112,8 @@ class Bench:
         self.idle_streams: IdleStreams | None = None
         self.paced: dict[str, dict[str, object]] = {}
         self.flood: dict[str, float] = {}
+        #: How the cores were shared in the workers comparison.
+        self.workers_layout: str | None = None
 
     # processes
 
@@ -613,6 +615,14 @@ class Bench:
         else:
             both = f"{self.sut_cpus},{self.load_cpus}"
         saved, self.load_cpus = self.load_cpus, both
+        self.workers_layout = (
+            f"both gateways, wrk, nginx, the fake upstream and redis-server all on CPUs {both} "
+            "(this machine has no third core for the load): two workers can only share what "
+            "the load side leaves, so the ratio is a floor; the SUT column (% of one core) "
+            "and us/req show what each worker count used"
+            if both
+            else "not pinned: every process shares every core"
+        )
         try:
             one, one_port = self.gateway(
                 "gateway (1 worker)", self.backend_port, self.redis_url, workers=1, cpus=both
