@@ -14,8 +14,7 @@ import math
 from typing import NamedTuple
 
 from gateway.errors import AuthError, GatewayError, RateLimited
-
-Headers = list[tuple[bytes, bytes]]
+from gateway.types import Headers
 
 
 class Outcome(enum.IntEnum):
@@ -44,10 +43,28 @@ class Window(NamedTuple):
     reset_ms: int
 
 
+class Identity(NamedTuple):
+    """Who an admitted request acts as, read from the session's record.
+
+    The workflow fields are empty for sessions learned from an upstream's
+    create response (it names no workflow the gateway could trust) and
+    ``workflow_version`` for workflows without one.
+    """
+
+    session_id: str
+    user: str
+    workflow_id: str
+    workflow_version: str
+    expires_at: int  # unix seconds
+
+
 class Decision(NamedTuple):
     outcome: Outcome
     session: Window | None = None
     user: Window | None = None
+    #: Set on admissions of a registered session; None otherwise (and for
+    #: unknown secrets admitted under the default limit).
+    identity: Identity | None = None
 
     @property
     def admitted(self) -> bool:

@@ -76,6 +76,21 @@ class Revoker:
         self._metrics.revocations.labels(reason, str(result.registered).lower()).inc()
         return result
 
+    async def revoke_now(
+        self, *, secret_hash: str, session_id: str | None, reason: str
+    ) -> RevokeResult:
+        """Revoke in the store, or raise StoreUnavailable and change nothing.
+
+        For a caller that answers for the revocation itself (the issuer's
+        cancel): it says 503 and is asked again, so nothing is kept pending.
+        """
+        result = await self._store.revoke(
+            secret_hash=secret_hash, session_id=session_id, reason=reason, replica=self._replica
+        )
+        self.close_streams(secret_hash)
+        self._metrics.revocations.labels(reason, str(result.registered).lower()).inc()
+        return result
+
     def _keep(self, item: PendingRevocation) -> None:
         self._pending[(item.secret_hash, item.session_id)] = item
         self._metrics.revocations_pending.set(len(self._pending))

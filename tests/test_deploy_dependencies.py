@@ -79,3 +79,23 @@ def test_the_image_and_scripts_install_from_the_locks() -> None:
     install = (REPO_ROOT / "scripts" / "install").read_text()
     for lock in ("constraints/runtime.txt", "constraints/dev.txt", "constraints/lowest.txt"):
         assert lock in install
+
+
+def test_lowest_run_leaves_out_exactly_the_modules_needing_dev_only_packages() -> None:
+    # Those packages are not in constraints/lowest.txt; a module that imports
+    # them (or starts the example's ChatKit server) cannot run there.
+    dev_only = re.compile(
+        r"^(from|import) (chatkit|playwright|tests\.browser|tests\.chatkit_server)\b",
+        re.MULTILINE,
+    )
+    needing = {
+        f"tests/{path.name}"
+        for path in (REPO_ROOT / "tests").glob("test_*.py")
+        if dev_only.search(path.read_text())
+    }
+    script = (REPO_ROOT / "scripts" / "test-lowest").read_text()
+    ignored = set(re.findall(r"^\s+(tests/test_\w+\.py)$", script, re.MULTILINE))
+    assert ignored == needing
+    lowest = pins("lowest.txt")
+    assert "openai-chatkit" not in lowest
+    assert "playwright" not in lowest

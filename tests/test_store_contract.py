@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
 import time
@@ -22,26 +23,15 @@ import pytest
 import redis.asyncio
 
 from gateway.auth import SecretHasher
-from gateway.ratelimit import Decision, Outcome
+from gateway.errors import StoreUnavailable
+from gateway.ratelimit import Decision, Identity, Outcome
 from gateway.registry import session_from_response
-from gateway.store.base import AdmitRequest, SessionRecord, Store
+from gateway.store.base import AdmitRequest, IssuedSession, SessionRecord, Store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore, connect
+from tests.harness import FakeClock, RedisServer, redis_key_contents, wall_clock_reach
 
 HASHER = SecretHasher(b"contract-pepper")
-
-
-class FakeClock:
-    """Seconds since the epoch, held as whole microseconds so steps are exact."""
-
-    def __init__(self, start: float = 1_750_000_000.0) -> None:
-        self.us = round(start * 1_000_000)
-
-    def __call__(self) -> float:
-        return self.us / 1_000_000
-
-    def set(self, seconds: float) -> None:
-        self.us = max(self.us, round(seconds * 1_000_000))
 
 
 @dataclass
@@ -58,12 +48,6 @@ class Backend:
         store = self.make_store(window_seconds)
         self.stores.append(store)
         return store
-
-
-async def _wall_clock_reach(when: float) -> None:
-    # Redis reads the same system clock; nothing to wait *for* but time itself.
-    while (left := when - time.time()) > 0:  # noqa: ASYNC110 - waiting on the clock itself
-        await asyncio.sleep(min(left, 0.05))
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -85,7 +69,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
                 connect(url, cluster=False, timeout=5.0), window_seconds=window, pubsub_url=url
             ),
             time.time,
-            _wall_clock_reach,
+            wall_clock_reach,
         )
     try:
         yield kit
@@ -441,7 +425,7 @@ async def test_revocations_stream_delivers_revoked_hashes(backend: Backend) -> N
     store = backend.store()
     record = _record(backend)
     await store.register(record)
-    received: asyncio.Queue[str] = asyncio.Queue()
+    received: asyncio.Queue[str | None] = asyncio.Queue()
 
     async def listen() -> None:
         async for secret_hash in store.revocations():
@@ -466,8 +450,124 @@ async def test_revocations_stream_delivers_revoked_hashes(backend: Backend) -> N
             await listener
 
 
-async def test_ping_answers(backend: Backend) -> None:
-    await backend.store().ping()
+# -- issuer mode: sessions the gateway issued itself ----------------------------------
+
+
+def _issued(backend: Backend, *, workflow_version: str = "3") -> SessionRecord:
+    session_id = f"cksess_{secrets.token_hex(8)}"
+    expires_at = int(backend.now() + 600)
+    document = json.dumps(
+        {"id": session_id, "object": "chatkit.session", "expires_at": expires_at}
+    ).encode()
+    return SessionRecord(
+        secret_hash=HASHER(secrets.token_urlsafe(24).encode()),
+        session_id=session_id,
+        user="user_émile",  # not ASCII: the identity carries it as text
+        expires_at=expires_at,
+        limit=10,
+        workflow_id="wf_support",
+        workflow_version=workflow_version,
+        document=document,
+        issued=True,
+    )
+
+
+async def test_issued_session_is_found_by_its_id_with_its_document(backend: Backend) -> None:
+    store = backend.store()
+    record = _issued(backend)
+    await store.register(record)
+    assert await store.issued_session(record.session_id) == IssuedSession(
+        document=record.document,
+        secret_hash=record.secret_hash,
+        expires_at=record.expires_at,
+        revoked=False,
+    )
+
+
+async def test_only_issued_sessions_are_found_as_issued(backend: Backend) -> None:
+    store = backend.store()
+    learned = _record(backend)
+    await store.register(learned)
+    assert await store.issued_session(learned.session_id) is None  # learned, not issued
+    assert await store.issued_session("cksess_never_seen") is None
+
+
+@pytest.mark.parametrize("by", ["session_id", "secret_hash"])
+async def test_issued_session_reports_its_revocation(backend: Backend, by: str) -> None:
+    store = backend.store()
+    record = _issued(backend)
+    await store.register(record)
+    await store.revoke(
+        secret_hash=record.secret_hash if by == "secret_hash" else None,
+        session_id=record.session_id if by == "session_id" else None,
+        reason="cancel",
+        replica="r1",
+    )
+    found = await store.issued_session(record.session_id)
+    assert found is not None
+    assert found.revoked is True
+    assert found.document == record.document  # still answerable after a cancel
+
+
+@pytest.mark.parametrize(
+    "user_limit",
+    [
+        None,  # the short reply: no user window
+        5,  # the full reply: both windows
+    ],
+)
+async def test_admission_names_the_issued_sessions_identity(
+    backend: Backend, user_limit: int | None
+) -> None:
+    store = backend.store()
+    record = _issued(backend)
+    await store.register(record)
+    decision = await store.admit(_ask(record.secret_hash, user_limit=user_limit))
+    assert decision.admitted
+    assert decision.identity == Identity(
+        session_id=record.session_id,
+        user="user_émile",
+        workflow_id="wf_support",
+        workflow_version="3",
+        expires_at=record.expires_at,
+    )
+    assert (decision.user is None) is (user_limit is None)
+
+
+async def test_learned_sessions_have_an_identity_without_a_workflow(backend: Backend) -> None:
+    store = backend.store()
+    record = _record(backend, user="user_bob")
+    await store.register(record)
+    decision = await store.admit(_ask(record.secret_hash))
+    assert decision.identity == Identity(record.session_id, "user_bob", "", "", record.expires_at)
+
+
+async def test_only_admitted_registered_sessions_carry_an_identity(backend: Backend) -> None:
+    store = backend.store()
+    unknown = await store.admit(_ask(HASHER(b"nobody"), allow_unknown=True))
+    assert unknown.admitted
+    assert unknown.identity is None  # admitted under the default limit, nobody to name
+    record = dataclasses.replace(_issued(backend, workflow_version=""), limit=1)
+    await store.register(record)
+    admitted = await store.admit(_ask(record.secret_hash))
+    assert admitted.identity is not None
+    assert admitted.identity.workflow_version == ""  # a workflow without versions
+    refused = await store.admit(_ask(record.secret_hash))
+    assert refused.outcome is Outcome.RATE_LIMITED
+    assert refused.identity is None
+
+
+async def test_redis_ping_reports_an_unreachable_redis_as_store_unavailable() -> None:
+    # /readyz and start-up both ask ping() whether the store can decide.
+    with RedisServer() as server:
+        store = RedisStore(connect(server.url, cluster=False, timeout=1.0), pubsub_url=server.url)
+        try:
+            await store.ping()
+            server.stop()
+            with pytest.raises(StoreUnavailable):
+                await store.ping()
+        finally:
+            await store.close()
 
 
 # -- Redis only: what is at rest ------------------------------------------------------
@@ -477,20 +577,8 @@ async def _dump_everything(client: redis.asyncio.Redis) -> dict[bytes, tuple[byt
     """Every key: (type, TTL in ms, all names and values in it, concatenated)."""
     out = {}
     async for key in client.scan_iter(count=1000):
-        kind = await client.type(key)
-        if kind == b"string":
-            parts = [await client.get(key) or b""]
-        elif kind == b"hash":
-            parts = [b for kv in (await client.hgetall(key)).items() for b in kv]
-        elif kind == b"zset":
-            parts = [m for m, _ in await client.zrange(key, 0, -1, withscores=True)]
-        elif kind == b"stream":
-            parts = [
-                b for _, fields in await client.xrange(key) for kv in fields.items() for b in kv
-            ]
-        else:
-            parts = [await client.dump(key) or b""]
-        out[key] = (kind, await client.pttl(key), b"\x00".join(parts))
+        kind, contents = await redis_key_contents(client, key)
+        out[key] = (kind, await client.pttl(key), contents)
     return out
 
 
@@ -511,6 +599,16 @@ async def test_redis_holds_no_secret_and_every_key_expires(redis_url: str) -> No
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
         await store.register(record)
+        # An issued session keeps its document (without the secret) by id.
+        issued = dataclasses.replace(
+            record,
+            secret_hash=HASHER(b"issued"),
+            session_id="cksess_issued_at_rest",
+            document=b'{"id": "cksess_issued_at_rest"}',
+            workflow_id="wf_x",
+            issued=True,
+        )
+        await store.register(issued)
         for _ in range(4):  # admitted and refused, with a user window too
             await store.admit(_ask(record.secret_hash, user_limit=5))
         await store.admit(_ask(HASHER(b"unknown"), allow_unknown=True))
@@ -522,6 +620,7 @@ async def test_redis_holds_no_secret_and_every_key_expires(redis_url: str) -> No
         await client.aclose()
         await store.close()
 
+    assert b"ckg:{sid:cksess_issued_at_rest}:d" in contents
     kinds = {kind for kind, _, _ in contents.values()}
     assert {b"hash", b"zset", b"string", b"stream"} <= kinds  # the test saw every structure
     for key, (_kind, ttl, values) in contents.items():

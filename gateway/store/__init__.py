@@ -11,9 +11,10 @@ from __future__ import annotations
 from gateway.store.base import (
     AdmitRequest,
     AuditEntry,
+    IssuedSession,
     SessionInfo,
     SessionRecord,
     Store,
 )
 
-__all__ = ["AdmitRequest", "AuditEntry", "SessionInfo", "SessionRecord", "Store"]
+__all__ = ["AdmitRequest", "AuditEntry", "IssuedSession", "SessionInfo", "SessionRecord", "Store"]

@@ -11,13 +11,33 @@ from gateway.ratelimit import Decision
 
 @dataclass(frozen=True, slots=True)
 class SessionRecord:
-    """What the gateway learns from a session-create response."""
+    """A session the gateway admits: learned from a create response, or issued.
+
+    ``document`` is the ChatSession JSON the gateway answered with, without
+    its client_secret (only the hash is ever stored); it is kept only for
+    sessions the gateway issued itself (``issued``), so it can answer for them
+    again (cancel, retrieve).
+    """
 
     secret_hash: str
     session_id: str
     user: str
     expires_at: int  # unix seconds
     limit: int
+    workflow_id: str = ""
+    workflow_version: str = ""
+    document: bytes = b""
+    issued: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedSession:
+    """A session the gateway issued, as found by its id."""
+
+    document: bytes  # the ChatSession JSON, without client_secret
+    secret_hash: str
+    expires_at: int  # unix seconds
+    revoked: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +98,8 @@ class Store(abc.ABC):
     async def admit(self, request: AdmitRequest) -> Decision:
         """Check revocation, expiry and both windows, and count an admission.
 
-        One atomic step: a rejected request consumes no quota.
+        One atomic step: a rejected request consumes no quota. An admitted
+        request of a registered session carries its :class:`~gateway.ratelimit.Identity`.
         """
 
     @abc.abstractmethod
@@ -88,6 +109,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def secret_hash_for(self, session_id: str) -> str | None:
         """The secret hash registered for a session id."""
+
+    @abc.abstractmethod
+    async def issued_session(self, session_id: str) -> IssuedSession | None:
+        """A session registered with ``issued=True``, revoked or not; else None.
+
+        Kept as long as its record (until ``expires_at`` plus the retention).
+        """
 
     @abc.abstractmethod
     async def revoke(

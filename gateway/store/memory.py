@@ -13,11 +13,13 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
-from gateway.ratelimit import Decision, Outcome, Window
+from gateway.ratelimit import Decision, Identity, Outcome, Window
 from gateway.store.base import (
     AdmitRequest,
     AuditEntry,
+    IssuedSession,
     RevokeResult,
     SessionInfo,
     SessionRecord,
@@ -26,10 +28,12 @@ from gateway.store.base import (
 
 AUDIT_MAXLEN = 10_000
 
+V = TypeVar("V")
+
 
 @dataclass(slots=True)
-class _Expiring:
-    value: object
+class _Expiring(Generic[V]):
+    value: V
     until: float  # clock seconds
 
 
@@ -69,17 +73,17 @@ class MemoryStore(Store):
         self._retention = retention_seconds
         self._revocation_ttl = revocation_ttl_seconds
         self._clock = clock
-        self._sessions: dict[str, _Expiring] = {}  # hash -> SessionRecord
-        self._revoked: dict[str, _Expiring] = {}  # hash -> True
-        self._sid_hash: dict[str, _Expiring] = {}  # sid -> hash
-        self._sid_revoked: dict[str, _Expiring] = {}
+        self._sessions: dict[str, _Expiring[SessionRecord]] = {}  # by hash
+        self._revoked: dict[str, _Expiring[bool]] = {}  # by hash
+        self._sid_hash: dict[str, _Expiring[str]] = {}  # sid -> hash
+        self._sid_revoked: dict[str, _Expiring[bool]] = {}
         self._windows: dict[str, _SlidingWindow] = {}  # "s:" + hash | "u:" + user
         self._audit: list[AuditEntry] = []
         self._audit_seq = 0
         self._listeners: set[asyncio.Queue[str]] = set()
         self._admits = 0
 
-    def _get(self, table: dict[str, _Expiring], key: str) -> object | None:
+    def _get(self, table: dict[str, _Expiring[V]], key: str) -> V | None:
         entry = table.get(key)
         if entry is None:
             return None
@@ -101,15 +105,22 @@ class MemoryStore(Store):
         if self._get(self._revoked, request.secret_hash) is not None:
             return Decision(Outcome.REVOKED)
         record = self._get(self._sessions, request.secret_hash)
+        identity = None
         if record is None:
             if not request.allow_unknown:
                 return Decision(Outcome.UNKNOWN)
             limit, user = request.default_limit, None
         else:
-            assert isinstance(record, SessionRecord)
             if record.expires_at * 1_000_000 <= now:
                 return Decision(Outcome.EXPIRED)
             limit, user = record.limit, record.user
+            identity = Identity(
+                record.session_id,
+                record.user,
+                record.workflow_id,
+                record.workflow_version,
+                record.expires_at,
+            )
 
         session = self._windows.setdefault("s:" + request.secret_hash, _SlidingWindow())
         count, wait, reset = session.state(now, self._window)
@@ -130,7 +141,7 @@ class MemoryStore(Store):
             limit, limit - count - 1, _ms(wait if count else self._window), _ms(self._window)
         )
         if user_window is None or request.user_limit is None:
-            return Decision(Outcome.ADMITTED, admitted_session)
+            return Decision(Outcome.ADMITTED, admitted_session, None, identity)
         user_window.times.append(now)
         return Decision(
             Outcome.ADMITTED,
@@ -141,6 +152,7 @@ class MemoryStore(Store):
                 _ms(uwait if ucount else self._window),
                 _ms(self._window),
             ),
+            identity,
         )
 
     async def register(self, record: SessionRecord) -> bool:
@@ -154,8 +166,18 @@ class MemoryStore(Store):
         return born_revoked
 
     async def secret_hash_for(self, session_id: str) -> str | None:
-        value = self._get(self._sid_hash, session_id)
-        return value if isinstance(value, str) else None
+        return self._get(self._sid_hash, session_id)
+
+    async def issued_session(self, session_id: str) -> IssuedSession | None:
+        secret_hash = self._get(self._sid_hash, session_id)
+        record = self._get(self._sessions, secret_hash) if secret_hash else None
+        if record is None or secret_hash is None or not record.issued:
+            return None
+        revoked = (
+            self._get(self._revoked, secret_hash) is not None
+            or self._get(self._sid_revoked, session_id) is not None
+        )
+        return IssuedSession(record.document, secret_hash, record.expires_at, revoked)
 
     async def revoke(
         self,
@@ -176,7 +198,7 @@ class MemoryStore(Store):
         if secret_hash is not None:
             record = self._get(self._sessions, secret_hash)
             expires_at = None
-            if isinstance(record, SessionRecord):
+            if record is not None:
                 registered = True
                 expires_at = record.expires_at
                 session_id = session_id or record.session_id
@@ -203,7 +225,7 @@ class MemoryStore(Store):
         sid_revoked = self._get(self._sid_revoked, session_id) is not None
         secret_hash = await self.secret_hash_for(session_id)
         record = self._get(self._sessions, secret_hash) if secret_hash else None
-        if not isinstance(record, SessionRecord) or secret_hash is None:
+        if record is None or secret_hash is None:
             if sid_revoked:
                 return SessionInfo(session_id, "revoked", None, None, None, None, None)
             return None

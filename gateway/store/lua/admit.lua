@@ -1,7 +1,7 @@
 -- Admission for one request, atomically: revocation, session, expiry, and the
 -- exact sliding windows (session, then optional user).
 --
--- KEYS[1] session hash  {p}:{h}:s  fields lim, exp, uh
+-- KEYS[1] session hash  {p}:{h}:s  fields lim, exp, uh, sid, user, wf, wv
 -- KEYS[2] window zset   {p}:{h}:w  one member per admitted request, score = µs
 -- KEYS[3] revoked flag  {p}:{h}:r
 -- ARGV[1] window length in µs
@@ -12,8 +12,13 @@
 --         (standalone Redis only: the key lives in another slot)
 --
 -- Returns {outcome, s_limit, s_remaining, s_wait_ms, s_reset_ms,
---          u_limit, u_remaining, u_wait_ms, u_reset_ms}; outcome codes are
--- gateway.ratelimit.Outcome. Rejected requests add nothing.
+--          u_limit, u_remaining, u_wait_ms, u_reset_ms,
+--          sid, user, workflow_id, workflow_version, expires_at}, cut short
+-- where the rest does not apply: 1 field when no window was read (revoked,
+-- expired, unknown), 5 when the session window refused, 9 when the user
+-- window refused or an unknown secret was admitted (u_limit 0: no user
+-- window), all 14 when a registered session was admitted.
+-- Outcome codes are gateway.ratelimit.Outcome. Rejected requests add nothing.
 --
 -- Time is the server's TIME, one clock for every replica. Redis 7 replicates
 -- scripts by effects, so reading TIME before writing is allowed.
@@ -26,7 +31,7 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
   return {3}
 end
 
-local s = redis.call('HMGET', KEYS[1], 'lim', 'exp', 'uh')
+local s = redis.call('HMGET', KEYS[1], 'lim', 'exp', 'uh', 'sid', 'user', 'wf', 'wv')
 local limit = tonumber(s[1])
 if not limit then
   if ARGV[2] ~= '1' then
@@ -74,11 +79,21 @@ local ttl = ms(window) + 1000
 redis.call('ZADD', KEYS[2], now, now .. '-' .. count)
 redis.call('PEXPIRE', KEYS[2], ttl)
 if count == 0 then wait = window end
+local reply = {0, limit, limit - count - 1, ms(wait), ms(window), 0, 0, 0, 0}
 if ukey then
   redis.call('ZADD', ukey, now, now .. '-' .. ucount)
   redis.call('PEXPIRE', ukey, ttl)
   if ucount == 0 then uwait = window end
-  return {0, limit, limit - count - 1, ms(wait), ms(window),
-          user_limit, user_limit - ucount - 1, ms(uwait), ms(window)}
+  reply[6], reply[7], reply[8], reply[9] =
+    user_limit, user_limit - ucount - 1, ms(uwait), ms(window)
 end
-return {0, limit, limit - count - 1, ms(wait), ms(window)}
+if not s[1] then
+  -- An unknown secret admitted under the default limit: nobody to name.
+  return reply
+end
+reply[10] = s[4] or ''
+reply[11] = s[5] or ''
+reply[12] = s[6] or ''
+reply[13] = s[7] or ''
+reply[14] = tonumber(s[2])
+return reply

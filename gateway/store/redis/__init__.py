@@ -1,0 +1,16 @@
+"""The Redis store, shared by every replica.
+
+- ``keys.py``: where each piece of state lives (the key layout).
+- ``client.py``: connecting, and translating Redis errors into StoreUnavailable.
+- ``batcher.py``: admission, batched EVALSHA of ``lua/admit.lua`` (the hot path).
+- ``feed.py``: the pub/sub revocation feed.
+- ``store.py``: :class:`RedisStore`, registry and revocation operations.
+"""
+
+from __future__ import annotations
+
+from gateway.store.redis.batcher import ADMIT_SCRIPT, ADMIT_SHA, decode_decision
+from gateway.store.redis.client import Client, connect
+from gateway.store.redis.store import RedisStore
+
+__all__ = ["ADMIT_SCRIPT", "ADMIT_SHA", "Client", "RedisStore", "connect", "decode_decision"]

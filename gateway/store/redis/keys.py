@@ -1,0 +1,66 @@
+"""Where each piece of state lives in Redis.
+
+Key layout (``p`` is the configured prefix, ``h`` the secret's HMAC):
+
+    p:{h}:s       hash: sid, user, uh (user hash), exp, lim,  TTL exp + retention
+                  wf, wv (workflow id and version, if any),
+                  iss (1 if the gateway issued the session)
+    p:{h}:w       zset: the session's sliding window           TTL window
+    p:{h}:r       revoked flag                                  TTL exp + retention
+    p:{u:U}:w     zset: user U's window (standalone Redis only) TTL window
+    p:{sid:S}:h   session id S -> h                             TTL exp + retention
+    p:{sid:S}:r   session id S revoked (cancel before/without registration)
+    p:{sid:S}:d   issued session S's ChatSession JSON, no secret  TTL exp + retention
+    p:audit       stream of revocations, capped
+    p:revocations pub/sub channel of revoked hashes
+
+Every key of one secret shares the hash tag ``{h}``, so the admission script
+runs unchanged on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import NamedTuple
+
+
+class SecretKeys(NamedTuple):
+    """The keys of one secret; they share a hash slot."""
+
+    session: str
+    window: str
+    revoked: str
+
+
+class SessionIdKeys(NamedTuple):
+    """The keys of one session id; they share a hash slot."""
+
+    secret_hash: str
+    revoked: str
+    document: str
+
+
+def user_hash(user: str) -> str:
+    """A user's window key holds a digest, not the user name itself."""
+    return hashlib.sha256(user.encode()).hexdigest()[:32]
+
+
+class KeyLayout:
+    """Key names under one prefix."""
+
+    __slots__ = ("audit", "channel", "prefix", "user_prefix")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        # The admission script appends the user hash and "}:w".
+        self.user_prefix = f"{prefix}:{{u:"
+        self.channel = f"{prefix}:revocations"
+        self.audit = f"{prefix}:audit"
+
+    def secret(self, secret_hash: str) -> SecretKeys:
+        base = f"{self.prefix}:{{{secret_hash}}}"
+        return SecretKeys(f"{base}:s", f"{base}:w", f"{base}:r")
+
+    def session_id(self, session_id: str) -> SessionIdKeys:
+        base = f"{self.prefix}:{{sid:{session_id}}}"
+        return SessionIdKeys(f"{base}:h", f"{base}:r", f"{base}:d")
