@@ -424,6 +424,10 @@ def test_revoke_cli_runs_with_service_link_variables() -> None:
 # -- secrets from files --------------------------------------------------------------------
 
 
+ISSUER_KEYS = "sk-issuer-key-0123456789,sha256:" + "ab" * 32
+SIGNING_KEY = "identity-signing-key-0123456789abcdef"
+
+
 def secret_file(tmp_path: Path, name: str, content: str) -> str:
     path = tmp_path / name
     path.write_text(content)
@@ -442,8 +446,14 @@ def test_every_secret_setting_can_come_from_a_file(tmp_path: Path) -> None:
             "GATEWAY_UPSTREAM_PROXY_FILE": secret_file(
                 tmp_path, "proxy", "http://u:p@proxy.internal:3128\n"
             ),
+            "GATEWAY_ISSUER_API_KEYS_FILE": secret_file(tmp_path, "keys", ISSUER_KEYS + "\n"),
+            "GATEWAY_IDENTITY_SIGNING_KEY_FILE": secret_file(tmp_path, "signing", SIGNING_KEY),
         }
     )
+    assert settings.issuer_api_keys is not None
+    assert settings.issuer_api_keys.get_secret_value() == ISSUER_KEYS
+    assert settings.identity_signing_key is not None
+    assert settings.identity_signing_key.get_secret_value() == SIGNING_KEY
     assert settings.redis_url is not None
     assert settings.redis_url.get_secret_value() == url
     assert settings.secret_pepper is not None
@@ -461,7 +471,14 @@ def test_file_settings_cover_every_secret_field() -> None:
         for name, field in Settings.model_fields.items()
         if "SecretStr" in str(field.annotation)
     }
-    assert {"redis_url", "secret_pepper", "admin_token", "upstream_proxy"} <= secrets
+    assert {
+        "redis_url",
+        "secret_pepper",
+        "admin_token",
+        "upstream_proxy",
+        "issuer_api_keys",
+        "identity_signing_key",
+    } <= secrets
     assert secrets <= file_settings()
     assert "port" not in file_settings()  # settings that are not secrets are not
 
