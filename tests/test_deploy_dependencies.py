@@ -99,3 +99,9 @@ def test_lowest_run_leaves_out_exactly_the_modules_needing_dev_only_packages() -
     lowest = pins("lowest.txt")
     assert "openai-chatkit" not in lowest
     assert "playwright" not in lowest
+
+
+def test_runtime_lock_pins_the_same_versions_as_the_dev_lock() -> None:
+    # scripts/serve installs the runtime set into the venv scripts/test built.
+    runtime, dev = pins("runtime.txt"), pins("dev.txt")
+    assert {name: dev.get(name) for name in runtime} == runtime
