@@ -10,10 +10,11 @@ gateway accepts. Whether the metrics they name exist is tests/test_deploy_metric
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import shutil
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,19 @@ from tests.harness import REPO_ROOT
 yaml = pytest.importorskip("yaml")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-sys.path.insert(0, str(REPO_ROOT / "deploy"))
-from render import render  # noqa: E402
+
+def _load_renderer() -> Callable[[Path], list[dict[str, Any]]]:
+    # deploy/render.py is a script beside the manifests, not part of a package.
+    spec = importlib.util.spec_from_file_location("render", REPO_ROOT / "deploy" / "render.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    render: Callable[[Path], list[dict[str, Any]]] = module.render
+    return render
+
+
+render = _load_renderer()
 
 KUSTOMIZE = REPO_ROOT / "deploy" / "kubernetes"
 OVERLAYS = ("shared", "sidecar")
@@ -346,7 +358,7 @@ ALERTS_AT = {
 
 @promtool_needed
 def test_each_alert_fires_on_its_condition_and_not_before_its_for(tmp_path: Path) -> None:
-    cases = []
+    cases: list[dict[str, Any]] = []
     for alert, (quiet, firing) in ALERTS_AT.items():
         cases.append({"eval_time": quiet, "alertname": alert, "exp_alerts": []})
         cases.append(
