@@ -67,7 +67,8 @@ class Gatekeeper:
                 )
             except StoreUnavailable as exc:
                 self._metrics.store_errors.inc()
-                logger.warning("Admission refused: %s", exc)
+                # The store logs an outage once and then once per interval.
+                logger.debug("Admission refused: %s", exc)
                 return secret_hash, self._report_only(exc, "store_unavailable")
             self._metrics.decision_seconds.observe(time.perf_counter() - started)
         self._metrics.decision_by_outcome[decision.outcome].inc()

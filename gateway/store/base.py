@@ -152,5 +152,10 @@ class Store(abc.ABC):
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers."""
 
+    @property
+    def full(self) -> bool:
+        """True while the store refuses writes for lack of memory (Redis maxmemory)."""
+        return False
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

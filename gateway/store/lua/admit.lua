@@ -1,3 +1,9 @@
+#!lua
+-- The shebang (no allow-oom flag) makes a full Redis refuse this script
+-- before it runs: under maxmemory with noeviction an admission must not
+-- write (its first write is not deny-OOM otherwise), so room stays for
+-- revocations, which may always write.
+--
 -- Admission for one request, atomically: revocation, session, expiry, and the
 -- exact sliding windows (session, then optional user).
 --

@@ -28,7 +28,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from gateway.errors import StoreUnavailable
 from gateway.ratelimit import OUTCOMES, Decision, Identity, Window
 from gateway.store.base import AdmitRequest
-from gateway.store.redis.client import Client, call
+from gateway.store.redis.client import Availability, Client, is_oom
 from gateway.store.redis.keys import KeyLayout
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,8 @@ class _ConnectionSender:
     and one deadline covers the batch. Parsing stays redis-py's.
     """
 
-    def __init__(self, client: aioredis.Redis, timeout: float) -> None:
+    def __init__(self, client: aioredis.Redis, timeout: float, availability: Availability) -> None:
+        self._availability = availability
         self._pool = client.connection_pool
         self._timeout = timeout
         self._connection: Any = None
@@ -100,7 +101,7 @@ class _ConnectionSender:
                 await connection.disconnect(nowait=True)
                 raise
 
-        return await call(run)
+        return await self._availability.call(run)
 
     async def _ready_connection(self) -> Any:
         connection = self._connection
@@ -129,7 +130,8 @@ class _ConnectionSender:
 
 
 class _PipelineSender:
-    def __init__(self, client: RedisCluster) -> None:
+    def __init__(self, client: RedisCluster, availability: Availability) -> None:
+        self._availability = availability
         self._client = client
 
     async def send(self, commands: list[Command]) -> list[Any]:
@@ -139,7 +141,7 @@ class _PipelineSender:
                 pipe.execute_command(*args)
             return await pipe.execute(raise_on_error=False)
 
-        return await call(run)
+        return await self._availability.call(run)
 
     async def close(self) -> None:
         return None
@@ -149,15 +151,22 @@ class AdmissionBatcher:
     """Queues admissions and sends them as batches, one batch in flight."""
 
     def __init__(
-        self, client: Client, *, keys: KeyLayout, window_seconds: int, timeout: float
+        self,
+        client: Client,
+        *,
+        keys: KeyLayout,
+        window_seconds: int,
+        timeout: float,
+        availability: Availability,
     ) -> None:
+        self._availability = availability
         self._client = client
         self._keys = keys
         self._window_us = window_seconds * 1_000_000
         self._sender: _Sender = (
-            _PipelineSender(client)
+            _PipelineSender(client, availability)
             if isinstance(client, RedisCluster)
-            else _ConnectionSender(client, timeout)
+            else _ConnectionSender(client, timeout, availability)
         )
         self._pending: list[_Pending] = []
         self._drainer: asyncio.Future[None] | None = None
@@ -217,11 +226,19 @@ class AdmissionBatcher:
                 if not future.done():
                     future.set_exception(error)
             return
+        if self._availability.full and not all(isinstance(r, Exception) for r in replies):
+            # Redis ran an admission script, which it refuses when full.
+            self._availability.answered(wrote=True)
         for (_, future), reply in zip(batch, replies, strict=True):
             if future.done():  # the request was cancelled meanwhile
                 continue
             if isinstance(reply, Exception):
-                future.set_exception(StoreUnavailable(f"Redis rejected the admission: {reply}"))
+                error = (
+                    self._availability.failed(reply)
+                    if is_oom(reply)
+                    else StoreUnavailable(f"Redis rejected the admission: {reply}")
+                )
+                future.set_exception(error)
             else:
                 future.set_result(decode_decision(reply))
 
@@ -232,7 +249,7 @@ class AdmissionBatcher:
             # After a restart, failover or SCRIPT FLUSH the cache is empty. A
             # NOSCRIPT reply means the script did not run, so resending is safe.
             logger.info("Redis script cache was empty; loading the admission script")
-            await call(self._load_script)
+            await self._availability.call(self._load_script)
             again = await self._sender.send([commands[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
