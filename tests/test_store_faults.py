@@ -201,3 +201,50 @@ async def _until_zero(revoker: Revoker) -> bool:
         assert time.monotonic() < deadline, "still pending"
         await asyncio.sleep(0.01)
     return True
+
+
+# -- a stalled Redis: what the caller saw refused must not count --------------------
+
+
+@pytest.mark.parametrize(
+    "deadlines",
+    [
+        True,  # standalone Redis: the late scripts refuse to write
+        False,  # as on a cluster (a clock per node): the failed batch is undone
+    ],
+)
+async def test_requests_refused_with_503_during_a_stall_consume_no_slot(deadlines: bool) -> None:
+    with RedisServer() as server:
+        store = RedisStore(
+            connect(server.url, cluster=False, timeout=0.5), pubsub_url=server.url, timeout=0.5
+        )
+        probe = server.client()
+        record = _record(limit=5)
+        try:
+            await store.register(record)
+            store._batcher._deadlines = deadlines
+            # One batch (of a secret never registered) opens the admission
+            # connection and learns Redis's clock.
+            assert (await store.admit(_ask(_record()))).outcome is Outcome.UNKNOWN
+            server.pause()
+            try:
+                stalled = await asyncio.gather(
+                    *(store.admit(_ask(record)) for _ in range(3)), return_exceptions=True
+                )
+            finally:
+                server.resume()
+            assert all(isinstance(r, StoreUnavailable) for r in stalled), stalled
+            if deadlines:
+                # Redis ran what its socket held when it resumed, and refused.
+                deadline = time.monotonic() + 5
+                while "errorstat_LATE" not in (stats := await probe.info("errorstats")):
+                    assert time.monotonic() < deadline, stats
+                    await asyncio.sleep(0.01)
+                assert stats["errorstat_LATE"]["count"] == 3
+
+            decisions = [await store.admit(_ask(record)) for _ in range(6)]
+            assert [d.outcome for d in decisions] == [Outcome.ADMITTED] * 5 + [Outcome.RATE_LIMITED]
+            assert await probe.zcard(store.keys.secret(record.secret_hash).window) == 5
+        finally:
+            await probe.aclose()
+            await store.close()
