@@ -9,18 +9,31 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import NamedTuple
 
 from gateway.auth import SecretHasher, bearer_secret
 from gateway.errors import AuthError, GatewayError, StoreUnavailable
 from gateway.metrics import Metrics
-from gateway.ratelimit import Decision, Outcome, rate_limit_headers, rejection
+from gateway.ratelimit import Decision, Identity, Outcome, rate_limit_headers, rejection
 from gateway.revocation import Revoker
 from gateway.store.base import AdmitRequest, Store
+from gateway.types import Headers
 
 logger = logging.getLogger(__name__)
 
-Headers = list[tuple[bytes, bytes]]
 _REVOKED = Decision(Outcome.REVOKED)
+
+
+class Admission(NamedTuple):
+    """What an admitted request carries on: whose secret, the headers to add, who it is.
+
+    ``secret_hash`` is None only in report-only mode, for a malformed secret;
+    ``identity`` is None for secrets no session registered (allowed unknown).
+    """
+
+    secret_hash: str | None
+    headers: Headers
+    identity: Identity | None = None
 
 
 class Gatekeeper:
@@ -49,12 +62,12 @@ class Gatekeeper:
         self._window = window_seconds
         self._enforce = enforce
 
-    async def check(self, headers: Headers) -> tuple[str | None, Headers]:
-        """Return the secret's hash and the rate-limit headers for the response."""
+    async def check(self, headers: Headers) -> Admission:
+        """Decide; raise the rejecting error, or return what the request carries on."""
         try:
             secret_hash = self._hash(bearer_secret(headers))
         except AuthError as exc:
-            return None, self._report_only(exc, "malformed")
+            return Admission(None, self._report_only(exc, "malformed"))
         if self._revoker.is_revoked_locally(secret_hash):
             decision = _REVOKED
         else:
@@ -69,7 +82,7 @@ class Gatekeeper:
                 self._metrics.store_errors.inc()
                 # The store logs an outage once and then once per interval.
                 logger.debug("Admission refused: %s", exc)
-                return secret_hash, self._report_only(exc, "store_unavailable")
+                return Admission(secret_hash, self._report_only(exc, "store_unavailable"))
             self._metrics.decision_seconds.observe(time.perf_counter() - started)
         self._metrics.decision_by_outcome[decision.outcome].inc()
         error = rejection(decision, window_seconds=self._window)
@@ -78,7 +91,11 @@ class Gatekeeper:
                 raise error  # a 429 carries its own rate-limit headers
             self._metrics.would_reject_by_outcome[decision.outcome].inc()
             logger.info("Report-only: would reject (%s)", decision.outcome.name.lower())
-        return secret_hash, rate_limit_headers(decision, window_seconds=self._window)
+        return Admission(
+            secret_hash,
+            rate_limit_headers(decision, window_seconds=self._window),
+            decision.identity,
+        )
 
     def _report_only(self, error: GatewayError, what: str) -> Headers:
         if self._enforce:

@@ -24,12 +24,14 @@ from starlette.routing import Route as LocalRoute
 
 from gateway.admin import AdminServer
 from gateway.admission import Gatekeeper
-from gateway.auth import SecretHasher
+from gateway.auth import ApiKeys, SecretHasher
 from gateway.errors import ConfigError, StoreUnavailable, error_body
+from gateway.issuer import Issuer, SessionIds
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.revocation import Revoker
 from gateway.routes import Kind, Route, table_with
+from gateway.sessions import SessionControl
 from gateway.settings import Settings, UnknownSecrets, load_settings
 from gateway.store.base import Store
 from gateway.store.memory import MemoryStore
@@ -74,6 +76,28 @@ def build_store(settings: Settings, *, serving: bool = False) -> Store:
         timeout=settings.redis_timeout,
         pubsub_url=url,
         report_availability=serving,
+    )
+
+
+def build_issuer(
+    settings: Settings, store: Store, revoker: Revoker, hasher: SecretHasher, metrics: Metrics
+) -> Issuer | None:
+    """Issuer mode's session API, when workflows are configured."""
+    if not settings.workflows or settings.issuer_api_keys is None:
+        return None
+    pepper = settings.secret_pepper
+    return Issuer(
+        workflows=frozenset(settings.workflows),
+        api_keys=ApiKeys(settings.issuer_api_keys.get_secret_value()),
+        store=store,
+        revoker=revoker,
+        hasher=hasher,
+        metrics=metrics,
+        ids=SessionIds(pepper.get_secret_value().encode() if pepper else None),
+        default_limit=settings.default_max_requests_per_1_minute,
+        default_expires_seconds=settings.session_default_expires_seconds,
+        max_expires_seconds=settings.session_max_expires_seconds,
+        serves_every_create=not settings.has_upstream,
     )
 
 
@@ -155,17 +179,29 @@ class GatewayApp:
         )
         session = create_session(settings)
         routes = table_with(
-            Route(r.pattern, frozenset(r.methods), Kind(r.kind), r.upstream, r.exclusive)
-            for r in settings.routes
+            (
+                Route(r.pattern, frozenset(r.methods), Kind(r.kind), r.upstream, r.exclusive)
+                for r in settings.routes
+            ),
+            issued=bool(settings.workflows),
+            hosted=settings.has_upstream,
+        )
+        sessions = SessionControl(
+            store=store,
+            revoker=revoker,
+            hasher=hasher,
+            metrics=metrics,
+            default_limit=settings.default_max_requests_per_1_minute,
+            issuer=build_issuer(settings, store, revoker, hasher, metrics),
+            forwarding=settings.has_upstream,
         )
         proxy = Proxy(
             routes=routes,
             settings=settings,
             session=session,
-            store=store,
             gatekeeper=gatekeeper,
             revoker=revoker,
-            hasher=hasher,
+            sessions=sessions,
             metrics=metrics,
         )
         revoker.start()

@@ -1,4 +1,4 @@
-"""``chatkit-gateway`` commands: serve, revoke, revocations.
+"""``chatkit-gateway`` commands: serve, revoke, revocations, new-api-key.
 
 Exit status: 0 success, 1 the operation failed (store unreachable...),
 2 bad configuration or usage.
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from gateway import __version__
+from gateway.auth import new_api_key
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.settings import Settings, load_settings
 
@@ -39,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read the client secret from standard input (never from the command line)",
     )
+    commands.add_parser(
+        "new-api-key",
+        help="print a new random issuer API key and the sha256: entry for GATEWAY_ISSUER_API_KEYS",
+    )
     tail = commands.add_parser("revocations", help="show the revocation audit log")
     tail.add_argument("--tail", type=int, default=20, metavar="N", help="newest N entries")
     return parser
@@ -46,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "new-api-key":
+        # Needs no configuration: it only prints, and stores nothing anywhere.
+        key, entry = new_api_key()
+        print(f"key:   {key}")
+        print(f"entry: {entry}")
+        print("Give the key to the server code (its OpenAI api_key); configure only the entry.")
+        return 0
     try:
         settings = load_settings()
     except ConfigError as exc:

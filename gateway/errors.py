@@ -1,12 +1,14 @@
 """The gateway's exceptions, and how each becomes an OpenAI-style response.
 
     GatewayError                    any error the gateway answers itself
-    ├── BadRequest (400)            malformed target, path or header
+    ├── BadRequest (400)            malformed target, path, header or body
+    ├── AuthError (401)             missing, malformed, unknown, revoked, expired secret
+    │   └── InvalidApiKey (401)     session API call without a valid issuer key
     ├── NotFound (404)              no route: never forwarded
+    │   └── SessionNotFound (404)   cancel of a session id the gateway issued but forgot
     ├── MethodNotAllowed (405)
     ├── PayloadTooLarge (413)
     ├── HeadersTooLarge (431)
-    ├── AuthError (401)             missing, malformed, unknown, revoked, expired secret
     ├── RateLimited (429)           carries the rate-limit headers
     ├── UpstreamError
     │   ├── UpstreamUnavailable (502)
@@ -14,6 +16,16 @@
     └── StoreUnavailable (503)      the shared store did not answer: fail closed
 
     ConfigError                     bad settings: start-up stops, exit status 2
+
+    Signals between layers, never answered as such:
+    StreamAborted                   cut a response that already started (the
+                                    server drops the connection, so the client
+                                    sees a truncated answer, not a clean end)
+    ClientDisconnected              the client went away during its upload
+
+aiohttp's exceptions become UpstreamError in exactly one place,
+``gateway.upstream.translate_errors``; redis-py's become StoreUnavailable in
+the Redis store.
 
 Every response the gateway makes itself has the body
 ``{"error": {"message", "type", "param", "code"}}`` that the official SDKs
@@ -26,11 +38,25 @@ import json
 from collections.abc import Sequence
 from email.utils import formatdate
 
-Headers = list[tuple[bytes, bytes]]
+from gateway.types import Headers
 
 
 class ConfigError(Exception):
     """A setting is invalid; the message names the variable."""
+
+
+class StreamAborted(Exception):
+    """Raised after the response started to make the server drop the connection,
+    so the client sees a truncated response rather than a clean end."""
+
+
+class ClientDisconnected(Exception):
+    """The client went away; raised into the upstream request body to abort it.
+
+    Raising (rather than ending the body early) matters: a short body under a
+    forwarded Content-Length would leave the pooled connection waiting for
+    bytes, and the next request on it would be read as the rest of this body.
+    """
 
 
 class GatewayError(Exception):
@@ -66,7 +92,7 @@ class BadRequest(GatewayError):
 class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
-    code = "unknown_route"
+    code: str | None = "unknown_route"
 
 
 class MethodNotAllowed(GatewayError):
@@ -91,6 +117,19 @@ class AuthError(GatewayError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_client_secret"
+
+
+class InvalidApiKey(AuthError):
+    """The session API's key check, worded as OpenAI's API words it."""
+
+    code = "invalid_api_key"
+
+
+class SessionNotFound(NotFound):
+    code = None  # OpenAI's own not-found body for sessions carries no code
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"Chatkit Session with id '{session_id}' not found.")
 
 
 class RateLimited(GatewayError):

@@ -14,8 +14,7 @@ import re
 from collections.abc import Iterable
 
 from gateway.errors import BadRequest, HeadersTooLarge
-
-Headers = list[tuple[bytes, bytes]]
+from gateway.types import Headers
 
 HOP_BY_HOP = frozenset(
     {
@@ -113,15 +112,46 @@ def upstream_request_headers(
     return out
 
 
+#: An upstream's own rate-limit headers, dropped where the gateway states its
+#: limiter's: one authoritative set per response, never two that disagree.
+RATE_LIMIT_HEADERS = frozenset(
+    {
+        b"x-ratelimit-limit-requests",
+        b"x-ratelimit-remaining-requests",
+        b"x-ratelimit-reset-requests",
+        b"x-ratelimit-limit-tokens",
+        b"x-ratelimit-remaining-tokens",
+        b"x-ratelimit-reset-tokens",
+        b"ratelimit",
+        b"ratelimit-policy",
+    }
+)
+#: An upstream's CORS answer headers, dropped where the gateway owns CORS.
+CORS_HEADERS = frozenset(
+    {
+        b"access-control-allow-origin",
+        b"access-control-allow-credentials",
+        b"access-control-allow-methods",
+        b"access-control-allow-headers",
+        b"access-control-expose-headers",
+        b"access-control-max-age",
+    }
+)
+
+
 def client_response_headers(
-    raw_headers: Iterable[tuple[bytes, bytes]], *, request_id: bytes
+    raw_headers: Iterable[tuple[bytes, bytes]],
+    *,
+    request_id: bytes,
+    drop: frozenset[bytes] = frozenset(),
 ) -> Headers:
     """Headers to send the client for an upstream response (names lower-case).
 
     Repeated headers such as Set-Cookie stay as separate lines, in order.
+    ``drop`` names headers the gateway states itself instead.
     """
     lowered = [(name.lower(), value) for name, value in raw_headers]
-    drop = nominated(lowered)
+    drop = nominated(lowered) | drop if drop else nominated(lowered)
     out: Headers = []
     via: list[bytes] = []
     has_request_id = False
@@ -166,10 +196,24 @@ def content_length(headers: Headers) -> int | None:
 def is_cors_preflight(method: str, headers: Headers) -> bool:
     """A browser's CORS preflight: OPTIONS with Origin and Access-Control-Request-Method.
 
-    The Fetch standard sends preflights without credentials, so one can never
-    carry a client secret; it is forwarded for the upstream to answer.
+    The Fetch standard sends preflights without credentials or a body, so a
+    genuine one never carries a client secret (see :func:`preflight_headers`).
     """
     if method != "OPTIONS":
         return False
     names = {name for name, _ in headers}
     return b"origin" in names and b"access-control-request-method" in names
+
+
+def preflight_headers(headers: Headers) -> Headers:
+    """A preflight's headers as forwarded: no credentials, and no body framing.
+
+    A browser sends neither with a preflight (Fetch standard, "CORS-preflight
+    request"), so an OPTIONS that carries them is not a browser's, and must
+    not ride the preflight's exemption from admission to the upstream.
+    """
+    return [
+        (name, value)
+        for name, value in headers
+        if name not in (b"authorization", b"cookie", b"content-length", b"transfer-encoding")
+    ]

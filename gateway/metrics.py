@@ -53,6 +53,11 @@ class Metrics:
             "Sessions learned from session-create responses.",
             registry=r,
         )
+        self.sessions_issued = Counter(
+            "chatkit_gateway_sessions_issued_total",
+            "Sessions the gateway issued itself (issuer mode).",
+            registry=r,
+        )
         self.sessions_unparsed = Counter(
             "chatkit_gateway_session_create_unparsed_total",
             "Successful session-create responses the gateway could not learn from.",

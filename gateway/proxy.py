@@ -5,12 +5,13 @@ plain ASGI messages, so this module speaks ASGI directly. For each request:
 
 1. vet the raw target and headers, match the route table (deny by default);
 2. for client traffic, the admission decision (``Gatekeeper``);
-3. forward with streaming both ways, never buffering a body, except the small
-   JSON answers of session create and cancel, which the gateway must read
-   (to learn or revoke) before the caller sees them.
+3. forward with streaming both ways, never buffering a body, except session
+   create and cancel: their small JSON bodies are read whole and handed to
+   :class:`~gateway.sessions.SessionControl`, which decides what they mean.
 
 A client that goes away cancels the upstream request at any point, and the
-pooled upstream connection is closed rather than reused half-written.
+pooled upstream connection is closed rather than reused half-written; a
+session call alone runs to its end, since the upstream may already have acted.
 """
 
 from __future__ import annotations
@@ -18,80 +19,76 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
-from gateway.admission import Gatekeeper
-from gateway.auth import SecretHasher
+from gateway.admission import Admission, Gatekeeper
+from gateway.cors import CorsPolicy
 from gateway.errors import (
     AuthError,
     BadRequest,
+    ClientDisconnected,
     GatewayError,
     PayloadTooLarge,
-    StoreUnavailable,
+    StreamAborted,
+    UpstreamError,
     UpstreamTimeout,
     error_response_headers,
 )
 from gateway.headers import (
+    CORS_HEADERS,
+    RATE_LIMIT_HEADERS,
     check_limits,
     client_response_headers,
     content_length,
     header_value,
     is_cors_preflight,
+    preflight_headers,
     request_id,
     upstream_request_headers,
 )
+from gateway.identity import IdentityHeaders, strip_client_identity
 from gateway.metrics import Metrics
-from gateway.registry import (
-    SESSION_ID,
-    Unlearnable,
-    decoded_body,
-    secret_hash_from_cancel,
-    session_from_response,
-)
+from gateway.ratelimit import Identity
 from gateway.revocation import Revoker
-from gateway.routes import Kind, Match, RouteTable, check_raw_path
+from gateway.routes import ISSUED_PREFIX, Kind, Match, RouteTable, check_raw_path
+from gateway.sessions import MAX_CONTROL_BODY, Answer, SessionControl
 from gateway.settings import Settings
-from gateway.store.base import Store
-from gateway.upstream import BodyTooLarge, ClientDisconnected, translate_errors
+from gateway.types import Headers, Receive, Scope, Send
+from gateway.upstream import translate_errors
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("gateway.access")
-
-Scope = dict[str, Any]
-Receive = Any
-Send = Any
-
-#: Session create/cancel answers are small JSON; anything larger is passed
-#: through unread (and counted), never buffered without bound.
-MAX_CONTROL_BODY = 1024 * 1024
-#: How many recently created sessions each replica remembers (id -> hash, about
-#: 150 bytes each) for cancels that arrive while the store is unreachable.
-RECENT_SESSIONS = 100_000
-
-
-class StreamAborted(Exception):
-    """Raised after the response started to make the server drop the connection,
-    so the client sees a truncated response rather than a clean end."""
 
 
 class _Exchange:
     """One request/response in flight: what was sent, and why it may be cut short."""
 
-    __slots__ = ("_send", "aborted", "request_id", "started", "status", "task", "watcher")
+    __slots__ = (
+        "_send",
+        "aborted",
+        "always",
+        "request_id",
+        "started",
+        "status",
+        "task",
+        "watcher",
+    )
 
     def __init__(self, send: Send, rid: bytes) -> None:
         self._send = send
         self.request_id = rid
+        #: Headers every answer carries, the gateway's own errors included (CORS).
+        self.always: Headers = []
         self.started = False
         self.status = 0
         self.aborted: str | None = None  # "disconnect" | "write_timeout" | "revoked"
         self.task = asyncio.current_task()
-        self.watcher: asyncio.Future[Any] | None = None
+        self.watcher: asyncio.Future[None] | None = None
 
     def abort(self, reason: str) -> None:
         if self.aborted is None and self.task is not None:
@@ -115,9 +112,11 @@ class _Exchange:
         if self.watcher is not None:
             self.watcher.cancel()
 
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    async def start(self, status: int, headers: Headers) -> None:
         self.started = True
         self.status = status
+        if self.always:
+            headers = headers + self.always
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def body(self, chunk: bytes, more: bool) -> None:
@@ -131,6 +130,16 @@ class _Exchange:
         await self.body(body, False)
 
 
+@dataclass(slots=True)
+class Outbound:
+    """One request for the upstream, ready to send."""
+
+    method: str
+    url: URL
+    headers: list[tuple[str, str]]
+    body: AsyncIterator[bytes] | bytes | None
+
+
 class Proxy:
     """ASGI app that forwards the allowed ChatKit routes to the upstream."""
 
@@ -139,40 +148,51 @@ class Proxy:
         *,
         settings: Settings,
         session: aiohttp.ClientSession,
-        store: Store,
         gatekeeper: Gatekeeper,
         revoker: Revoker,
-        hasher: SecretHasher,
+        sessions: SessionControl,
         metrics: Metrics,
         routes: RouteTable | None = None,
     ) -> None:
-        self._settings = settings
         self._session = session
-        self._store = store
         self._gatekeeper = gatekeeper
         self._revoker = revoker
-        self._hasher = hasher
+        self._sessions = sessions
         self._metrics = metrics
         self._routes = routes or RouteTable()
+        # What the hot path needs from the settings, read once.
         self._upstreams = {"default": settings.upstream_url, **settings.upstreams}
         self._max_body = settings.max_body_bytes
+        self._max_header_bytes = settings.max_header_bytes
+        self._max_headers = settings.max_headers
         self._write_timeout = settings.upstream_write_timeout
+        self._trust_forwarded = settings.trust_forwarded_headers
         self._access_log = settings.access_log
-        # Sessions this replica saw created, newest last: lets a cancel find
-        # the secret's hash even when the store is down at that moment.
-        self._recent_sessions: OrderedDict[str, str] = OrderedDict()
+        self._workflows = {name: w.upstream for name, w in settings.workflows.items()}
+        key = settings.identity_signing_key
+        self._identity = IdentityHeaders(
+            signing_key=key.get_secret_value().encode() if key else None,
+            issuer=settings.identity_issuer,
+            ttl_seconds=settings.identity_assertion_ttl_seconds,
+        )
+        origins = settings.cors_origin_list
+        self._cors = CorsPolicy(origins) if origins else None
+        # Upstream headers the gateway states itself on client routes.
+        self._client_drop = RATE_LIMIT_HEADERS | (CORS_HEADERS if self._cors else frozenset())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        headers: Headers = scope["headers"]
         exchange = _Exchange(send, request_id(headers))
         kind = "rejected"
         started = time.perf_counter() if self._access_log else 0.0
         try:
             match = self._route(scope, headers)
             kind = match.route.kind.value
-            await self._forward(scope, receive, exchange, match, headers)
+            await self._handle(scope, receive, exchange, match, headers)
         except GatewayError as exc:
             if exchange.started:
+                if isinstance(exc, UpstreamError):
+                    self._metrics.upstream_errors.labels("mid_stream").inc()
                 raise StreamAborted(exc.message) from exc
             await exchange.error(exc)
             self._metrics.count_request(kind, exc.status)
@@ -217,24 +237,17 @@ class Proxy:
                 AuthError("This client secret has been revoked.", code="client_secret_revoked")
             )
 
-    def _route(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> Match:
+    def _route(self, scope: Scope, headers: Headers) -> Match:
         if scope.get("extensions", {}).get("gateway.absolute_form"):
             raise BadRequest("Absolute-form request targets are not accepted.")
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         check_raw_path(raw_path)
         match = self._routes.match(scope["method"], raw_path.decode("ascii"))
-        check_limits(
-            headers, max_bytes=self._settings.max_header_bytes, max_count=self._settings.max_headers
-        )
+        check_limits(headers, max_bytes=self._max_header_bytes, max_count=self._max_headers)
         return match
 
-    async def _forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        exchange: _Exchange,
-        match: Match,
-        headers: list[tuple[bytes, bytes]],
+    async def _handle(
+        self, scope: Scope, receive: Receive, exchange: _Exchange, match: Match, headers: Headers
     ) -> None:
         length = content_length(headers)
         if length is not None and length > self._max_body:
@@ -243,213 +256,264 @@ class Proxy:
             length is None and header_value(headers, b"transfer-encoding") is not None
         )
         kind = match.route.kind
-        if kind is not Kind.CLIENT or is_cors_preflight(scope["method"], headers):
-            cancel_hash = None
-            if kind is Kind.SESSION_CANCEL:
-                cancel_hash = await self._resolve_for_cancel(match.params["session_id"])
-            await self._exchange(
-                scope, receive, exchange, match, headers, has_body, [], cancel_hash
-            )
+        if kind is Kind.SESSION_CREATE or kind is Kind.SESSION_CANCEL:
+            await self._session_call(scope, receive, exchange, match, headers, has_body, length)
             return
-        secret_hash, extra = await self._gatekeeper.check(headers)
+        if kind is not Kind.CLIENT and kind is not Kind.ISSUED:
+            body = self._body(receive, exchange) if has_body else None
+            outbound = self._outbound(scope, exchange, match, headers, body)
+            await self._forward(receive, exchange, outbound, kind, [])
+            return
+        cors = self._cors
+        origin = header_value(headers, b"origin") if cors is not None else None
+        if is_cors_preflight(scope["method"], headers):
+            if cors is not None:
+                await self._preflight(exchange, cors, origin, match, headers)
+                return
+            outbound = self._outbound(scope, exchange, match, preflight_headers(headers), None)
+            await self._forward(receive, exchange, outbound, kind, [])
+            return
+        if cors is not None:
+            exchange.always = cors.response_headers(origin)
+        admission = await self._gatekeeper.check(headers)
+        body = self._body(receive, exchange) if has_body else None
+        if kind is Kind.ISSUED:
+            outbound = self._issued_outbound(scope, exchange, headers, admission, body)
+        else:
+            if admission.identity is not None and admission.identity.workflow_id in self._workflows:
+                # An issued secret is for its workflow's server, never the hosted API.
+                raise _not_for_this_route()
+            outbound = self._outbound(scope, exchange, match, headers, body)
+        secret_hash = admission.secret_hash
         if secret_hash is None:  # report-only mode let a malformed secret through
-            await self._exchange(scope, receive, exchange, match, headers, has_body, extra, None)
+            await self._forward(receive, exchange, outbound, kind, admission.headers)
             return
         # From admission on, a revocation of this secret anywhere ends the
         # exchange: with a 401 while the upstream has not answered yet, by
         # cutting the stream off once it has.
         self._revoker.track(secret_hash, exchange.close_revoked)
         try:
-            await self._exchange(scope, receive, exchange, match, headers, has_body, extra, None)
+            await self._forward(receive, exchange, outbound, kind, admission.headers)
         finally:
             self._revoker.untrack(secret_hash, exchange.close_revoked)
 
-    async def _exchange(
+    async def _preflight(
+        self,
+        exchange: _Exchange,
+        cors: CorsPolicy,
+        origin: bytes | None,
+        match: Match,
+        headers: Headers,
+    ) -> None:
+        """Answer a CORS preflight here: it carries no secret, so nothing is forwarded."""
+        status, answer = cors.preflight(
+            origin, match.route.methods, header_value(headers, b"access-control-request-headers")
+        )
+        answer.append((b"x-request-id", exchange.request_id))
+        await exchange.start(status, answer)
+        await exchange.body(b"", False)
+        self._metrics.count_request(match.route.kind.value, status)
+
+    def _issued_outbound(
         self,
         scope: Scope,
-        receive: Receive,
+        exchange: _Exchange,
+        headers: Headers,
+        admission: Admission,
+        body: AsyncIterator[bytes] | bytes | None,
+    ) -> Outbound:
+        """The request for the session's own ChatKit server, with its identity stated."""
+        identity: Identity | None = admission.identity
+        upstream = self._workflows.get(identity.workflow_id) if identity is not None else None
+        if identity is None or upstream is None:
+            raise _not_for_this_route()
+        client = scope.get("client")
+        out_headers = upstream_request_headers(
+            strip_client_identity(headers),
+            client_ip=client[0] if client else None,
+            scheme=scope.get("scheme", "http"),
+            request_id=exchange.request_id,
+            trust_forwarded=self._trust_forwarded,
+        )
+        # Servers build upload URLs from the host the client used: the gateway's.
+        if header_value(out_headers, b"x-forwarded-host") is None:
+            host = header_value(headers, b"host")
+            if host is not None:
+                out_headers.append((b"x-forwarded-host", host))
+        out_headers += self._identity(
+            identity, request_id=exchange.request_id, now=int(time.time())
+        )
+        target = upstream + scope["raw_path"].decode("ascii")[len(ISSUED_PREFIX) :]
+        query = scope.get("query_string", b"")
+        if query:
+            target += "?" + query.decode("latin-1")
+        return Outbound(
+            scope["method"],
+            URL(target, encoded=True),
+            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in out_headers],
+            body,
+        )
+
+    def _outbound(
+        self,
+        scope: Scope,
         exchange: _Exchange,
         match: Match,
-        headers: list[tuple[bytes, bytes]],
-        has_body: bool,
-        extra: list[tuple[bytes, bytes]],
-        cancel_hash: str | None,
-    ) -> None:
-        """Forward the request and relay the answer (or act on it, for control routes)."""
-        kind = match.route.kind
+        headers: Headers,
+        body: AsyncIterator[bytes] | bytes | None,
+    ) -> Outbound:
         client = scope.get("client")
         out_headers = upstream_request_headers(
             headers,
             client_ip=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
             request_id=exchange.request_id,
-            trust_forwarded=self._settings.trust_forwarded_headers,
+            trust_forwarded=self._trust_forwarded,
         )
-        if kind is Kind.SESSION_CREATE or kind is Kind.SESSION_CANCEL:
-            # The gateway must read these answers: ask for them uncompressed
-            # (the official SDKs send Accept-Encoding: gzip).
-            out_headers = [(n, v) for n, v in out_headers if n != b"accept-encoding"]
-            out_headers.append((b"accept-encoding", b"identity"))
         query = scope.get("query_string", b"")
         target = self._upstreams[match.route.upstream] + scope["raw_path"].decode("ascii")
         if query:
             target += "?" + query.decode("latin-1")
-        body = self._body(receive, exchange) if has_body else None
-        if body is None:
-            exchange.watch_disconnect(receive)
+        return Outbound(
+            scope["method"],
+            URL(target, encoded=True),
+            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in out_headers],
+            body,
+        )
 
+    def _request(self, outbound: Outbound) -> Any:  # aiohttp's request context manager
+        return self._session.request(
+            outbound.method,
+            outbound.url,
+            headers=outbound.headers,
+            data=outbound.body,
+            allow_redirects=False,
+            compress=None,
+        )
+
+    async def _forward(
+        self,
+        receive: Receive,
+        exchange: _Exchange,
+        outbound: Outbound,
+        kind: Kind,
+        extra: Headers,
+    ) -> None:
+        """Send the request and stream the answer back as it arrives."""
+        if outbound.body is None:
+            exchange.watch_disconnect(receive)
         with translate_errors():
-            async with self._session.request(
-                scope["method"],
-                URL(target, encoded=True),
-                headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in out_headers],
-                data=body,
-                allow_redirects=False,
-                compress=None,
-            ) as response:
-                response_headers = client_response_headers(
-                    response.raw_headers, request_id=exchange.request_id
-                )
-                if kind is Kind.SESSION_CREATE or kind is Kind.SESSION_CANCEL:
-                    await self._control(
-                        exchange, response, response_headers, kind, match, cancel_hash
+            async with self._request(outbound) as response:
+                if extra or exchange.always:
+                    headers = client_response_headers(
+                        response.raw_headers,
+                        request_id=exchange.request_id,
+                        drop=self._client_drop,
                     )
+                    headers.extend(extra)
                 else:
-                    if extra:
-                        response_headers.extend(extra)
-                    await self._stream(exchange, response, response_headers)
+                    headers = client_response_headers(
+                        response.raw_headers, request_id=exchange.request_id
+                    )
+                await exchange.start(response.status, headers)
+                async for chunk in response.content.iter_any():
+                    await exchange.body(chunk, True)
+                await exchange.body(b"", False)
         self._metrics.count_request(kind.value, response.status)
 
-    async def _stream(
-        self,
-        exchange: _Exchange,
-        response: aiohttp.ClientResponse,
-        headers: list[tuple[bytes, bytes]],
-    ) -> None:
-        await exchange.start(response.status, headers)
-        try:
-            async for chunk in response.content.iter_any():
-                await exchange.body(chunk, True)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            self._metrics.upstream_errors.labels("mid_stream").inc()
-            raise StreamAborted("upstream failed mid-response") from exc
-        await exchange.body(b"", False)
+    # -- session create and cancel -------------------------------------------------
 
-    async def _control(
+    async def _session_call(
         self,
+        scope: Scope,
+        receive: Receive,
         exchange: _Exchange,
-        response: aiohttp.ClientResponse,
-        headers: list[tuple[bytes, bytes]],
-        kind: Kind,
         match: Match,
-        cancel_hash: str | None,
+        headers: Headers,
+        has_body: bool,
+        length: int | None,
     ) -> None:
-        """Session create/cancel: read the (small) answer, act on it, then reply.
+        if length is not None and length > MAX_CONTROL_BODY:
+            raise PayloadTooLarge(f"A session request body is at most {MAX_CONTROL_BODY} bytes.")
+        body = await self._read_body(receive) if has_body else b""
+        exchange.watch_disconnect(receive)
+        outbound = self._outbound(scope, exchange, match, headers, body or None)
+        # The gateway must read these answers: ask for them uncompressed (the
+        # official SDKs send Accept-Encoding: gzip).
+        outbound.headers = [(n, v) for n, v in outbound.headers if n != "accept-encoding"]
+        outbound.headers.append(("accept-encoding", "identity"))
 
-        The action (learning or revoking) completes before the caller sees the
-        answer, so a secret is usable, or revoked, the moment it is returned.
-        """
+        async def forward() -> Answer:
+            return await self._read_answer(outbound, exchange.request_id)
+
+        if match.route.kind is Kind.SESSION_CREATE:
+            call = self._sessions.create(headers, body, forward)
+        else:
+            call = self._sessions.cancel(match.params["session_id"], headers, forward)
+        answer = await _to_completion(call)
+        if header_value(answer.headers, b"x-request-id") is None:
+            answer.headers.append((b"x-request-id", exchange.request_id))
+        await exchange.start(answer.status, answer.headers)
+        if answer.rest is None:
+            await exchange.body(answer.body, False)
+        else:
+            try:
+                await exchange.body(answer.body, True)
+                with translate_errors():
+                    async for chunk in answer.rest:
+                        await exchange.body(chunk, True)
+                await exchange.body(b"", False)
+            finally:
+                if answer.release is not None:
+                    answer.release()
+        self._metrics.count_request(match.route.kind.value, answer.status)
+
+    async def _read_answer(self, outbound: Outbound, rid: bytes) -> Answer:
+        """The upstream's answer to a session call, read whole unless it is too large."""
+        with translate_errors():
+            response: aiohttp.ClientResponse = await self._request(outbound)
+            try:
+                headers = client_response_headers(response.raw_headers, request_id=rid)
+                declared = response.content_length
+                chunks: list[bytes] = []
+                size = 0
+                if declared is None or declared <= MAX_CONTROL_BODY:
+                    async for chunk in response.content.iter_any():
+                        chunks.append(chunk)
+                        size += len(chunk)
+                        if size > MAX_CONTROL_BODY:
+                            break
+                    else:
+                        response.release()
+                        return Answer(response.status, headers, b"".join(chunks))
+            except BaseException:
+                response.close()
+                raise
+        return Answer(
+            response.status,
+            headers,
+            b"".join(chunks),
+            rest=response.content.iter_any(),
+            release=response.close,
+        )
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        """A session call's whole (small) request body."""
         chunks: list[bytes] = []
         size = 0
-        complete = response.content_length is None or response.content_length <= MAX_CONTROL_BODY
-        if complete:
-            async for chunk in response.content.iter_any():
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_CONTROL_BODY:
-                    complete = False
-                    break
-        body = b"".join(chunks) if complete else None
-        if 200 <= response.status < 300:
-            parsed = None
-            if body is None:
-                self._metrics.sessions_unparsed.labels("too_large").inc()
-            else:
-                encoding = response.headers.get("content-encoding")
-                parsed = decoded_body(body, encoding, limit=MAX_CONTROL_BODY)
-                if parsed is None:
-                    self._metrics.sessions_unparsed.labels("encoding").inc()
-            # Shielded: once the upstream has acted, a client that goes away
-            # must not stop the gateway from recording it.
-            if kind is Kind.SESSION_CREATE:
-                await asyncio.shield(self._learn(parsed))
-            else:
-                await asyncio.shield(
-                    self._revoke_cancelled(match.params["session_id"], cancel_hash, parsed, headers)
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected("client disconnected during the request body")
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_CONTROL_BODY:
+                raise PayloadTooLarge(
+                    f"A session request body is at most {MAX_CONTROL_BODY} bytes."
                 )
-        await exchange.start(response.status, headers)
-        if body is not None:
-            await exchange.body(body, False)
-            return
-        for seen in chunks:
-            await exchange.body(seen, True)
-        await self._stream_rest(exchange, response)
-
-    async def _stream_rest(self, exchange: _Exchange, response: aiohttp.ClientResponse) -> None:
-        async for chunk in response.content.iter_any():
-            await exchange.body(chunk, True)
-        await exchange.body(b"", False)
-
-    async def _learn(self, body: bytes | None) -> None:
-        if body is None:
-            return  # too large or in an encoding we do not read; counted
-        try:
-            record = session_from_response(
-                body,
-                hasher=self._hasher,
-                default_limit=self._settings.default_max_requests_per_1_minute,
-            )
-        except Unlearnable as exc:
-            self._metrics.sessions_unparsed.labels(exc.reason).inc()
-            logger.warning("Session-create response not learned: %s", exc.reason)
-            return
-        self._remember(record.session_id, record.secret_hash)
-        try:
-            born_revoked = await self._store.register(record)
-        except StoreUnavailable as exc:
-            # The caller still gets its session; requests with that secret will
-            # be refused as unknown until it is recreated. Counted and logged.
-            self._metrics.sessions_unparsed.labels("store_unavailable").inc()
-            logger.error("Session %s not registered: %s", record.session_id, exc)
-            return
-        self._metrics.sessions_registered.inc()
-        if born_revoked:
-            self._revoker.close_streams(record.secret_hash)
-            logger.info("Session %s was cancelled before it was registered", record.session_id)
-
-    async def _resolve_for_cancel(self, session_id: str) -> str | None:
-        """Look the secret up before forwarding, so a store failure after the
-        upstream succeeded can still be enforced locally by hash."""
-        if not SESSION_ID.match(session_id):
-            return None
-        try:
-            found = await self._store.secret_hash_for(session_id)
-        except StoreUnavailable:
-            found = None
-        return found or self._recent_sessions.get(session_id)
-
-    def _remember(self, session_id: str, secret_hash: str) -> None:
-        self._recent_sessions[session_id] = secret_hash
-        if len(self._recent_sessions) > RECENT_SESSIONS:
-            self._recent_sessions.popitem(last=False)
-
-    async def _revoke_cancelled(
-        self,
-        session_id: str,
-        known_hash: str | None,
-        body: bytes | None,
-        headers: list[tuple[bytes, bytes]],
-    ) -> None:
-        echoed = secret_hash_from_cancel(body, hasher=self._hasher) if body else None
-        hashes: set[str | None] = {h for h in (known_hash, echoed) if h is not None} or {None}
-        sid = session_id if SESSION_ID.match(session_id) else None
-        stored = True
-        for secret_hash in hashes:
-            result = await self._revoker.revoke(
-                secret_hash=secret_hash, session_id=sid, reason="cancel"
-            )
-            stored = stored and result is not None
-        headers.append((b"x-chatkit-gateway-revocation", b"stored" if stored else b"pending"))
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     async def _body(self, receive: Receive, exchange: _Exchange) -> AsyncIterator[bytes]:
         """The request body as it arrives; raises (never ends early) on a disconnect."""
@@ -463,7 +527,7 @@ class Proxy:
             chunk: bytes = message.get("body", b"")
             received += len(chunk)
             if received > self._max_body:
-                raise BodyTooLarge(f"The request body exceeds {self._max_body} bytes.")
+                raise PayloadTooLarge(f"The request body exceeds {self._max_body} bytes.")
             more = message.get("more_body", False)
             if not more:
                 exchange.watch_disconnect(receive)
@@ -477,3 +541,30 @@ class Proxy:
                     timer.cancel()
             if not more:
                 return
+
+
+def _not_for_this_route() -> AuthError:
+    return AuthError("This client secret is not valid on this route.", code="invalid_client_secret")
+
+
+async def _to_completion(call: Awaitable[Answer]) -> Answer:
+    """Await a session call that the caller's departure must not interrupt.
+
+    Once forwarded, the upstream may act whatever the caller does; the gateway
+    has to see the answer and act on it (learn, revoke). Bounded by the
+    upstream timeouts.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_release_unread)
+        raise
+
+
+def _release_unread(task: asyncio.Future[Answer]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    release = task.result().release
+    if release is not None:
+        release()

@@ -14,8 +14,7 @@ import math
 from typing import NamedTuple
 
 from gateway.errors import AuthError, GatewayError, RateLimited
-
-Headers = list[tuple[bytes, bytes]]
+from gateway.types import Headers
 
 
 class Outcome(enum.IntEnum):

@@ -58,7 +58,7 @@ class Revoker:
 
     @property
     def listener_state(self) -> str:
-        """ "up", "restarting" (after a failure) or "stopped", for /readyz."""
+        """For /readyz: "up", "restarting" (after a failure) or "stopped"."""
         if self._listener is None or self._listener.done():
             return "stopped"
         return "up" if self._listener_up else "restarting"
@@ -86,6 +86,21 @@ class Revoker:
             self._forget_local(secret_hash)
         if result.secret_hash is not None and result.secret_hash != secret_hash:
             self.close_streams(result.secret_hash)
+        self._metrics.revocations.labels(reason, str(result.registered).lower()).inc()
+        return result
+
+    async def revoke_now(
+        self, *, secret_hash: str, session_id: str | None, reason: str
+    ) -> RevokeResult:
+        """Revoke in the store, or raise StoreUnavailable and change nothing.
+
+        For a caller that answers for the revocation itself (the issuer's
+        cancel): it says 503 and is asked again, so nothing is kept pending.
+        """
+        result = await self._store.revoke(
+            secret_hash=secret_hash, session_id=session_id, reason=reason, replica=self._replica
+        )
+        self.close_streams(secret_hash)
         self._metrics.revocations.labels(reason, str(result.registered).lower()).inc()
         return result
 

@@ -28,6 +28,9 @@ class Kind(enum.Enum):
     SESSION_CANCEL = "session_cancel"
     #: Browser/client traffic carrying a ChatKit client secret.
     CLIENT = "client"
+    #: Client traffic for a self-hosted ChatKit server whose sessions the
+    #: gateway issues: the session's workflow picks the upstream.
+    ISSUED = "issued"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +59,7 @@ class Match:
 # A parameter is one whole segment; check_raw_path has already vetted its bytes.
 _ID = r"[^/]{1,256}"
 
-#: The ChatKit API as the official SDKs call it (see shared/reference/CHATKIT.md).
+#: The ChatKit API as OpenAI's published spec and official SDKs call it.
 DEFAULT_ROUTES: tuple[Route, ...] = (
     Route("/v1/chatkit/sessions", frozenset({"POST"}), Kind.SESSION_CREATE, exclusive=True),
     Route(
@@ -78,6 +81,20 @@ DEFAULT_ROUTES: tuple[Route, ...] = (
         frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}),
         Kind.CLIENT,
     ),
+)
+
+_CLIENT_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+#: Issuer mode's client routes: ChatKit JS custom mode posts every call to one
+#: URL (``api.url``); uploads may go to paths below it.
+ISSUED_PREFIX = "/chatkit"
+ISSUED_ROUTES: tuple[Route, ...] = (
+    Route(ISSUED_PREFIX, frozenset({"POST", "OPTIONS"}), Kind.ISSUED, upstream="workflow"),
+    Route(ISSUED_PREFIX + "/**", _CLIENT_METHODS, Kind.ISSUED, upstream="workflow"),
+)
+#: With no hosted upstream only the session API remains of the built-in table.
+SESSION_ROUTES: tuple[Route, ...] = tuple(
+    r for r in DEFAULT_ROUTES if r.pattern.startswith("/v1/chatkit/sessions")
 )
 
 # Bytes allowed in a raw path: RFC 3986 pchar and "/", minus the backslash.
@@ -141,9 +158,16 @@ class RouteTable:
         raise NotFound("Unknown route: this gateway only serves the ChatKit API.")
 
 
-def table_with(configured: Iterable[Route]) -> RouteTable:
-    """The built-in ChatKit table, after the routes configuration adds."""
-    return RouteTable([*configured, *DEFAULT_ROUTES])
+def table_with(
+    configured: Iterable[Route], *, issued: bool = False, hosted: bool = True
+) -> RouteTable:
+    """The built-in ChatKit table, after the routes configuration adds.
+
+    ``issued`` adds issuer mode's client routes; without a ``hosted``
+    upstream only the session API is kept of the OpenAI paths.
+    """
+    builtin = DEFAULT_ROUTES if hosted else SESSION_ROUTES
+    return RouteTable([*configured, *(ISSUED_ROUTES if issued else ()), *builtin])
 
 
 def _compile(pattern: str) -> re.Pattern[str]:

@@ -36,7 +36,7 @@ from gateway.errors import ConfigError
 
 ENV_PREFIX = "GATEWAY_"
 # Settings given as JSON in the environment (tables in the TOML file).
-_STRUCTURED = frozenset({"upstreams", "routes"})
+_STRUCTURED = frozenset({"upstreams", "routes", "workflows"})
 MIB = 1024 * 1024
 
 
@@ -101,6 +101,26 @@ class RouteSetting(BaseModel):
         if value not in ROUTE_KINDS:
             raise ValueError(f"kind must be one of {', '.join(ROUTE_KINDS)}")
         return value
+
+
+class WorkflowSetting(BaseModel):
+    """A workflow whose sessions the gateway issues itself (issuer mode)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: The URL of this workflow's ChatKit endpoint (its ``POST /chatkit``):
+    #: client requests to ``/chatkit/<rest>`` go to ``<upstream>/<rest>``.
+    upstream: str
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str) -> str:
+        return _http_url(value)
+
+
+_WORKFLOW_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+#: GATEWAY_UPSTREAM_URL's value for "no hosted upstream": issuer mode only.
+NO_UPSTREAM = "none"
 
 
 class Settings(BaseSettings):
@@ -168,6 +188,23 @@ class Settings(BaseSettings):
     # late request is told "expired" rather than "unknown".
     session_retention_seconds: int = Field(3600, ge=0)
 
+    # Issuer mode: the gateway is the session authority for these workflows
+    # (self-hosted ChatKit servers), answering the session API itself.
+    workflows: dict[str, WorkflowSetting] = Field(default_factory=dict)
+    # Keys allowed to create and cancel issued sessions: "sha256:<hex>" entries
+    # (what operators should store) or the keys themselves, comma-separated.
+    issuer_api_keys: SecretStr | None = None
+    session_default_expires_seconds: int = Field(600, ge=1)
+    # OpenAI's maximum; may be raised, as custom mode has no refresh hook.
+    session_max_expires_seconds: int = Field(600, ge=1, le=7 * 86400)
+    # Signs X-ChatKit-Assertion (HS256) for ChatKit servers reachable by other paths.
+    identity_signing_key: SecretStr | None = None
+    identity_issuer: str = Field("chatkit-gateway", min_length=1, max_length=256)
+    identity_assertion_ttl_seconds: int = Field(60, ge=5, le=3600)
+    # Origins allowed to call client routes from a browser, comma-separated,
+    # or "*". Set, the gateway owns CORS on client routes.
+    cors_origins: str = ""
+
     # Admin listener: off unless a token is configured.
     admin_token: SecretStr | None = None
     admin_host: str = "127.0.0.1"
@@ -189,7 +226,68 @@ class Settings(BaseSettings):
     @field_validator("upstream_url")
     @classmethod
     def _upstream_is_http(cls, value: str) -> str:
+        if value.strip().lower() == NO_UPSTREAM:
+            return NO_UPSTREAM
         return _http_url(value)
+
+    @field_validator("workflows")
+    @classmethod
+    def _workflow_ids(cls, value: dict[str, WorkflowSetting]) -> dict[str, WorkflowSetting]:
+        for workflow_id in value:
+            if not _WORKFLOW_ID.match(workflow_id):
+                raise ValueError(f"workflow id {workflow_id!r} must match {_WORKFLOW_ID.pattern}")
+        return value
+
+    @field_validator("issuer_api_keys")
+    @classmethod
+    def _issuer_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        for entry in value.get_secret_value().split(","):
+            entry = entry.strip()
+            if entry.startswith("sha256:"):
+                if not re.fullmatch(r"[0-9a-fA-F]{64}", entry[7:]):
+                    raise ValueError("a sha256: entry needs exactly 64 hex digits")
+            elif len(entry) < 16:
+                raise ValueError("each key must be at least 16 characters (or a sha256: entry)")
+        return value
+
+    @field_validator("identity_signing_key")
+    @classmethod
+    def _signing_key_strong(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if len(value.get_secret_value().encode()) < 32:
+            # RFC 7518 3.2: an HS256 key must be at least as long as the hash.
+            raise ValueError("must be at least 32 bytes (RFC 7518 section 3.2)")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        for origin in (o.strip() for o in value.split(",") if o.strip()):
+            if origin == "*":
+                continue
+            parts = urlsplit(origin)
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.hostname
+                or parts.path
+                or parts.query
+                or parts.fragment
+                or parts.username
+            ):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port])")
+        return value
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        return tuple(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
+
+    @property
+    def has_upstream(self) -> bool:
+        """False when GATEWAY_UPSTREAM_URL=none: only issued sessions are served."""
+        return self.upstream_url != NO_UPSTREAM
 
     @field_validator("upstreams")
     @classmethod
@@ -242,6 +340,17 @@ class Settings(BaseSettings):
                     f"route {route.pattern!r} names upstream {route.upstream!r}, "
                     "which GATEWAY_UPSTREAMS does not define"
                 )
+        if self.workflows and self.issuer_api_keys is None:
+            raise ValueError(
+                "GATEWAY_WORKFLOWS needs GATEWAY_ISSUER_API_KEYS: nobody could create a session"
+            )
+        if self.session_default_expires_seconds > self.session_max_expires_seconds:
+            raise ValueError(
+                "GATEWAY_SESSION_DEFAULT_EXPIRES_SECONDS exceeds "
+                "GATEWAY_SESSION_MAX_EXPIRES_SECONDS"
+            )
+        if not self.has_upstream and not self.workflows:
+            raise ValueError("GATEWAY_UPSTREAM_URL=none needs GATEWAY_WORKFLOWS")
         if self.admin_token is not None and self.admin_port == self.port:
             raise ValueError("GATEWAY_ADMIN_PORT must differ from GATEWAY_PORT")
         return self
@@ -310,8 +419,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "configuration"
-        name = f"{ENV_PREFIX}{field.upper()}" if error["loc"] else field
+        loc = error["loc"]
+        if loc:
+            # The variable upper-case, the path inside its JSON as written:
+            # a workflow id or route index keeps its own spelling.
+            name = f"{ENV_PREFIX}{str(loc[0]).upper()}"
+            if len(loc) > 1:
+                name += "." + ".".join(str(part) for part in loc[1:])
+        else:
+            name = "configuration"
         message = error["msg"].removeprefix("Value error, ")
         lines.append(f"{name}: {message}")
     return "\n".join(lines)

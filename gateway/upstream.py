@@ -16,25 +16,12 @@ from contextlib import contextmanager
 import aiohttp
 
 from gateway.errors import (
+    ClientDisconnected,
     GatewayError,
-    PayloadTooLarge,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from gateway.settings import Settings
-
-
-class ClientDisconnected(Exception):
-    """The client went away; raised into the upstream request body to abort it.
-
-    Raising (rather than ending the body early) matters: a short body under a
-    forwarded Content-Length would leave the pooled connection waiting for
-    bytes, and the next request on it would be read as the rest of this body.
-    """
-
-
-class BodyTooLarge(PayloadTooLarge):
-    pass
 
 
 def create_session(settings: Settings) -> aiohttp.ClientSession:
@@ -74,8 +61,10 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 @contextmanager
 def translate_errors() -> Iterator[None]:
-    """Map aiohttp's exceptions to the gateway's tree, before a response started.
+    """Map aiohttp's exceptions to the gateway's tree: the only place that does.
 
+    It covers the whole exchange, the response body included; the proxy
+    turns an error after the response started into a cut connection.
     Errors raised by our own request-body iterator arrive wrapped by aiohttp;
     they are unwrapped so a client disconnect or an oversized body is reported
     as what it is, not as an upstream failure.

@@ -19,7 +19,7 @@ route with the same constant body: targets 1-3 and 6 then differ only in what
 sits in front of the fake, and 4-5 add a small JSON body. The client secret
 comes from a session created through the gateway under test with a limit so
 large that nothing is ever rejected. Targets 3, 5 and 6 run on one gateway
-process, in alternating rounds (``--rounds``). Issue 3's target (at least
+process, in alternating rounds (``--rounds``). The admission budget (at least
 0.9x the pass-through throughput, p99 within 1.2x) is checked on 6 against 3:
 the same GET with the same upstream answer, where the only difference is the
 admission decision. With several rounds each row is the round with the
@@ -710,9 +710,9 @@ class Bench:
         passthrough = Outcome("gateway pass-through", "GET", get_threads.path)
         embedded = Outcome("gateway client (embedded)", "POST", conversation)
         with_redis = Outcome("gateway client (redis)", "POST", conversation)
-        # Not asked for by issue 3, but it splits the client route's cost: the
-        # same decision on a body-less GET, whose upstream answer is the size
-        # of the pass-through's, so only the decision differs from target 3.
+        # It splits the client route's cost: the same decision on a body-less
+        # GET, whose upstream answer is the size of the pass-through's, so only
+        # the decision differs from target 3.
         decision_only = Outcome("gateway client GET (redis)", "GET", conversation)
         self.outcomes = [upstream, nginx, passthrough, embedded, with_redis, decision_only]
 
@@ -1026,7 +1026,7 @@ def report(bench: Bench, layout: str) -> tuple[dict[str, Any], int]:
          "upstream direct", "rps", None),
         ("gateway pass-through / nginx (req/s)", "gateway pass-through",
          "nginx proxy_pass", "rps", None),
-        # Issue 3's target, on the fair pair: the same GET, the same upstream
+        # The admission budget, on the fair pair: the same GET, the same upstream
         # answer; the only difference is the admission decision in Redis.
         ("client GET (redis) / pass-through (req/s), target >= 0.90",
          "gateway client GET (redis)", "gateway pass-through", "rps", lambda v: v >= 0.9),

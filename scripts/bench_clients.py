@@ -1,4 +1,4 @@
-"""Which upstream HTTP client makes the fastest proxy (issue 2: a measured choice).
+"""Which upstream HTTP client makes the fastest proxy (measured, not assumed).
 
 Run it as ``scripts/bench-clients``. It measures minimal raw-ASGI reverse
 proxies that differ only in their upstream client, under the server the

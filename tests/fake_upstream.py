@@ -2,7 +2,7 @@
 
 It is the only stand-in our tests allow: the gateway reaches it over a real
 socket, so streaming, disconnects and resets behave as they do in production.
-Wire facts come from ``/work/shared/reference/CHATKIT.md``.
+Wire facts follow OpenAI's published ChatKit spec and what its official SDKs send.
 
     async with FakeUpstream() as up:
         up.inject("status", path_prefix="/v1/chatkit/sessions", status=503)
@@ -485,7 +485,8 @@ class FakeUpstream:
     ) -> Fault:
         """Make the next ``times`` matching requests misbehave (None: forever).
 
-        ``status`` takes ``status`` (and optional ``headers``, ``message``);
+        ``status`` takes ``status`` (and optional ``headers``, ``message``, and
+        ``chunked=True`` to send the answer without a Content-Length);
         ``delay`` takes ``seconds``; the mid-stream faults take ``after`` events.
         """
         if fault not in FAULTS:
@@ -657,6 +658,8 @@ class FakeUpstream:
         if fault.name == "status":
             status = int(fault.params["status"])
             message = fault.params.get("message", f"Injected fault: HTTP {status}.")
+            if fault.params.get("chunked"):
+                return await self._chunked_json(request, status, error_body(status, message))
             return self._json(
                 request, status, error_body(status, message), fault.params.get("headers")
             )
@@ -803,6 +806,19 @@ class FakeUpstream:
         if headers:
             response.headers.update(headers)
         self._decorate(request, response)
+        return response
+
+    async def _chunked_json(
+        self, request: web.BaseRequest, status: int, payload: object
+    ) -> web.StreamResponse:
+        """A JSON answer in 64 KiB chunks: its size is known only once it has all arrived."""
+        body = json.dumps(payload).encode()
+        response = web.StreamResponse(status=status, headers=_JSON)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(body), 65536):
+            await response.write(body[start : start + 65536])
+        await response.write_eof()
         return response
 
     def _decorate(self, request: web.BaseRequest, response: web.StreamResponse) -> None:

@@ -2,8 +2,9 @@
 
 Everything here starts genuine binaries on free local ports and waits for them
 to answer before returning, so a test never races a server that is still
-booting. Waiting for readiness is the one place we poll: a process that has not
-bound its port yet cannot tell us when it will.
+booting. Polling lives here too, in one helper (``eventually``): a test waits
+for what it needs to be true, never for a fixed time, because a process that
+has not bound its port or drained its queue yet cannot tell us when it will.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
@@ -34,6 +35,102 @@ _INSTALL_REDIS = (
     "redis-server was not found on PATH. The test suite needs a real Redis: install it "
     "(Debian/Ubuntu: `apt-get install redis-server`; macOS: `brew install redis`)."
 )
+
+
+class FakeClock:
+    """A clock a test moves by hand: seconds since the epoch, held in whole µs.
+
+    Whole microseconds keep steps exact; the stores read ``int(seconds * 1e6)``
+    and get back the microsecond that was set.
+    """
+
+    def __init__(self, start: float = 1_750_000_000.0) -> None:
+        self.us = round(start * 1_000_000)
+
+    def __call__(self) -> float:
+        return self.us / 1_000_000
+
+    def at(self, us: int) -> None:
+        """Move to ``us`` microseconds; time only moves forward."""
+        if us < self.us:
+            raise ValueError("time only moves forward")
+        if int(us / 1_000_000 * 1_000_000) != us:
+            raise ValueError(f"{us} µs does not survive the stores' float seconds exactly")
+        self.us = us
+
+    def set(self, seconds: float) -> None:
+        """Move to ``seconds`` unless the clock is already past it."""
+        self.us = max(self.us, round(seconds * 1_000_000))
+
+    def advance(self, seconds: float) -> None:
+        self.at(self.us + round(seconds * 1_000_000))
+
+
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]],
+    *,
+    timeout: float = 5.0,  # noqa: ASYNC109 - a deadline for a poll, not for one await
+    what: str | Callable[[], str] = "the condition",
+    interval: float = _POLL,
+) -> float:
+    """Poll ``condition`` (plain or async) until it holds; return the seconds it took.
+
+    The one way a test waits for something nothing notifies it about. Fails the
+    test with ``what`` (a callable is evaluated at failure, e.g. a process's
+    output so far) when the condition is still false after ``timeout``.
+    """
+    started = time.monotonic()
+    deadline = started + timeout
+    while True:
+        held = condition()
+        if not isinstance(held, bool):
+            held = await held
+        if held:
+            return time.monotonic() - started
+        if time.monotonic() > deadline:
+            described = what() if callable(what) else what
+            raise AssertionError(f"after {timeout}s still not true: {described}")
+        await asyncio.sleep(interval)
+
+
+async def wall_clock_reach(when: float) -> None:
+    """Return once ``time.time()`` has passed ``when``.
+
+    For Redis, which decides with its own ``TIME``: the same system clock this
+    machine reads, and one no test can move. There is nothing to wait *for*
+    here but time itself.
+    """
+    while (left := when - time.time()) > 0:  # noqa: ASYNC110 - waiting on the clock itself
+        await asyncio.sleep(min(left, 0.05))
+
+
+async def redis_key_contents(client: redis.asyncio.Redis, key: bytes) -> tuple[bytes, bytes]:
+    """A key's type and every name and value in it, joined by NUL bytes.
+
+    What a test searches for data that must never be at rest (a secret).
+    """
+    # redis-py annotates replies as ``bytes | str`` (it cannot know about
+    # decode_responses); a client without it answers bytes.
+    raw: Any = client
+    kind: bytes = await raw.type(key)
+    parts: list[bytes]
+    if kind == b"string":
+        parts = [await raw.get(key) or b""]
+    elif kind == b"hash":
+        parts = [b for kv in (await raw.hgetall(key)).items() for b in kv]
+    elif kind == b"zset":
+        parts = list(await raw.zrange(key, 0, -1))
+    elif kind == b"stream":
+        parts = [b for _, entry in await raw.xrange(key) for kv in entry.items() for b in kv]
+    else:
+        parts = [await raw.dump(key) or b""]
+    return kind, b"\x00".join(parts)
+
+
+async def subscribed(client: redis.asyncio.Redis, channel: str) -> bool:
+    """Whether anyone listens on ``channel``: pub/sub drops what is published before."""
+    counts: list[tuple[bytes, int]] = await client.pubsub_numsub(channel)  # type: ignore[assignment]
+    return counts[0][1] >= 1
 
 
 def free_port() -> int:

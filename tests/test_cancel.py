@@ -1,4 +1,4 @@
-"""Issue 4: a cancel revokes the session's secret on every replica, and is never lost.
+"""A cancel revokes the session's secret on every replica, and is never lost.
 
 Two gateway replicas (A and B) share one real Redis; the official ``openai``
 SDK creates and cancels sessions, and client traffic is plain HTTP with the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.auth import SecretHasher
 from tests import fake_upstream
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer
+from tests.harness import GatewayProcess, RedisServer, eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -150,22 +150,6 @@ async def metric(
             if sample.name == name and sample.labels == labels:
                 return sample.value
     return 0.0
-
-
-async def eventually(
-    condition: Callable[[], Awaitable[bool]],
-    *,
-    timeout: float,  # noqa: ASYNC109 - a deadline for a poll, not for one await
-    what: str,
-) -> float:
-    """Poll ``condition`` until it holds; returns the seconds it took."""
-    started = time.monotonic()
-    deadline = started + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"after {timeout}s still not true: {what}")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 async def redis_flag(redis: RedisServer, key: str) -> tuple[bool, int]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from typing import cast
 
 import aiohttp
 import pytest
@@ -21,7 +22,7 @@ from gateway.settings import load_settings
 from gateway.store.base import AdmitRequest, SessionRecord
 from gateway.store.redis import RedisStore, connect
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisCluster
+from tests.harness import GatewayProcess, RedisCluster, eventually, subscribed
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,9 @@ async def test_keys_of_one_secret_share_a_slot_and_sessions_spread_over_primarie
             keys = store.keys.secret(_hash(n))
             slots = {await client.cluster_keyslot(key) for key in keys}
             assert len(slots) == 1, keys
-            owners.add(client.get_node_from_key(keys[0]).name)
+            node = client.get_node_from_key(keys[0])
+            assert node is not None, keys
+            owners.add(node.name)
         # Twelve secrets land on more than one primary, so the tests below
         # exercise more than one node.
         assert len(owners) > 1
@@ -92,15 +95,13 @@ async def test_revocation_by_session_id_and_its_announcement(
     store: RedisStore, cluster: RedisCluster
 ) -> None:
     await store.register(SessionRecord(_hash(7), "cksess_r", "u", int(time.time()) + 600, 5))
-    announcements = store.revocations()
+    # An async generator underneath; the Store interface only promises iteration.
+    announcements = cast(AsyncGenerator[str | None, None], store.revocations())
     listener = asyncio.ensure_future(anext(announcements))
     # The store subscribes through the node its URL names; wait until that
     # node counts the subscriber, so the announcement cannot be missed.
     node = cluster.nodes[0].client()
-    deadline = time.monotonic() + 5
-    while (await node.pubsub_numsub("ct:revocations"))[0][1] < 1:
-        assert time.monotonic() < deadline, "the store never subscribed"
-        await asyncio.sleep(0.02)
+    await eventually(lambda: subscribed(node, "ct:revocations"), what="the store to subscribe")
     await node.aclose()
     result = await store.revoke(secret_hash=None, session_id="cksess_r", reason="t", replica="x")
     assert result.secret_hash == _hash(7)

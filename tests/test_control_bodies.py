@@ -116,8 +116,15 @@ async def test_a_compressed_answer_reaches_the_caller_byte_for_byte(
         assert await _client_status(http, gateway, session["client_secret"]) == 200
 
 
+@pytest.mark.parametrize(
+    "chunked",
+    [
+        False,  # Content-Length says it is too large before a byte is read
+        True,  # only counting the chunks as they arrive shows it
+    ],
+)
 async def test_an_oversized_cancel_answer_still_revokes(
-    upstream: FakeUpstream, http: aiohttp.ClientSession
+    upstream: FakeUpstream, http: aiohttp.ClientSession, chunked: bool
 ) -> None:
     async with GatewayProcess(upstream.url) as gateway:
         async with http.post(
@@ -128,12 +135,18 @@ async def test_an_oversized_cancel_answer_still_revokes(
         # success: the secret is revoked through the registry, and the caller
         # gets every byte.
         upstream.inject(
-            "status", path_prefix="/v1/chatkit/sessions/", status=200, message="x" * (2 << 20)
+            "status",
+            path_prefix="/v1/chatkit/sessions/",
+            status=200,
+            message="x" * (2 << 20),
+            chunked=chunked,
         )
         async with http.post(
             f"{gateway.url}/v1/chatkit/sessions/{session['id']}/cancel", headers=API_KEY
         ) as response:
             assert response.status == 200
+            assert ("Content-Length" in response.headers) is not chunked
             assert response.headers["x-chatkit-gateway-revocation"] == "stored"
-            assert len(await response.read()) > 2 << 20
+            answer = await response.read()
+        assert json.loads(answer)["error"]["message"] == "x" * (2 << 20)  # every byte
         assert await _client_status(http, gateway, session["client_secret"]) == 401

@@ -1,4 +1,4 @@
-"""Issue 4: the operators' revocation controls, end to end.
+"""The operators' revocation controls, end to end.
 
 The CLI runs as a real subprocess (``chatkit-gateway revoke|revocations``)
 against a real Redis that a running gateway also uses; the admin API is the
@@ -25,7 +25,7 @@ import pytest_asyncio
 
 from gateway.auth import SecretHasher
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer, free_port
+from tests.harness import GatewayProcess, RedisServer, eventually, free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -423,3 +423,43 @@ async def test_admin_listener_is_absent_without_a_token(fake: FakeUpstream) -> N
         with pytest.raises(ConnectionRefusedError):
             await asyncio.open_connection("127.0.0.1", admin_port)
         assert "Admin API listening" not in process.output()
+
+
+async def test_admin_answers_503_bodies_while_redis_is_down_and_keeps_revocations_pending(
+    gateway: Gateway, redis: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    session = await create_session(http, gateway)
+    await asyncio.to_thread(redis.stop)
+    try:
+        for path in (f"/admin/sessions/{session.id}", "/admin/revocations?tail=5"):
+            status, body = await admin(http, gateway, "GET", path)
+            assert (status, body["error"]["code"]) == (503, "store_unavailable"), path
+            assert body["error"]["type"] == "api_error"
+            assert set(body["error"]) == {"message", "type", "param", "code"}
+
+        # A revocation the store cannot take is accepted, enforced here at once,
+        # and kept until Redis is back.
+        status, body = await admin(
+            http, gateway, "POST", "/admin/revoke", json={"client_secret": session.secret}
+        )
+        assert status == 202
+        assert body == {
+            "revoked": True,
+            "stored": False,
+            "pending": True,
+            "secret_hash_prefix": prefix(session.secret),
+        }
+        assert await converse(http, gateway, session.secret) == (401, "client_secret_revoked")
+    finally:
+        await asyncio.to_thread(redis.start)
+
+    async def stored() -> bool:
+        async with http.get(f"{gateway.url}/readyz") as response:
+            return response.status == 200 and (await response.json())["pending_revocations"] == 0
+
+    await eventually(stored, timeout=30, what="the pending revocation stored once Redis is back")
+    status, body = await admin(http, gateway, "GET", "/admin/revocations?tail=1")
+    assert status == 200
+    assert [(e["reason"], e["secret_hash_prefix"]) for e in body["data"]] == [
+        ("admin", prefix(session.secret))
+    ]

@@ -23,7 +23,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ import pytest_asyncio
 from openai import AsyncOpenAI
 
 from tests.fake_upstream import FakeUpstream, Seen
-from tests.harness import GatewayProcess, free_port, raw_http
+from tests.harness import GatewayProcess, eventually, free_port, raw_http
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -219,15 +219,6 @@ def assert_openai_error(reply: Reply, status: int, code: str | None = None) -> d
     if code is not None:
         assert error["code"] == code
     return dict(error)
-
-
-async def poll_until(predicate: Callable[[], bool], *, within: float, what: str) -> None:
-    """Re-check a condition nothing notifies us about, with a deadline."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def rss_bytes(pid: int) -> int:
@@ -888,7 +879,7 @@ async def test_disconnect_mid_upload_does_not_corrupt_the_next_requests(
             def upload_under_way(seen: Seen = upload) -> bool:
                 return seen.body_bytes > 0
 
-            await poll_until(upload_under_way, within=10, what="the upload to reach the upstream")
+            await eventually(upload_under_way, timeout=10, what="the upload to reach the upstream")
             if leave == "abort":
                 writer.transport.abort()
             else:

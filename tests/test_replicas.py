@@ -34,7 +34,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.store.redis import ADMIT_SHA
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer
+from tests.harness import (
+    GatewayProcess,
+    RedisServer,
+    eventually,
+    redis_key_contents,
+    wall_clock_reach,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -279,7 +285,7 @@ async def test_bad_secrets_are_refused_without_reaching_upstream(
     elif case == "expired":
         session = await create_session(http, replicas[0], minted, expires_after=1)
         # Redis compares against its own TIME, the clock this machine shares.
-        await asyncio.sleep(max(0.0, session["expires_at"] - time.time()) + 0.05)
+        await wall_clock_reach(session["expires_at"] + 0.05)
         authorization = f"Bearer {session['client_secret']}"
     elif case == "unknown":
         authorization = f"Bearer ek_{secrets.token_urlsafe(32)}"
@@ -552,9 +558,9 @@ async def test_script_flush_during_traffic_is_survived(
         first = [asyncio.create_task(worker(3 * limit + 5)) for _ in range(6)]
         # Flush once traffic is flowing: the next EVALSHA on every replica
         # finds the cache empty.
-        async with asyncio.timeout(30):
-            while len(replies) < 10:  # noqa: ASYNC110 - polling the traffic's progress
-                await asyncio.sleep(0.005)
+        await eventually(
+            lambda: len(replies) >= 10, timeout=30, interval=0.005, what="traffic to flow"
+        )
         await client.script_flush()
         await asyncio.gather(*first)
         errors = await client.info("errorstats")
@@ -598,18 +604,23 @@ async def test_redis_restart_during_traffic_is_survived(
 
     workers = [asyncio.create_task(worker()) for _ in range(6)]
     try:
-        async with asyncio.timeout(60):
-            while sum(r.status == 200 for _, r in replies) < b_limit or len(replies) < 40:  # noqa: ASYNC110
-                await asyncio.sleep(0.005)
-            await asyncio.to_thread(aof_redis.restart)
-            restarted = time.monotonic()
-            # Keep going until every replica has decided again after the restart.
-            while {r.replica for t, r in replies if t > restarted and r.status == 429} != {  # noqa: ASYNC110
-                0,
-                1,
-                2,
-            }:
-                await asyncio.sleep(0.005)
+        await eventually(
+            lambda: sum(r.status == 200 for _, r in replies) >= b_limit and len(replies) >= 40,
+            timeout=30,
+            interval=0.005,
+            what="B's quota used up before the restart",
+        )
+        await asyncio.to_thread(aof_redis.restart)
+        restarted = time.monotonic()
+        # Keep going until every replica has decided again after the restart.
+        await eventually(
+            lambda: (
+                {r.replica for t, r in replies if t > restarted and r.status == 429} == {0, 1, 2}
+            ),
+            timeout=30,
+            interval=0.005,
+            what="every replica deciding again after the restart",
+        )
     finally:
         stop.set()
         await asyncio.gather(*workers)
@@ -645,18 +656,8 @@ async def test_no_secret_is_at_rest_in_redis(aof_redis: RedisServer, minted: lis
         keys = [key async for key in client.scan_iter(count=1000)]
         assert keys
         for key in keys:
-            kind = await client.type(key)
-            if kind == b"string":
-                values = [await client.get(key) or b""]
-            elif kind == b"hash":
-                values = [b for kv in (await client.hgetall(key)).items() for b in kv]
-            elif kind == b"zset":
-                values = await client.zrange(key, 0, -1)
-            elif kind == b"stream":
-                values = [b for _, f in await client.xrange(key) for kv in f.items() for b in kv]
-            else:
-                values = [await client.dump(key) or b""]
-            blob = key + b"\x00" + b"\x00".join(values)
+            kind, values = await redis_key_contents(client, key)
+            blob = key + b"\x00" + values
             assert not any(needle in blob for needle in needles), key
             if kind != b"stream":  # the capped audit log is shared, see the contract test
                 # -1 means no TTL; -2 that the key expired since the scan found it.

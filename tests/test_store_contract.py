@@ -23,26 +23,15 @@ import pytest
 import redis.asyncio
 
 from gateway.auth import SecretHasher
+from gateway.errors import StoreUnavailable
 from gateway.ratelimit import Decision, Identity, Outcome
 from gateway.registry import session_from_response
 from gateway.store.base import AdmitRequest, IssuedSession, SessionRecord, Store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore, connect
+from tests.harness import FakeClock, RedisServer, redis_key_contents, wall_clock_reach
 
 HASHER = SecretHasher(b"contract-pepper")
-
-
-class FakeClock:
-    """Seconds since the epoch, held as whole microseconds so steps are exact."""
-
-    def __init__(self, start: float = 1_750_000_000.0) -> None:
-        self.us = round(start * 1_000_000)
-
-    def __call__(self) -> float:
-        return self.us / 1_000_000
-
-    def set(self, seconds: float) -> None:
-        self.us = max(self.us, round(seconds * 1_000_000))
 
 
 @dataclass
@@ -59,12 +48,6 @@ class Backend:
         store = self.make_store(window_seconds)
         self.stores.append(store)
         return store
-
-
-async def _wall_clock_reach(when: float) -> None:
-    # Redis reads the same system clock; nothing to wait *for* but time itself.
-    while (left := when - time.time()) > 0:  # noqa: ASYNC110 - waiting on the clock itself
-        await asyncio.sleep(min(left, 0.05))
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -86,7 +69,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
                 connect(url, cluster=False, timeout=5.0), window_seconds=window, pubsub_url=url
             ),
             time.time,
-            _wall_clock_reach,
+            wall_clock_reach,
         )
     try:
         yield kit
@@ -442,7 +425,7 @@ async def test_revocations_stream_delivers_revoked_hashes(backend: Backend) -> N
     store = backend.store()
     record = _record(backend)
     await store.register(record)
-    received: asyncio.Queue[str] = asyncio.Queue()
+    received: asyncio.Queue[str | None] = asyncio.Queue()
 
     async def listen() -> None:
         async for secret_hash in store.revocations():
@@ -574,8 +557,17 @@ async def test_only_admitted_registered_sessions_carry_an_identity(backend: Back
     assert refused.identity is None
 
 
-async def test_ping_answers(backend: Backend) -> None:
-    await backend.store().ping()
+async def test_redis_ping_reports_an_unreachable_redis_as_store_unavailable() -> None:
+    # /readyz and start-up both ask ping() whether the store can decide.
+    with RedisServer() as server:
+        store = RedisStore(connect(server.url, cluster=False, timeout=1.0), pubsub_url=server.url)
+        try:
+            await store.ping()
+            server.stop()
+            with pytest.raises(StoreUnavailable):
+                await store.ping()
+        finally:
+            await store.close()
 
 
 # -- Redis only: what is at rest ------------------------------------------------------
@@ -585,20 +577,8 @@ async def _dump_everything(client: redis.asyncio.Redis) -> dict[bytes, tuple[byt
     """Every key: (type, TTL in ms, all names and values in it, concatenated)."""
     out = {}
     async for key in client.scan_iter(count=1000):
-        kind = await client.type(key)
-        if kind == b"string":
-            parts = [await client.get(key) or b""]
-        elif kind == b"hash":
-            parts = [b for kv in (await client.hgetall(key)).items() for b in kv]
-        elif kind == b"zset":
-            parts = [m for m, _ in await client.zrange(key, 0, -1, withscores=True)]
-        elif kind == b"stream":
-            parts = [
-                b for _, fields in await client.xrange(key) for kv in fields.items() for b in kv
-            ]
-        else:
-            parts = [await client.dump(key) or b""]
-        out[key] = (kind, await client.pttl(key), b"\x00".join(parts))
+        kind, contents = await redis_key_contents(client, key)
+        out[key] = (kind, await client.pttl(key), contents)
     return out
 
 

@@ -1,0 +1,74 @@
+"""Who an admitted request acts as, told to the ChatKit server behind the gateway.
+
+A self-hosted ChatKit server authenticates nobody itself (the SDK leaves it to
+the app). In issuer mode the gateway has verified the client secret, so it
+removes the client's credentials and any ``X-ChatKit-*`` header the client
+sent, and states the session's identity in headers of its own. Servers that
+can also be reached without the gateway verify ``X-ChatKit-Assertion``, a
+short-lived HS256 JWT (RFC 7519) over the same facts.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import jwt
+
+from gateway.ratelimit import Identity
+from gateway.types import Headers
+
+#: Identity header names, lower-case as ASGI and aiohttp carry them.
+USER = b"x-chatkit-user"
+SESSION_ID = b"x-chatkit-session-id"
+WORKFLOW_ID = b"x-chatkit-workflow-id"
+WORKFLOW_VERSION = b"x-chatkit-workflow-version"
+EXPIRES_AT = b"x-chatkit-expires-at"
+ASSERTION = b"x-chatkit-assertion"
+PREFIX = b"x-chatkit-"
+
+
+def strip_client_identity(headers: Headers) -> Headers:
+    """The client's headers without its credentials or any claim to an identity."""
+    return [
+        (name, value)
+        for name, value in headers
+        if name != b"authorization" and not name.startswith(PREFIX)
+    ]
+
+
+class IdentityHeaders:
+    """Builds the identity headers; signs an assertion when a key is configured."""
+
+    __slots__ = ("_issuer", "_key", "_ttl")
+
+    def __init__(self, *, signing_key: bytes | None, issuer: str, ttl_seconds: int) -> None:
+        self._key = signing_key
+        self._issuer = issuer
+        self._ttl = ttl_seconds
+
+    def __call__(self, identity: Identity, *, request_id: bytes, now: int) -> Headers:
+        # The user id is the app's own string (any UTF-8): percent-encoded so
+        # it survives as a header value (RFC 9110 5.5 allows visible ASCII).
+        out = [
+            (USER, quote(identity.user, safe="").encode()),
+            (SESSION_ID, identity.session_id.encode()),
+            (WORKFLOW_ID, identity.workflow_id.encode()),
+            (EXPIRES_AT, str(identity.expires_at).encode()),
+        ]
+        if identity.workflow_version:
+            out.append((WORKFLOW_VERSION, quote(identity.workflow_version, safe="").encode()))
+        if self._key is not None:
+            claims = {
+                "iss": self._issuer,
+                "aud": identity.workflow_id,
+                "sub": identity.user,
+                "sid": identity.session_id,
+                "iat": now,
+                # Never outlives the session it speaks for.
+                "exp": min(now + self._ttl, identity.expires_at),
+                "jti": request_id.decode("latin-1"),
+            }
+            if identity.workflow_version:
+                claims["wfv"] = identity.workflow_version
+            out.append((ASSERTION, jwt.encode(claims, self._key, algorithm="HS256").encode()))
+        return out
