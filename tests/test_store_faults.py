@@ -4,12 +4,14 @@ Redis, a paused Redis. Each test runs a private redis-server."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio
+import redis.exceptions
 
 from gateway.errors import StoreUnavailable
 from gateway.metrics import Metrics
@@ -17,6 +19,7 @@ from gateway.ratelimit import Outcome
 from gateway.revocation import Revoker
 from gateway.store.base import AdmitRequest, SessionRecord
 from gateway.store.redis import RedisStore, connect
+from gateway.store.redis.client import Availability
 from tests.harness import RedisServer
 
 TWO_HOURS = 7200.0
@@ -248,3 +251,38 @@ async def test_requests_refused_with_503_during_a_stall_consume_no_slot(deadline
         finally:
             await probe.aclose()
             await store.close()
+
+
+# -- saying so once: an outage is a few log lines, not one per request ------------
+
+
+def test_an_outage_is_logged_when_it_starts_once_per_interval_and_when_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [1000.0]
+    availability = Availability(log_interval=30, clock=lambda: now[0])
+    caplog.set_level(logging.DEBUG, logger="gateway.store.redis.client")
+    for _ in range(500):  # a busy replica: every request fails
+        availability.failed(ConnectionError("refused"))
+    now[0] += 31
+    for _ in range(500):
+        availability.failed(ConnectionError("refused"))
+    now[0] += 1
+    availability.answered(wrote=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Redis is unavailable (ConnectionError): client requests are refused with 503 "
+        "until it answers",
+        "Redis still unavailable after 31 s: 501 operations refused",
+        "Redis answers again after 32.0 s (1000 operations refused meanwhile)",
+    ]
+
+
+def test_a_full_redis_is_cleared_only_by_a_write_that_needed_room() -> None:
+    availability = Availability(report=False)
+    error = availability.failed(redis.exceptions.OutOfMemoryError("command not allowed"))
+    assert "full" in str(error)
+    assert availability.full
+    availability.answered(wrote=False)  # a read, or a revocation (allowed when full)
+    assert availability.full
+    availability.answered(wrote=True)
+    assert not availability.full

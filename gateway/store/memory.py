@@ -253,7 +253,7 @@ class MemoryStore(Store):
     async def revoked_among(self, secret_hashes: Collection[str]) -> set[str]:
         return {h for h in secret_hashes if self._get(self._revoked, h) is not None}
 
-    async def revocations(self) -> AsyncIterator[str]:
+    async def revocations(self) -> AsyncIterator[str | None]:
         queue: asyncio.Queue[str] = asyncio.Queue()
         self._listeners.add(queue)
         try:
