@@ -9,6 +9,7 @@ Either is logged once, not once per request.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any
 
@@ -77,21 +78,25 @@ async def test_a_full_redis_is_loud_and_still_takes_cancels(upstream: FakeUpstre
             secret = session["client_secret"]
             assert await _client_call(http, gateway, secret) == (200, "")
 
-            # Filled to the last kilobyte; the filling connection stays open
-            # (closing it would free its buffers, and with them some room).
+            # Filled to the last bytes, and topped up before every request:
+            # Redis frees client buffers now and then, and an admission could
+            # fit the room so freed.
             probe = redis_server.client()
-            for size in (65536, 1024):
-                n = 0
-                while True:
-                    try:
-                        await probe.set(f"filler:{size}:{n}", b"x" * size)
-                    except redis.exceptions.OutOfMemoryError:
-                        break
-                    n += 1
+            filler = itertools.count()
+
+            async def top_up() -> None:
+                for size in (65536, 1024, 64):
+                    while True:
+                        try:
+                            await probe.set(f"filler:{next(filler)}", b"x" * size)
+                        except redis.exceptions.OutOfMemoryError:
+                            break
 
             # Fail closed, and say why: once in the log, in /readyz and in a metric.
-            # (Full is a threshold: one admission may still fit the last bytes.)
-            answers = [await _client_call(http, gateway, secret) for _ in range(20)]
+            answers = []
+            for _ in range(20):
+                await top_up()
+                answers.append(await _client_call(http, gateway, secret))
             assert set(answers) <= {(200, ""), (503, "store_unavailable")}
             assert answers.count((503, "store_unavailable")) >= 19, answers
             async with http.get(f"{gateway.url}/readyz") as resp:
@@ -113,7 +118,11 @@ async def test_a_full_redis_is_loud_and_still_takes_cancels(upstream: FakeUpstre
 
 
 async def _create_session(http: aiohttp.ClientSession, gateway: GatewayProcess) -> dict[str, Any]:
-    body = {"user": "user_full", "workflow": {"id": "wf_full"}}
+    body = {
+        "user": "user_full",
+        "workflow": {"id": "wf_full"},
+        "rate_limits": {"max_requests_per_1_minute": 1000},  # never the reason for a refusal
+    }
     async with http.post(f"{gateway.url}/v1/chatkit/sessions", json=body, headers=API_KEY) as resp:
         assert resp.status == 200, await resp.text()
         answer: dict[str, Any] = await resp.json()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -66,7 +67,11 @@ class Availability:
 
     Whether Redis answers, and whether it is full, is logged when it changes
     and once per ``log_interval`` while it lasts, with a count: an outage is
-    a few lines, not one per refused request.
+    a few lines, not one per refused request. Flapping is not news either:
+    a Redis at its memory limit lets a write through now and then, so it
+    counts as full until ``hold`` seconds pass without a refusal; an outage
+    that starts again within ``hold`` of the last one's end is logged only
+    by the interval line.
     """
 
     def __init__(
@@ -74,13 +79,18 @@ class Availability:
         *,
         report: bool = True,
         log_interval: float = 30.0,
+        hold: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         # A one-shot command (the CLI) reports its own failure instead.
         self._log = logger.error if report else logger.debug
         self._recovered = logger.warning if report else logger.debug
         self._log_interval = log_interval
+        self._hold = hold
         self._clock = clock
+        self._recovered_at = -math.inf
+        self._announced = False  # whether this outage's start was logged
+        self._last_oom = -math.inf
         self.down_since: float | None = None
         self.full_since: float | None = None
         self._refused = 0
@@ -122,6 +132,7 @@ class Availability:
         """Record a failed operation; the error to raise for it."""
         now = self._clock()
         if is_oom(exc):
+            self._last_oom = now
             self._full_refused += 1
             if self.full_since is None:
                 self.full_since = now
@@ -141,11 +152,14 @@ class Availability:
         self._refused += 1
         if self.down_since is None:
             self.down_since = now
-            self._log(
-                "Redis is unavailable (%s): client requests are refused with 503 until it answers",
-                type(exc).__name__,
-            )
-            self._logged_at = now
+            self._announced = now - self._recovered_at >= self._hold
+            if self._announced:
+                self._log(
+                    "Redis is unavailable (%s): client requests are refused with 503 "
+                    "until it answers",
+                    type(exc).__name__,
+                )
+                self._logged_at = now
         elif now - self._logged_at >= self._log_interval:
             self._log(
                 "Redis still unavailable after %.0f s: %d operations refused",
@@ -157,18 +171,23 @@ class Availability:
 
     def answered(self, *, wrote: bool) -> None:
         """Record a successful operation; a write that succeeded means not full."""
+        if self.down_since is None and self.full_since is None:
+            return  # the common case, on every batch
+        now = self._clock()
         if self.down_since is not None:
-            self._recovered(
-                "Redis answers again after %.1f s (%d operations refused meanwhile)",
-                self._clock() - self.down_since,
-                self._refused,
-            )
+            if self._announced:
+                self._recovered(
+                    "Redis answers again after %.1f s (%d operations refused meanwhile)",
+                    now - self.down_since,
+                    self._refused,
+                )
+                self._refused = 0
             self.down_since = None
-            self._refused = 0
-        if wrote and self.full_since is not None:
+            self._recovered_at = now
+        if wrote and self.full_since is not None and now - self._last_oom >= self._hold:
             self._recovered(
                 "Redis accepts writes again after %.1f s full (%d writes refused)",
-                self._clock() - self.full_since,
+                now - self.full_since,
                 self._full_refused,
             )
             self.full_since = None
