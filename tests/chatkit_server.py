@@ -30,6 +30,8 @@ What tests read:
 - ``cancelled()``: streams the ChatKit SDK saw cut before their end
   (``handle_stream_cancelled``), as ``CancelledStream(user, session_id, thread_id)``.
 - ``wait_for(predicate, timeout=5.0)``: poll until ``predicate()`` holds.
+- ``stop()`` / ``astop()`` (or leaving the ``with``): SIGTERM, files released;
+  ``seen()``, ``cancelled()`` and ``output()`` still answer, ``start()`` runs it again.
 
 Answers: a message ``slow N`` (optionally ``slow N SECONDS``) streams N text
 deltas ``"tick 1\\n"`` .. ``"tick N\\n"`` 0.2 s (or SECONDS) apart, so a test can
@@ -52,6 +54,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -140,16 +143,24 @@ class _ServerProcess:
         self._env = dict(env)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._earlier_output = ""  # from runs already stopped
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def _command(self) -> list[str]:
+        return self._argv
+
     def _spawn(self) -> None:
-        if self._log is None:
-            self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
+        # A file, not a pipe: a chatty server can never block on a full pipe.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in _release()
         self._proc = subprocess.Popen(
-            self._argv, env=self._env, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT
+            self._command(),
+            env=self._env,
+            cwd=REPO_ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     def _check_alive(self) -> None:
@@ -198,12 +209,15 @@ class _ServerProcess:
                         break
                     await asyncio.sleep(_POLL)
         except BaseException:
-            await asyncio.to_thread(self.close)
+            await self.astop()
             raise
         return self
 
     def stop(self) -> int:
-        """SIGTERM (SIGKILL after 5 s); returns the exit code."""
+        """SIGTERM (SIGKILL after 5 s) and release its files; returns the exit code.
+
+        What it printed (and recorded) stays readable, and start() may run it again.
+        """
         if self._proc is None:
             return 0
         if self._proc.poll() is None:
@@ -212,21 +226,34 @@ class _ServerProcess:
                 self._proc.wait(5.0)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
-        return self._proc.wait()
+        code = self._proc.wait()
+        self._release()
+        return code
 
-    def output(self) -> str:
-        """What the process printed so far."""
+    async def astop(self) -> int:
+        """Like stop(), waiting in a thread so this event loop keeps running."""
+        return await asyncio.to_thread(self.stop)
+
+    def close(self) -> None:
+        """The same as stop(), for ``with`` and ``contextlib.closing``."""
+        self.stop()
+
+    def _release(self) -> None:
+        if self._log is not None:
+            self._earlier_output += self._current_output()
+            self._log.close()
+            self._log = None
+
+    def _current_output(self) -> str:
         if self._log is None:
             return ""
         # pread leaves the shared file offset alone: the child keeps appending.
         size = os.fstat(self._log.fileno()).st_size
         return os.pread(self._log.fileno(), size, 0).decode(errors="replace")
 
-    def close(self) -> None:
-        self.stop()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+    def output(self) -> str:
+        """What the process printed so far, over every run."""
+        return self._earlier_output + self._current_output()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -248,7 +275,7 @@ class _ServerProcess:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await asyncio.to_thread(self.close)
+        await self.astop()
 
 
 def _example_env(env: Mapping[str, str] | None) -> dict[str, str]:
@@ -276,9 +303,8 @@ class ChatKitServerProcess(_ServerProcess):
         port: int | None = None,
         startup_timeout: float = 20.0,
     ) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="chatkit-server-")
-        self.record_path = Path(self._dir.name) / "seen.jsonl"
-        self.record_path.touch()
+        self.record_path: Path | None = None  # while running; see _command()
+        self._earlier_records: list[dict[str, Any]] = []  # from runs already stopped
         port = port or free_port()
         options = {
             "CHATKIT_ECHO_DELAY_SECONDS": "0",
@@ -289,7 +315,6 @@ class ChatKitServerProcess(_ServerProcess):
         if issuer is not None:
             options["CHATKIT_IDENTITY_ISSUER"] = issuer
         argv = [sys.executable, "-m", "tests.chatkit_server", "--port", str(port)]
-        argv += ["--record", str(self.record_path)]
         super().__init__(
             argv,
             _example_env({**options, **(env or {})}),
@@ -302,14 +327,32 @@ class ChatKitServerProcess(_ServerProcess):
         """The ChatKit endpoint: what ``GATEWAY_WORKFLOWS`` names as ``upstream``."""
         return f"{self.base_url}/chatkit"
 
-    def _records(self) -> list[dict[str, Any]]:
-        records = []
+    def _command(self) -> list[str]:
+        # A fresh directory per run, removed by stop() once its records are read.
+        self.record_path = Path(tempfile.mkdtemp(prefix="chatkit-server-")) / "seen.jsonl"
+        self.record_path.touch()
+        return [*super()._command(), "--record", str(self.record_path)]
+
+    def _current_records(self) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = []
+        if self.record_path is None:
+            return records
         for line in self.record_path.read_text().splitlines():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 break  # a line still being written
         return records
+
+    def _records(self) -> list[dict[str, Any]]:
+        return self._earlier_records + self._current_records()
+
+    def _release(self) -> None:
+        super()._release()
+        if self.record_path is not None:
+            self._earlier_records += self._current_records()
+            shutil.rmtree(self.record_path.parent, ignore_errors=True)
+            self.record_path = None
 
     def seen(self) -> list[SeenRequest]:
         """Every request recorded so far, oldest first."""
@@ -355,10 +398,6 @@ class ChatKitServerProcess(_ServerProcess):
                 f"condition not met within {timeout}s; the ChatKit server recorded:\n"
                 + "\n".join(json.dumps(r) for r in self._records())
             ) from None
-
-    def close(self) -> None:
-        super().close()
-        self._dir.cleanup()
 
 
 class WebAppProcess(_ServerProcess):

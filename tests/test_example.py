@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -156,42 +156,54 @@ async def test_a_workflow_the_server_does_not_serve_is_refused(
         assert json.loads(body)["error"]["code"] == "unknown_workflow"
 
 
+@pytest.fixture(scope="module")
+def signed_server() -> Iterator[ChatKitServerProcess]:
+    """One server that verifies assertions, for the whole table below."""
+    with ChatKitServerProcess(signing_key=SIGNING_KEY) as chatkit:
+        yield chatkit
+
+
 @pytest.mark.parametrize(
     ("make_assertion", "code"),
     [
-        # no assertion at all: a request that did not come through the gateway
-        (lambda: None, "missing_assertion"),
-        # signed with another key
-        (lambda: assertion(key="another-key-of-at-least-32-bytes-0123456789"), "invalid_assertion"),
-        # expired (beyond the 5 s leeway)
-        (lambda: assertion(exp=int(time.time()) - 30), "invalid_assertion"),
-        # made for another workflow's server
-        (lambda: assertion(aud="wf_other"), "invalid_assertion"),
-        # made by another issuer
-        (lambda: assertion(iss="someone-else"), "invalid_assertion"),
-        # for another user than the header says
-        (lambda: assertion(sub="mallory"), "invalid_assertion"),
-        # for another session than the header says
-        (lambda: assertion(sid="cksess_other"), "invalid_assertion"),
-        # without a required claim
-        (lambda: assertion(sid=None), "invalid_assertion"),
-        # not a JWT
-        (lambda: "not-a-jwt", "invalid_assertion"),
+        # a request that did not come through the gateway
+        pytest.param(lambda: None, "missing_assertion", id="none"),
+        pytest.param(
+            lambda: assertion(key="another-key-of-at-least-32-bytes-0123456789"),
+            "invalid_assertion",
+            id="signed-with-another-key",
+        ),
+        # beyond the 5 s leeway
+        pytest.param(
+            lambda: assertion(exp=int(time.time()) - 30), "invalid_assertion", id="expired"
+        ),
+        # made for another workflow's server (which may share the key)
+        pytest.param(lambda: assertion(aud="wf_other"), "invalid_assertion", id="other-workflow"),
+        pytest.param(lambda: assertion(iss="someone-else"), "invalid_assertion", id="other-issuer"),
+        # the headers say alice; the signed claim is the one to believe, and they differ
+        pytest.param(lambda: assertion(sub="mallory"), "invalid_assertion", id="other-user"),
+        pytest.param(
+            lambda: assertion(sid="cksess_other"), "invalid_assertion", id="other-session"
+        ),
+        pytest.param(lambda: assertion(sid=None), "invalid_assertion", id="missing-claim"),
+        pytest.param(lambda: "not-a-jwt", "invalid_assertion", id="not-a-jwt"),
     ],
 )
 async def test_with_a_signing_key_only_a_valid_assertion_is_accepted(
-    http: aiohttp.ClientSession, make_assertion: Any, code: str
+    http: aiohttp.ClientSession,
+    signed_server: ChatKitServerProcess,
+    make_assertion: Callable[[], str | None],
+    code: str,
 ) -> None:
-    async with ChatKitServerProcess(signing_key=SIGNING_KEY) as chatkit:
-        token = make_assertion()
-        headers = identity() if token is None else identity(**{"X-ChatKit-Assertion": token})
-        status, body = await post(http, chatkit.url, threads_create_body("hi"), headers)
-        assert status == 401
-        assert json.loads(body)["error"]["code"] == code
-        # A valid one from the same test passes, so the refusal was about the token.
-        headers = identity(**{"X-ChatKit-Assertion": assertion()})
-        status, _ = await post(http, chatkit.url, threads_create_body("hi"), headers)
-        assert status == 200
+    token = make_assertion()
+    headers = identity() if token is None else identity(**{"X-ChatKit-Assertion": token})
+    status, body = await post(http, signed_server.url, threads_create_body("hi"), headers)
+    assert status == 401
+    assert json.loads(body)["error"]["code"] == code
+    # A valid one, on the same server, passes: the refusal was about the token.
+    headers = identity(**{"X-ChatKit-Assertion": assertion()})
+    status, _ = await post(http, signed_server.url, threads_create_body("hi"), headers)
+    assert status == 200
 
 
 async def test_a_slow_stream_arrives_event_by_event_and_a_cut_is_recorded(
@@ -212,6 +224,17 @@ async def test_a_slow_stream_arrives_event_by_event_and_a_cut_is_recorded(
         await chatkit.wait_for(lambda: len(chatkit.cancelled()) == 1)
         [cut] = chatkit.cancelled()
         assert (cut.user, cut.session_id) == ("alice", "cksess_alice")
+
+
+async def test_the_app_backend_reports_an_unreachable_gateway_without_details(
+    http: aiohttp.ClientSession,
+) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    async with WebAppProcess(gateway_url=nowhere, api_key=API_KEY, workflow_id=WORKFLOW) as app:
+        async with http.post(f"{app.base_url}/api/chatkit/session") as response:
+            assert response.status == 502
+            assert await response.json() == {"error": "session_unavailable"}
+        assert API_KEY not in app.output()
 
 
 # --- the whole example through a gateway (issuer mode) --------------------------------------
@@ -275,6 +298,44 @@ async def test_a_session_from_the_sdk_streams_a_thread_through_the_gateway(
         assert seen.authorization is False  # the secret never reaches the ChatKit server
         assert [v for k, v in seen.chatkit_headers if k == "x-chatkit-user"] == ["alice"]
         assert session.client_secret not in json.dumps(seen.chatkit_headers)
+
+
+async def test_a_cancel_on_one_replica_ends_the_chatkit_servers_stream_on_the_other(
+    http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    async with (
+        ChatKitServerProcess(workflow_ids=[WORKFLOW]) as chatkit,
+        GatewayProcess("http://127.0.0.1:9", redis_url=redis_url, env=issuer_env(chatkit)) as a,
+        GatewayProcess("http://127.0.0.1:9", redis_url=redis_url, env=issuer_env(chatkit)) as b,
+    ):
+        client = openai.AsyncOpenAI(api_key=API_KEY, base_url=f"{a.url}/v1")
+        async with client:
+            session = await client.beta.chatkit.sessions.create(
+                user="dave", workflow={"id": WORKFLOW}
+            )
+            headers = {"Authorization": f"Bearer {session.client_secret}"}
+            deltas = 0
+            async with http.post(
+                f"{b.url}/chatkit", data=threads_create_body("slow 100 0.1"), headers=headers
+            ) as response:
+                assert response.status == 200
+                try:
+                    async for line in response.content:
+                        if b"text_delta" in line:
+                            deltas += 1
+                            if deltas == 2:  # live on replica B: cancel on replica A
+                                cancelled = await client.beta.chatkit.sessions.cancel(session.id)
+                                assert cancelled.status == "cancelled"
+                except aiohttp.ClientPayloadError:
+                    pass  # the cut may show as an unfinished chunked body
+        assert 2 <= deltas < 100, "the stream was not cut"
+        # The ChatKit SDK saw its stream end early, as when a browser goes away.
+        await chatkit.wait_for(lambda: len(chatkit.cancelled()) == 1)
+        assert chatkit.cancelled()[0].session_id == session.id
+        status, body = await post(http, f"{b.url}/chatkit", threads_create_body("again"), headers)
+        assert status == 401
+        assert json.loads(body)["error"]["code"] == "client_secret_revoked"
+        assert len(chatkit.seen()) == 1
 
 
 async def test_the_example_app_backend_mints_a_secret_that_reaches_its_user(
