@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import math
+import secrets
+import time
 from importlib import resources
 from typing import Any, Protocol
 
@@ -28,13 +31,25 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from gateway.errors import StoreUnavailable
 from gateway.ratelimit import OUTCOMES, Decision, Identity, Window
 from gateway.store.base import AdmitRequest
-from gateway.store.redis.client import Client, call
+from gateway.store.redis.client import Availability, Client, is_oom
 from gateway.store.redis.keys import KeyLayout
 
 logger = logging.getLogger(__name__)
 
-ADMIT_SCRIPT = resources.files("gateway.store").joinpath("lua/admit.lua").read_text()
+_LUA = resources.files("gateway.store").joinpath("lua")
+ADMIT_SCRIPT = _LUA.joinpath("admit.lua").read_text()
 ADMIT_SHA = hashlib.sha1(ADMIT_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+VOID_SCRIPT = _LUA.joinpath("void.lua").read_text()
+VOID_SHA = hashlib.sha1(VOID_SCRIPT.encode()).hexdigest()  # noqa: S324
+
+#: admit.lua's error when it ran after its deadline.
+LATE = "LATE"
+# The deadline leaves the reply this long (at most a quarter of the timeout)
+# to reach the gateway before it gives up.
+DEADLINE_MARGIN_SECONDS = 0.25
+# Undo work left by failed batches: retried this often when nothing else is sent.
+VOID_RETRY_SECONDS = 0.05
+MAX_VOIDS = 100_000
 
 Command = tuple[Any, ...]
 _Pending = tuple[AdmitRequest, "asyncio.Future[Decision]"]
@@ -59,6 +74,9 @@ def decode_decision(reply: list[Any]) -> Decision:
 
 
 class _Sender(Protocol):
+    #: Counts the connections opened, so a new one can be measured afresh.
+    connections: int
+
     async def send(self, commands: list[Command]) -> list[Any]:
         """Replies in order; a command Redis refused is its ResponseError."""
 
@@ -74,10 +92,12 @@ class _ConnectionSender:
     and one deadline covers the batch. Parsing stays redis-py's.
     """
 
-    def __init__(self, client: aioredis.Redis, timeout: float) -> None:
+    def __init__(self, client: aioredis.Redis, timeout: float, availability: Availability) -> None:
+        self._availability = availability
         self._pool = client.connection_pool
         self._timeout = timeout
         self._connection: Any = None
+        self.connections = 0
 
     async def send(self, commands: list[Command]) -> list[Any]:
         payload = b"".join([hiredis.pack_command(args) for args in commands])
@@ -100,7 +120,7 @@ class _ConnectionSender:
                 await connection.disconnect(nowait=True)
                 raise
 
-        return await call(run)
+        return await self._availability.call(run)
 
     async def _ready_connection(self) -> Any:
         connection = self._connection
@@ -121,6 +141,7 @@ class _ConnectionSender:
         async with asyncio.timeout(self._timeout):
             await connection.connect()  # type: ignore[no-untyped-call]
         self._connection = connection
+        self.connections += 1
         return connection
 
     async def close(self) -> None:
@@ -129,8 +150,10 @@ class _ConnectionSender:
 
 
 class _PipelineSender:
-    def __init__(self, client: RedisCluster) -> None:
+    def __init__(self, client: RedisCluster, availability: Availability) -> None:
+        self._availability = availability
         self._client = client
+        self.connections = 0
 
     async def send(self, commands: list[Command]) -> list[Any]:
         async def run() -> list[Any]:
@@ -139,28 +162,66 @@ class _PipelineSender:
                 pipe.execute_command(*args)
             return await pipe.execute(raise_on_error=False)
 
-        return await call(run)
+        return await self._availability.call(run)
 
     async def close(self) -> None:
         return None
 
 
 class AdmissionBatcher:
-    """Queues admissions and sends them as batches, one batch in flight."""
+    """Queues admissions and sends them as batches, one batch in flight.
+
+    A request answered 503 must not count in its window, yet Redis may run
+    its script after the gateway gave up (a paused server runs what its
+    socket holds when it resumes). Two guards:
+
+    - a deadline in Redis time (``admit.lua`` refuses to write after it),
+      from an offset between Redis ``TIME`` and this process's monotonic
+      clock, measured by a ``TIME`` in the first batch on each connection
+      and after a script found the offset wrong. It is measured when the
+      reply is read, so it errs early: a script that writes ran within
+      ``budget`` of its batch being built, which is shorter than the
+      gateway's own timeout. Drift between the clocks costs at most a 503
+      for a request that Redis was already too slow for (and a re-measure)
+      or a late write that the next guard undoes. Standalone Redis only
+      (cluster nodes each have their own clock);
+    - each admission's window member is chosen here, and a batch that fails
+      is undone (``void.lua``, removing those members) before the next one,
+      on any Redis: that covers a script that ran in time but whose reply
+      came too late.
+    """
 
     def __init__(
-        self, client: Client, *, keys: KeyLayout, window_seconds: int, timeout: float
+        self,
+        client: Client,
+        *,
+        keys: KeyLayout,
+        window_seconds: int,
+        timeout: float,
+        availability: Availability,
     ) -> None:
+        self._availability = availability
         self._client = client
         self._keys = keys
         self._window_us = window_seconds * 1_000_000
+        cluster = isinstance(client, RedisCluster)
         self._sender: _Sender = (
-            _PipelineSender(client)
+            _PipelineSender(client, availability)
             if isinstance(client, RedisCluster)
-            else _ConnectionSender(client, timeout)
+            else _ConnectionSender(client, timeout, availability)
         )
         self._pending: list[_Pending] = []
         self._drainer: asyncio.Future[None] | None = None
+        self._closing = False
+        # Deadlines.
+        self._deadlines = not cluster
+        self._budget_us = int((timeout - min(DEADLINE_MARGIN_SECONDS, timeout / 4)) * 1_000_000)
+        self._offset_us: int | None = None  # Redis TIME minus monotonic, µs
+        self._measured_on = -1  # the sender's connection count when measured
+        # Members: unique across replicas and restarts, short.
+        self._member_prefix = secrets.token_hex(6) + ":"
+        self._sequence = itertools.count()
+        self._voids: dict[str, Command] = {}  # member -> the command undoing it
 
     async def admit(self, request: AdmitRequest) -> Decision:
         future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
@@ -176,16 +237,19 @@ class AdmissionBatcher:
 
         While a batch is on the wire the next one fills up, so under load
         batches grow instead of multiplying: the per-batch cost (a write, a
-        deadline, a task switch) is shared by more requests.
+        deadline, a task switch) is shared by more requests. Undo work left
+        by a failed batch is sent on its own when no admission comes.
         """
         try:
-            while self._pending:
+            while self._pending or (self._voids and not self._closing):
                 batch, self._pending = self._pending, []
                 await self._run(batch)
+                if not batch and self._voids:
+                    await asyncio.sleep(VOID_RETRY_SECONDS)
         finally:
             self._drainer = None
 
-    def _command(self, request: AdmitRequest) -> Command:
+    def _command(self, request: AdmitRequest, member: str, deadline: int) -> Command:
         session, window, revoked = self._keys.secret(request.secret_hash)
         return (
             "EVALSHA",
@@ -199,12 +263,38 @@ class AdmissionBatcher:
             request.default_limit,
             request.user_limit or 0,
             self._keys.user_prefix,
+            deadline,
+            member,
         )
 
+    def _void_command(self, request: AdmitRequest, member: str) -> Command:
+        session, window, _ = self._keys.secret(request.secret_hash)
+        users = 1 if request.user_limit else 0
+        return ("EVALSHA", VOID_SHA, 2, session, window, member, self._keys.user_prefix, users)
+
     async def _run(self, batch: list[_Pending]) -> None:
+        deadline = 0
+        refresh = False
+        if self._deadlines:
+            if self._offset_us is not None:
+                deadline = int(time.monotonic() * 1_000_000) + self._offset_us + self._budget_us
+            # Measured on each new connection (a reconnection may well mean
+            # a restarted or failed-over Redis, another clock).
+            refresh = self._measured_on != self._sender.connections
+        prefix, sequence = self._member_prefix, self._sequence
+        members = [f"{prefix}{next(sequence):x}" for _ in batch]
+        voided = list(self._voids.items())
+        commands = [command for _, command in voided]
+        commands += [
+            self._command(req, member, deadline)
+            for (req, _), member in zip(batch, members, strict=True)
+        ]
+        if refresh:
+            commands.append(("TIME",))
         try:
-            replies = await self._evalsha([self._command(req) for req, _ in batch])
+            replies = await self._evalsha(commands)
         except Exception as exc:
+            self._keep_voids(batch, members)
             # Every waiting request gets an answer, whatever went wrong.
             error = (
                 exc
@@ -217,13 +307,50 @@ class AdmissionBatcher:
                 if not future.done():
                     future.set_exception(error)
             return
+        if refresh:
+            self._learn_offset(replies.pop())
+        if voided:
+            for (member, _), reply in zip(voided, replies, strict=False):
+                if not isinstance(reply, Exception):
+                    self._voids.pop(member, None)
+            replies = replies[len(voided) :]
+        if self._availability.full and not all(isinstance(r, Exception) for r in replies):
+            # Redis ran an admission script, which it refuses when full.
+            self._availability.answered(wrote=True)
         for (_, future), reply in zip(batch, replies, strict=True):
             if future.done():  # the request was cancelled meanwhile
                 continue
             if isinstance(reply, Exception):
-                future.set_exception(StoreUnavailable(f"Redis rejected the admission: {reply}"))
+                future.set_exception(self._refusal(reply))
             else:
                 future.set_result(decode_decision(reply))
+
+    def _refusal(self, reply: Exception) -> StoreUnavailable:
+        if is_oom(reply):
+            return self._availability.failed(reply)
+        if str(reply).startswith(LATE):
+            # Late by Redis's clock though the reply came in time by ours:
+            # the offset is off (the Redis host's clock was stepped).
+            self._measured_on = -1
+            return StoreUnavailable("Redis answered after the admission deadline")
+        return StoreUnavailable(f"Redis rejected the admission: {reply}")
+
+    def _keep_voids(self, batch: list[_Pending], members: list[str]) -> None:
+        for (request, _), member in zip(batch, members, strict=True):
+            self._voids[member] = self._void_command(request, member)
+        if len(self._voids) > MAX_VOIDS:
+            # An outage long enough to queue this many has outlived the
+            # window: the oldest members have expired on their own anyway.
+            for member in list(self._voids)[: len(self._voids) - MAX_VOIDS]:
+                del self._voids[member]
+
+    def _learn_offset(self, reply: Any) -> None:
+        if isinstance(reply, Exception):
+            return
+        seconds, micros = reply
+        now_us = int(time.monotonic() * 1_000_000)
+        self._offset_us = int(seconds) * 1_000_000 + int(micros) - now_us
+        self._measured_on = self._sender.connections  # the one that carried it
 
     async def _evalsha(self, commands: list[Command]) -> list[Any]:
         replies = await self._sender.send(commands)
@@ -231,18 +358,20 @@ class AdmissionBatcher:
         if missing:
             # After a restart, failover or SCRIPT FLUSH the cache is empty. A
             # NOSCRIPT reply means the script did not run, so resending is safe.
-            logger.info("Redis script cache was empty; loading the admission script")
-            await call(self._load_script)
+            logger.info("Redis script cache was empty; loading the admission scripts")
+            await self._availability.call(self._load_scripts)
             again = await self._sender.send([commands[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
 
-    async def _load_script(self) -> Any:
-        # On a cluster this loads the script on every primary.
-        return await self._client.script_load(ADMIT_SCRIPT)
+    async def _load_scripts(self) -> Any:
+        # On a cluster this loads the scripts on every primary.
+        await self._client.script_load(ADMIT_SCRIPT)
+        return await self._client.script_load(VOID_SCRIPT)
 
     async def close(self) -> None:
+        self._closing = True
         if self._drainer is not None:
             await asyncio.gather(self._drainer, return_exceptions=True)
         await self._sender.close()

@@ -48,6 +48,7 @@ class RevocationFeed:
         """
         delay = 0.1
         resumed = False
+        quiet = False  # the loss is logged once, not at every failed resubscription
         while True:
             # A dedicated connection; the channel is silent most of the time,
             # so liveness comes from _listen's pings, not a read timeout.
@@ -61,13 +62,20 @@ class RevocationFeed:
             try:
                 await pubsub.subscribe(self._channel)
                 delay = 0.1
+                if quiet:
+                    logger.warning("Revocation channel subscribed again")
+                quiet = False
                 if resumed:
                     yield None
                 resumed = True
                 async for secret_hash in self._listen(pubsub):
                     yield secret_hash
             except (TimeoutError, RedisError, OSError) as exc:
-                logger.warning("Revocation channel lost (%s); resubscribing", type(exc).__name__)
+                if not quiet:
+                    logger.warning(
+                        "Revocation channel lost (%s); resubscribing", type(exc).__name__
+                    )
+                quiet = True
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
                 await client.aclose()
