@@ -58,7 +58,9 @@ class RedisStore(Store):
         self._batcher = AdmissionBatcher(
             client, keys=self.keys, window_seconds=window_seconds, timeout=timeout
         )
-        self._feed = RevocationFeed(pubsub_url, self.keys.channel, ping_seconds=ping_seconds)
+        self._feed = RevocationFeed(
+            pubsub_url, self.keys.channel, ping_seconds=ping_seconds, client=client
+        )
 
     # -- admission (hot path) -----------------------------------------------
 
