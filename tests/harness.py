@@ -307,35 +307,88 @@ class RedisServer:
 
 
 class RedisCluster:
-    """Three masters (no replicas) with ``cluster-enabled``, joined into one cluster."""
+    """Primaries (``masters``), each with ``replicas`` replicas, joined into one cluster.
 
-    def __init__(self, *, masters: int = 3, startup_timeout: float = 30.0) -> None:
+    ``node_timeout_ms`` is ``cluster-node-timeout``: how long a silent primary
+    goes before the others mark it failed and its replica is elected, so it
+    bounds how long a failover test runs.
+    """
+
+    def __init__(
+        self,
+        *,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 5000,
+        extra: Mapping[str, str] | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
         self.nodes: list[RedisServer] = []
         try:
-            for _ in range(masters):
+            for _ in range(masters * (1 + replicas)):
                 options = {
                     "cluster-enabled": "yes",
                     "cluster-config-file": "nodes.conf",
-                    "cluster-node-timeout": "5000",
+                    "cluster-node-timeout": str(node_timeout_ms),
                     # Explicit bus port: port+10000 may be taken or above 65535.
                     "cluster-port": str(free_port()),
+                    **(extra or {}),
                 }
                 self.nodes.append(RedisServer(extra_args=_flags(options)))
             addresses = [f"{node.host}:{node.port}" for node in self.nodes]
             subprocess.run(
-                ["redis-cli", "--cluster", "create", *addresses, "--cluster-yes"],
+                [
+                    "redis-cli",
+                    "--cluster",
+                    "create",
+                    *addresses,
+                    "--cluster-replicas",
+                    str(replicas),
+                    "--cluster-yes",
+                ],
                 check=True,
                 capture_output=True,
                 timeout=startup_timeout,
             )
             _wait_until(
-                lambda: all(self._state_ok(node) for node in self.nodes),
+                lambda: (
+                    all(self._state_ok(node) for node in self.nodes)
+                    and self._replicas_linked(replicas * masters)
+                ),
                 timeout=startup_timeout,
-                what=lambda: "cluster_state:ok on every node",
+                what=lambda: "cluster_state:ok on every node, every replica linked",
             )
         except BaseException:
             self.stop()
             raise
+
+    def _replicas_linked(self, expected: int) -> bool:
+        """Whether ``expected`` replicas have finished their first sync."""
+        linked = 0
+        for node in self.nodes:
+            with redis.Redis(host=node.host, port=node.port, socket_timeout=1) as client:
+                info = client.info("replication")
+            if info.get("role") == "slave" and info.get("master_link_status") == "up":
+                linked += 1
+        return linked == expected
+
+    def alive(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.proc is not None and node.proc.poll() is None]
+
+    def primary_of(self, key: str | bytes) -> RedisServer:
+        """The node that serves ``key``'s slot now, as a running node's CLUSTER SLOTS says."""
+        node = self.alive()[0]
+        with redis.Redis(host=node.host, port=node.port, socket_timeout=1) as client:
+            slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+            ranges = client.execute_command("CLUSTER", "SLOTS")
+        for start, end, primary, *_ in ranges:
+            if int(start) <= slot <= int(end):
+                return next(n for n in self.nodes if n.port == int(primary[1]))
+        raise LookupError(f"no node serves slot {slot}")
+
+    def state_ok(self) -> bool:
+        """cluster_state:ok on every running node."""
+        return all(self._state_ok(node) for node in self.alive())
 
     @staticmethod
     def _state_ok(node: RedisServer) -> bool:

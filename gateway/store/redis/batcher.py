@@ -5,10 +5,13 @@ one command per request on the server (``INFO commandstats`` counts them),
 but one socket write and one read for the batch, which is what keeps the
 decision cheap next to the proxying itself.
 
-On standalone Redis the batch goes out on a connection kept for admissions,
-packed by hiredis and read with redis-py's parser (its internals, see
-:class:`_ConnectionSender`); on a cluster it is a non-transactional pipeline,
-which routes each command to its slot's node.
+A batch goes out on a connection kept for admissions, packed by hiredis and
+read with redis-py's parser (its internals, see :class:`_ConnectionSender`).
+On a cluster every primary gets a lane of its own (its own queue, batch and
+connection; :class:`~gateway.store.redis.cluster.ClusterRouter` says which),
+so a node that fails or hangs fails only its own slots' decisions, and a
+command answered MOVED, ASK or TRYAGAIN (not run) is sent again where the
+slot lives now.
 """
 
 from __future__ import annotations
@@ -21,14 +24,14 @@ from importlib import resources
 from typing import Any, Protocol
 
 import hiredis
-import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import AskError, NoScriptError, RedisError, ResponseError
 
 from gateway.errors import StoreUnavailable
 from gateway.ratelimit import OUTCOMES, Decision, Identity, Window
 from gateway.store.base import AdmitRequest
 from gateway.store.redis.client import Client, call
+from gateway.store.redis.cluster import ClusterRouter
 from gateway.store.redis.keys import KeyLayout
 
 logger = logging.getLogger(__name__)
@@ -37,7 +40,10 @@ ADMIT_SCRIPT = resources.files("gateway.store").joinpath("lua/admit.lua").read_t
 ADMIT_SHA = hashlib.sha1(ADMIT_SCRIPT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
 
 Command = tuple[Any, ...]
-_Pending = tuple[AdmitRequest, "asyncio.Future[Decision]"]
+# A request, its caller's future, and how often it was redirected already.
+_Pending = tuple[AdmitRequest, "asyncio.Future[Decision]", int]
+#: A command answered MOVED/ASK/TRYAGAIN is sent again at most this often.
+MAX_REDIRECTS = 3
 
 
 def decode_decision(reply: list[Any]) -> Decision:
@@ -74,8 +80,10 @@ class _ConnectionSender:
     and one deadline covers the batch. Parsing stays redis-py's.
     """
 
-    def __init__(self, client: aioredis.Redis, timeout: float) -> None:
-        self._pool = client.connection_pool
+    def __init__(self, pool: Any, timeout: float) -> None:
+        # A ConnectionPool, or a cluster node: both carry the class and
+        # arguments of the connections they make.
+        self._pool = pool
         self._timeout = timeout
         self._connection: Any = None
 
@@ -119,7 +127,7 @@ class _ConnectionSender:
         # asyncio.wait_for, a task per batch.
         connection = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         async with asyncio.timeout(self._timeout):
-            await connection.connect()  # type: ignore[no-untyped-call]
+            await connection.connect()
         self._connection = connection
         return connection
 
@@ -128,25 +136,19 @@ class _ConnectionSender:
             await self._connection.disconnect()
 
 
-class _PipelineSender:
-    def __init__(self, client: RedisCluster) -> None:
-        self._client = client
+class _Lane:
+    """Admissions bound for one server: queued, then sent as batches on one connection."""
 
-    async def send(self, commands: list[Command]) -> list[Any]:
-        async def run() -> list[Any]:
-            pipe = self._client.pipeline(transaction=False)
-            for args in commands:
-                pipe.execute_command(*args)
-            return await pipe.execute(raise_on_error=False)
+    __slots__ = ("drainer", "pending", "sender")
 
-        return await call(run)
-
-    async def close(self) -> None:
-        return None
+    def __init__(self, sender: _Sender) -> None:
+        self.sender = sender
+        self.pending: list[_Pending] = []
+        self.drainer: asyncio.Future[None] | None = None
 
 
 class AdmissionBatcher:
-    """Queues admissions and sends them as batches, one batch in flight."""
+    """Queues admissions and sends them as batches, one batch in flight per lane."""
 
     def __init__(
         self, client: Client, *, keys: KeyLayout, window_seconds: int, timeout: float
@@ -154,24 +156,59 @@ class AdmissionBatcher:
         self._client = client
         self._keys = keys
         self._window_us = window_seconds * 1_000_000
-        self._sender: _Sender = (
-            _PipelineSender(client)
-            if isinstance(client, RedisCluster)
-            else _ConnectionSender(client, timeout)
-        )
-        self._pending: list[_Pending] = []
-        self._drainer: asyncio.Future[None] | None = None
+        self._timeout = timeout
+        self._router: ClusterRouter | None = None
+        # Standalone Redis: the one lane. A cluster: a lane per primary.
+        self._lane: _Lane | None = None
+        self._lanes: dict[str, _Lane] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
+        if isinstance(client, RedisCluster):
+            self._router = ClusterRouter(client, on_refresh=self._keep_lanes)
+        else:
+            self._lane = _Lane(_ConnectionSender(client.connection_pool, timeout))
 
     async def admit(self, request: AdmitRequest) -> Decision:
         future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        self._pending.append((request, future))
-        if self._drainer is None:
-            # The drainer starts on the next loop turn, so every handler that
-            # runs in this turn joins the first batch.
-            self._drainer = asyncio.ensure_future(self._drain())
+        lane = self._lane
+        if lane is None:
+            lane = await self._lane_for(request)
+        self._enqueue(lane, (request, future, 0))
         return await future
 
-    async def _drain(self) -> None:
+    def _enqueue(self, lane: _Lane, item: _Pending) -> None:
+        lane.pending.append(item)
+        if lane.drainer is None:
+            # The drainer starts on the next loop turn, so every handler that
+            # runs in this turn joins the first batch.
+            lane.drainer = asyncio.ensure_future(self._drain(lane))
+
+    async def _lane_for(self, request: AdmitRequest) -> _Lane:
+        """The lane of the primary that serves the request's slot (a cluster)."""
+        router = self._router
+        if router is None:  # pragma: no cover - only clusters have lanes per node
+            raise RuntimeError("no cluster router")
+        node = await router.node_for(self._keys.secret(request.secret_hash).session)
+        lane = self._lanes.get(node.name)
+        if lane is None:
+            lane = self._lanes[node.name] = _Lane(_ConnectionSender(node, self._timeout))
+        return lane
+
+    def _keep_lanes(self, primaries: frozenset[str]) -> None:
+        """After a topology refresh: let go of nodes that are no longer primaries."""
+        for name in [name for name in self._lanes if name not in primaries]:
+            self._spawn(self._retire(self._lanes.pop(name)))
+
+    async def _retire(self, lane: _Lane) -> None:
+        if lane.drainer is not None:
+            await asyncio.gather(lane.drainer, return_exceptions=True)
+        await lane.sender.close()
+
+    def _spawn(self, coroutine: Any) -> None:
+        task: asyncio.Future[None] = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self, lane: _Lane) -> None:
         """Send queued decisions, one batch in flight at a time.
 
         While a batch is on the wire the next one fills up, so under load
@@ -179,11 +216,11 @@ class AdmissionBatcher:
         deadline, a task switch) is shared by more requests.
         """
         try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                await self._run(batch)
+            while lane.pending:
+                batch, lane.pending = lane.pending, []
+                await self._run(lane, batch)
         finally:
-            self._drainer = None
+            lane.drainer = None
 
     def _command(self, request: AdmitRequest) -> Command:
         session, window, revoked = self._keys.secret(request.secret_hash)
@@ -201,9 +238,9 @@ class AdmissionBatcher:
             self._keys.user_prefix,
         )
 
-    async def _run(self, batch: list[_Pending]) -> None:
+    async def _run(self, lane: _Lane, batch: list[_Pending]) -> None:
         try:
-            replies = await self._evalsha([self._command(req) for req, _ in batch])
+            replies = await self._evalsha(lane, [self._command(req) for req, _, _ in batch])
         except Exception as exc:
             # Every waiting request gets an answer, whatever went wrong.
             error = (
@@ -213,36 +250,76 @@ class AdmissionBatcher:
             )
             if not isinstance(exc, StoreUnavailable):
                 logger.exception("Admission batch failed")
-            for _, future in batch:
+            if self._router is not None:
+                self._router.stale()  # a node that fails may have been replaced
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(error)
             return
-        for (_, future), reply in zip(batch, replies, strict=True):
+        router = self._router
+        for (request, future, redirects), reply in zip(batch, replies, strict=True):
             if future.done():  # the request was cancelled meanwhile
                 continue
-            if isinstance(reply, Exception):
-                future.set_exception(StoreUnavailable(f"Redis rejected the admission: {reply}"))
-            else:
+            if not isinstance(reply, Exception):
                 future.set_result(decode_decision(reply))
+            elif router is not None and redirects < MAX_REDIRECTS and router.retryable(reply):
+                # Not run where it was sent, so sending it again counts it once.
+                self._spawn(self._redirect(request, future, redirects + 1, reply))
+            else:
+                if router is not None:
+                    router.failed(reply)
+                future.set_exception(StoreUnavailable(f"Redis rejected the admission: {reply}"))
 
-    async def _evalsha(self, commands: list[Command]) -> list[Any]:
-        replies = await self._sender.send(commands)
+    async def _redirect(
+        self,
+        request: AdmitRequest,
+        future: asyncio.Future[Decision],
+        redirects: int,
+        reply: Exception,
+    ) -> None:
+        """Send a redirected admission again, where its slot lives now."""
+        router = self._router
+        if router is None:  # pragma: no cover - only cluster replies redirect
+            return
+        try:
+            await router.redirected(reply)
+            if isinstance(reply, AskError):
+                # A slot mid-migration: ASKING must precede the command on the
+                # target's connection, which the cluster client does itself.
+                command = self._command(request)
+                answer = await call(lambda: router.send_asking(*command))
+                if not future.done():
+                    future.set_result(decode_decision(answer))
+                return
+            lane = await self._lane_for(request)
+        except (StoreUnavailable, RedisError) as exc:
+            if not future.done():
+                error = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(str(exc))
+                future.set_exception(error)
+            return
+        if not future.done():
+            self._enqueue(lane, (request, future, redirects))
+
+    async def _evalsha(self, lane: _Lane, commands: list[Command]) -> list[Any]:
+        replies = await lane.sender.send(commands)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:
             # After a restart, failover or SCRIPT FLUSH the cache is empty. A
             # NOSCRIPT reply means the script did not run, so resending is safe.
+            # Loaded on the lane's own connection: on a cluster, on the node
+            # that said NOSCRIPT (a replica promoted a moment ago).
             logger.info("Redis script cache was empty; loading the admission script")
-            await call(self._load_script)
-            again = await self._sender.send([commands[i] for i in missing])
+            await lane.sender.send([("SCRIPT", "LOAD", ADMIT_SCRIPT)])
+            again = await lane.sender.send([commands[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
 
-    async def _load_script(self) -> Any:
-        # On a cluster this loads the script on every primary.
-        return await self._client.script_load(ADMIT_SCRIPT)
-
     async def close(self) -> None:
-        if self._drainer is not None:
-            await asyncio.gather(self._drainer, return_exceptions=True)
-        await self._sender.close()
+        lanes = [self._lane] if self._lane is not None else list(self._lanes.values())
+        drainers = [lane.drainer for lane in lanes if lane.drainer is not None]
+        await asyncio.gather(*drainers, *self._tasks, return_exceptions=True)
+        if self._router is not None:
+            await self._router.close()
+        for lane in lanes:
+            await lane.sender.close()

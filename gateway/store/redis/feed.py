@@ -27,6 +27,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -91,10 +92,16 @@ class _UrlSource:
 
 
 class _ClusterSource:
-    """Any reachable node of the cluster's current topology, the last one tried last."""
+    """A reachable node of the cluster's current topology.
 
-    def __init__(self, cluster: RedisCluster) -> None:
+    The node the URL names first while it answers (the operator chose it),
+    otherwise any other, the one that just failed last.
+    """
+
+    def __init__(self, cluster: RedisCluster, url: str) -> None:
         self._cluster = cluster
+        parts = urlsplit(url)
+        self._preferred = f"{parts.hostname}:{parts.port or 6379}"
         self._last: str | None = None
 
     async def open(self) -> aioredis.Redis:
@@ -109,7 +116,7 @@ class _ClusterSource:
         await cluster.initialize()
         nodes = cluster.get_nodes()
         random.shuffle(nodes)
-        nodes.sort(key=lambda node: node.name == self._last)
+        nodes.sort(key=lambda node: (node.name == self._last, node.name != self._preferred))
         error: Exception = RedisConnectionError("the cluster has no nodes")
         for node in nodes:
             kwargs = {**node.connection_kwargs, **_feed_options()}
@@ -166,7 +173,7 @@ class _SentinelSource:
 def source_for(client: Client, url: str) -> _Source:
     """Where a store whose main client is ``client`` subscribes."""
     if isinstance(client, RedisCluster):
-        return _ClusterSource(client)
+        return _ClusterSource(client, url)
     if isinstance(client.connection_pool, SentinelConnectionPool):
         return _SentinelSource(client.connection_pool)
     return _UrlSource(url)
