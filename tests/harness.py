@@ -429,6 +429,114 @@ class RedisCluster:
         self.stop()
 
 
+class RedisSentinels:
+    """A master, one replica and ``count`` sentinels (``redis-server --sentinel``) watching them.
+
+    ``down_after_ms`` is how long the master may be silent before a sentinel
+    calls it down; with a quorum of two that starts the failover, so it
+    bounds how long a failover test runs.
+    """
+
+    MASTER_NAME = "gateway-master"
+
+    def __init__(
+        self, *, count: int = 3, down_after_ms: int = 1000, startup_timeout: float = 30.0
+    ) -> None:
+        self.sentinels: list[tuple[subprocess.Popen[bytes], int]] = []
+        self.dir = Path(tempfile.mkdtemp(prefix="redis-sentinel-test-"))
+        self.servers: list[RedisServer] = []
+        try:
+            master = RedisServer()
+            self.servers.append(master)
+            replica = RedisServer(extra_args=["--replicaof", master.host, str(master.port)])
+            self.servers.append(replica)
+            _wait_until(
+                lambda: self._link_up(replica),
+                timeout=startup_timeout,
+                what=lambda: "the replica to sync with the master",
+            )
+            for n in range(count):
+                port = free_port()
+                conf = self.dir / f"sentinel-{n}.conf"
+                conf.write_text(
+                    f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                    f"sentinel monitor {self.MASTER_NAME} {master.host} {master.port} 2\n"
+                    f"sentinel down-after-milliseconds {self.MASTER_NAME} {down_after_ms}\n"
+                    f"sentinel failover-timeout {self.MASTER_NAME} 10000\n"
+                )
+                log = open(self.dir / f"sentinel-{n}.log", "ab")  # noqa: SIM115 - closed by Popen's end
+                proc = subprocess.Popen(
+                    ["redis-server", str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+                )
+                log.close()
+                self.sentinels.append((proc, port))
+            _wait_until(
+                lambda: all(self._sees_everyone(port, count) for _, port in self.sentinels),
+                timeout=startup_timeout,
+                what=lambda: "every sentinel to know the replica and the other sentinels",
+            )
+        except BaseException:
+            self.stop()
+            raise
+
+    @staticmethod
+    def _link_up(replica: RedisServer) -> bool:
+        with redis.Redis(host=replica.host, port=replica.port, socket_timeout=1) as client:
+            return client.info("replication").get("master_link_status") == "up"
+
+    def _sees_everyone(self, port: int, count: int) -> bool:
+        try:
+            with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1) as client:
+                state = client.execute_command("SENTINEL", "MASTER", self.MASTER_NAME)
+        except redis.exceptions.RedisError:
+            return False
+        if isinstance(state, list):
+            state = dict(zip(state[::2], state[1::2], strict=True))
+        fields = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in state.items()
+        }
+        return int(fields["num-slaves"]) >= 1 and int(fields["num-other-sentinels"]) == count - 1
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", port) for _, port in self.sentinels]
+
+    @property
+    def setting(self) -> str:
+        """GATEWAY_REDIS_SENTINELS for these sentinels."""
+        return ",".join(f"{host}:{port}" for host, port in self.addresses)
+
+    def master(self) -> RedisServer:
+        """The server the first answering sentinel names as master now."""
+        for host, port in self.addresses:
+            try:
+                with redis.Redis(host=host, port=port, socket_timeout=1) as client:
+                    _, master_port = client.sentinel_get_master_addr_by_name(self.MASTER_NAME)
+            except redis.exceptions.RedisError:
+                continue
+            return next(s for s in self.servers if s.port == int(master_port))
+        raise LookupError("no sentinel answers")
+
+    def stop(self) -> None:
+        for proc, _ in self.sentinels:
+            _terminate(proc, timeout=5.0)
+        for server in self.servers:
+            server.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
 def gateway_env(
     upstream_url: str,
     *,

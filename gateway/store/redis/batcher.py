@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import hiredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import AskError, NoScriptError, RedisError, ResponseError
 
 from gateway.errors import StoreUnavailable
@@ -44,6 +45,8 @@ Command = tuple[Any, ...]
 _Pending = tuple[AdmitRequest, "asyncio.Future[Decision]", int]
 #: A command answered MOVED/ASK/TRYAGAIN is sent again at most this often.
 MAX_REDIRECTS = 3
+#: Behind Sentinel, the master's address is asked again at most this often.
+MASTER_CHECK_SECONDS = 1.0
 
 
 def decode_decision(reply: list[Any]) -> Decision:
@@ -86,6 +89,8 @@ class _ConnectionSender:
         self._pool = pool
         self._timeout = timeout
         self._connection: Any = None
+        self._sentinel = isinstance(pool, SentinelConnectionPool)
+        self._master_checked = -math.inf
 
     async def send(self, commands: list[Command]) -> list[Any]:
         payload = b"".join([hiredis.pack_command(args) for args in commands])
@@ -112,6 +117,10 @@ class _ConnectionSender:
 
     async def _ready_connection(self) -> Any:
         connection = self._connection
+        if connection is not None and self._sentinel and not await self._on_master(connection):
+            logger.warning("Sentinel names a new master; admissions follow it")
+            await connection.disconnect(nowait=True)
+            connection = self._connection = None
         if connection is not None:
             try:
                 # Readable while idle means closed by the server (a restart,
@@ -130,6 +139,26 @@ class _ConnectionSender:
             await connection.connect()
         self._connection = connection
         return connection
+
+    async def _on_master(self, connection: Any) -> bool:
+        """Whether the kept connection still reaches the master the sentinels name.
+
+        A master handed over by ``SENTINEL FAILOVER`` keeps running and
+        accepting writes until the sentinels reconfigure it, seconds later;
+        what it counts meanwhile is lost when it becomes a replica. So the
+        sentinels are asked again at most every MASTER_CHECK_SECONDS (which
+        also drops the pool's idle connections to a former master).
+        """
+        now = asyncio.get_running_loop().time()
+        if now < self._master_checked + MASTER_CHECK_SECONDS:
+            return True
+        self._master_checked = now
+        try:
+            async with asyncio.timeout(self._timeout):
+                master = await self._pool.get_master_address()
+        except (RedisError, OSError, TimeoutError):
+            return True  # no sentinel answers: nothing says the master moved
+        return bool((connection.host, connection.port) == master)
 
     async def close(self) -> None:
         if self._connection is not None:

@@ -143,8 +143,7 @@ class _SentinelSource:
     """The master the sentinels name now; re-asked while subscribed."""
 
     def __init__(self, pool: SentinelConnectionPool) -> None:
-        self._sentinel = pool.sentinel_manager
-        self._service = pool.service_name
+        self._pool = pool
         self._kwargs = {
             k: v
             for k, v in pool.connection_kwargs.items()
@@ -152,8 +151,8 @@ class _SentinelSource:
         }
 
     async def open(self) -> aioredis.Redis:
-        client: aioredis.Redis = self._sentinel.master_for(
-            self._service, **self._kwargs, **_feed_options()
+        client: aioredis.Redis = self._pool.sentinel_manager.master_for(
+            self._pool.service_name, **self._kwargs, **_feed_options()
         )
         return client
 
@@ -162,7 +161,10 @@ class _SentinelSource:
         if connection is None:
             return False
         try:
-            master = await self._sentinel.discover_master(self._service)
+            # Asked through the store's own pool, which then also drops its
+            # idle connections to a former master: the re-check that follows
+            # a resubscription must not read from the master that was left.
+            master = await self._pool.get_master_address()  # type: ignore[no-untyped-call]
         except (RedisError, OSError, TimeoutError):
             # No sentinel answers: nothing says the master changed, and the
             # pings still watch the connection itself.
