@@ -454,8 +454,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "configuration"
-        name = f"{ENV_PREFIX}{field.upper()}" if error["loc"] else field
+        loc = error["loc"]
+        if loc:
+            # The variable upper-case, the path inside its JSON as written:
+            # a workflow id or route index keeps its own spelling.
+            name = f"{ENV_PREFIX}{str(loc[0]).upper()}"
+            if len(loc) > 1:
+                name += "." + ".".join(str(part) for part in loc[1:])
+        else:
+            name = "configuration"
         message = error["msg"].removeprefix("Value error, ")
         lines.append(f"{name}: {message}")
     return "\n".join(lines)

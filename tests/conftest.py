@@ -14,6 +14,7 @@ import shutil
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import pytest_asyncio
 
 from tests.fake_upstream import FakeUpstream
 from tests.harness import RedisServer
@@ -46,3 +47,24 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
     """A fresh fake ChatKit API on a free port, in the test's event loop."""
     async with FakeUpstream() as fake:
         yield fake
+
+
+# -- shared by the modules that run long-lived replicas ------------------------------
+
+
+@pytest.fixture(scope="module")
+def aof_redis() -> Iterator[RedisServer]:
+    """A private redis-server for one module that syncs every write to disk.
+
+    appendfsync always: a killed and restarted Redis keeps every write, so a
+    test that kills it shows the gateway losing nothing, not Redis losing a second.
+    """
+    with RedisServer(appendonly=True, appendfsync="always") as server:
+        yield server
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fake() -> AsyncIterator[FakeUpstream]:
+    """One fake ChatKit API for a module's tests, in the module's event loop."""
+    async with FakeUpstream() as upstream:
+        yield upstream

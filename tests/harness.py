@@ -15,55 +15,50 @@ import http.client
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any, Protocol, Self
 
+import aiohttp
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-_POLL = 0.01  # readiness poll interval, seconds
+from tests.processes import (
+    POLL_SECONDS,
+    REPO_ROOT,
+    free_port,
+    gateway_env,
+    terminate,
+    wait_until,
+)
+
+# Re-exported: tests import every process helper from here.
+__all__ = [
+    "REPO_ROOT",
+    "GatewayProcess",
+    "RedisCluster",
+    "RedisServer",
+    "converse",
+    "create_session",
+    "eventually",
+    "free_port",
+    "gateway_env",
+    "raw_http",
+    "redis_key_contents",
+    "subscribed",
+    "wall_clock_reach",
+]
+
+_POLL = POLL_SECONDS
 _INSTALL_REDIS = (
     "redis-server was not found on PATH. The test suite needs a real Redis: install it "
     "(Debian/Ubuntu: `apt-get install redis-server`; macOS: `brew install redis`)."
 )
-
-
-class FakeClock:
-    """A clock a test moves by hand: seconds since the epoch, held in whole µs.
-
-    Whole microseconds keep steps exact; the stores read ``int(seconds * 1e6)``
-    and get back the microsecond that was set.
-    """
-
-    def __init__(self, start: float = 1_750_000_000.0) -> None:
-        self.us = round(start * 1_000_000)
-
-    def __call__(self) -> float:
-        return self.us / 1_000_000
-
-    def at(self, us: int) -> None:
-        """Move to ``us`` microseconds; time only moves forward."""
-        if us < self.us:
-            raise ValueError("time only moves forward")
-        if int(us / 1_000_000 * 1_000_000) != us:
-            raise ValueError(f"{us} µs does not survive the stores' float seconds exactly")
-        self.us = us
-
-    def set(self, seconds: float) -> None:
-        """Move to ``seconds`` unless the clock is already past it."""
-        self.us = max(self.us, round(seconds * 1_000_000))
-
-    def advance(self, seconds: float) -> None:
-        self.at(self.us + round(seconds * 1_000_000))
 
 
 async def eventually(
@@ -133,37 +128,9 @@ async def subscribed(client: redis.asyncio.Redis, channel: str) -> bool:
     return counts[0][1] >= 1
 
 
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _flags(options: Mapping[str, str]) -> list[str]:
     """``{"port": "1"}`` -> ``["--port", "1"]``, the way redis-server takes config."""
     return [item for name, value in options.items() for item in (f"--{name}", value)]
-
-
-def _wait_until(ready: Callable[[], bool], *, timeout: float, what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what()}")
-        time.sleep(_POLL)
-
-
-def _terminate(proc: subprocess.Popen[bytes], *, timeout: float) -> int:
-    """SIGTERM, then SIGKILL after ``timeout``; always reaps the process."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGCONT)  # a SIGSTOPped process cannot act on SIGTERM
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return proc.wait()
 
 
 class RedisServer:
@@ -220,7 +187,7 @@ class RedisServer:
             stderr=subprocess.STDOUT,
         )
         self._paused = False
-        _wait_until(self._answers, timeout=self.startup_timeout, what=self._describe)
+        wait_until(self._answers, timeout=self.startup_timeout, what=self._describe)
 
     def _answers(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
@@ -241,7 +208,7 @@ class RedisServer:
     def stop(self) -> None:
         """Graceful shutdown (SIGTERM): with AOF on, everything written survives."""
         if self.proc is not None:
-            _terminate(self.proc, timeout=10.0)
+            terminate(self.proc, timeout=10.0)
         self._paused = False
         self._close_log()
 
@@ -297,12 +264,7 @@ class RedisServer:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
@@ -350,7 +312,7 @@ class RedisCluster:
                 capture_output=True,
                 timeout=startup_timeout,
             )
-            _wait_until(
+            wait_until(
                 lambda: (
                     all(self._state_ok(node) for node in self.nodes)
                     and self._replicas_linked(replicas * masters)
@@ -420,12 +382,7 @@ class RedisCluster:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 
@@ -450,7 +407,7 @@ class RedisSentinels:
             self.servers.append(master)
             replica = RedisServer(extra_args=["--replicaof", master.host, str(master.port)])
             self.servers.append(replica)
-            _wait_until(
+            wait_until(
                 lambda: self._link_up(replica),
                 timeout=startup_timeout,
                 what=lambda: "the replica to sync with the master",
@@ -470,7 +427,7 @@ class RedisSentinels:
                 )
                 log.close()
                 self.sentinels.append((proc, port))
-            _wait_until(
+            wait_until(
                 lambda: all(self._sees_everyone(port, count) for _, port in self.sentinels),
                 timeout=startup_timeout,
                 what=lambda: "every sentinel to know the replica and the other sentinels",
@@ -520,7 +477,7 @@ class RedisSentinels:
 
     def stop(self) -> None:
         for proc, _ in self.sentinels:
-            _terminate(proc, timeout=5.0)
+            terminate(proc, timeout=5.0)
         for server in self.servers:
             server.close()
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -528,38 +485,8 @@ class RedisSentinels:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def gateway_env(
-    upstream_url: str,
-    *,
-    port: int,
-    redis_url: str | None = None,
-    extra: Mapping[str, str] | None = None,
-    base: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """The gateway's environment: ``base`` without any ``GATEWAY_*``, plus ours.
-
-    Stale ``GATEWAY_*`` variables from the developer's shell would otherwise
-    change what a test exercises.
-    """
-    env = {k: v for k, v in (os.environ if base is None else base).items()}
-    env = {k: v for k, v in env.items() if not k.startswith("GATEWAY_")}
-    env["PYTHONUNBUFFERED"] = "1"  # so output() shows log lines as they happen
-    env["GATEWAY_HOST"] = "127.0.0.1"
-    env["GATEWAY_PORT"] = str(port)
-    env["GATEWAY_UPSTREAM_URL"] = upstream_url
-    if redis_url is not None:
-        env["GATEWAY_REDIS_URL"] = redis_url
-    env.update(extra or {})
-    return env
 
 
 class GatewayProcess:
@@ -641,7 +568,7 @@ class GatewayProcess:
     def start(self) -> Self:
         self._spawn()
         try:
-            _wait_until(self._healthy, timeout=self.startup_timeout, what=self._describe)
+            wait_until(self._healthy, timeout=self.startup_timeout, what=self._describe)
         except BaseException:
             self.stop()
             raise
@@ -668,7 +595,7 @@ class GatewayProcess:
         """SIGTERM and wait (SIGKILL after ``grace`` seconds); returns the exit code."""
         if self._proc is None:
             return 0
-        code = _terminate(self._proc, timeout=grace)
+        code = terminate(self._proc, timeout=grace)
         self._reap()
         return code
 
@@ -676,7 +603,7 @@ class GatewayProcess:
         """Like stop(), waiting in a thread so this event loop keeps running."""
         if self._proc is None:
             return 0
-        code = await asyncio.to_thread(_terminate, self._proc, timeout=grace)
+        code = await asyncio.to_thread(terminate, self._proc, timeout=grace)
         self._reap()
         return code
 
@@ -706,24 +633,58 @@ class GatewayProcess:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     async def __aenter__(self) -> Self:
         return await self.astart()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.astop()
+
+
+class Served(Protocol):
+    """Anything with a base URL: a gateway process, or a test's wrapper of one."""
+
+    @property
+    def url(self) -> str: ...
+
+
+async def converse(
+    http: aiohttp.ClientSession, gateway: Served, secret: str
+) -> tuple[int, str | None]:
+    """One client-traffic request with ``secret``: (status, error code or None)."""
+    async with http.post(
+        f"{gateway.url}/v1/chatkit/conversation",
+        json={"type": "threads.list", "params": {}},
+        headers={"Authorization": f"Bearer {secret}", "OpenAI-Beta": "chatkit_beta=v1"},
+    ) as response:
+        body = await response.json()
+        return response.status, body["error"]["code"] if response.status >= 400 else None
+
+
+async def create_session(
+    http: aiohttp.ClientSession,
+    gateway_url: str,
+    *,
+    limit: int,
+    user: str = "u1",
+    api_key: str = "sk-test",
+) -> dict[str, Any]:
+    """Create a session through the gateway, so it learns it; the upstream's answer."""
+    async with http.post(
+        f"{gateway_url}/v1/chatkit/sessions",
+        headers={"Authorization": f"Bearer {api_key}"},
+        json={
+            "user": user,
+            "workflow": {"id": "wf_1"},
+            "rate_limits": {"max_requests_per_1_minute": limit},
+        },
+    ) as response:
+        if response.status != 200:
+            raise AssertionError(f"session create answered {response.status}")
+        session: dict[str, Any] = await response.json()
+    return session
 
 
 async def raw_http(

@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.auth import SecretHasher
 from tests import fake_upstream
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer, eventually
+from tests.harness import GatewayProcess, RedisServer, converse, eventually
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -39,28 +39,14 @@ HASH = SecretHasher(None)  # no GATEWAY_SECRET_PEPPER is configured
 # -- fixtures: one Redis, one fake upstream, two replicas for the module ----------
 
 
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    # appendfsync always: a killed and restarted Redis keeps every write, so the
-    # kill test shows the gateway losing nothing, not Redis losing a second.
-    with RedisServer(appendonly=True, appendfsync="always") as server:
-        yield server
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def fake() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as upstream:
-        yield upstream
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def replicas(
-    redis: RedisServer, fake: FakeUpstream
+    aof_redis: RedisServer, fake: FakeUpstream
 ) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
     def replica(name: str) -> GatewayProcess:
         return GatewayProcess(
             fake.url,
-            redis_url=redis.url,
+            redis_url=aof_redis.url,
             env={
                 "GATEWAY_REPLICA_ID": name,
                 # Short, so a paused Redis fails a write quickly; not shorter,
@@ -88,16 +74,16 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture(autouse=True)
 def fresh(
-    redis: RedisServer, fake: FakeUpstream, replicas: tuple[GatewayProcess, GatewayProcess]
+    aof_redis: RedisServer, fake: FakeUpstream, replicas: tuple[GatewayProcess, GatewayProcess]
 ) -> Iterator[None]:
     """Each test starts with a running Redis and a fake without faults or records,
     and ends with no client secret the upstream ever issued in either replica's log."""
-    redis.ensure_running()
+    aof_redis.ensure_running()
     fake.clear_faults()
     fake.reset_records()
     fake.cancel_shape = "full"
     yield
-    redis.ensure_running()
+    aof_redis.ensure_running()
     issued = [session["client_secret"] for session in fake.sessions.values()]
     for gateway in replicas:
         output = gateway.output()
@@ -125,18 +111,15 @@ async def create_session(gateway: GatewayProcess, **extra: Any) -> tuple[str, st
     return session.id, session.client_secret, session.expires_at
 
 
-async def converse(
-    http: aiohttp.ClientSession, gateway: GatewayProcess, secret: str
-) -> tuple[int, str | None]:
-    """One client-traffic request: (status, error code or None)."""
-    async with http.post(
-        f"{gateway.url}{CONVERSATION}",
-        json={"type": "threads.list", "params": {}},
-        headers={"Authorization": f"Bearer {secret}", "OpenAI-Beta": "chatkit_beta=v1"},
-    ) as response:
-        body = await response.json()
-        code = body["error"]["code"] if response.status >= 400 else None
-        return response.status, code
+REVOKED = (401, "client_secret_revoked")
+ADMITTED = (200, None)
+
+
+async def everywhere(
+    http: aiohttp.ClientSession, replicas: tuple[GatewayProcess, GatewayProcess], secret: str
+) -> list[tuple[int, str | None]]:
+    """What each replica answers a client request with ``secret``."""
+    return [await converse(http, gateway, secret) for gateway in replicas]
 
 
 async def metric(
@@ -152,9 +135,9 @@ async def metric(
     return 0.0
 
 
-async def redis_flag(redis: RedisServer, key: str) -> tuple[bool, int]:
+async def redis_flag(server: RedisServer, key: str) -> tuple[bool, int]:
     """(exists, TTL in seconds) of a key, read with a client of the test's own."""
-    client = redis.client(socket_timeout=2)
+    client = server.client(socket_timeout=2)
     try:
         exists = bool(await client.exists(key))
         ttl = int(await client.ttl(key))
@@ -212,8 +195,7 @@ async def test_cancel_through_one_replica_revokes_the_secret_on_every_replica(
         assert "client_secret" not in upstream_answer
         assert upstream_answer["cancelled_at"] > 0
     reached = fake.count(CONVERSATION)
-    for gateway in (a, b):
-        assert await converse(http, gateway, secret) == (401, "client_secret_revoked")
+    assert await everywhere(http, replicas, secret) == [REVOKED, REVOKED]
     assert fake.count(CONVERSATION) == reached == 2
 
 
@@ -234,7 +216,7 @@ async def test_failed_cancel_leaves_the_secret_admitted(
     replicas: tuple[GatewayProcess, GatewayProcess],
     fake: FakeUpstream,
     http: aiohttp.ClientSession,
-    redis: RedisServer,
+    aof_redis: RedisServer,
     fault: Any,
     params: dict[str, Any],
     error: type[openai.APIStatusError],
@@ -250,10 +232,9 @@ async def test_failed_cancel_leaves_the_secret_admitted(
 
     assert raised.value.status_code == status
     assert fake.count(cancel_path(session_id)) == 1
-    for gateway in (a, b):
-        assert await converse(http, gateway, secret) == (200, None)
-    assert await redis_flag(redis, secret_key(secret)) == (False, -2)
-    assert await redis_flag(redis, session_key(session_id)) == (False, -2)
+    assert await everywhere(http, replicas, secret) == [ADMITTED, ADMITTED]
+    assert await redis_flag(aof_redis, secret_key(secret)) == (False, -2)
+    assert await redis_flag(aof_redis, session_key(session_id)) == (False, -2)
 
 
 async def test_a_cancel_the_sdk_retries_after_an_upstream_failure_revokes_once_it_succeeds(
@@ -278,15 +259,14 @@ async def test_a_cancel_the_sdk_retries_after_an_upstream_failure_revokes_once_i
         500,
         200,
     ]
-    for gateway in (a, b):
-        assert await converse(http, gateway, secret) == (401, "client_secret_revoked")
+    assert await everywhere(http, replicas, secret) == [REVOKED, REVOKED]
 
 
 async def test_cancelling_an_unseen_session_is_recorded_and_a_late_registration_is_born_revoked(
     replicas: tuple[GatewayProcess, GatewayProcess],
     fake: FakeUpstream,
     http: aiohttp.ClientSession,
-    redis: RedisServer,
+    aof_redis: RedisServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     a, b = replicas
@@ -313,7 +293,7 @@ async def test_cancelling_an_unseen_session_is_recorded_and_a_late_registration_
         http, b, "chatkit_gateway_revocations_total", source="cancel", known="false"
     )
     assert unknown_after == unknown_before + 1
-    assert (await redis_flag(redis, session_key(session_id)))[0]
+    assert (await redis_flag(aof_redis, session_key(session_id)))[0]
 
     # A gateway now learns a create response carrying that id (a cancel that
     # raced ahead of the registration): the session is born revoked.
@@ -325,8 +305,7 @@ async def test_cancelling_an_unseen_session_is_recorded_and_a_late_registration_
     monkeypatch.setattr(fake_upstream, "build_session", same_id)
     late_id, late_secret, _ = await create_session(a)
     assert late_id == session_id
-    for gateway in (a, b):
-        assert await converse(http, gateway, late_secret) == (401, "client_secret_revoked")
+    assert await everywhere(http, replicas, late_secret) == [REVOKED, REVOKED]
     assert fake.count(CONVERSATION) == 0
 
 
@@ -351,15 +330,14 @@ async def test_repeated_and_concurrent_cancels_are_harmless(
     assert concurrent == [(200, "cancelled", "stored")] * 5
     assert repeated == (200, "cancelled", "stored")
     assert fake.count(cancel_path(session_id)) == 6
-    for gateway in (a, b):
-        assert await converse(http, gateway, secret) == (401, "client_secret_revoked")
+    assert await everywhere(http, replicas, secret) == [REVOKED, REVOKED]
 
 
 async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
     replicas: tuple[GatewayProcess, GatewayProcess],
     fake: FakeUpstream,
     http: aiohttp.ClientSession,
-    redis: RedisServer,
+    aof_redis: RedisServer,
 ) -> None:
     a, b = replicas
     # A session the gateway knows: the flag lives as long as its record would.
@@ -368,7 +346,7 @@ async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
     )
     async with sdk(b) as client:
         await client.beta.chatkit.sessions.cancel(session_id)
-    exists, ttl = await redis_flag(redis, secret_key(secret))
+    exists, ttl = await redis_flag(aof_redis, secret_key(secret))
     expected = expires_at + RETENTION - time.time()
     assert exists
     assert expected - 30 <= ttl <= expected + 1, (ttl, expected)
@@ -382,7 +360,7 @@ async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
         unseen_id = (await response.json())["id"]
     async with sdk(b) as client:
         await client.beta.chatkit.sessions.cancel(unseen_id)
-    exists, ttl = await redis_flag(redis, session_key(unseen_id))
+    exists, ttl = await redis_flag(aof_redis, session_key(unseen_id))
     assert exists
     assert REVOCATION_TTL - 30 <= ttl <= REVOCATION_TTL, ttl
 
@@ -401,7 +379,7 @@ async def test_a_revocation_the_store_missed_is_enforced_at_once_and_stored_late
     replicas: tuple[GatewayProcess, GatewayProcess],
     fake: FakeUpstream,
     http: aiohttp.ClientSession,
-    redis: RedisServer,
+    aof_redis: RedisServer,
     outage: str,
 ) -> None:
     a, b = replicas
@@ -417,9 +395,9 @@ async def test_a_revocation_the_store_missed_is_enforced_at_once_and_stored_late
     cancelling = asyncio.create_task(cancel_through_a())
     await fake.wait_for(lambda: fake.count(cancel_path(session_id)) == 1, timeout=10)
     if outage == "pause":
-        redis.pause()
+        aof_redis.pause()
     else:
-        redis.kill()
+        aof_redis.kill()
     raw = await cancelling
 
     # The caller gets the upstream's answer, marked as not yet stored.
@@ -433,12 +411,12 @@ async def test_a_revocation_the_store_missed_is_enforced_at_once_and_stored_late
     assert await metric(http, a, "chatkit_gateway_revocations_pending") == 1
 
     if outage == "pause":
-        redis.resume()
+        aof_redis.resume()
     else:
-        redis.start()
+        aof_redis.start()
 
     async def stored() -> bool:
-        return (await redis_flag(redis, secret_key(secret)))[0]
+        return (await redis_flag(aof_redis, secret_key(secret)))[0]
 
     await eventually(stored, timeout=30, what="the pending revocation reached Redis")
 
@@ -465,7 +443,7 @@ async def test_a_cancel_while_redis_is_down_is_enforced_by_the_replica_that_saw_
     replicas: tuple[GatewayProcess, GatewayProcess],
     fake: FakeUpstream,
     http: aiohttp.ClientSession,
-    redis: RedisServer,
+    aof_redis: RedisServer,
 ) -> None:
     # Redis is down before the cancel, so the registry cannot be read, and
     # the reply has no client_secret: only the replica's memory of the
@@ -473,7 +451,7 @@ async def test_a_cancel_while_redis_is_down_is_enforced_by_the_replica_that_saw_
     a, _ = replicas
     fake.cancel_shape = "stale"
     session_id, secret, _ = await create_session(a)
-    redis.pause()
+    aof_redis.pause()
     async with sdk(a) as client:
         raw = await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
     assert raw.status_code == 200
@@ -481,10 +459,10 @@ async def test_a_cancel_while_redis_is_down_is_enforced_by_the_replica_that_saw_
     reached = fake.count(CONVERSATION)
     assert await converse(http, a, secret) == (401, "client_secret_revoked")
     assert fake.count(CONVERSATION) == reached
-    redis.resume()
+    aof_redis.resume()
 
     async def stored() -> bool:
-        return (await redis_flag(redis, secret_key(secret)))[0]
+        return (await redis_flag(aof_redis, secret_key(secret)))[0]
 
     await eventually(stored, timeout=30, what="the pending revocation reached Redis")
 
@@ -567,7 +545,7 @@ async def test_a_request_waiting_for_the_upstream_is_refused_when_its_secret_is_
 async def test_a_stream_is_closed_even_when_its_revocation_was_announced_during_a_feed_gap(
     replicas: tuple[GatewayProcess, GatewayProcess],
     http: aiohttp.ClientSession,
-    redis: RedisServer,
+    aof_redis: RedisServer,
 ) -> None:
     a, _ = replicas
     session_id, secret, _ = await create_session(a)
@@ -576,7 +554,7 @@ async def test_a_stream_is_closed_even_when_its_revocation_was_announced_during_
     # Cut every replica's revocation subscription, then revoke and announce it
     # while nobody listens (one pipeline: no replica can resubscribe in between).
     # Pub/sub does not replay, so only a re-check on resubscribing can find it.
-    client = redis.client(socket_timeout=5)
+    client = aof_redis.client(socket_timeout=5)
     try:
         pipe = client.pipeline(transaction=False)
         pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")

@@ -22,7 +22,14 @@ from gateway.settings import load_settings
 from gateway.store.base import AdmitRequest, SessionRecord
 from gateway.store.redis import RedisStore, connect
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisCluster, RedisServer, eventually, subscribed
+from tests.harness import (
+    GatewayProcess,
+    RedisCluster,
+    RedisServer,
+    create_session,
+    eventually,
+    subscribed,
+)
 
 
 @pytest.fixture(scope="module")
@@ -135,17 +142,7 @@ async def test_gateway_on_a_cluster_admits_exactly_the_limit_and_honours_cancel(
         ) as gateway,
         aiohttp.ClientSession() as http,
     ):
-        async with http.post(
-            f"{gateway.url}/v1/chatkit/sessions",
-            headers={"Authorization": "Bearer sk-test"},
-            json={
-                "user": "u1",
-                "workflow": {"id": "wf_1"},
-                "rate_limits": {"max_requests_per_1_minute": 4},
-            },
-        ) as response:
-            assert response.status == 200
-            session = await response.json()
+        session = await create_session(http, gateway.url, limit=4)
         auth = {"Authorization": f"Bearer {session['client_secret']}"}
 
         async def call() -> int:

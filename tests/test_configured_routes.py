@@ -11,7 +11,7 @@ import pytest
 from gateway.errors import ConfigError
 from gateway.settings import load_settings
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess
+from tests.harness import GatewayProcess, create_session
 
 SELF_HOSTED = "/v1/chatkit/selfhosted"
 
@@ -86,16 +86,7 @@ async def test_a_configured_route_reaches_its_own_upstream_under_admission(
         ) as gateway,
         aiohttp.ClientSession() as http,
     ):
-        async with http.post(
-            f"{gateway.url}/v1/chatkit/sessions",
-            headers={"Authorization": "Bearer sk-test"},
-            json={
-                "user": "u",
-                "workflow": {"id": "wf"},
-                "rate_limits": {"max_requests_per_1_minute": 2},
-            },
-        ) as response:
-            secret = (await response.json())["client_secret"]
+        secret = (await create_session(http, gateway.url, limit=2))["client_secret"]
         auth = {"Authorization": f"Bearer {secret}"}
         statuses = []
         for _ in range(3):

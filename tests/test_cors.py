@@ -46,3 +46,28 @@ async def test_preflight_is_forwarded_without_a_secret_and_plain_options_is_not(
             assert r.status == 401
             assert (await r.json())["error"]["code"] == "missing_client_secret"
         assert upstream.count("/v1/chatkit/conversation", method="OPTIONS") == 1
+
+
+async def test_a_preflight_forwards_neither_credentials_nor_a_body(
+    upstream: FakeUpstream,
+) -> None:
+    # An OPTIONS dressed as a preflight must not carry a secret or a body past
+    # admission: a browser never sends either with one.
+    headers = {
+        "Origin": "https://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Authorization": "Bearer ek_revoked_or_not",
+        "Cookie": "session=1",
+    }
+    async with (
+        GatewayProcess(upstream.url) as gateway,
+        aiohttp.ClientSession() as http,
+        http.options(
+            f"{gateway.url}/v1/chatkit/conversation", data=b"x" * (1024 * 1024), headers=headers
+        ) as r,
+    ):
+        assert r.status == 200
+    [seen] = [s for s in upstream.requests if s.method == "OPTIONS"]
+    assert seen.authorization is None
+    assert seen.header("cookie") is None
+    assert seen.body_bytes == 0

@@ -693,3 +693,31 @@ async def test_a_gateway_without_hosted_upstream_issues_only(
             assert response.status == 404  # no hosted client routes at all
         assert (await chatkit(http, gateway, session.client_secret))[0] == 200
     assert fake.count("/v1/chatkit/sessions") == 0
+
+
+async def test_a_forwarded_cancel_is_acted_on_after_its_caller_gave_up(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+) -> None:
+    # The caller times out at 0.3 s; the hosted API completes the cancel at
+    # 1.5 s. The gateway must still see that success and revoke the secret.
+    async with sdk(replicas[0], key=HOSTED_KEY) as client:
+        hosted = await client.beta.chatkit.sessions.create(user="u", workflow={"id": "wf_h"})
+    fake.inject("delay", seconds=1.5, path_prefix="/v1/chatkit/sessions/", method="POST")
+    async with AsyncOpenAI(
+        api_key=HOSTED_KEY, base_url=f"{replicas[0].url}/v1", max_retries=0, timeout=0.3
+    ) as impatient:
+        with pytest.raises(openai.APITimeoutError):
+            await impatient.beta.chatkit.sessions.cancel(hosted.id)
+    await fake.wait_for(lambda: fake.sessions[hosted.id]["status"] == "cancelled", timeout=5)
+
+    async def revoked() -> bool:
+        async with http.post(
+            f"{replicas[1].url}/v1/chatkit/conversation",
+            json={},
+            headers={"Authorization": f"Bearer {hosted.client_secret}"},
+        ) as response:
+            return response.status == 401
+
+    await eventually(revoked, timeout=5, what="the cancelled secret to be refused")

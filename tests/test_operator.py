@@ -25,14 +25,13 @@ import pytest_asyncio
 
 from gateway.auth import SecretHasher
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer, eventually, free_port
+from tests.harness import GatewayProcess, RedisServer, converse, eventually, free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 API_KEY = "sk-test-operator"
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"
 REPLICA = "replica-op"
-CONVERSATION = "/v1/chatkit/conversation"
 HASH = SecretHasher(None)  # no GATEWAY_SECRET_PEPPER is configured
 CLI = Path(sys.executable).parent / "chatkit-gateway"
 
@@ -62,12 +61,6 @@ class Session:
 def redis() -> Iterator[RedisServer]:
     with RedisServer() as server:
         yield server
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def fake() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as upstream:
-        yield upstream
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -122,18 +115,6 @@ async def create_session(
         assert response.status == 200
         body = await response.json()
     return Session(body["id"], body["client_secret"], body["expires_at"], user)
-
-
-async def converse(
-    http: aiohttp.ClientSession, gateway: Gateway, secret: str
-) -> tuple[int, str | None]:
-    async with http.post(
-        f"{gateway.url}{CONVERSATION}",
-        json={"type": "threads.list", "params": {}},
-        headers={"Authorization": f"Bearer {secret}"},
-    ) as response:
-        body = await response.json()
-        return response.status, body["error"]["code"] if response.status >= 400 else None
 
 
 async def admin(

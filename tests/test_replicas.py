@@ -19,7 +19,7 @@ import secrets
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,18 +53,6 @@ RATELIMIT = re.compile(r'^"session";r=(\d+);t=(\d+)$')
 # -- fixtures: one Redis, one upstream, three replicas -----------------------------------
 
 
-@pytest.fixture(scope="module")
-def aof_redis() -> Iterator[RedisServer]:
-    with RedisServer(appendonly=True, appendfsync="always") as server:
-        yield server
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def api() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as fake:
-        yield fake
-
-
 @contextlib.asynccontextmanager
 async def running(gateways: Sequence[GatewayProcess]) -> AsyncIterator[Sequence[GatewayProcess]]:
     """Start gateways in parallel; stop every one that started, whatever happens."""
@@ -80,10 +68,10 @@ async def running(gateways: Sequence[GatewayProcess]) -> AsyncIterator[Sequence[
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def replicas(
-    api: FakeUpstream, aof_redis: RedisServer
+    fake: FakeUpstream, aof_redis: RedisServer
 ) -> AsyncIterator[Sequence[GatewayProcess]]:
     gateways = [
-        GatewayProcess(api.url, redis_url=aof_redis.url, env={"GATEWAY_REPLICA_ID": f"r{i}"})
+        GatewayProcess(fake.url, redis_url=aof_redis.url, env={"GATEWAY_REPLICA_ID": f"r{i}"})
         for i in range(3)
     ]
     async with running(gateways) as started:
@@ -175,9 +163,9 @@ async def burst(
     )
 
 
-def reached(api: FakeUpstream, secret: str) -> int:
+def reached(fake: FakeUpstream, secret: str) -> int:
     """Requests carrying ``secret`` that the upstream saw."""
-    return sum(1 for seen in api.requests if seen.authorization == f"Bearer {secret}")
+    return sum(1 for seen in fake.requests if seen.authorization == f"Bearer {secret}")
 
 
 class Statuses(Counter[int]):
@@ -217,7 +205,7 @@ def check_429(reply: Reply, *, limit: int, window: int = WINDOW) -> int:
 async def test_burst_across_replicas_admits_exactly_the_limit(
     limit: int,
     replicas: Sequence[GatewayProcess],
-    api: FakeUpstream,
+    fake: FakeUpstream,
     http: aiohttp.ClientSession,
     minted: list[str],
 ) -> None:
@@ -228,7 +216,7 @@ async def test_burst_across_replicas_admits_exactly_the_limit(
     finished = time.time()
 
     assert statuses(replies) == {200: limit, 429: 2 * limit + 5}
-    assert reached(api, secret) == limit
+    assert reached(fake, secret) == limit
     # Every replica took part in the decision, admitting or refusing.
     assert {r.replica for r in replies} == {0, 1, 2}
 
@@ -269,7 +257,7 @@ async def test_bad_secrets_are_refused_without_reaching_upstream(
     case: str,
     code: str,
     replicas: Sequence[GatewayProcess],
-    api: FakeUpstream,
+    fake: FakeUpstream,
     http: aiohttp.ClientSession,
     minted: list[str],
 ) -> None:
@@ -316,18 +304,18 @@ async def test_bad_secrets_are_refused_without_reaching_upstream(
         assert "RateLimit" not in reply.headers
         token = (authorization or "").partition(" ")[2]
         assert not token or token.encode() not in reply.body  # never echoed
-    assert api.count(probe) == 0
+    assert fake.count(probe) == 0
 
 
 async def test_user_limit_spans_sessions_and_replicas(
-    api: FakeUpstream,
+    fake: FakeUpstream,
     aof_redis: RedisServer,
     http: aiohttp.ClientSession,
     minted: list[str],
 ) -> None:
     gateways = [
         GatewayProcess(
-            api.url,
+            fake.url,
             redis_url=aof_redis.url,
             env={"GATEWAY_USER_MAX_REQUESTS_PER_1_MINUTE": "5"},
         )
@@ -344,7 +332,7 @@ async def test_user_limit_spans_sessions_and_replicas(
             )
         )
     assert statuses(replies) == {200: 5, 429: 15}
-    assert reached(api, one["client_secret"]) + reached(api, two["client_secret"]) == 5
+    assert reached(fake, one["client_secret"]) + reached(fake, two["client_secret"]) == 5
     for reply in replies:
         if reply.status == 429:
             check_429(reply, limit=5)
@@ -362,13 +350,13 @@ def _counter(text: str, name: str, **labels: str) -> float:
 
 
 async def test_report_only_mode_admits_but_reports(
-    api: FakeUpstream,
+    fake: FakeUpstream,
     aof_redis: RedisServer,
     http: aiohttp.ClientSession,
     minted: list[str],
 ) -> None:
     async with running(
-        [GatewayProcess(api.url, redis_url=aof_redis.url, env={"GATEWAY_ENFORCE": "false"})]
+        [GatewayProcess(fake.url, redis_url=aof_redis.url, env={"GATEWAY_ENFORCE": "false"})]
     ) as (gateway,):
 
         async def metrics() -> str:
@@ -386,7 +374,7 @@ async def test_report_only_mode_admits_but_reports(
         after = await metrics()
 
     assert [r.status for r in replies] == [200] * 5
-    assert reached(api, secret) == 5  # over the limit, and still forwarded
+    assert reached(fake, secret) == 5  # over the limit, and still forwarded
     assert [r.headers["x-ratelimit-remaining-requests"] for r in replies] == [
         "1",
         "0",
@@ -398,9 +386,9 @@ async def test_report_only_mode_admits_but_reports(
         assert reply.headers["RateLimit"].startswith('"session";r=0;')
         assert "Retry-After" not in reply.headers  # nothing was refused
     assert stranger.status == 200
-    assert reached(api, unknown) == 1
+    assert reached(fake, unknown) == 1
     assert anonymous.status == 200
-    assert api.count(probe) == 1
+    assert fake.count(probe) == 1
 
     name = "chatkit_gateway_report_only_would_reject_total"
     assert (
@@ -413,7 +401,7 @@ async def test_report_only_mode_admits_but_reports(
 
 
 async def test_openai_sdk_retries_a_429_after_the_advertised_wait(
-    api: FakeUpstream, aof_redis: RedisServer, http: aiohttp.ClientSession, minted: list[str]
+    fake: FakeUpstream, aof_redis: RedisServer, http: aiohttp.ClientSession, minted: list[str]
 ) -> None:
     events: list[tuple[str, float, int | None, dict[str, str]]] = []
 
@@ -424,7 +412,7 @@ async def test_openai_sdk_retries_a_429_after_the_advertised_wait(
         events.append(("response", time.monotonic(), response.status_code, dict(response.headers)))
 
     async with running(
-        [GatewayProcess(api.url, redis_url=aof_redis.url, env={"GATEWAY_WINDOW_SECONDS": "2"})]
+        [GatewayProcess(fake.url, redis_url=aof_redis.url, env={"GATEWAY_WINDOW_SECONDS": "2"})]
     ) as (gateway,):
         session = await create_session(http, gateway, minted, limit=1)
         secret = session["client_secret"]
@@ -460,7 +448,7 @@ async def test_openai_sdk_retries_a_429_after_the_advertised_wait(
     assert 0 < wait <= 2
     assert events[4][1] - refused_at >= wait - 0.01  # it waited as told, not its own backoff
     assert elapsed >= wait
-    assert reached(api, secret) == 2
+    assert reached(fake, secret) == 2
 
 
 # -- one Redis command per decision ----------------------------------------------------
@@ -488,7 +476,7 @@ async def _commandstats(client: redis.asyncio.Redis) -> dict[str, int]:
 
 async def test_each_client_request_costs_exactly_one_redis_command(
     replicas: Sequence[GatewayProcess],
-    api: FakeUpstream,
+    fake: FakeUpstream,
     aof_redis: RedisServer,
     http: aiohttp.ClientSession,
     minted: list[str],
@@ -537,7 +525,7 @@ async def test_each_client_request_costs_exactly_one_redis_command(
 
 async def test_script_flush_during_traffic_is_survived(
     replicas: Sequence[GatewayProcess],
-    api: FakeUpstream,
+    fake: FakeUpstream,
     aof_redis: RedisServer,
     http: aiohttp.ClientSession,
     minted: list[str],
@@ -569,19 +557,19 @@ async def test_script_flush_during_traffic_is_survived(
         await client.aclose()
 
     assert statuses(replies) == {200: limit, 429: 2 * limit + 5}
-    assert reached(api, secret) == limit
+    assert reached(fake, secret) == limit
     # The flush really bit: Redis answered NOSCRIPT, and the gateways reloaded.
     assert int(errors.get("errorstat_NOSCRIPT", {}).get("count", 0)) >= 1
     assert reloaded
     # And a fresh session is exact afterwards.
     fresh = (await create_session(http, replicas[1], minted, limit=7))["client_secret"]
     assert statuses(await burst(http, replicas, fresh, 3 * 7 + 5)) == {200: 7, 429: 19}
-    assert reached(api, fresh) == 7
+    assert reached(fake, fresh) == 7
 
 
 async def test_redis_restart_during_traffic_is_survived(
     replicas: Sequence[GatewayProcess],
-    api: FakeUpstream,
+    fake: FakeUpstream,
     aof_redis: RedisServer,
     http: aiohttp.ClientSession,
     minted: list[str],
@@ -627,7 +615,7 @@ async def test_redis_restart_during_traffic_is_survived(
 
     by_status = statuses([r for _, r in replies])
     assert by_status[200] == b_limit  # not one more, before, during or after
-    assert reached(api, b) == b_limit
+    assert reached(fake, b) == b_limit
     assert set(by_status) <= {200, 429, 503}
     for _, reply in replies:
         if reply.status == 503:
@@ -638,11 +626,11 @@ async def test_redis_restart_during_traffic_is_survived(
     # A's six admissions survived the restart: exactly four remain.
     after = await burst(http, replicas, a, 3 * 10 + 5)
     assert statuses(after) == {200: 4, 429: 31}
-    assert reached(api, a) == 10
+    assert reached(fake, a) == 10
     # And a fresh session is exact, on every replica, after the restart.
     c = (await create_session(http, replicas[2], minted, limit=7))["client_secret"]
     assert statuses(await burst(http, replicas, c, 3 * 7 + 5)) == {200: 7, 429: 19}
-    assert reached(api, c) == 7
+    assert reached(fake, c) == 7
 
 
 # -- at rest -------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from gateway.ratelimit import Decision, Outcome
 from gateway.store.base import AdmitRequest, SessionRecord
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore, connect
-from tests.harness import FakeClock, wall_clock_reach
+from tests.doubles import FakeClock
+from tests.harness import wall_clock_reach
 
 SECOND = 1_000_000  # µs
 EPOCH = 1_750_000_000 * SECOND
@@ -254,31 +255,27 @@ async def _window_slides(redis_store: RedisStore, name: str) -> None:
     later = [await _timed(redis_store, ask) for _ in range(2)]
     assert all(t.decision.admitted for t in [first, *later])
 
-    def wait_bounds(oldest: Timed, probe: Timed) -> tuple[float, float]:
+    def refused_until_it_leaves(oldest: Timed, probe: Timed) -> int:
+        """``probe`` was refused, told to wait until ``oldest`` leaves the window."""
+        assert probe.decision.outcome is Outcome.RATE_LIMITED
+        assert probe.decision.session is not None
         # Redis stamped ``oldest`` within [sent, received] and decided ``probe``
         # within its own interval: the wait it reports must lie between these.
-        return (
-            (oldest.sent + window - probe.received) * 1000 - 2,
-            (oldest.received + window - probe.sent) * 1000 + 2,
-        )
+        low = (oldest.sent + window - probe.received) * 1000 - 2
+        high = (oldest.received + window - probe.sent) * 1000 + 2
+        assert low <= probe.decision.session.wait_ms <= high
+        return probe.decision.session.wait_ms
 
     # The 4th request is refused, told to wait until the first one leaves.
     refused = await _timed(redis_store, ask)
     _in_time(refused, first.sent + window, "the 4th request")
-    assert refused.decision.outcome is Outcome.RATE_LIMITED
-    assert refused.decision.session is not None
-    low, high = wait_bounds(first, refused)
-    assert low <= refused.decision.session.wait_ms <= high
+    wait_ms = refused_until_it_leaves(first, refused)
 
     # Half-way through that wait it is still refused, with a shorter wait.
-    await wall_clock_reach(refused.received + refused.decision.session.wait_ms / 2000)
+    await wall_clock_reach(refused.received + wait_ms / 2000)
     midway = await _timed(redis_store, ask)
     _in_time(midway, first.sent + window, "the request half-way through the wait")
-    assert midway.decision.outcome is Outcome.RATE_LIMITED
-    assert midway.decision.session is not None
-    low, high = wait_bounds(first, midway)
-    assert low <= midway.decision.session.wait_ms <= high
-    assert midway.decision.session.wait_ms < refused.decision.session.wait_ms
+    assert refused_until_it_leaves(first, midway) < wait_ms
 
     # Once the first admission has certainly left, exactly one more is admitted:
     # the two later admissions are still in the window (a slide, not a reset).
@@ -289,7 +286,4 @@ async def _window_slides(redis_store: RedisStore, name: str) -> None:
     assert resumed.decision.admitted
     assert resumed.decision.session is not None
     assert resumed.decision.session.remaining == 0
-    assert full.decision.outcome is Outcome.RATE_LIMITED
-    assert full.decision.session is not None
-    low, high = wait_bounds(later[0], full)
-    assert low <= full.decision.session.wait_ms <= high
+    refused_until_it_leaves(later[0], full)

@@ -29,7 +29,8 @@ from gateway.registry import session_from_response
 from gateway.store.base import AdmitRequest, IssuedSession, SessionRecord, Store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore, connect
-from tests.harness import FakeClock, RedisServer, redis_key_contents, wall_clock_reach
+from tests.doubles import FakeClock
+from tests.harness import RedisServer, redis_key_contents, wall_clock_reach
 
 HASHER = SecretHasher(b"contract-pepper")
 

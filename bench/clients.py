@@ -1,8 +1,8 @@
 """Which upstream HTTP client makes the fastest proxy (measured, not assumed).
 
-Run it as ``scripts/bench-clients``. It measures minimal raw-ASGI reverse
-proxies that differ only in their upstream client, under the server the
-gateway uses (uvicorn, uvloop, httptools, one worker, access log off), then the
+Run it as ``scripts/bench-clients`` (``python -m bench.clients``). It measures
+minimal raw-ASGI reverse proxies that differ only in their upstream client,
+under the server the gateway uses (uvicorn, uvloop, httptools, one worker, access log off), then the
 real gateway's pass-through route as the last row:
 
 1. ``aiohttp``: one shared ``aiohttp.ClientSession`` (pooled, trust_env off,
@@ -25,25 +25,31 @@ request failed (the figures are then not comparable).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import http.client
 import importlib.util
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
 
-REPO = Path(__file__).resolve().parent.parent
+from bench import BenchError
+from bench.cpu import CpuWatch
+from bench.probe import answers, http_request
+from bench.wrk import (
+    Request,
+    WrkParams,
+    add_load_arguments,
+    resolve_durations,
+    run_wrk,
+    wrk_script,
+)
+from tests.processes import Service, free_port, gateway_env
+
 PATH = "/v1/chatkit/threads?bench=1"
-HEADERS = {"Authorization": "Bearer sk-bench"}
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+REQUEST = Request("GET", PATH, "Bearer sk-bench")
 
 # What every candidate shares; each adds start(), stop() and forward().
 PROXY_COMMON = """
@@ -171,99 +177,10 @@ async def forward(method, target, headers, body, send):
     await send({"type": "http.response.body", "body": b""})
 """
 
-# done() prints exact percentiles as JSON (wrk's text output rounds them).
-WRK_LUA = """
-wrk.headers["Authorization"] = "Bearer sk-bench"
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('BENCH_JSON {"requests":%d,"duration_us":%d,"p50_us":%d,'
-    .. '"p99_us":%d,"errors":%d}\\n', summary.requests, summary.duration,
-    latency:percentile(50), latency:percentile(99),
-    e.connect + e.read + e.write + e.status + e.timeout))
-end
-"""
-
-
-class BenchError(Exception):
-    """Something the benchmark needs did not work; the message says what."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
 
 def get(port: int) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", PATH, headers=HEADERS)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
-class Service:
-    """A child process pinned to some CPUs, its output in a log file."""
-
-    def __init__(
-        self, name: str, argv: list[str], cpus: str, workdir: Path, env: dict[str, str]
-    ) -> None:
-        self.name = name
-        self.log_path = workdir / f"{name}.log"
-        self._log: IO[bytes] = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        # taskset execs the command, so this pid is the server process itself.
-        self.proc = subprocess.Popen(
-            ["taskset", "-c", cpus, *argv],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, port: int, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
-            with contextlib.suppress(OSError):
-                get(port)
-                return
-            time.sleep(0.05)
-        raise BenchError(f"{self.name} not ready after {timeout:g}s:\n{self.tail()}")
-
-    def tail(self) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
-
-    def cpu_ticks(self) -> int:
-        """utime + stime of the process, all threads, in clock ticks."""
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return int(fields[11]) + int(fields[12])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-def core_busy() -> dict[str, list[int]]:
-    """Per CPU: (busy, total) jiffies since boot, from /proc/stat."""
-    out = {}
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, *values = line.split()
-        if name.startswith("cpu") and name[3:].isdigit():
-            ticks = [int(v) for v in values[:8]]
-            out[name] = [sum(ticks) - ticks[3] - ticks[4], sum(ticks)]
-    return out
+    status, _, body = http_request(port, REQUEST.method, PATH, REQUEST.headers())
+    return status, body
 
 
 @dataclass
@@ -292,41 +209,36 @@ class Target:
         return ranked[(len(ranked) - 1) // 2]
 
 
-def run_wrk(args: argparse.Namespace, port: int, seconds: int, script: Path) -> dict[str, int]:
-    argv = ["taskset", "-c", args.load_cpus, "wrk", f"-t{args.threads}", f"-c{args.connections}"]
-    argv += [f"-d{seconds}s", "--timeout=10s", f"--script={script}"]
-    done = subprocess.run(
-        [*argv, f"http://127.0.0.1:{port}{PATH}"],
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-        check=False,
+def wrk_params(args: argparse.Namespace) -> WrkParams:
+    return WrkParams(
+        connections=args.connections,
+        threads=args.threads,
+        duration=args.duration,
+        warmup=args.warmup,
     )
-    line = next((x for x in done.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
-    if done.returncode != 0 or line is None:
-        raise BenchError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    figures: dict[str, int] = json.loads(line.removeprefix("BENCH_JSON "))
-    return figures
 
 
 def measure(args: argparse.Namespace, target: Target, script: Path) -> Run:
-    cores, ticks = core_busy(), target.service.cpu_ticks()
-    raw = run_wrk(args, target.port, args.duration, script)
-    used_us = (target.service.cpu_ticks() - ticks) / CLK_TCK * 1e6
-    after = core_busy()
-    percent = {
-        cpu: 100 * (after[cpu][0] - busy) / max(after[cpu][1] - total, 1)
-        for cpu, (busy, total) in cores.items()
-    }
+    watch = CpuWatch({"sut": [target.service]})
+    url = f"http://127.0.0.1:{target.port}{PATH}"
+    result = run_wrk(url, script, wrk_params(args), seconds=args.duration, cpus=args.load_cpus)
+    procs, cores = watch.percent(result.seconds)
     return Run(
-        rps=raw["requests"] / (raw["duration_us"] / 1e6),
-        requests=raw["requests"],
-        p50_ms=raw["p50_us"] / 1000,
-        p99_ms=raw["p99_us"] / 1000,
-        errors=raw["errors"],
-        cpu_us_per_request=used_us / max(raw["requests"], 1),
-        core_percent=percent,
+        rps=result.rps,
+        requests=result.requests,
+        p50_ms=result.p50_ms,
+        p99_ms=result.p99_ms,
+        errors=result.errors,
+        cpu_us_per_request=procs["sut"] / 100 * 1e6 / max(result.rps, 1e-9),
+        core_percent={k: v for k, v in cores.items() if k.startswith("cpu")},
     )
+
+
+def start(service: Service, port: int) -> None:
+    try:
+        service.wait_ready(answers(port))
+    except (RuntimeError, TimeoutError) as exc:
+        raise BenchError(str(exc)) from None
 
 
 def start_targets(args: argparse.Namespace, workdir: Path, upstream: int) -> list[Target]:
@@ -344,35 +256,35 @@ def start_targets(args: argparse.Namespace, workdir: Path, upstream: int) -> lis
         path.write_text(PROXY_COMMON + code + RUNNER)
         port = free_port()
         argv = [sys.executable, str(path), str(port)]
-        targets.append(Target(name, port, Service(name, argv, args.sut_cpus, workdir, env)))
+        service = Service(name, argv, cpus=args.sut_cpus, workdir=workdir, env=env)
+        targets.append(Target(name, port, service))
     port = free_port()
-    gateway_env = dict(env, GATEWAY_HOST="127.0.0.1", GATEWAY_PORT=str(port))
-    gateway_env.update(GATEWAY_UPSTREAM_URL=env["BENCH_UPSTREAM"], GATEWAY_WORKERS="1")
-    gateway_env.update(GATEWAY_LOG_LEVEL="warning")
+    extra = {"GATEWAY_WORKERS": "1", "GATEWAY_LOG_LEVEL": "warning"}
+    env = gateway_env(env["BENCH_UPSTREAM"], port=port, extra=extra, base=env)
     argv = [sys.executable, "-m", "gateway", "serve"]
-    targets.append(
-        Target("gateway", port, Service("gateway", argv, args.sut_cpus, workdir, gateway_env))
-    )
+    service = Service("gateway", argv, cpus=args.sut_cpus, workdir=workdir, env=env)
+    targets.append(Target("gateway", port, service))
     return targets
 
 
 def bench(args: argparse.Namespace, workdir: Path, services: list[Service]) -> list[Target]:
     port = free_port()
     argv = [sys.executable, "-m", "tests.fake_upstream", "--port", str(port)]
-    upstream = Service("upstream", argv, args.load_cpus, workdir, dict(os.environ))
+    upstream = Service("upstream", argv, cpus=args.load_cpus, workdir=workdir)
     services.append(upstream)
-    upstream.wait_ready(port)
+    start(upstream, port)
     expected = get(port)
     targets = start_targets(args, workdir, port)
     services.extend(target.service for target in targets)
-    script = workdir / "bench.lua"
-    script.write_text(WRK_LUA)
+    script = wrk_script(REQUEST, workdir / "bench.lua")
     for target in targets:
-        target.service.wait_ready(target.port)
+        start(target.service, target.port)
         if get(target.port) != expected:  # a proxy that answers something else is no proxy
             raise BenchError(f"{target.name} answered {get(target.port)!r}, not {expected!r}")
         if args.warmup:
-            target.warmup_errors = run_wrk(args, target.port, args.warmup, script)["errors"]
+            url = f"http://127.0.0.1:{target.port}{PATH}"
+            warm = run_wrk(url, script, wrk_params(args), seconds=args.warmup, cpus=args.load_cpus)
+            target.warmup_errors = warm.errors
     for round_ in range(1, args.rounds + 1):
         for target in targets:  # alternate, so drift on the machine hits every target
             run = measure(args, target, script)
@@ -430,18 +342,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
-    parser.add_argument("--duration", type=int, default=None, help="seconds per run (10)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up seconds (2)")
-    parser.add_argument("--quick", action="store_true", help="3 s per run, 1 s warm-up")
-    parser.add_argument("--rounds", type=int, default=1, help="measured runs per target (1)")
-    parser.add_argument("--sut-cpus", default="0", help="CPUs for the proxy under test (0)")
-    parser.add_argument("--load-cpus", default="1", help="CPUs for wrk and the upstream (1)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    add_load_arguments(parser, per="run", sut="the proxy under test", load="wrk and the upstream")
     args = parser.parse_args(argv)
-    args.duration = args.duration or (3 if args.quick else 10)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    resolve_durations(args)
     if args.duration < 1 or args.rounds < 1 or args.warmup < 0:
         parser.error("--duration and --rounds must be >= 1, --warmup >= 0")
     return args

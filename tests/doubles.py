@@ -1,0 +1,82 @@
+"""In-process stand-ins: a clock the test moves, and a store that can fail.
+
+For fast tests of the components between the socket and the store
+(:class:`~gateway.admission.Gatekeeper`, :class:`~gateway.revocation.Revoker`):
+the embedded store with a clock the test controls decides exactly as the
+contract suite proves Redis does, and an outage is a flag, not a paused process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from gateway.errors import StoreUnavailable
+from gateway.ratelimit import Decision
+from gateway.store.base import AdmitRequest, RevokeResult
+from gateway.store.memory import MemoryStore
+
+
+class FakeClock:
+    """A clock a test moves by hand: seconds since the epoch, held in whole µs.
+
+    Whole microseconds keep steps exact; the stores read ``int(seconds * 1e6)``
+    and get back the microsecond that was set.
+    """
+
+    def __init__(self, start: float = 1_750_000_000.0) -> None:
+        self.us = round(start * 1_000_000)
+
+    def __call__(self) -> float:
+        return self.us / 1_000_000
+
+    def at(self, us: int) -> None:
+        """Move to ``us`` microseconds; time only moves forward."""
+        if us < self.us:
+            raise ValueError("time only moves forward")
+        if int(us / 1_000_000 * 1_000_000) != us:
+            raise ValueError(f"{us} µs does not survive the stores' float seconds exactly")
+        self.us = us
+
+    def set(self, seconds: float) -> None:
+        """Move to ``seconds`` unless the clock is already past it."""
+        self.us = max(self.us, round(seconds * 1_000_000))
+
+    def advance(self, seconds: float) -> None:
+        self.at(self.us + round(seconds * 1_000_000))
+
+
+class OutageStore(MemoryStore):
+    """The embedded store, failing every call like an unreachable Redis while ``down``.
+
+    ``calls`` counts the operations asked of it, up or down, so a test can
+    prove a decision was made without the store.
+    """
+
+    def __init__(self, *, clock: FakeClock, window_seconds: int = 60) -> None:
+        super().__init__(window_seconds=window_seconds, clock=clock)
+        self.down = False
+        self.calls = 0
+
+    def _ask(self) -> None:
+        self.calls += 1
+        if self.down:
+            raise StoreUnavailable("the store is unreachable (a test's outage)")
+
+    async def admit(self, request: AdmitRequest) -> Decision:
+        self._ask()
+        return await super().admit(request)
+
+    async def revoke(
+        self, *, secret_hash: str | None, session_id: str | None, reason: str, replica: str
+    ) -> RevokeResult:
+        self._ask()
+        return await super().revoke(
+            secret_hash=secret_hash, session_id=session_id, reason=reason, replica=replica
+        )
+
+    async def revoked_among(self, secret_hashes: Collection[str]) -> set[str]:
+        self._ask()
+        return await super().revoked_among(secret_hashes)
+
+    async def ping(self) -> None:
+        self._ask()
