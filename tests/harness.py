@@ -439,7 +439,7 @@ class RedisSentinels:
     @staticmethod
     def _link_up(replica: RedisServer) -> bool:
         with redis.Redis(host=replica.host, port=replica.port, socket_timeout=1) as client:
-            return client.info("replication").get("master_link_status") == "up"
+            return bool(client.info("replication").get("master_link_status") == "up")
 
     def _sees_everyone(self, port: int, count: int) -> bool:
         try:

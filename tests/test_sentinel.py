@@ -53,7 +53,7 @@ async def _replicated(master: RedisServer) -> None:
     gateway, not about what asynchronous replication may lose in a crash."""
     client = master.client()
     try:
-        assert await client.execute_command("WAIT", 1, 5000) == 1
+        assert await client.wait(1, 5000) == 1
     finally:
         await client.aclose()
 
