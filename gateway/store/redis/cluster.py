@@ -48,6 +48,7 @@ class ClusterRouter:
         self._on_refresh = on_refresh
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed_at = float("-inf")
+        self._failing = False
 
     async def node_for(self, key: bytes | str) -> ClusterNode:
         """The primary serving ``key``'s slot, as far as this client knows."""
@@ -102,9 +103,15 @@ class ClusterRouter:
         try:
             await self._client.nodes_manager.initialize()
         except (RedisError, OSError, TimeoutError) as exc:
-            # The next failure asks again; nothing waits on this one.
-            logger.warning("Redis Cluster slot map not refreshed: %s", type(exc).__name__)
+            # The next failure asks again; nothing waits on this one. Logged
+            # once per outage, not four times a second.
+            if not self._failing:
+                logger.warning("Redis Cluster slot map not refreshed: %s", type(exc).__name__)
+            self._failing = True
             return
+        if self._failing:
+            logger.warning("Redis Cluster slot map refreshed again")
+        self._failing = False
         self._on_refresh(frozenset(node.name for node in self._client.get_primaries()))
 
     async def close(self) -> None:
