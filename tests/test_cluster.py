@@ -16,7 +16,7 @@ from typing import cast
 import aiohttp
 import pytest
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, StoreUnavailable
 from gateway.ratelimit import Outcome
 from gateway.settings import load_settings
 from gateway.store.base import AdmitRequest, SessionRecord
@@ -81,6 +81,42 @@ async def test_exact_limits_on_every_primary(store: RedisStore) -> None:
         outcomes = [d.outcome for d in decisions]
         assert outcomes.count(Outcome.ADMITTED) == n + 1
         assert outcomes.count(Outcome.RATE_LIMITED) == 3
+
+
+async def test_a_hung_primary_delays_and_fails_only_its_own_slots(
+    store: RedisStore, cluster: RedisCluster
+) -> None:
+    expires = int(time.time()) + 600
+    hashes = [_hash(100 + n) for n in range(12)]
+    for n, secret_hash in enumerate(hashes):
+        await store.register(SessionRecord(secret_hash, f"cksess_h{n}", "u", expires, 100))
+    hung = cluster.primary_of(store.keys.secret(hashes[0]).session)
+    stuck = {h for h in hashes if cluster.primary_of(store.keys.secret(h).session) is hung}
+    assert len(stuck) < len(hashes), "every secret on one primary"
+
+    async def timed(secret_hash: str) -> tuple[str, bool, float]:
+        started = time.monotonic()
+        try:
+            decision = await store.admit(AdmitRequest(secret_hash, False, 10, None))
+        except StoreUnavailable:
+            return secret_hash, False, time.monotonic() - started
+        return secret_hash, decision.outcome is Outcome.ADMITTED, time.monotonic() - started
+
+    hung.pause()  # the port stays open and nothing answers: a hung host
+    try:
+        answers = await asyncio.gather(*(timed(h) for h in hashes))
+    finally:
+        hung.resume()
+    for secret_hash, admitted, took in answers:
+        if secret_hash in stuck:
+            assert not admitted
+        else:
+            # Decided at once, not after the hung node's timeout (2 s here).
+            assert admitted
+            assert took < 1.0, f"a healthy node's decision waited {took:.2f}s"
+    # And the hung node's slots are served again once it answers.
+    decision = await store.admit(AdmitRequest(hashes[0], False, 10, None))
+    assert decision.outcome is Outcome.ADMITTED
 
 
 async def test_script_flush_on_every_primary_is_recovered(
