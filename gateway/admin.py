@@ -139,16 +139,16 @@ class AdminAPI:
         return JSONResponse({"data": [dataclasses.asdict(e) for e in entries]})
 
 
-class AdminServer:
-    """Serves :class:`AdminAPI` on GATEWAY_ADMIN_HOST:GATEWAY_ADMIN_PORT inside
-    the gateway's event loop. With several workers each binds the port with
-    SO_REUSEPORT; all of them act on the same store."""
+class Listener:
+    """Serves an ASGI app on a port of its own inside the gateway's event loop
+    (the admin API, /metrics). With several workers each binds the port with
+    SO_REUSEPORT, and any of them may answer."""
 
-    def __init__(self, components: Components) -> None:
-        settings = components.settings
-        self._socket = reuse_port_socket(settings.admin_host, settings.admin_port)
+    def __init__(self, app: Any, *, host: str, port: int, name: str) -> None:
+        self._name = name
+        self._socket = reuse_port_socket(host, port)
         config = uvicorn.Config(
-            AdminAPI(components),
+            app,
             lifespan="off",
             access_log=False,
             log_config=None,
@@ -163,15 +163,29 @@ class AdminServer:
         while not self._server.started:
             if self._task.done():
                 self._task.result()
-                raise RuntimeError("the admin listener stopped at start-up")
+                raise RuntimeError(f"the {self._name} listener stopped at start-up")
             await asyncio.sleep(0.01)
-        logger.info("Admin API listening on %s", self._socket.getsockname())
+        logger.info("%s listening on %s", self._name, self._socket.getsockname())
 
     async def stop(self) -> None:
         self._server.should_exit = True
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         self._socket.close()
+
+
+class AdminServer(Listener):
+    """Serves :class:`AdminAPI` on GATEWAY_ADMIN_HOST:GATEWAY_ADMIN_PORT; all
+    workers act on the same store."""
+
+    def __init__(self, components: Components) -> None:
+        settings = components.settings
+        super().__init__(
+            AdminAPI(components),
+            host=settings.admin_host,
+            port=settings.admin_port,
+            name="Admin API",
+        )
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:

@@ -5,6 +5,10 @@ endpoints (/healthz, /readyz, /metrics) to a small starlette app and
 everything else to the :class:`~gateway.proxy.Proxy`. Start-up builds the
 store, the upstream client and the revocation machinery; a failure there
 (bad upstream URL, Redis unreachable when configured) stops the process.
+
+/readyz answers 200 while the process accepts traffic and 503 while it is
+starting or draining; the store's state is in its body (see gateway.health).
+With GATEWAY_METRICS_PORT, /metrics moves to a listener of its own.
 """
 
 from __future__ import annotations
@@ -15,26 +19,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as LocalRoute
 
-from gateway.admin import AdminServer
+from gateway.admin import AdminServer, Listener
 from gateway.admission import Gatekeeper
 from gateway.auth import ApiKeys, SecretHasher
 from gateway.errors import ConfigError, StoreUnavailable, error_body
+from gateway.health import StoreMonitor
 from gateway.issuer import Issuer, SessionIds
+from gateway.lifecycle import draining
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.revocation import Revoker
 from gateway.routes import Kind, Route, table_with
 from gateway.sessions import SessionControl
-from gateway.settings import Settings, UnknownSecrets, load_settings
+from gateway.settings import Settings, UnknownSecrets, load_settings, otel_traces_exporter
 from gateway.store.base import Store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore, connect, connect_sentinel
+from gateway.telemetry import Telemetry
+from gateway.tracing import Tracing, configure
 from gateway.upstream import create_session
 
 logger = logging.getLogger("gateway")
@@ -54,6 +62,7 @@ class Components:
     metrics: Metrics
     session: aiohttp.ClientSession
     proxy: Proxy
+    monitor: StoreMonitor
 
 
 def build_store(settings: Settings) -> Store:
@@ -109,23 +118,33 @@ def build_issuer(
 class GatewayApp:
     """The ASGI application uvicorn serves."""
 
-    def __init__(self, settings: Settings, *, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Store | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.settings = settings
         self._store = store
+        self._tracing = tracing
         self.components: Components | None = None
-        self._local = Starlette(
-            routes=[
-                LocalRoute("/healthz", self._healthz),
-                LocalRoute("/readyz", self._readyz),
-                LocalRoute("/metrics", self._metrics),
-            ]
-        )
+        self._draining = False
+        routes = [LocalRoute("/healthz", self._healthz), LocalRoute("/readyz", self._readyz)]
+        self._local_paths = LOCAL_PATHS
+        if settings.metrics_port is None:
+            routes.append(LocalRoute("/metrics", self._metrics))
+        else:
+            # Off the client port: scrapes come from the metrics listener only.
+            self._local_paths = LOCAL_PATHS - {"/metrics"}
+        self._local = Starlette(routes=routes)
         self._admin: AdminServer | None = None
+        self._metrics_listener: Listener | None = None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             components = self.components
-            if scope["path"] in LOCAL_PATHS or components is None:
+            if scope["path"] in self._local_paths or components is None:
                 await self._local(scope, receive, send)
             else:
                 await components.proxy(scope, receive, send)
@@ -161,7 +180,9 @@ class GatewayApp:
                 "No GATEWAY_REDIS_URL: using the embedded store. Its state is per process, "
                 "so limits and revocations are not shared between replicas or workers."
             )
-        metrics = Metrics()
+        metrics = Metrics(workers=settings.workers)
+        if self._tracing is None:
+            self._tracing = configure(otel_traces_exporter())
         hasher = SecretHasher(
             settings.secret_pepper.get_secret_value().encode() if settings.secret_pepper else None
         )
@@ -203,12 +224,30 @@ class GatewayApp:
             revoker=revoker,
             sessions=sessions,
             metrics=metrics,
+            telemetry=Telemetry(metrics, tracing=self._tracing, access_log=settings.access_log),
         )
         revoker.start()
-        self.components = Components(settings, store, revoker, hasher, metrics, session, proxy)
+        monitor = StoreMonitor(
+            store,
+            metrics=metrics,
+            interval=settings.store_check_interval_seconds,
+            timeout=settings.redis_timeout,
+        )
+        monitor.start()
+        self.components = Components(
+            settings, store, revoker, hasher, metrics, session, proxy, monitor
+        )
         if settings.admin_token is not None:
             self._admin = AdminServer(self.components)
             await self._admin.start()
+        if settings.metrics_port is not None:
+            self._metrics_listener = Listener(
+                Starlette(routes=[LocalRoute("/metrics", self._metrics)]),
+                host=settings.metrics_host or settings.host,
+                port=settings.metrics_port,
+                name="Metrics",
+            )
+            await self._metrics_listener.start()
         tune_gc()
         logger.info("chatkit-gateway ready: %s", settings.redacted())
 
@@ -216,11 +255,26 @@ class GatewayApp:
         components = self.components
         if components is None:
             return
-        if self._admin is not None:
-            await self._admin.stop()
+        self._draining = True
+        for listener in (self._admin, self._metrics_listener):
+            if listener is not None:
+                await listener.stop()
+        await components.monitor.stop()
         await components.revoker.stop()
         await components.session.close()
         await components.store.close()
+        if self._tracing is not None:
+            self._tracing.shutdown()
+
+    def begin_draining(self) -> None:
+        """From now on /readyz answers 503, so the load balancer stops sending
+        new requests while those in flight finish. The server calls this when
+        a shutdown begins."""
+        self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     # -- the gateway's own endpoints ------------------------------------------------
 
@@ -230,25 +284,26 @@ class GatewayApp:
     async def _readyz(self, request: Request) -> Response:
         components = self.components
         if components is None:
-            return _unready("The gateway is starting.")
-        try:
-            await components.store.ping()
-        except StoreUnavailable as exc:
-            return _unready(f"The store is unreachable: {exc}")
+            return _unready("The gateway is starting.", code="starting")
+        if self._draining or draining.is_set():
+            return _unready("The gateway is shutting down.", code="draining")
+        store = components.monitor.report()
+        if self.settings.readiness_requires_store and components.monitor.up is False:
+            return _unready(
+                f"The store is unreachable: {components.monitor.error}", code="store_unavailable"
+            )
         return JSONResponse(
             {
                 "status": "ready",
-                "store": components.store.name,
+                "store": store,
                 "pending_revocations": components.revoker.pending,
             }
         )
 
     async def _metrics(self, request: Request) -> Response:
         if self.components is None:
-            return _unready("The gateway is starting.")
-        return Response(
-            generate_latest(self.components.metrics.registry), media_type=CONTENT_TYPE_LATEST
-        )
+            return _unready("The gateway is starting.", code="starting")
+        return Response(self.components.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 def tune_gc() -> None:
@@ -266,9 +321,9 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
-def _unready(message: str) -> Response:
+def _unready(message: str, *, code: str) -> Response:
     return Response(
-        error_body(message, type="api_error", code="not_ready"),
+        error_body(message, type="api_error", code=code),
         status_code=503,
         media_type="application/json",
     )

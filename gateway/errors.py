@@ -7,8 +7,12 @@
     ├── NotFound (404)              no route: never forwarded
     │   └── SessionNotFound (404)   cancel of a session id the gateway issued but forgot
     ├── MethodNotAllowed (405)
+    ├── RequestTimeout (408)        the client was too slow sending its request
     ├── PayloadTooLarge (413)
+    ├── TargetTooLong (414)
     ├── HeadersTooLarge (431)
+    ├── CodingNotImplemented (501)  a transfer coding other than chunked
+    ├── Overloaded (503)            connection caps reached: try another replica
     ├── RateLimited (429)           carries the rate-limit headers
     ├── UpstreamError
     │   ├── UpstreamUnavailable (502)
@@ -101,16 +105,40 @@ class MethodNotAllowed(GatewayError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
 
 
+class TargetTooLong(GatewayError):
+    status = 414
+    type = "invalid_request_error"
+    code = "request_target_too_long"
+
+
 class HeadersTooLarge(GatewayError):
     status = 431
     type = "invalid_request_error"
     code = "request_headers_too_large"
+
+
+class CodingNotImplemented(GatewayError):
+    status = 501
+    type = "invalid_request_error"
+    code = "transfer_coding_not_implemented"
+
+
+class Overloaded(GatewayError):
+    status = 503
+    type = "api_error"
+    code = "overloaded"
 
 
 class AuthError(GatewayError):

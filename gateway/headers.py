@@ -36,6 +36,8 @@ _REPLACED = frozenset({b"host", b"via", b"x-request-id", b"expect"})
 _FORWARDED = frozenset(
     {b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip"}
 )
+# Framing the HTTP client sets itself from the body it sends.
+_FRAMING = frozenset({b"content-length"})
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 VIA = b"1.1 chatkit-gateway"
 _ids = random.Random()  # noqa: S311 - seeded from os.urandom; request ids, never secrets
@@ -87,6 +89,8 @@ def upstream_request_headers(
     forwarded_for: list[bytes] = []
     via: list[bytes] = []
     for name, value in headers:
+        if b"_" in name and _is_twin(name, drop):
+            continue
         if name in drop or name in _REPLACED:
             if name == b"via":
                 via.append(value)
@@ -137,6 +141,14 @@ CORS_HEADERS = frozenset(
         b"access-control-max-age",
     }
 )
+
+
+def _is_twin(name: bytes, drop: frozenset[bytes]) -> bool:
+    """``X_Forwarded_For`` and the like: a name that servers folding ``_`` into
+    ``-`` (as CGI-style frameworks do) would read as a header the gateway
+    drops or sets itself. It goes with its dashed form, never trusted."""
+    folded = name.replace(b"_", b"-")
+    return folded in drop or folded in _REPLACED or folded in _FORWARDED or folded in _FRAMING
 
 
 def client_response_headers(

@@ -32,7 +32,9 @@ def strip_client_identity(headers: Headers) -> Headers:
     return [
         (name, value)
         for name, value in headers
-        if name != b"authorization" and not name.startswith(PREFIX)
+        # X_Chatkit_User too: WSGI and other servers that fold "_" into "-"
+        # would read it as the identity header the gateway sets.
+        if name != b"authorization" and not name.replace(b"_", b"-").startswith(PREFIX)
     ]
 
 

@@ -1,24 +1,98 @@
 """Prometheus metrics. Labels are fixed vocabularies: never a secret, a session
-id or a user, so cardinality stays bounded and nothing sensitive is exported."""
+id, a user or a raw path, so cardinality stays bounded and nothing sensitive is
+exported.
+
+With several worker processes each worker counts into files in one directory
+(prometheus_client's multiprocess mode) and any worker's scrape answers the sum
+over all of them: otherwise each scrape would see whichever worker accepted it,
+and Prometheus would read the jumps between workers as counter resets. The
+serve command creates that directory (:func:`shared_across_workers`).
+"""
 
 from __future__ import annotations
 
+import functools
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
 
+from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.ratelimit import Outcome
+
+#: prometheus_client reads this variable when it is imported: the serve command
+#: sets it before the workers start, so every worker writes to the same place.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+#: Whole requests: most answer in milliseconds, SSE streams last minutes.
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+#: Time to the upstream's response headers (a model may think for a while).
+UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+#: The label values of chatkit_gateway_upstream_errors_total.
+UPSTREAM_ERROR_KINDS = ("unavailable", "timeout", "mid_stream")
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, workers: int = 1) -> None:
+        # A counter's _created sample doubles the series for no use on a dashboard.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
             "chatkit_gateway_requests_total",
-            "Requests handled, by route kind and response status class.",
+            "Requests handled, by route kind and response status.",
             ["kind", "status"],
             registry=r,
+        )
+        self.request_seconds = Histogram(
+            "chatkit_gateway_request_duration_seconds",
+            "Time from the request's arrival to the end of its response.",
+            ["kind", "status_class"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.upstream_headers_seconds = Histogram(
+            "chatkit_gateway_upstream_headers_seconds",
+            "Time from sending a request upstream to the upstream's response headers.",
+            ["kind"],
+            buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "chatkit_gateway_requests_in_flight",
+            "Requests being handled now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.open_streams = Gauge(
+            "chatkit_gateway_open_streams",
+            "Server-sent event streams being relayed to clients now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.store_up = Gauge(
+            "chatkit_gateway_store_up",
+            "1 when the store answered its last check, else 0.",
+            registry=r,
+            multiprocess_mode="livemin",
         )
         self.decisions = Counter(
             "chatkit_gateway_admission_decisions_total",
@@ -39,7 +113,8 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "chatkit_gateway_upstream_errors_total",
-            "Upstream failures, by kind.",
+            "Upstream failures: unavailable (502, connect failures included), "
+            "timeout (504), mid_stream (the response was cut off).",
             ["kind"],
             registry=r,
         )
@@ -74,6 +149,7 @@ class Metrics:
             "chatkit_gateway_revocations_pending",
             "Revocations enforced locally that the store has not accepted yet.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.streams_closed = Counter(
             "chatkit_gateway_streams_closed_on_revocation_total",
@@ -91,7 +167,20 @@ class Metrics:
         self.would_reject_by_outcome = {
             o: self.would_reject.labels(o.name.lower()) for o in Outcome
         }
+        # Alerts divide by these: they must exist (at 0) before the first failure.
+        self.upstream_errors_by_kind = {
+            k: self.upstream_errors.labels(k) for k in UPSTREAM_ERROR_KINDS
+        }
         self._request_children: dict[tuple[str, int], Any] = {}
+        self._duration_children: dict[tuple[str, int], Any] = {}
+        self._headers_children: dict[str, Any] = {}
+        self._exposed = self.registry
+        if workers > 1:
+            self._exposed = _shared_registry()
+        else:
+            ProcessCollector(registry=r)
+
+    # -- the hot path: a dict lookup and a few additions per call ---------------
 
     def count_request(self, kind: str, status: int) -> None:
         """Count one request; the labelled child is looked up once per pair."""
@@ -99,3 +188,146 @@ class Metrics:
         if child is None:
             child = self._request_children[(kind, status)] = self.requests.labels(kind, str(status))
         child.inc()
+
+    def request_started(self) -> float:
+        """Mark a request in flight; returns its start time for :meth:`request_finished`."""
+        self.in_flight.inc()
+        return time.perf_counter()
+
+    def request_finished(self, kind: str, status: int, started: float) -> float:
+        """Record the request's duration (``status`` 0: no response was sent)."""
+        self.in_flight.dec()
+        seconds = time.perf_counter() - started
+        key = (kind, status // 100)
+        child = self._duration_children.get(key)
+        if child is None:
+            status_class = f"{status // 100}xx" if status else "none"
+            child = self._duration_children[key] = self.request_seconds.labels(kind, status_class)
+        child.observe(seconds)
+        return seconds
+
+    def upstream_answered(self, kind: str, seconds: float) -> None:
+        child = self._headers_children.get(kind)
+        if child is None:
+            child = self._headers_children[kind] = self.upstream_headers_seconds.labels(kind)
+        child.observe(seconds)
+
+    def upstream_failed(self, error: UpstreamError | None = None) -> None:
+        """Count a 502 or 504 the gateway answered, or (None) a response cut off."""
+        if error is None:
+            kind = "mid_stream"
+        elif isinstance(error, UpstreamTimeout):
+            kind = "timeout"
+        else:
+            kind = "unavailable"
+        self.upstream_errors_by_kind[kind].inc()
+
+    # -- exposition ----------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        """The text format for one scrape: the sum over workers when there are several."""
+        return generate_latest(self._exposed)
+
+
+@contextmanager
+def shared_across_workers(workers: int) -> Iterator[None]:
+    """For the serve command: with several workers, give them one directory to
+    count in, for as long as they run, and remove it afterwards."""
+    if workers <= 1:
+        yield
+        return
+    path = tempfile.mkdtemp(prefix="chatkit-gateway-metrics-")
+    previous = os.environ.get(MULTIPROC_ENV)
+    os.environ[MULTIPROC_ENV] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(MULTIPROC_ENV, None)
+        else:
+            os.environ[MULTIPROC_ENV] = previous
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _shared_registry() -> CollectorRegistry:
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path or not Path(path).is_dir():
+        raise RuntimeError(
+            f"several workers need {MULTIPROC_ENV}: start the gateway with "
+            "`chatkit-gateway serve`, which creates it"
+        )
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    registry.register(_WorkerProcesses(Path(path)))
+    return registry
+
+
+_PID = re.compile(r"_(\d+)\.db$")
+_SUMMED = (
+    "process_cpu_seconds",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_open_fds",
+)
+
+
+class _WorkerProcesses(Collector):
+    """Process metrics summed over the live workers and their supervisor.
+
+    Also forgets the in-flight style gauges of workers that died (uvicorn
+    restarts them under a new pid), which would otherwise count for ever.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def _live_workers(self) -> set[int]:
+        live: set[int] = set()
+        pids = {int(m.group(1)) for f in self._path.iterdir() if (m := _PID.search(f.name))}
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                mark_process_dead(pid, str(self._path))  # type: ignore[no-untyped-call]
+                continue
+            except PermissionError:
+                pass
+            live.add(pid)
+        return live
+
+    def collect(self) -> Iterable[Metric]:
+        totals: dict[str, float] = dict.fromkeys(_SUMMED, 0.0)
+        start_time = max_fds = float("inf")
+        for pid in {*self._live_workers(), os.getppid()}:
+            collector = ProcessCollector(pid=functools.partial(int, pid), registry=None)
+            for family in collector.collect():
+                if not family.samples:
+                    continue
+                value = family.samples[0].value
+                if family.name in totals:
+                    totals[family.name] += value
+                elif family.name == "process_start_time_seconds":
+                    start_time = min(start_time, value)
+                elif family.name == "process_max_fds":
+                    max_fds = min(max_fds, value)
+        yield CounterMetricFamily(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds, summed over the workers.",
+            value=totals["process_cpu_seconds"],
+        )
+        for name, help_text in (
+            ("process_resident_memory_bytes", "Resident memory size in bytes, summed."),
+            ("process_virtual_memory_bytes", "Virtual memory size in bytes, summed."),
+            ("process_open_fds", "Number of open file descriptors, summed."),
+        ):
+            yield GaugeMetricFamily(name, help_text, value=totals[name])
+        if start_time != float("inf"):
+            yield GaugeMetricFamily(
+                "process_start_time_seconds",
+                "Start time of the oldest process since the epoch, in seconds.",
+                value=start_time,
+            )
+        if max_fds != float("inf"):
+            yield GaugeMetricFamily(
+                "process_max_fds", "Maximum number of open file descriptors.", value=max_fds
+            )

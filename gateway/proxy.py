@@ -35,7 +35,6 @@ from gateway.errors import (
     GatewayError,
     PayloadTooLarge,
     StreamAborted,
-    UpstreamError,
     UpstreamTimeout,
     error_response_headers,
 )
@@ -58,11 +57,11 @@ from gateway.revocation import Revoker
 from gateway.routes import ISSUED_PREFIX, Kind, Match, RouteTable, check_raw_path
 from gateway.sessions import MAX_CONTROL_BODY, Answer, SessionControl
 from gateway.settings import Settings
+from gateway.telemetry import RequestTelemetry, Telemetry
 from gateway.types import Headers, Receive, Scope, Send
 from gateway.upstream import translate_errors
 
 logger = logging.getLogger(__name__)
-access_log = logging.getLogger("gateway.access")
 
 
 class _Exchange:
@@ -76,12 +75,14 @@ class _Exchange:
         "started",
         "status",
         "task",
+        "tel",
         "watcher",
     )
 
-    def __init__(self, send: Send, rid: bytes) -> None:
+    def __init__(self, send: Send, rid: bytes, tel: RequestTelemetry) -> None:
         self._send = send
         self.request_id = rid
+        self.tel = tel
         #: Headers every answer carries, the gateway's own errors included (CORS).
         self.always: Headers = []
         self.started = False
@@ -120,6 +121,7 @@ class _Exchange:
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def body(self, chunk: bytes, more: bool) -> None:
+        self.tel.bytes_out += len(chunk)
         await self._send({"type": "http.response.body", "body": chunk, "more_body": more})
 
     async def error(self, exc: GatewayError) -> None:
@@ -153,6 +155,7 @@ class Proxy:
         sessions: SessionControl,
         metrics: Metrics,
         routes: RouteTable | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._session = session
         self._gatekeeper = gatekeeper
@@ -167,7 +170,9 @@ class Proxy:
         self._max_headers = settings.max_headers
         self._write_timeout = settings.upstream_write_timeout
         self._trust_forwarded = settings.trust_forwarded_headers
-        self._access_log = settings.access_log
+        self._telemetry = telemetry or Telemetry(
+            metrics, tracing=None, access_log=settings.access_log
+        )
         self._workflows = {name: w.upstream for name, w in settings.workflows.items()}
         key = settings.identity_signing_key
         self._identity = IdentityHeaders(
@@ -182,17 +187,16 @@ class Proxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers: Headers = scope["headers"]
-        exchange = _Exchange(send, request_id(headers))
+        rid = request_id(headers)
+        exchange = _Exchange(send, rid, self._telemetry.begin(scope, rid))
         kind = "rejected"
-        started = time.perf_counter() if self._access_log else 0.0
         try:
             match = self._route(scope, headers)
             kind = match.route.kind.value
             await self._handle(scope, receive, exchange, match, headers)
         except GatewayError as exc:
+            exchange.tel.failed(exc, started=exchange.started)
             if exchange.started:
-                if isinstance(exc, UpstreamError):
-                    self._metrics.upstream_errors.labels("mid_stream").inc()
                 raise StreamAborted(exc.message) from exc
             await exchange.error(exc)
             self._metrics.count_request(kind, exc.status)
@@ -209,18 +213,7 @@ class Proxy:
             await self._aborted(exchange)
         finally:
             exchange.stop_watching()
-            if self._access_log:
-                # The path without its query: a query string may carry anything.
-                access_log.info(
-                    "%s %s %d %s %.1fms rid=%s%s",
-                    scope["method"],
-                    scope["path"],
-                    exchange.status,
-                    kind,
-                    (time.perf_counter() - started) * 1000,
-                    exchange.request_id.decode("latin-1"),
-                    f" aborted={exchange.aborted}" if exchange.aborted else "",
-                )
+            exchange.tel.finish(kind, exchange.status, exchange.aborted)
 
     async def _aborted(self, exchange: _Exchange) -> None:
         reason = exchange.aborted
@@ -230,7 +223,9 @@ class Proxy:
         if exchange.started:
             raise StreamAborted(f"response cut off: {reason}")
         if reason == "write_timeout":
-            await exchange.error(UpstreamTimeout("The upstream stopped reading the request body."))
+            error = UpstreamTimeout("The upstream stopped reading the request body.")
+            exchange.tel.failed(error, started=False)
+            await exchange.error(error)
         elif reason == "revoked":
             # Revoked while we waited for the upstream: the request goes no further.
             await exchange.error(
@@ -275,7 +270,7 @@ class Proxy:
             return
         if cors is not None:
             exchange.always = cors.response_headers(origin)
-        admission = await self._gatekeeper.check(headers)
+        admission = await exchange.tel.admission(self._gatekeeper.check(headers))
         body = self._body(receive, exchange) if has_body else None
         if kind is Kind.ISSUED:
             outbound = self._issued_outbound(scope, exchange, headers, admission, body)
@@ -381,11 +376,12 @@ class Proxy:
             body,
         )
 
-    def _request(self, outbound: Outbound) -> Any:  # aiohttp's request context manager
+    def _request(self, outbound: Outbound, tel: RequestTelemetry) -> Any:
+        """aiohttp's request context manager (also awaitable)."""
         return self._session.request(
             outbound.method,
             outbound.url,
-            headers=outbound.headers,
+            headers=tel.sending(outbound.headers),
             data=outbound.body,
             allow_redirects=False,
             compress=None,
@@ -403,7 +399,8 @@ class Proxy:
         if outbound.body is None:
             exchange.watch_disconnect(receive)
         with translate_errors():
-            async with self._request(outbound) as response:
+            async with self._request(outbound, exchange.tel) as response:
+                exchange.tel.answered(kind.value, response)
                 if extra or exchange.always:
                     headers = client_response_headers(
                         response.raw_headers,
@@ -436,6 +433,7 @@ class Proxy:
         if length is not None and length > MAX_CONTROL_BODY:
             raise PayloadTooLarge(f"A session request body is at most {MAX_CONTROL_BODY} bytes.")
         body = await self._read_body(receive) if has_body else b""
+        exchange.tel.bytes_in = len(body)
         exchange.watch_disconnect(receive)
         outbound = self._outbound(scope, exchange, match, headers, body or None)
         # The gateway must read these answers: ask for them uncompressed (the
@@ -444,7 +442,7 @@ class Proxy:
         outbound.headers.append(("accept-encoding", "identity"))
 
         async def forward() -> Answer:
-            return await self._read_answer(outbound, exchange.request_id)
+            return await self._read_answer(outbound, exchange, match.route.kind)
 
         if match.route.kind is Kind.SESSION_CREATE:
             call = self._sessions.create(headers, body, forward)
@@ -468,12 +466,15 @@ class Proxy:
                     answer.release()
         self._metrics.count_request(match.route.kind.value, answer.status)
 
-    async def _read_answer(self, outbound: Outbound, rid: bytes) -> Answer:
+    async def _read_answer(self, outbound: Outbound, exchange: _Exchange, kind: Kind) -> Answer:
         """The upstream's answer to a session call, read whole unless it is too large."""
         with translate_errors():
-            response: aiohttp.ClientResponse = await self._request(outbound)
+            response: aiohttp.ClientResponse = await self._request(outbound, exchange.tel)
+            exchange.tel.answered(kind.value, response)
             try:
-                headers = client_response_headers(response.raw_headers, request_id=rid)
+                headers = client_response_headers(
+                    response.raw_headers, request_id=exchange.request_id
+                )
                 declared = response.content_length
                 chunks: list[bytes] = []
                 size = 0
@@ -526,6 +527,7 @@ class Proxy:
                 raise ClientDisconnected("client disconnected during the upload")
             chunk: bytes = message.get("body", b"")
             received += len(chunk)
+            exchange.tel.bytes_in = received
             if received > self._max_body:
                 raise PayloadTooLarge(f"The request body exceeds {self._max_body} bytes.")
             more = message.get("more_body", False)

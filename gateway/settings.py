@@ -33,6 +33,7 @@ from pydantic_settings import (
 )
 
 from gateway.errors import ConfigError
+from gateway.logs import LogFormat
 
 ENV_PREFIX = "GATEWAY_"
 # Settings given as JSON in the environment (tables in the TOML file).
@@ -216,6 +217,40 @@ class Settings(BaseSettings):
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(8081, ge=1, le=65535)
 
+    # -- Client connections: limits and timeouts against slow or hostile -----
+    # -- clients, and the drain on shutdown (gateway/protocol.py) ------------
+    # Longest request target (path and query), refused with 414 while reading.
+    max_target_bytes: int = Field(8192, ge=256)
+    # The whole request head (request line and headers) must arrive within this.
+    client_header_timeout: float = Field(10.0, gt=0)
+    # Longest silence while a request body is being received.
+    client_body_timeout: float = Field(30.0, gt=0)
+    # Slowest average upload (bytes/s) allowed once the grace period is over,
+    # so a trickled body cannot hold an upstream connection; 0 turns it off.
+    client_body_min_rate: int = Field(240, ge=0)
+    client_body_min_rate_grace: float = Field(5.0, gt=0)
+    # Open client connections per worker; 0 derives it from the file-descriptor
+    # limit (each proxied request also needs an upstream socket).
+    max_connections: int = Field(0, ge=0)
+    # Open connections per client address and worker; 0 is no limit (behind a
+    # load balancer every connection may come from one address).
+    max_connections_per_client: int = Field(0, ge=0)
+    # How long open requests (SSE streams) may go on after SIGTERM.
+    shutdown_grace_seconds: float = Field(30.0, ge=0)
+    # -- Observability -----------------------------------------------------
+    # text: one escaped line per record; json: one object per line.
+    log_format: LogFormat = LogFormat.TEXT
+    # A listener of its own for /metrics (then the client port no longer
+    # answers it); its host defaults to GATEWAY_HOST.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    metrics_host: str | None = None
+    # Readiness means "this process accepts traffic"; true also fails it while
+    # the store is unreachable (every replica then leaves its Service at once).
+    readiness_requires_store: bool = False
+    # How often the store is pinged for /readyz and chatkit_gateway_store_up.
+    store_check_interval_seconds: float = Field(5.0, gt=0, le=300)
+    # -- end of observability ----------------------------------------------
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -388,6 +423,13 @@ class Settings(BaseSettings):
             raise ValueError("GATEWAY_UPSTREAM_URL=none needs GATEWAY_WORKFLOWS")
         if self.admin_token is not None and self.admin_port == self.port:
             raise ValueError("GATEWAY_ADMIN_PORT must differ from GATEWAY_PORT")
+        if self.metrics_port is not None and self.metrics_port in (
+            self.port,
+            self.admin_port if self.admin_token is not None else None,
+        ):
+            raise ValueError(
+                "GATEWAY_METRICS_PORT must differ from GATEWAY_PORT and the admin port"
+            )
         return self
 
     @property
@@ -449,6 +491,19 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         return Settings(**values)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+
+
+def otel_traces_exporter(environ: Mapping[str, str] | None = None) -> str | None:
+    """The OpenTelemetry exporter named by the standard ``OTEL_TRACES_EXPORTER``.
+
+    Tracing is on only when it names one (and ``OTEL_SDK_DISABLED`` is not
+    true); the SDK reads its other ``OTEL_*`` variables itself.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    name = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    return None if name in ("", "none") else name
 
 
 def _describe(exc: ValidationError) -> str:

@@ -23,6 +23,7 @@ from gateway.headers import (
     request_id,
     upstream_request_headers,
 )
+from gateway.identity import strip_client_identity
 
 Headers = list[tuple[bytes, bytes]]
 RID = b"req-fixed-1"
@@ -346,3 +347,43 @@ def test_header_value_returns_the_first() -> None:
     headers = [(b"a", b"1"), (b"b", b"2"), (b"a", b"3")]
     assert header_value(headers, b"a") == b"1"
     assert header_value(headers, b"c") is None
+
+
+# -- underscore twins (pure) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        b"x_forwarded_for",
+        b"x-real_ip",
+        b"x_forwarded_host",
+        b"x_forwarded_proto",
+        b"transfer_encoding",
+        b"content_length",
+        b"proxy_authorization",
+        b"x_request_id",
+    ],
+)
+@pytest.mark.parametrize("trusted", [False, True])
+def test_underscore_twins_of_headers_the_gateway_controls_are_dropped(
+    name: bytes, trusted: bool
+) -> None:
+    out = upstream_request_headers(
+        [(name, b"1.2.3.4"), (b"x_custom_header", b"kept")],
+        client_ip="10.0.0.1",
+        scheme="http",
+        request_id=b"rid",
+        trust_forwarded=trusted,
+    )
+    names = [n for n, _ in out]
+    assert name not in names
+    # An underscore name that shadows nothing is the client's own business.
+    assert b"x_custom_header" in names
+
+
+def test_underscore_twins_of_identity_headers_are_stripped() -> None:
+    # The gateway states who the caller is in x-chatkit-*; a server folding
+    # "_" into "-" must not see a client's own claim beside it.
+    headers = [(b"x_chatkit_user", b"mallory"), (b"x-chatkit_session-id", b"s"), (b"x-kept", b"1")]
+    assert strip_client_identity(headers) == [(b"x-kept", b"1")]

@@ -1,0 +1,532 @@
+"""The HTTP/1.1 connection: uvicorn's httptools protocol, hardened.
+
+httptools (llhttp) parses; this subclass decides what a connection may cost
+before the application sees a request, the way nginx and Envoy do:
+
+- the request head is counted while it arrives, so a target over
+  ``max_target_bytes`` is 414 and a header section over ``max_header_bytes`` or
+  ``max_headers`` is 431 within one read of crossing the limit. uvicorn would
+  buffer the whole head first, and httptools joins a header value that arrives
+  in pieces with ``+=``, which is quadratic in the value's size;
+- the whole head must arrive within ``client_header_timeout``; a body may not
+  pause for ``client_body_timeout`` nor average less than
+  ``client_body_min_rate`` after a grace period: 408, and the connection closes
+  (Slowloris, and trickled uploads that would hold an upstream connection);
+- Host must be present once in HTTP/1.1, well formed, and agree with an
+  absolute-form target (RFC 9112 3.2); the only transfer coding is ``chunked``
+  (RFC 9112 6.1: others are 501); an Upgrade is ignored and the request served
+  as HTTP/1.1 (RFC 9110 7.8), except that one with a body is refused (400):
+  llhttp would not read that body, so the request would wait for it forever;
+- a response that starts before its request body was read ends the connection
+  (``connection: close``): a refused body (413, 401...) is never read;
+- over ``max_connections`` (per worker) or ``max_connections_per_client``, a
+  request is answered 503;
+- on shutdown, requests in flight get ``shutdown_grace_seconds``, then their
+  connections close: the application sees a client disconnect, so an SSE
+  stream ends without an error in the log.
+
+Every answer made here is an OpenAI-style error with ``connection: close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import httptools
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from gateway import lifecycle
+from gateway.errors import (
+    BadRequest,
+    CodingNotImplemented,
+    GatewayError,
+    HeadersTooLarge,
+    Overloaded,
+    RequestTimeout,
+    TargetTooLong,
+    error_response_headers,
+)
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: Bytes of a request line besides its target: method, two spaces, version, CRLF.
+_REQUEST_LINE = 64
+#: uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2); userinfo is not allowed.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?")
+#: Seconds a refused connection stays open, unread, for its answer to arrive.
+_LINGER = 1.0
+_LINGER_BYTES = 64 * 1024
+#: Descriptors kept back from the connection cap: Redis, logs, the admin API.
+_RESERVED_FDS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """What one client connection may cost; see the module docstring."""
+
+    max_target_bytes: int = 8192
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    body_min_rate: int = 240
+    body_min_rate_grace: float = 5.0
+    max_connections: int = 10_000
+    max_connections_per_client: int = 0
+    shutdown_grace: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, fd_limit: int) -> HttpLimits:
+        # Each proxied request holds two descriptors (client and upstream), so
+        # the automatic cap leaves room for the upstream side: past it, a
+        # request still gets a clear 503 instead of an accept() that fails.
+        max_connections = settings.max_connections or max(64, (fd_limit - _RESERVED_FDS) // 2)
+        return cls(
+            max_target_bytes=settings.max_target_bytes,
+            max_header_bytes=settings.max_header_bytes,
+            max_headers=settings.max_headers,
+            header_timeout=settings.client_header_timeout,
+            body_timeout=settings.client_body_timeout,
+            body_min_rate=settings.client_body_min_rate,
+            body_min_rate_grace=settings.client_body_min_rate_grace,
+            max_connections=max_connections,
+            max_connections_per_client=settings.max_connections_per_client,
+            shutdown_grace=settings.shutdown_grace_seconds,
+        )
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop llhttp at once; ``_refusal`` says why."""
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits of :class:`HttpLimits`."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        if isinstance(config, lifecycle.GatewayConfig):
+            self.limits: HttpLimits = config.limits
+            self._clients: Counter[str] = config.connections_by_client
+        else:  # served by plain uvicorn (``--http gateway.protocol:...``)
+            self.limits = HttpLimits()
+            self._clients = Counter()
+        # Our own cap answers in the OpenAI shape; uvicorn's would not.
+        self.limit_concurrency = None
+        limits = self.limits
+        self._head_budget = limits.max_target_bytes + limits.max_header_bytes + _REQUEST_LINE
+        self._body_tick = min(1.0, limits.body_timeout / 2, limits.body_min_rate_grace / 2)
+        self._client_key: str | None = None
+        self._over_capacity = False
+        self._refused = False
+        self._discarded = 0
+        self._refusal: GatewayError | None = None
+        self._draining = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        # The request head being read.
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_deadline: float | None = None
+        self._url_bytes = 0
+        self._header_count = 0
+        self._header_bytes = 0
+        self._host_count = 0
+        self._host = b""
+        self._codings: bytes | None = None
+        self._length: bytes | None = None
+        self._upgrade = False
+        self._valid_host: bytes | None = None
+        self._keep_alive = True
+        # The request body being read.
+        self._body_bytes = 0
+        self._body_clock = False
+        self._body_bytes_at_tick = 0
+        self._body_quiet_since = 0.0
+        self._body_time = 0.0
+        self._tick_at = 0.0
+
+    # -- connection -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        limits = self.limits
+        # Counted now, refused once the head is in: the answer is a 503 the
+        # client can read, not a reset.
+        if len(self.connections) > limits.max_connections:
+            self._over_capacity = True
+        if limits.max_connections_per_client and self.client is not None:
+            key = self._client_key = self.client[0]
+            self._clients[key] += 1
+            if self._clients[key] > limits.max_connections_per_client:
+                self._over_capacity = True
+        self._head_deadline = self.loop.time() + limits.header_timeout
+        self._arm(self._head_deadline)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release_client()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().connection_lost(exc)
+
+    def _release_client(self) -> None:
+        key = self._client_key
+        if key is not None:
+            self._client_key = None
+            self._clients[key] -= 1
+            if self._clients[key] <= 0:
+                del self._clients[key]
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            # Answered and closing: discard a little (to see the client's
+            # FIN and close early), then stop reading altogether.
+            self._discarded += len(data)
+            if self._discarded > _LINGER_BYTES:
+                self.flow.pause_reading()
+            return
+        self._unset_keepalive_if_required()
+        view: bytes | memoryview = data
+        while view:
+            piece = view
+            # While a head is arriving, feed at most what is left of its budget,
+            # so an endless header value is never read past the limit.
+            if self._in_head:
+                budget = self._head_budget - self._head_bytes
+                if budget <= 0:
+                    self._refuse(self._head_too_large())
+                    return
+                if len(view) > budget:
+                    piece = memoryview(view)[:budget]
+                self._head_bytes += len(piece)
+            try:
+                self.parser.feed_data(piece)
+            except httptools.HttpParserUpgrade as upgrade:
+                # llhttp stops after a request that asked to upgrade; we did not
+                # agree to (no 101), so what follows is HTTP/1.1 again.
+                offset = upgrade.args[0] if upgrade.args else len(piece)
+                view = memoryview(view)[offset:]
+                continue
+            except httptools.HttpParserError:
+                if self._refusal is not None:
+                    self._refuse(self._refusal)
+                else:
+                    self.logger.warning("Invalid HTTP request received.")
+                    self.send_400_response("Invalid HTTP request received.")
+                    self._refused = True
+                return
+            if piece is view:
+                break
+            view = memoryview(view)[len(piece) :]
+        if self._in_head:
+            if self._head_bytes:
+                if (
+                    self._head_bytes - self._url_bytes
+                    > self.limits.max_header_bytes + _REQUEST_LINE
+                ):
+                    self._refuse(HeadersTooLarge(self._headers_message()))
+                    return
+                if self._head_deadline is None:
+                    self._head_deadline = self.loop.time() + self.limits.header_timeout
+                    self._arm(self._head_deadline)
+        elif not self._body_clock and self._reading_body():
+            self._start_body_clock()
+
+    def shutdown(self) -> None:
+        if not lifecycle.draining.is_set():
+            lifecycle.draining.set()
+            logger.info(
+                "Draining: requests in flight get %.0f s (GATEWAY_SHUTDOWN_GRACE_SECONDS)",
+                self.limits.shutdown_grace,
+            )
+        self._draining = True
+        super().shutdown()
+        if not self.transport.is_closing():
+            self.loop.call_later(self.limits.shutdown_grace, self._end_at_grace)
+
+    def _end_at_grace(self) -> None:
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            self._answer_for(cycle, Overloaded("The gateway is shutting down; retry the request."))
+        else:
+            # A response is on its way (an SSE stream): cut it off. The app
+            # sees a client disconnect, which it handles without an error.
+            self.transport.abort()
+
+    # -- parser callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._url_bytes = 0
+        self._header_count = 0
+        self._header_bytes = 0
+        self._host_count = 0
+        self._host = b""
+        self._codings = None
+        self._length = None
+        self._upgrade = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url_bytes += len(url)
+        if self._url_bytes > self.limits.max_target_bytes:
+            self._stop(
+                TargetTooLong(f"The request target exceeds {self.limits.max_target_bytes} bytes.")
+            )
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        self._header_bytes += len(name) + len(value) + 4
+        limits = self.limits
+        if self._header_count > limits.max_headers or self._header_bytes > limits.max_header_bytes:
+            self._stop(HeadersTooLarge(self._headers_message()))
+        name = name.lower()
+        if name == b"host":
+            self._host_count += 1
+            self._host = value
+        elif name == b"transfer-encoding":
+            self._codings = value if self._codings is None else self._codings + b"," + value
+        elif name == b"content-length":
+            self._length = value
+        elif name == b"upgrade":
+            self._upgrade = True
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_deadline = None
+        self._head_bytes = 0
+        if self._over_capacity:
+            self._stop(Overloaded("The gateway has too many open connections; retry shortly."))
+        self._check_framing()
+        super().on_headers_complete()
+        if not self.url.startswith(b"/"):
+            # uvicorn reduces ``GET http://host/path`` to its path; the app
+            # refuses absolute-form targets (RFC 9112 3.2.1: those are for
+            # proxies, which the gateway is not), so it must be told.
+            extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
+            extensions["gateway.absolute_form"] = True
+        # Until the body is complete, an answer closes the connection: reading
+        # on to reach the next request would read a body nobody wants.
+        self._keep_alive = self.cycle.keep_alive
+        self.cycle.keep_alive = False
+        self._body_bytes = 0
+        self._body_clock = False
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        cycle = self.cycle
+        if not cycle.response_started and not self._draining:
+            cycle.keep_alive = self._keep_alive
+        self._in_head = True
+        self._head_bytes = 0
+
+    def send_400_response(self, msg: str) -> None:
+        # The parser refused the request before the app saw it (raw control or
+        # non-ASCII bytes in the target, broken framing).
+        self._write_error(BadRequest(msg))
+        self._close_after_answer()
+
+    # -- checks ------------------------------------------------------------------------
+
+    def _check_framing(self) -> None:
+        """Host and Transfer-Encoding, which the app must be able to trust."""
+        if self._host_count == 1:
+            host = self._host
+            # Checked once per connection while it keeps sending the same Host.
+            if host != self._valid_host:
+                if not _HOST.fullmatch(host):
+                    self._stop(BadRequest("Malformed Host header."))
+                self._valid_host = host
+            if not self.url.startswith(b"/") and self.url != b"*":
+                target = httptools.parse_url(self.url)
+                authority = target.host + (b":%d" % target.port if target.port else b"")
+                if authority.lower() != host.lower():
+                    self._stop(BadRequest("The Host header differs from the request target."))
+        elif self._host_count > 1:
+            self._stop(BadRequest("More than one Host header."))
+        elif self.parser.get_http_version() == "1.1":
+            self._stop(BadRequest("Missing Host header."))
+        if self._codings is not None:
+            if self.parser.get_http_version() != "1.1":
+                # RFC 9112 6.1: framing an HTTP/1.0 message this way is faulty.
+                self._stop(BadRequest("Transfer-Encoding is not allowed in HTTP/1.0."))
+            codings = [c.strip().lower() for c in self._codings.split(b",") if c.strip()]
+            if codings != [b"chunked"]:
+                self._stop(CodingNotImplemented("The only transfer coding accepted is chunked."))
+        if (
+            self._upgrade
+            and self.parser.should_upgrade()
+            and (self._codings is not None or self._length not in (None, b"0"))
+        ):
+            # llhttp takes whatever follows an upgrade request's head for the
+            # new protocol, so its body would never be read as one and the
+            # request would wait for it forever (curl --http2 on http:// does this).
+            self._stop(BadRequest("A request asking for Upgrade cannot carry a body here."))
+
+    def _head_too_large(self) -> GatewayError:
+        if self._url_bytes > self.limits.max_target_bytes:
+            return TargetTooLong(
+                f"The request target exceeds {self.limits.max_target_bytes} bytes."
+            )
+        return HeadersTooLarge(self._headers_message())
+
+    def _headers_message(self) -> str:
+        limits = self.limits
+        return (
+            f"Request headers exceed {limits.max_header_bytes} bytes "
+            f"or {limits.max_headers} fields."
+        )
+
+    # -- timers --------------------------------------------------------------------
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            if self._timer_at <= when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _reading_body(self) -> bool:
+        cycle = self.cycle
+        return (
+            cycle is not None
+            and cycle.more_body
+            and not cycle.response_complete
+            and not cycle.disconnected
+        )
+
+    def _start_body_clock(self) -> None:
+        now = self.loop.time()
+        self._body_clock = True
+        self._tick_at = self._body_quiet_since = now
+        self._body_bytes_at_tick = self._body_bytes
+        self._body_time = 0.0
+        self._arm(now + self._body_tick)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._refused or self.transport.is_closing():
+            return
+        now = self.loop.time()
+        if self._in_head:
+            deadline = self._head_deadline
+            if deadline is None:
+                return
+            if now >= deadline:
+                self._refuse(RequestTimeout("The request head did not arrive in time."))
+            else:
+                self._arm(deadline)
+            return
+        if self._body_clock and self._reading_body():
+            self._check_body(now)
+
+    def _check_body(self, now: float) -> None:
+        limits = self.limits
+        elapsed = now - self._tick_at
+        self._tick_at = now
+        if self.flow.read_paused:
+            # We stopped reading (the upstream takes the body more slowly than
+            # the client sends it): that time is not the client's.
+            self._body_quiet_since = now
+        else:
+            self._body_time += elapsed
+            if self._body_bytes != self._body_bytes_at_tick:
+                self._body_bytes_at_tick = self._body_bytes
+                self._body_quiet_since = now
+            elif now - self._body_quiet_since >= limits.body_timeout:
+                self._end_body(
+                    RequestTimeout(f"No request body received for {limits.body_timeout:g} s.")
+                )
+                return
+            if (
+                limits.body_min_rate
+                and self._body_time >= limits.body_min_rate_grace
+                and self._body_bytes < limits.body_min_rate * self._body_time
+            ):
+                self._end_body(
+                    RequestTimeout(
+                        f"The request body arrived slower than {limits.body_min_rate} bytes/s."
+                    )
+                )
+                return
+        self._arm(now + self._body_tick)
+
+    # -- answers ------------------------------------------------------------------------
+
+    def _stop(self, error: GatewayError) -> None:
+        self._refusal = error
+        raise _Refused(error.message)
+
+    def _refuse(self, error: GatewayError) -> None:
+        """Answer (when no earlier response is owed) and close; read nothing more."""
+        self._refused = True
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            self._write_error(error)
+            self._close_after_answer()
+            return
+        # Otherwise a pipelined request's answer would be taken for the
+        # earlier one's: the connection just closes.
+        self.transport.close()
+
+    def _end_body(self, error: GatewayError) -> None:
+        cycle = self.cycle
+        if cycle is not None:
+            self._answer_for(cycle, error)
+
+    def _answer_for(self, cycle: Any, error: GatewayError) -> None:
+        """End the current request: the error if nothing was sent yet, then close.
+
+        The app's receive() then reports a disconnect and its later sends are
+        dropped, so it stops (and closes its upstream request) on its own.
+        """
+        self._refused = True
+        cycle.disconnected = True
+        cycle.message_event.set()
+        if not cycle.response_started:
+            cycle.response_started = True
+            self._write_error(error)
+            self._close_after_answer()
+        else:
+            self.transport.close()
+
+    def _close_after_answer(self) -> None:
+        """Close so that the client can read the answer: closing a socket with
+        unread input sends a reset, which may destroy the answer in flight.
+        So send FIN after the answer, read (and drop) a little more, and
+        close when the client does or a moment later."""
+        self._release_client()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(_LINGER, self.transport.close)
+
+    def _write_error(self, error: GatewayError) -> None:
+        body = error.body()
+        head = b"".join(n + b": " + v + b"\r\n" for n, v in error_response_headers(error, body))
+        self.transport.write(STATUS_LINE[error.status] + head + b"connection: close\r\n\r\n" + body)

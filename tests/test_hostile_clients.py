@@ -1,0 +1,344 @@
+"""Hostile or broken clients against a real gateway process, over raw sockets.
+
+What is checked here happens in the HTTP/1.1 connection (gateway/protocol.py),
+before the application sees a request: the Host and Transfer-Encoding rules,
+Upgrade, the limits on the request head while it is read, and closing the
+connection rather than reading a body the gateway has refused.
+
+One fake upstream and one gateway are shared by the module; an autouse fixture
+clears the fake's records, so a test can prove what was never forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from tests.fake_upstream import FakeUpstream
+from tests.harness import GatewayProcess, raw_http
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+MIB = 1024 * 1024
+BODY_LIMIT = 1_000_000
+ENV = {
+    "GATEWAY_UNKNOWN_SECRETS": "allow",
+    "GATEWAY_DEFAULT_MAX_REQUESTS_PER_1_MINUTE": "1000000",
+    "GATEWAY_MAX_BODY_BYTES": str(BODY_LIMIT),
+}
+CLIENT = b"/v1/chatkit/conversation"
+AUTH = b"Authorization: Bearer ek_hostile_tests\r\n"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def up() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream() as fake:
+        yield fake
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def gateway(up: FakeUpstream) -> AsyncIterator[GatewayProcess]:
+    async with GatewayProcess(up.url, env=ENV) as gw:
+        yield gw
+
+
+@pytest_asyncio.fixture(autouse=True, loop_scope="module")
+async def fresh_upstream(up: FakeUpstream) -> AsyncIterator[None]:
+    up.reset_records()
+    yield
+    await up.wait_for(lambda: up.active == 0, timeout=15)
+
+
+async def send(gw: GatewayProcess, data: bytes, *, timeout: float = 5.0) -> bytes:  # noqa: ASYNC109
+    """Write ``data``, read until the gateway closes (each case here closes)."""
+    return await raw_http(gw.host, gw.port, data, timeout=timeout)
+
+
+def status_of(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.") else 0
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+# -- Host (RFC 9112 3.2) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        # HTTP/1.1 without Host: a MUST-400.
+        (b"GET /healthz HTTP/1.1\r\n", 400),
+        # Two Host lines, even equal ones.
+        (b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: a\r\n", 400),
+        # Not a uri-host[:port]: space, userinfo, path, empty, bad port.
+        (b"GET /healthz HTTP/1.1\r\nHost: a b\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nHost: user@a\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nHost: a/b\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nHost:\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nHost: a:80x\r\n", 400),
+        # An absolute-form target naming another authority than Host.
+        (b"GET http://b/healthz HTTP/1.1\r\nHost: a\r\n", 400),
+        # Well formed: name, name:port, IPv4, IPv6 literal.
+        (b"GET /healthz HTTP/1.1\r\nHost: gateway.test\r\n", 200),
+        (b"GET /healthz HTTP/1.1\r\nHost: gateway.test:8080\r\n", 200),
+        (b"GET /healthz HTTP/1.1\r\nHost: 10.0.0.1\r\n", 200),
+        (b"GET /healthz HTTP/1.1\r\nHost: [::1]:8080\r\n", 200),
+        # HTTP/1.0 has no Host requirement.
+        (b"GET /healthz HTTP/1.0\r\n", 200),
+    ],
+)
+async def test_host_must_be_present_once_and_well_formed(
+    gateway: GatewayProcess, head: bytes, status: int
+) -> None:
+    reply = await send(gateway, head + b"Connection: close\r\n\r\n")
+    assert status_of(reply) == status, reply
+    if status == 400:
+        assert b'"code":"invalid_request"' in reply
+
+
+async def test_a_request_with_a_bad_host_is_never_forwarded(
+    gateway: GatewayProcess, up: FakeUpstream
+) -> None:
+    for host in (b"", b"Host: a\r\nHost: b\r\n", b"Host: a b\r\n"):
+        reply = await send(gateway, b"GET " + CLIENT + b" HTTP/1.1\r\n" + host + AUTH + b"\r\n")
+        assert status_of(reply) == 400, reply
+    assert up.count() == 0
+
+
+# -- Transfer-Encoding (RFC 9112 6.1) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("codings", "status"),
+    [
+        (b"Transfer-Encoding: gzip, chunked\r\n", 501),
+        # The same list split over two lines.
+        (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", 501),
+        (b"Transfer-Encoding: identity, chunked\r\n", 501),
+        # Any case and spacing of exactly "chunked" is fine.
+        (b"Transfer-Encoding:  Chunked \r\n", 200),
+    ],
+)
+async def test_only_the_chunked_transfer_coding_is_accepted(
+    gateway: GatewayProcess, up: FakeUpstream, codings: bytes, status: int
+) -> None:
+    head = b"POST " + CLIENT + b" HTTP/1.1\r\nHost: a\r\n" + AUTH + codings
+    reply = await send(gateway, head + b"Connection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    assert status_of(reply) == status, reply
+    if status == 501:
+        assert b'"code":"transfer_coding_not_implemented"' in reply
+        assert up.count() == 0
+    else:
+        assert up.requests[0].body_bytes == 3
+
+
+async def test_transfer_encoding_in_http_1_0_is_refused(
+    gateway: GatewayProcess, up: FakeUpstream
+) -> None:
+    head = b"POST " + CLIENT + b" HTTP/1.0\r\nHost: a\r\n" + AUTH
+    reply = await send(gateway, head + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    assert status_of(reply) == 400, reply
+    assert up.count() == 0
+
+
+# -- Upgrade ------------------------------------------------------------------------
+
+H2C = (
+    b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+)
+
+
+async def test_h2c_upgrade_without_a_body_is_served_as_http_1_1(
+    gateway: GatewayProcess, up: FakeUpstream
+) -> None:
+    # A second request pipelined behind it proves the connection stays HTTP/1.1.
+    data = (
+        b"GET /v1/chatkit/threads HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer sk-x\r\n"
+        + H2C
+        + b"\r\nGET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    reply = await send(gateway, data)
+    assert reply.startswith(b"HTTP/1.1 200 "), reply
+    assert reply.count(b"HTTP/1.1 200 ") == 2, reply
+    assert b"101 Switching" not in reply
+    seen = up.requests[0]
+    assert seen.header("upgrade") is None
+    assert seen.header("http2-settings") is None
+
+
+async def test_h2c_upgrade_with_a_body_is_answered_at_once(
+    gateway: GatewayProcess, up: FakeUpstream
+) -> None:
+    # What `curl --http2 -d ...` sends to an http:// URL: it used to hang
+    # until the client gave up, with the upstream request open.
+    head = b"POST " + CLIENT + b" HTTP/1.1\r\nHost: a\r\n" + AUTH + H2C
+    started = time.monotonic()
+    reply = await send(gateway, head + b"Content-Length: 5\r\n\r\nhello", timeout=3)
+    assert status_of(reply) == 400, reply
+    assert time.monotonic() - started < 2
+    assert up.count() == 0
+
+
+# -- limits on the head, enforced while it is read -----------------------------------
+
+
+async def test_a_long_target_is_refused_with_414(gateway: GatewayProcess) -> None:
+    reply = await send(gateway, b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status_of(reply) == 414, reply
+    assert b'"code":"request_target_too_long"' in reply
+
+
+async def test_too_many_header_fields_are_refused_with_431(gateway: GatewayProcess) -> None:
+    fields = b"".join(b"X-F%d: v\r\n" % i for i in range(101))
+    reply = await send(gateway, b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + fields + b"\r\n")
+    assert status_of(reply) == 431, reply
+
+
+async def _bomb(gw: GatewayProcess, total: int) -> tuple[bytes, int]:
+    """Stream one endless header value; return the reply and the bytes written."""
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Bomb: ")
+    chunk = b"a" * MIB
+    written = 0
+    reply = b""
+
+    async def pump() -> None:
+        nonlocal written
+        with contextlib.suppress(ConnectionError):
+            while written < total:
+                writer.write(chunk)
+                await writer.drain()
+                written += len(chunk)
+
+    pumping = asyncio.ensure_future(pump())
+    try:
+        async with asyncio.timeout(20):
+            with contextlib.suppress(ConnectionError):
+                reply = await reader.read()
+            pumping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pumping
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return reply, written
+
+
+async def test_header_bomb_is_refused_after_the_limit_not_after_the_value(
+    gateway: GatewayProcess,
+) -> None:
+    rss_before = rss_bytes(gateway.proc.pid)
+    bombs = [asyncio.ensure_future(_bomb(gateway, 64 * MIB)) for _ in range(4)]
+    # Meanwhile the replica keeps answering its liveness probe promptly.
+    for _ in range(5):
+        started = time.monotonic()
+        probe = b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        assert status_of(await send(gateway, probe, timeout=2)) == 200
+        assert time.monotonic() - started < 1
+    for reply, written in await asyncio.gather(*bombs):
+        assert status_of(reply) == 431, reply[:200]
+        # Socket buffers on both sides hold a few MiB; the value was 64 MiB.
+        assert written < 24 * MIB
+    assert rss_bytes(gateway.proc.pid) - rss_before < 32 * MIB
+
+
+# -- a refused body is not read -------------------------------------------------------
+
+
+async def _upload(gw: GatewayProcess, head: bytes, total: int) -> tuple[bytes, int]:
+    """Send ``head`` then up to ``total`` body bytes; return the reply and bytes written."""
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    chunk = b"a" * (256 * 1024)
+    written = 0
+    reply = bytearray()
+
+    async def pump() -> None:
+        nonlocal written
+        with contextlib.suppress(ConnectionError):
+            writer.write(head)
+            while written < total:
+                writer.write(chunk)
+                await writer.drain()
+                written += len(chunk)
+
+    pumping = asyncio.ensure_future(pump())
+    try:
+        async with asyncio.timeout(20):
+            with contextlib.suppress(ConnectionError):
+                while data := await reader.read(65536):
+                    reply += data
+            pumping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pumping
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return bytes(reply), written
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        # Refused on the declared length, before any of it is read.
+        b"Content-Length: 2000000000\r\n",
+        # Refused once the counted body passes the limit.
+        b"Transfer-Encoding: chunked\r\n",
+    ],
+)
+async def test_after_a_413_the_connection_closes_instead_of_reading_on(
+    gateway: GatewayProcess, framing: bytes
+) -> None:
+    head = b"POST " + CLIENT + b" HTTP/1.1\r\nHost: a\r\n" + AUTH + framing + b"\r\n"
+    if framing.startswith(b"Transfer"):
+        head += b"%x\r\n" % (2000 * MIB)  # one endless chunk
+    # The client would go on for 2 GB; reading on used to take it all.
+    reply, written = await _upload(gateway, head, 256 * MIB)
+    if reply:  # the answer may be lost to the reset that closing an unread socket sends
+        assert status_of(reply) == 413, reply[:300]
+        assert b"connection: close" in reply.lower()
+    assert written < 64 * MIB
+
+
+async def test_a_body_read_in_pieces_keeps_the_connection_alive(
+    gateway: GatewayProcess, up: FakeUpstream
+) -> None:
+    # Head and body in separate reads (the 100-continue forces it): a body
+    # that is read to the end does not cost the keep-alive connection.
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    try:
+        async with asyncio.timeout(10):
+            writer.write(
+                b"POST "
+                + CLIENT
+                + b" HTTP/1.1\r\nHost: a\r\n"
+                + AUTH
+                + b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+            )
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 ")
+            writer.write(b"hello")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert b"connection: close" not in head.lower()
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    assert up.requests[0].body_bytes == 5

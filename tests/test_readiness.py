@@ -1,0 +1,203 @@
+"""/readyz: "this process accepts traffic", whatever the store is doing."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from gateway.app import GatewayApp
+from gateway.errors import StoreUnavailable
+from gateway.health import StoreMonitor
+from gateway.metrics import Metrics
+from gateway.settings import load_settings
+from gateway.store.memory import MemoryStore
+from gateway.types import Message
+from tests.fake_upstream import FakeUpstream
+from tests.harness import GatewayProcess, RedisServer
+
+FAST_CHECKS = {"GATEWAY_STORE_CHECK_INTERVAL_SECONDS": "0.1", "GATEWAY_REDIS_TIMEOUT": "0.5"}
+
+
+async def readyz(http: aiohttp.ClientSession, gateway: GatewayProcess) -> tuple[int, Any, float]:
+    started = time.monotonic()
+    async with http.get(f"{gateway.url}/readyz") as response:
+        body = await response.json()
+        return response.status, body, time.monotonic() - started
+
+
+async def store_up(http: aiohttp.ClientSession, gateway: GatewayProcess) -> str:
+    async with http.get(f"{gateway.url}/metrics") as response:
+        text = await response.text()
+    (line,) = [line for line in text.splitlines() if line.startswith("chatkit_gateway_store_up ")]
+    return line.split()[1]
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_ready_while_redis_hangs_or_is_down_and_the_body_says_so(
+    upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    redis_server.ensure_running()
+    async with (
+        GatewayProcess(upstream.url, redis_url=redis_server.url, env=FAST_CHECKS) as gateway,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def store_is(up: bool) -> bool:
+            _, body, _ = await readyz(http, gateway)
+            return bool(body["store"]["up"] is up)
+
+        await until(lambda: store_is(True), "the first store check")
+        assert await store_up(http, gateway) == "1.0"
+
+        redis_server.pause()  # hung: the port accepts, nothing answers
+        try:
+            await until(lambda: store_is(False), "the check to notice the hung store")
+            status, body, seconds = await readyz(http, gateway)
+            assert status == 200
+            assert body["status"] == "ready"
+            assert body["store"]["backend"] == "redis"
+            assert seconds < 0.5  # a probe never waits for the store
+            assert await store_up(http, gateway) == "0.0"
+        finally:
+            redis_server.resume()
+        await until(lambda: store_is(True), "the store to come back")
+
+        redis_server.stop()  # down: connections refused
+        try:
+            await until(lambda: store_is(False), "the check to notice the stopped store")
+            status, _, _ = await readyz(http, gateway)
+            assert status == 200
+        finally:
+            redis_server.start()
+        await until(lambda: store_is(True), "the restarted store")
+        assert await store_up(http, gateway) == "1.0"
+        output = gateway.output()
+    # Each change of state is logged once, not once per check.
+    assert output.count("The store is unreachable") == 2, output
+    assert output.count("The store is reachable") == 3, output
+
+
+async def test_readiness_follows_the_store_only_when_asked(
+    upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    redis_server.ensure_running()
+    env = {**FAST_CHECKS, "GATEWAY_READINESS_REQUIRES_STORE": "true"}
+    async with (
+        GatewayProcess(upstream.url, redis_url=redis_server.url, env=env) as gateway,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def status_is(expected: int) -> bool:
+            status, _, _ = await readyz(http, gateway)
+            return status == expected
+
+        await until(lambda: status_is(200), "ready")
+        redis_server.stop()
+        try:
+            await until(lambda: status_is(503), "unready while the store is down")
+            _, body, _ = await readyz(http, gateway)
+            assert body["error"]["code"] == "store_unavailable"
+        finally:
+            redis_server.start()
+        await until(lambda: status_is(200), "ready again")
+
+
+async def asgi_get(app: GatewayApp, path: str) -> tuple[int, Any]:
+    """One GET through the app's ASGI interface (the endpoints need no server)."""
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [],
+    }
+    await app(scope, receive, send)
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body)
+
+
+async def test_readyz_is_503_once_draining_begins() -> None:
+    thresholds = gc.get_threshold()
+    app = GatewayApp(load_settings({"GATEWAY_UPSTREAM_URL": "http://127.0.0.1:9"}))
+    status, body = await asgi_get(app, "/readyz")
+    assert (status, body["error"]["code"]) == (503, "starting")
+    await app.startup()
+    try:
+        status, body = await asgi_get(app, "/readyz")
+        assert status == 200
+        assert body["store"]["backend"] == "embedded"
+        app.begin_draining()
+        status, body = await asgi_get(app, "/readyz")
+        assert (status, body["error"]["code"]) == (503, "draining")
+        status, _ = await asgi_get(app, "/healthz")
+        assert status == 200  # alive: draining is not a reason to restart the process
+    finally:
+        await app.shutdown()
+        # Start-up tunes the collector for a long-running server; not for pytest.
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+
+
+class FlakyStore(MemoryStore):
+    """Its pings fail in the ways listed, then answer."""
+
+    def __init__(self, failures: list[BaseException]) -> None:
+        super().__init__()
+        self.failures = failures
+        self.pings = 0
+
+    async def ping(self) -> None:
+        self.pings += 1
+        if self.failures:
+            raise self.failures.pop(0)
+
+
+async def test_the_store_check_survives_its_own_bugs_and_keeps_the_gauge_current() -> None:
+    metrics = Metrics()
+    store = FlakyStore([RuntimeError("a bug"), StoreUnavailable("Redis is unavailable")])
+    monitor = StoreMonitor(store, metrics=metrics, interval=0.01, timeout=1.0)
+    monitor.start()
+    try:
+        async with asyncio.timeout(10):
+            while store.pings < 3 or monitor.up is not True:  # noqa: ASYNC110 - a plain attribute
+                await asyncio.sleep(0.01)
+    finally:
+        await monitor.stop()
+    assert metrics.registry.get_sample_value("chatkit_gateway_store_up") == 1
+
+
+async def test_a_hung_store_check_gives_up_after_the_timeout() -> None:
+    class HungStore(MemoryStore):
+        async def ping(self) -> None:
+            await asyncio.Event().wait()
+
+    metrics = Metrics()
+    monitor = StoreMonitor(HungStore(), metrics=metrics, interval=1.0, timeout=0.05)
+    assert await monitor.check() is False
+    assert monitor.report() == {
+        "backend": "embedded",
+        "up": False,
+        "error": "the store did not answer in time",
+    }
+    assert metrics.registry.get_sample_value("chatkit_gateway_store_up") == 0
