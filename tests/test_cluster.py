@@ -15,6 +15,7 @@ from typing import cast
 
 import aiohttp
 import pytest
+import redis
 
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.ratelimit import Outcome
@@ -308,3 +309,51 @@ async def test_a_killed_primary_fails_only_its_own_slots_and_everything_resumes_
         await asyncio.gather(listener, return_exceptions=True)
         await announcements.aclose()
         await store.close()
+
+
+async def test_a_coordinated_failover_is_followed_through_moved_replies(
+    replicated_cluster: RedisCluster,
+) -> None:
+    cluster = replicated_cluster
+    store = RedisStore(
+        connect(cluster.url, cluster=True, timeout=2.0), prefix="mv", pubsub_url=cluster.url
+    )
+    try:
+        expires = int(time.time()) + 600
+        hashes = [_hash(200 + n) for n in range(12)]
+        for n, secret_hash in enumerate(hashes):
+            await store.register(SessionRecord(secret_hash, f"cksess_mv{n}", "u", expires, 100))
+        requests = [AdmitRequest(h, False, 10, None) for h in hashes]
+        first = await asyncio.gather(*(store.admit(r) for r in requests))
+        assert {d.outcome for d in first} == {Outcome.ADMITTED}
+
+        # The replica of one shard takes over, and the old primary stays up as
+        # its replica: it answers MOVED for the slots it no longer serves.
+        old = cluster.primary_of(store.keys.secret(hashes[0]).session)
+        replica = next(n for n in cluster.nodes if _replica_of(n, old))
+        client = replica.client()
+        try:
+            await client.cluster("FAILOVER")
+        finally:
+            await client.aclose()
+        await eventually(
+            lambda: cluster.primary_of(store.keys.secret(hashes[0]).session) is replica,
+            timeout=10,
+            what="the replica to take over",
+        )
+
+        # Every decision still comes back: MOVED means the script did not run,
+        # so it is sent again to the new primary (and counted once).
+        again = await asyncio.gather(*(store.admit(r) for r in requests))
+        assert {d.outcome for d in again} == {Outcome.ADMITTED}
+        for decision in again:
+            assert decision.session is not None
+            assert decision.session.remaining == 100 - 2
+    finally:
+        await store.close()
+
+
+def _replica_of(node: RedisServer, primary: RedisServer) -> bool:
+    with redis.Redis(host=node.host, port=node.port, socket_timeout=1) as client:
+        info = client.info("replication")
+    return info.get("role") == "slave" and int(info.get("master_port", 0)) == primary.port

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import hiredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
-from redis.exceptions import AskError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import AskError, MovedError, NoScriptError, RedisError, ResponseError
 
 from gateway.errors import StoreUnavailable
 from gateway.ratelimit import OUTCOMES, Decision, Identity, Window
@@ -312,11 +312,12 @@ class AdmissionBatcher:
             return
         try:
             await router.redirected(reply)
-            if isinstance(reply, AskError):
+            if isinstance(reply, AskError) and not isinstance(reply, MovedError):
                 # A slot mid-migration: ASKING must precede the command on the
                 # target's connection, which the cluster client does itself.
-                command = self._command(request)
-                answer = await call(lambda: router.send_asking(*command))
+                # EVAL, not EVALSHA: the target may not have the script yet.
+                _, _, *arguments = self._command(request)
+                answer = await call(lambda: router.send_asking("EVAL", ADMIT_SCRIPT, *arguments))
                 if not future.done():
                     future.set_result(decode_decision(answer))
                 return

@@ -67,8 +67,9 @@ class ClusterRouter:
     @staticmethod
     def retryable(reply: Exception) -> bool:
         """Whether an error reply means the command did not run, and where
-        to send it again can be learned (MOVED, ASK, TRYAGAIN)."""
-        return isinstance(reply, MovedError | AskError | TryAgainError)
+        to send it again can be learned (MOVED, ASK, TRYAGAIN; in redis-py a
+        MovedError is an AskError)."""
+        return isinstance(reply, AskError | TryAgainError)
 
     async def redirected(self, reply: Exception) -> None:
         """Learn from a redirection before the command is sent again."""
