@@ -91,6 +91,7 @@ class _ConnectionSender:
         self._connection: Any = None
         self._sentinel = isinstance(pool, SentinelConnectionPool)
         self._master_checked = -math.inf
+        self._asking: asyncio.Future[None] | None = None
 
     async def send(self, commands: list[Command]) -> list[Any]:
         payload = b"".join([hiredis.pack_command(args) for args in commands])
@@ -117,7 +118,7 @@ class _ConnectionSender:
 
     async def _ready_connection(self) -> Any:
         connection = self._connection
-        if connection is not None and self._sentinel and not await self._on_master(connection):
+        if connection is not None and self._sentinel and not self._on_master(connection):
             logger.warning("Sentinel names a new master; admissions follow it")
             await connection.disconnect(nowait=True)
             connection = self._connection = None
@@ -140,27 +141,36 @@ class _ConnectionSender:
         self._connection = connection
         return connection
 
-    async def _on_master(self, connection: Any) -> bool:
+    def _on_master(self, connection: Any) -> bool:
         """Whether the kept connection still reaches the master the sentinels name.
 
         A master handed over by ``SENTINEL FAILOVER`` keeps running and
         accepting writes until the sentinels reconfigure it, seconds later;
         what it counts meanwhile is lost when it becomes a replica. So the
         sentinels are asked again at most every MASTER_CHECK_SECONDS (which
-        also drops the pool's idle connections to a former master).
+        also drops the pool's idle connections to a former master), in the
+        background: a slow sentinel must not hold up admissions.
         """
         now = asyncio.get_running_loop().time()
-        if now < self._master_checked + MASTER_CHECK_SECONDS:
-            return True
-        self._master_checked = now
+        if now >= self._master_checked + MASTER_CHECK_SECONDS and (
+            self._asking is None or self._asking.done()
+        ):
+            self._master_checked = now
+            self._asking = asyncio.ensure_future(self._ask_sentinels())
+        master = self._pool.master_address
+        return master is None or bool((connection.host, connection.port) == master)
+
+    async def _ask_sentinels(self) -> None:
         try:
             async with asyncio.timeout(self._timeout):
-                master = await self._pool.get_master_address()
+                await self._pool.get_master_address()
         except (RedisError, OSError, TimeoutError):
-            return True  # no sentinel answers: nothing says the master moved
-        return bool((connection.host, connection.port) == master)
+            pass  # no sentinel answers: nothing says the master moved
 
     async def close(self) -> None:
+        if self._asking is not None:
+            self._asking.cancel()
+            await asyncio.gather(self._asking, return_exceptions=True)
         if self._connection is not None:
             await self._connection.disconnect()
 
