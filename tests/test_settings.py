@@ -268,18 +268,6 @@ def test_serve_with_a_bad_variable_exits_2_with_one_line(
     assert result.stdout == ""
 
 
-def test_serve_exits_when_redis_is_unreachable() -> None:
-    # A closed port: nothing listens there. The gateway must not serve anyway
-    # (uvicorn's default "lifespan auto" would), and must say why it stopped.
-    closed = free_port()
-    result = run_serve({"GATEWAY_REDIS_URL": f"redis://:{REDIS_PASSWORD}@127.0.0.1:{closed}/0"})
-    assert result.returncode != 0
-    output = result.stdout + result.stderr
-    assert "GATEWAY_REDIS_URL: cannot reach Redis" in output
-    assert "chatkit-gateway ready" not in output  # never reached the start-up line
-    assert REDIS_PASSWORD not in output
-
-
 def test_start_up_line_shows_the_configuration_without_secrets() -> None:
     gateway = GatewayProcess(
         "http://127.0.0.1:9",
