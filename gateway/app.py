@@ -343,7 +343,8 @@ def _unready(message: str, *, code: str) -> Response:
 def create_app() -> GatewayApp:
     """uvicorn's factory: each worker process reads the environment itself."""
     try:
-        settings = load_settings()
+        # The serve command read the same environment and reported what it ignored.
+        settings = load_settings(report_ignored=False)
     except ConfigError as exc:
         raise SystemExit(f"chatkit-gateway: {exc}") from None
     return GatewayApp(settings)

@@ -19,9 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Protocol, Self
+from typing import IO, Any, Protocol, Self, TypeVar
 
 import aiohttp
 import redis
@@ -50,6 +50,7 @@ __all__ = [
     "gateway_env",
     "raw_http",
     "redis_key_contents",
+    "running",
     "subscribed",
     "wall_clock_reach",
 ]
@@ -685,6 +686,22 @@ async def create_session(
             raise AssertionError(f"session create answered {response.status}")
         session: dict[str, Any] = await response.json()
     return session
+
+
+Gateways = TypeVar("Gateways", bound=Sequence["GatewayProcess"])
+
+
+@contextlib.asynccontextmanager
+async def running(gateways: Gateways) -> AsyncIterator[Gateways]:
+    """Start gateways in parallel; stop every one that started, whatever happens."""
+    results = await asyncio.gather(*(g.astart() for g in gateways), return_exceptions=True)
+    try:
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        yield gateways
+    finally:
+        await asyncio.gather(*(g.astop() for g in gateways))
 
 
 async def raw_http(

@@ -11,7 +11,6 @@ that test runs last.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import re
@@ -39,6 +38,7 @@ from tests.harness import (
     RedisServer,
     eventually,
     redis_key_contents,
+    running,
     wall_clock_reach,
 )
 
@@ -51,19 +51,6 @@ RATELIMIT = re.compile(r'^"session";r=(\d+);t=(\d+)$')
 
 
 # -- fixtures: one Redis, one upstream, three replicas -----------------------------------
-
-
-@contextlib.asynccontextmanager
-async def running(gateways: Sequence[GatewayProcess]) -> AsyncIterator[Sequence[GatewayProcess]]:
-    """Start gateways in parallel; stop every one that started, whatever happens."""
-    results = await asyncio.gather(*(g.astart() for g in gateways), return_exceptions=True)
-    try:
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        yield gateways
-    finally:
-        await asyncio.gather(*(g.astop() for g in gateways))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
