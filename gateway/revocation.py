@@ -240,7 +240,8 @@ class Revoker:
             try:
                 revoked = await self._store.revoked_among(list(self._streams))
             except StoreUnavailable as exc:
-                logger.warning("Open streams not re-checked yet after a feed gap: %s", exc)
+                if delay == RECHECK_DELAYS[0]:  # once per gap, not once per attempt
+                    logger.warning("Open streams not re-checked yet after a feed gap: %s", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECHECK_DELAYS[1])
                 continue
