@@ -178,6 +178,12 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = None
     redis_cluster: bool = False
     redis_timeout: float = Field(2.0, gt=0)
+    # Redis Sentinel: the sentinels (comma-separated host:port) and the name
+    # of the master they watch. GATEWAY_REDIS_URL, if set, then only gives
+    # the master's credentials and database; its host is ignored.
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = ""
+    redis_sentinel_password: SecretStr | None = None
     key_prefix: str = Field("ckg", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
 
     # Admission.
@@ -364,6 +370,29 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, value: str) -> str:
+        for entry in (e.strip() for e in value.split(",") if e.strip()):
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{entry!r} is not host:port")
+        return value
+
+    @property
+    def redis_sentinel_list(self) -> tuple[tuple[str, int], ...]:
+        """The sentinels as (host, port) pairs; empty without Sentinel."""
+        pairs = []
+        for entry in (e.strip() for e in self.redis_sentinels.split(",") if e.strip()):
+            host, _, port = entry.rpartition(":")
+            pairs.append((host.strip("[]"), int(port)))
+        return tuple(pairs)
+
+    @property
+    def uses_redis(self) -> bool:
+        """Whether the store is Redis (a URL or Sentinel) rather than embedded."""
+        return self.redis_url is not None or bool(self.redis_sentinel_list)
+
     @field_validator("log_level")
     @classmethod
     def _log_level(cls, value: str) -> str:
@@ -385,6 +414,12 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.redis_cluster and self.redis_url is None:
             raise ValueError("GATEWAY_REDIS_CLUSTER needs GATEWAY_REDIS_URL")
+        if bool(self.redis_sentinel_list) != bool(self.redis_sentinel_master):
+            raise ValueError(
+                "GATEWAY_REDIS_SENTINELS and GATEWAY_REDIS_SENTINEL_MASTER go together"
+            )
+        if self.redis_sentinel_list and self.redis_cluster:
+            raise ValueError("GATEWAY_REDIS_SENTINELS and GATEWAY_REDIS_CLUSTER exclude each other")
         if self.redis_cluster and self.user_max_requests_per_1_minute is not None:
             # The user's window lives in another hash slot than the secret's
             # keys, so one atomic script cannot cover both on a cluster.
