@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 from gateway.auth import SecretHasher, bearer_secret
 from gateway.errors import AuthError, GatewayError, StoreUnavailable
-from gateway.logs import Throttled
 from gateway.metrics import Metrics
 from gateway.ratelimit import Decision, Identity, Outcome, rate_limit_headers, rejection
 from gateway.revocation import Revoker
@@ -23,7 +22,6 @@ from gateway.types import Headers
 logger = logging.getLogger(__name__)
 #: While the store is down every client request fails the same way: one line
 #: per interval (with a count), not one per request.
-STORE_FAILURE_LOG_INTERVAL = 10.0
 
 _REVOKED = Decision(Outcome.REVOKED)
 
@@ -65,7 +63,6 @@ class Gatekeeper:
         self._user_limit = user_limit
         self._window = window_seconds
         self._enforce = enforce
-        self._store_failures = Throttled(logger, STORE_FAILURE_LOG_INTERVAL)
 
     async def check(self, headers: Headers) -> Admission:
         """Decide; raise the rejecting error, or return what the request carries on."""
@@ -85,7 +82,8 @@ class Gatekeeper:
                 )
             except StoreUnavailable as exc:
                 self._metrics.store_errors.inc()
-                self._store_failures.warning("Admission refused: %s", exc)
+                # The store logs an outage once and then once per interval.
+                logger.debug("Admission refused: %s", exc)
                 return Admission(secret_hash, self._report_only(exc, "store_unavailable"))
             self._metrics.decision_seconds.observe(time.perf_counter() - started)
         self._metrics.decision_by_outcome[decision.outcome].inc()

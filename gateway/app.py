@@ -3,8 +3,9 @@
 The outer app is a few lines of raw ASGI that send the gateway's own
 endpoints (/healthz, /readyz, /metrics) to a small starlette app and
 everything else to the :class:`~gateway.proxy.Proxy`. Start-up builds the
-store, the upstream client and the revocation machinery; a failure there
-(bad upstream URL, Redis unreachable when configured) stops the process.
+store, the upstream client and the revocation machinery; a bad setting
+stops the process, an unreachable Redis does not (client routes answer 503
+until it answers).
 
 /readyz answers 200 while the process accepts traffic and 503 while it is
 starting or draining; the store's state is in its body (see gateway.health).
@@ -40,7 +41,7 @@ from gateway.sessions import SessionControl
 from gateway.settings import Settings, UnknownSecrets, load_settings, otel_traces_exporter
 from gateway.store.base import Store
 from gateway.store.memory import MemoryStore
-from gateway.store.redis import RedisStore, connect
+from gateway.store.redis import RedisStore, connect, connect_sentinel
 from gateway.telemetry import Telemetry
 from gateway.tracing import Tracing, configure
 from gateway.upstream import create_session
@@ -65,22 +66,34 @@ class Components:
     monitor: StoreMonitor
 
 
-def build_store(settings: Settings) -> Store:
-    if settings.redis_url is None:
+def build_store(settings: Settings, *, serving: bool = False) -> Store:
+    """The configured store; ``serving`` for the gateway itself, which logs
+    Redis outages and a full Redis (a one-shot command reports its own error)."""
+    if not settings.uses_redis:
         return MemoryStore(
             window_seconds=settings.window_seconds,
             retention_seconds=settings.session_retention_seconds,
             revocation_ttl_seconds=settings.revocation_ttl_seconds,
         )
-    url = settings.redis_url.get_secret_value()
+    url = settings.redis_url.get_secret_value() if settings.redis_url is not None else ""
+    sentinel_password = settings.redis_sentinel_password
     return RedisStore(
-        connect(url, cluster=settings.redis_cluster, timeout=settings.redis_timeout),
+        connect_sentinel(
+            settings.redis_sentinel_list,
+            settings.redis_sentinel_master,
+            url=url,
+            timeout=settings.redis_timeout,
+            sentinel_password=sentinel_password.get_secret_value() if sentinel_password else None,
+        )
+        if settings.redis_sentinel_list
+        else connect(url, cluster=settings.redis_cluster, timeout=settings.redis_timeout),
         prefix=settings.key_prefix,
         window_seconds=settings.window_seconds,
         retention_seconds=settings.session_retention_seconds,
         revocation_ttl_seconds=settings.revocation_ttl_seconds,
         timeout=settings.redis_timeout,
         pubsub_url=url,
+        report_availability=serving,
     )
 
 
@@ -160,12 +173,16 @@ class GatewayApp:
 
     async def startup(self) -> None:
         settings = self.settings
-        store = self._store or build_store(settings)
+        store = self._store or build_store(settings, serving=True)
         try:
             await store.ping()
         except StoreUnavailable as exc:
-            await store.close()
-            raise ConfigError(f"GATEWAY_REDIS_URL: cannot reach Redis ({exc})") from exc
+            # Exiting would turn a Redis outage during a rollout into a crash
+            # loop. Client routes answer 503 store_unavailable (fail closed)
+            # until Redis answers; every operation connects afresh.
+            logger.warning(
+                "Starting although the store does not answer yet: %s", type(exc).__name__
+            )
         if isinstance(store, MemoryStore):
             logger.warning(
                 "No GATEWAY_REDIS_URL: using the embedded store. Its state is per process, "
@@ -174,6 +191,7 @@ class GatewayApp:
         metrics = Metrics(workers=settings.workers)
         if self._tracing is None:
             self._tracing = configure(otel_traces_exporter())
+        metrics.store_full.set_function(lambda: 1.0 if store.full else 0.0)
         hasher = SecretHasher(
             settings.secret_pepper.get_secret_value().encode() if settings.secret_pepper else None
         )
@@ -288,6 +306,8 @@ class GatewayApp:
                 "status": "ready",
                 "store": store,
                 "pending_revocations": components.revoker.pending,
+                "store_full": components.store.full,
+                "revocation_listener": components.revoker.listener_state,
             }
         )
 
@@ -323,7 +343,8 @@ def _unready(message: str, *, code: str) -> Response:
 def create_app() -> GatewayApp:
     """uvicorn's factory: each worker process reads the environment itself."""
     try:
-        settings = load_settings()
+        # The serve command read the same environment and reported what it ignored.
+        settings = load_settings(report_ignored=False)
     except ConfigError as exc:
         raise SystemExit(f"chatkit-gateway: {exc}") from None
     return GatewayApp(settings)

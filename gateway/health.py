@@ -74,6 +74,9 @@ class StoreMonitor:
         self.error = error
         self.checked_at = self._clock()
         self._metrics.store_up.set(1 if up else 0)
+        # Read live on a single process (set_function); with several workers
+        # the scrape sums files, so the value is also written at each check.
+        self._metrics.store_full.set(1 if self._store.full else 0)
 
     def start(self) -> None:
         if self._task is None:

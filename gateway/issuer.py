@@ -22,8 +22,7 @@ import hashlib
 import hmac
 import json
 import secrets
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from email.utils import formatdate
 from typing import Any, Literal
 
@@ -262,7 +261,6 @@ class Issuer:
         default_expires_seconds: int,
         max_expires_seconds: int,
         serves_every_create: bool = False,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self._workflows = workflows
         self._keys = api_keys
@@ -277,7 +275,6 @@ class Issuer:
         # With no hosted upstream, every create is the issuer's to validate
         # (an unknown workflow is a 400 here rather than a forward).
         self._every_create = serves_every_create
-        self._clock = clock
 
     def serves_create(self, body: bytes) -> bool:
         return self._every_create or workflow_id_of(body) in self._workflows
@@ -317,7 +314,10 @@ class Issuer:
             limit = request.rate_limits.max_requests_per_1_minute
         session_id = self._ids.mint()
         secret = new_client_secret()
-        expires_at = int(self._clock()) + seconds
+        # Expiry is checked against the store's clock (Redis TIME), so it is
+        # set from that clock too: a replica whose clock runs fast or slow
+        # must not issue sessions that live longer or shorter than asked.
+        expires_at = int(await self._store.now()) + seconds
         document = session_document(
             request, session_id=session_id, expires_at=expires_at, limit=limit, status="active"
         )

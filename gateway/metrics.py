@@ -151,6 +151,24 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.store_full = Gauge(
+            "chatkit_gateway_store_full",
+            "1 while Redis refuses writes for lack of memory (maxmemory reached): "
+            "sessions are not registered and admissions are refused.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.revocation_listener_restarts = Counter(
+            "chatkit_gateway_revocation_listener_restarts_total",
+            "Restarts of the listener that closes streams revoked on other replicas.",
+            registry=r,
+        )
+        self.revocation_listener_up = Gauge(
+            "chatkit_gateway_revocation_listener_up",
+            "1 while the revocation listener runs, 0 while it waits to restart.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.streams_closed = Counter(
             "chatkit_gateway_streams_closed_on_revocation_total",
             "Responses in flight cut off because their secret was revoked.",

@@ -2,7 +2,7 @@
 
 A revocation is written to the store; if the store cannot take it (Redis
 down, paused, failing over) it is kept in a local pending set, enforced by
-this replica at once, and retried with backoff until the store accepts it.
+this replica at once, and stored as soon as the store answers again.
 Streams in flight for a revoked secret are closed here and, through the
 store's revocation channel, on every other replica.
 """
@@ -20,7 +20,14 @@ from gateway.store.base import RevokeResult, Store
 
 logger = logging.getLogger(__name__)
 
-MAX_BACKOFF_SECONDS = 5.0
+# While revocations are pending, the store is probed this often.
+PROBE_SECONDS = 0.05
+# A listener that fails again and again is restarted at most this often.
+LISTENER_BACKOFF = (0.1, 5.0)
+# A listener that ran this long before failing starts over at the short delay.
+LISTENER_HEALTHY_SECONDS = 30.0
+# First and longest pause between attempts to re-check open streams.
+RECHECK_DELAYS = (0.1, 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +47,8 @@ class Revoker:
         self._streams: dict[str, set[Callable[[], None]]] = {}
         self._retry_task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._recheck: asyncio.Task[None] | None = None
+        self._listener_up = False
 
     # -- what the hot path asks -----------------------------------------------
 
@@ -49,6 +58,13 @@ class Revoker:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def listener_state(self) -> str:
+        """For /readyz: "up", "restarting" (after a failure) or "stopped"."""
+        if self._listener is None or self._listener.done():
+            return "stopped"
+        return "up" if self._listener_up else "restarting"
 
     # -- revoking -------------------------------------------------------------
 
@@ -103,9 +119,16 @@ class Revoker:
             self._local.discard(secret_hash)
 
     async def _retry_until_stored(self) -> None:
-        delay = 0.1
+        """Store what is pending as soon as the store answers again.
+
+        Not on a backoff: until a pending revocation is stored, other
+        replicas admit the secret as soon as the store is back. A probe
+        waits on the store (a paused Redis answers it the moment it resumes)
+        or retries every PROBE_SECONDS, so the revocation is stored within a
+        probe interval plus a round trip of the store's return.
+        """
         while self._pending:
-            await asyncio.sleep(delay)
+            await self._until_reachable()
             for key, item in list(self._pending.items()):
                 try:
                     result = await self._store.revoke(
@@ -115,7 +138,7 @@ class Revoker:
                         replica=self._replica,
                     )
                 except StoreUnavailable:
-                    delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+                    await asyncio.sleep(PROBE_SECONDS)
                     break
                 del self._pending[key]
                 self._metrics.revocations_pending.set(len(self._pending))
@@ -125,6 +148,15 @@ class Revoker:
                     self.close_streams(result.secret_hash)
                 self._metrics.revocations.labels(item.reason, str(result.registered).lower()).inc()
                 logger.info("Pending revocation stored (%d left)", len(self._pending))
+
+    async def _until_reachable(self) -> None:
+        while True:
+            try:
+                await self._store.ping()
+            except StoreUnavailable:
+                await asyncio.sleep(PROBE_SECONDS)
+            else:
+                return
 
     # -- streams in flight ----------------------------------------------------
 
@@ -146,32 +178,84 @@ class Revoker:
     # -- lifecycle --------------------------------------------------------------
 
     def start(self) -> None:
-        self._listener = asyncio.create_task(self._listen())
+        self._listener = asyncio.create_task(self._supervise())
+
+    async def _supervise(self) -> None:
+        """Keep the listener running whatever it raises.
+
+        Without it no stream on this replica is closed by a revocation made
+        elsewhere, and nothing says so: a failure is logged, counted and
+        followed by a restart with backoff, and the streams held meanwhile
+        are re-checked, since announcements made in between are lost.
+        """
+        loop = asyncio.get_running_loop()
+        low, high = LISTENER_BACKOFF
+        delay = low
+        first = True
+        while True:
+            started = loop.time()
+            self._set_listener_up(True)
+            try:
+                if not first:
+                    self._start_recheck()
+                first = False
+                await self._listen()
+                raise RuntimeError("the revocation feed ended")
+            except Exception:
+                logger.exception("Revocation listener failed; restarting in %.1f s", delay)
+            self._set_listener_up(False)
+            self._metrics.revocation_listener_restarts.inc()
+            if loop.time() - started >= LISTENER_HEALTHY_SECONDS:
+                delay = low
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, high)
+
+    def _set_listener_up(self, up: bool) -> None:
+        self._listener_up = up
+        self._metrics.revocation_listener_up.set(1 if up else 0)
 
     async def _listen(self) -> None:
         async for secret_hash in self._store.revocations():
             if secret_hash is None:
-                await self._recheck_streams()
+                self._start_recheck()
             else:
                 self.close_streams(secret_hash)
 
+    def _start_recheck(self) -> None:
+        # A re-check still running may have read before this gap's
+        # revocations were made: start over rather than trust it.
+        if self._recheck is not None:
+            self._recheck.cancel()
+        self._recheck = asyncio.create_task(self._recheck_streams())
+
     async def _recheck_streams(self) -> None:
-        """The feed had a gap: close the streams whose secret was revoked meanwhile."""
-        if not self._streams:
+        """The feed had a gap: close the streams whose secret was revoked meanwhile.
+
+        Retried until it succeeds: the feed often resumes before the store
+        answers reads again (a blackholed connection still waits out its
+        timeout), and a revocation missed here is never announced again.
+        """
+        delay = RECHECK_DELAYS[0]
+        while self._streams:
+            try:
+                revoked = await self._store.revoked_among(list(self._streams))
+            except StoreUnavailable as exc:
+                if delay == RECHECK_DELAYS[0]:  # once per gap, not once per attempt
+                    logger.warning("Open streams not re-checked yet after a feed gap: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECHECK_DELAYS[1])
+                continue
+            for secret_hash in revoked:
+                self.close_streams(secret_hash)
             return
-        try:
-            revoked = await self._store.revoked_among(list(self._streams))
-        except StoreUnavailable as exc:
-            # The feed will drop again and resume, and this runs once more.
-            logger.warning("Open streams not re-checked after a revocation-feed gap: %s", exc)
-            return
-        for secret_hash in revoked:
-            self.close_streams(secret_hash)
 
     async def stop(self, *, flush_timeout: float = 5.0) -> None:
+        for task in (self._listener, self._recheck):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+            self._set_listener_up(False)
         if self._retry_task is not None and not self._retry_task.done():
             # One last chance to store what is pending before the process ends.
             try:

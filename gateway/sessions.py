@@ -167,11 +167,16 @@ class SessionControl:
         try:
             born_revoked = await self._store.register(record)
         except StoreUnavailable as exc:
-            # The caller still gets its session; requests with that secret will
-            # be refused as unknown until it is recreated. Counted and logged.
+            # A secret the gateway cannot enforce must not be handed out as
+            # working: the caller gets 503 (the SDKs retry it) instead of a
+            # session every client request would be refused with. The session
+            # the upstream created meanwhile is never used and expires there.
             self._metrics.sessions_unparsed.labels("store_unavailable").inc()
             logger.error("Session %s not registered: %s", record.session_id, exc)
-            return
+            raise StoreUnavailable(
+                "The session could not be registered with the gateway's store, so its "
+                "client secret could not be enforced; retry the request."
+            ) from exc
         self._metrics.sessions_registered.inc()
         if born_revoked:
             self._revoker.close_streams(record.secret_hash)

@@ -3,9 +3,12 @@
 Nothing here skips. A missing ``redis-server`` fails the run with instructions,
 because a suite that quietly skips its storage tests proves nothing.
 
-Event loops: every async fixture here is function-scoped and runs in the
-test's own loop (pyproject sets ``asyncio_default_fixture_loop_scope``), so the
-fake upstream, the gateway client and the test share one loop and one clock.
+Event loops: ``upstream`` is function-scoped and runs in the test's own loop
+(pyproject sets ``asyncio_default_fixture_loop_scope``), so the fake upstream,
+the gateway client and the test share one loop and one clock. ``fake`` and
+``aof_redis`` live for a module, for modules whose tests share long-lived
+gateway replicas; those modules run in one module-wide loop
+(``pytestmark = pytest.mark.asyncio(loop_scope="module")``).
 """
 
 from __future__ import annotations

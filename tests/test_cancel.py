@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.auth import SecretHasher
 from tests import fake_upstream
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer, converse, eventually
+from tests.harness import GatewayProcess, RedisServer, converse, eventually, running
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -58,12 +58,8 @@ async def replicas(
             },
         )
 
-    a, b = replica("replica-a"), replica("replica-b")
-    await asyncio.gather(a.astart(), b.astart())
-    try:
-        yield a, b
-    finally:
-        await asyncio.gather(a.astop(), b.astop())
+    async with running((replica("replica-a"), replica("replica-b"))) as started:
+        yield started
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -427,6 +427,16 @@ async def test_status_fault_runs_out_after_times(
     assert fault.hits == 2
 
 
+async def test_a_chunked_status_fault_sends_its_answer_without_a_length(
+    http: aiohttp.ClientSession, upstream: FakeUpstream
+) -> None:
+    upstream.inject("status", status=200, message="x" * 200_000, chunked=True)
+    async with http.post(f"{upstream.url}/v1/chatkit/conversation") as resp:
+        assert "Content-Length" not in resp.headers
+        assert resp.headers["Transfer-Encoding"] == "chunked"
+        assert (await resp.json())["error"]["message"] == "x" * 200_000
+
+
 async def test_fault_matching_by_method_and_forever(
     http: aiohttp.ClientSession, upstream: FakeUpstream
 ) -> None:

@@ -721,3 +721,25 @@ async def test_a_forwarded_cancel_is_acted_on_after_its_caller_gave_up(
             return response.status == 401
 
     await eventually(revoked, timeout=5, what="the cancelled secret to be refused")
+
+
+async def test_a_hosted_session_that_cannot_be_registered_is_503_not_a_dead_secret(
+    replicas: tuple[GatewayProcess, GatewayProcess], redis: RedisServer, fake: FakeUpstream
+) -> None:
+    # The hosted API creates the session, but the gateway cannot record it:
+    # handing its secret out would give the user a session every request of
+    # which is refused. The caller gets 503 and retries instead.
+    fake.inject("delay", seconds=0.3, path_prefix="/v1/chatkit/sessions", method="POST")
+    async with sdk(replicas[0], key=HOSTED_KEY) as client:
+        create = asyncio.ensure_future(
+            client.beta.chatkit.sessions.create(user="u", workflow={"id": "wf_h"})
+        )
+        await fake.wait_for(lambda: fake.count("/v1/chatkit/sessions") == 1)
+        redis.pause()
+        try:
+            with pytest.raises(openai.InternalServerError) as caught:
+                await create
+        finally:
+            redis.resume()
+    assert caught.value.status_code == 503
+    assert caught.value.code == "store_unavailable"

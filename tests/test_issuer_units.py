@@ -9,14 +9,17 @@ from urllib.parse import unquote
 import jwt
 import pytest
 
-from gateway.auth import ApiKeys, new_api_key
+from gateway.auth import ApiKeys, SecretHasher, new_api_key
 from gateway.cors import CorsPolicy
 from gateway.errors import BadRequest, ConfigError
 from gateway.identity import IdentityHeaders, strip_client_identity
-from gateway.issuer import SessionIds, parse_create_body, workflow_id_of
+from gateway.issuer import Issuer, SessionIds, parse_create_body, workflow_id_of
+from gateway.metrics import Metrics
 from gateway.ratelimit import Identity
+from gateway.revocation import Revoker
 from gateway.routes import Kind, table_with
 from gateway.settings import load_settings
+from gateway.store.memory import MemoryStore
 
 WORKFLOWS = '{"wf_a": {"upstream": "http://127.0.0.1:9/chatkit"}}'
 KEY = "ckgk_unit-test-key-0123456789"
@@ -206,3 +209,28 @@ def test_issuer_routes_exist_only_in_issuer_mode() -> None:
     kinds = {r.kind for r in only_sessions.routes}
     assert Kind.CLIENT not in kinds
     assert Kind.SESSION_CREATE in kinds
+
+
+async def test_an_issued_expiry_comes_from_the_stores_clock_not_the_replicas() -> None:
+    # The store's clock (Redis TIME in production) says 1,000,000; this
+    # process's clock says something else entirely.
+    store = MemoryStore(clock=lambda: 1_000_000.0)
+    metrics = Metrics()
+    issuer = Issuer(
+        workflows=frozenset({"wf_a"}),
+        api_keys=ApiKeys(KEY),
+        store=store,
+        revoker=Revoker(store, replica="r", metrics=metrics),
+        hasher=SecretHasher(None),
+        metrics=metrics,
+        ids=SessionIds(None),
+        default_limit=10,
+        default_expires_seconds=600,
+        max_expires_seconds=600,
+    )
+    answer = await issuer.create(
+        [(b"authorization", f"Bearer {KEY}".encode())],
+        b'{"user": "u", "workflow": {"id": "wf_a"}, '
+        b'"expires_after": {"anchor": "created_at", "seconds": 120}}',
+    )
+    assert json.loads(answer.body)["expires_at"] == 1_000_120

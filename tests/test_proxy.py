@@ -57,38 +57,32 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def up() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as fake:
-        yield fake
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def gateway(up: FakeUpstream) -> AsyncIterator[GatewayProcess]:
+async def gateway(fake: FakeUpstream) -> AsyncIterator[GatewayProcess]:
     """The gateway with default limits and timeouts (512 MB bodies)."""
-    async with GatewayProcess(up.url, env=CLIENT_ENV) as gw:
+    async with GatewayProcess(fake.url, env=CLIENT_ENV) as gw:
         yield gw
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def strict_gateway(up: FakeUpstream) -> AsyncIterator[GatewayProcess]:
+async def strict_gateway(fake: FakeUpstream) -> AsyncIterator[GatewayProcess]:
     """A gateway with a short upstream read timeout and a 1 MB body limit."""
     env = {
         **CLIENT_ENV,
         "GATEWAY_UPSTREAM_READ_TIMEOUT": str(STRICT_READ_TIMEOUT),
         "GATEWAY_MAX_BODY_BYTES": str(STRICT_BODY_LIMIT),
     }
-    async with GatewayProcess(up.url, env=env) as gw:
+    async with GatewayProcess(fake.url, env=env) as gw:
         yield gw
 
 
 @pytest_asyncio.fixture(autouse=True, loop_scope="module")
-async def fresh_upstream(up: FakeUpstream) -> AsyncIterator[None]:
-    up.clear_faults()
-    up.reset_records()
+async def fresh_upstream(fake: FakeUpstream) -> AsyncIterator[None]:
+    fake.clear_faults()
+    fake.reset_records()
     yield
-    up.clear_faults()
+    fake.clear_faults()
     # A test that leaves a request hanging at the upstream has leaked it.
-    await up.wait_for(lambda: up.active == 0, timeout=15)
+    await fake.wait_for(lambda: fake.active == 0, timeout=15)
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -268,7 +262,7 @@ async def test_sse_events_arrive_one_by_one(
 
 
 async def test_large_upload_streams_with_flat_memory(
-    gateway: GatewayProcess, up: FakeUpstream, http: aiohttp.ClientSession
+    gateway: GatewayProcess, fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
     size = 256 * MIB
     url = f"{gateway.url}/v1/chatkit/files"
@@ -317,7 +311,7 @@ async def test_large_upload_streams_with_flat_memory(
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 async def test_upload_body_arrives_intact(
-    gateway: GatewayProcess, up: FakeUpstream, framing: str
+    gateway: GatewayProcess, fake: FakeUpstream, framing: str
 ) -> None:
     chunks = [os.urandom(256 * 1024) for _ in range(16)]
     headers = [*AUTH.items(), ("Content-Type", "application/octet-stream")]
@@ -330,7 +324,7 @@ async def test_upload_body_arrives_intact(
     reply = await exchange(gateway, request_bytes("PUT", b"/v1/chatkit/uploads/u1", headers), wire)
     assert reply.status == 200
     assert reply.json()["body_sha256"] == sha256(b"".join(chunks))
-    seen = only(up.requests)
+    seen = only(fake.requests)
     assert seen.completed
     assert seen.body_bytes == 4 * MIB
 
@@ -339,7 +333,7 @@ async def test_upload_body_arrives_intact(
 
 
 async def test_hop_by_hop_request_headers_are_not_forwarded(
-    gateway: GatewayProcess, up: FakeUpstream
+    gateway: GatewayProcess, fake: FakeUpstream
 ) -> None:
     headers = [
         *AUTH.items(),
@@ -377,7 +371,7 @@ async def test_hop_by_hop_request_headers_are_not_forwarded(
     assert forwarded["openai-beta"] == "chatkit_beta=v1"
     assert forwarded["authorization"] == f"Bearer {CLIENT_SECRET}"
     # Host is the upstream's, not what the client sent.
-    assert forwarded["host"] == up.url.removeprefix("http://")
+    assert forwarded["host"] == fake.url.removeprefix("http://")
 
 
 async def test_hop_by_hop_response_headers_are_not_forwarded(gateway: GatewayProcess) -> None:
@@ -413,7 +407,7 @@ async def test_repeated_set_cookie_headers_arrive_intact(gateway: GatewayProcess
     ],
 )
 async def test_request_id_is_propagated_or_generated(
-    gateway: GatewayProcess, up: FakeUpstream, sent: str | None, propagated: bool
+    gateway: GatewayProcess, fake: FakeUpstream, sent: str | None, propagated: bool
 ) -> None:
     headers = [*AUTH.items()] + ([("X-Request-Id", sent)] if sent is not None else [])
     reply = await send_raw(gateway, request_bytes("GET", b"/v1/chatkit/conversation", headers))
@@ -472,25 +466,25 @@ async def test_client_forwarding_headers_are_not_trusted(gateway: GatewayProcess
     ],
 )
 async def test_query_strings_pass_unchanged(
-    gateway: GatewayProcess, up: FakeUpstream, query: bytes
+    gateway: GatewayProcess, fake: FakeUpstream, query: bytes
 ) -> None:
     reply = await send_raw(
         gateway, request_bytes("GET", b"/v1/chatkit/conversation?" + query, AUTH.items())
     )
     assert reply.status == 200
     assert reply.json()["query"] == query.decode()
-    assert only(up.requests).query == query.decode()
+    assert only(fake.requests).query == query.decode()
 
 
 async def test_server_route_query_reaches_the_upstream(
-    gateway: GatewayProcess, up: FakeUpstream, http: aiohttp.ClientSession
+    gateway: GatewayProcess, fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
     url = f"{gateway.url}/v1/chatkit/threads?limit=2&order=asc&user=user_alice"
     async with http.get(url, headers=API_KEY) as resp:
         assert resp.status == 200
         page = await resp.json()
     assert [thread["id"] for thread in page["data"]] == ["cthr_seed0", "cthr_seed1"]
-    assert only(up.requests).query == "limit=2&order=asc&user=user_alice"
+    assert only(fake.requests).query == "limit=2&order=asc&user=user_alice"
 
 
 # -- the route table over the wire ------------------------------------------------------
@@ -509,7 +503,7 @@ async def test_server_route_query_reaches_the_upstream(
 )
 async def test_allowed_routes_are_forwarded_as_sent(
     gateway: GatewayProcess,
-    up: FakeUpstream,
+    fake: FakeUpstream,
     method: str,
     target: bytes,
     headers: dict[str, str],
@@ -522,7 +516,7 @@ async def test_allowed_routes_are_forwarded_as_sent(
         ),
     )
     assert reply.status == 200, reply.body
-    seen = only(up.requests)
+    seen = only(fake.requests)
     assert (seen.method, seen.path) == (method, target.decode())
 
 
@@ -562,11 +556,11 @@ HOSTILE_TARGETS = [
 
 @pytest.mark.parametrize("target", HOSTILE_TARGETS)
 async def test_hostile_targets_are_400_and_never_forwarded(
-    gateway: GatewayProcess, up: FakeUpstream, target: bytes
+    gateway: GatewayProcess, fake: FakeUpstream, target: bytes
 ) -> None:
     reply = await send_raw(gateway, request_bytes("POST", target, AUTH.items(), b"{}"))
     assert_openai_error(reply, 400)
-    assert up.requests == []
+    assert fake.requests == []
 
 
 @pytest.mark.parametrize(
@@ -585,35 +579,35 @@ async def test_hostile_targets_are_400_and_never_forwarded(
     ],
 )
 async def test_unknown_routes_are_refused_and_never_forwarded(
-    gateway: GatewayProcess, up: FakeUpstream, method: str, target: bytes, status: int
+    gateway: GatewayProcess, fake: FakeUpstream, method: str, target: bytes, status: int
 ) -> None:
     reply = await send_raw(gateway, request_bytes(method, target, AUTH.items()))
     assert_openai_error(reply, status)
-    assert up.requests == []
+    assert fake.requests == []
 
 
 async def test_gateway_endpoints_are_answered_locally(
-    gateway: GatewayProcess, up: FakeUpstream
+    gateway: GatewayProcess, fake: FakeUpstream
 ) -> None:
     for target in (b"/healthz", b"/readyz"):
         reply = await send_raw(gateway, request_bytes("GET", target))
         assert reply.status == 200, reply.body
-    assert up.requests == []
+    assert fake.requests == []
 
 
 async def test_too_many_headers_are_431_and_never_forwarded(
-    gateway: GatewayProcess, up: FakeUpstream
+    gateway: GatewayProcess, fake: FakeUpstream
 ) -> None:
     headers = [*AUTH.items()] + [(f"X-Filler-{i}", "x") for i in range(120)]
     reply = await send_raw(gateway, request_bytes("GET", b"/v1/chatkit/conversation", headers))
     assert_openai_error(reply, 431)
-    assert up.requests == []
+    assert fake.requests == []
 
 
 # -- errors -----------------------------------------------------------------------------
 
 
-async def test_unreachable_upstream_is_502(up: FakeUpstream) -> None:
+async def test_unreachable_upstream_is_502(fake: FakeUpstream) -> None:
     closed = free_port()  # nothing listens there
     async with GatewayProcess(f"http://127.0.0.1:{closed}", env=CLIENT_ENV) as gw:
         for method, target, headers in [
@@ -625,7 +619,7 @@ async def test_unreachable_upstream_is_502(up: FakeUpstream) -> None:
             assert error["type"] == "api_error"
 
 
-async def test_upstream_stall_is_504(strict_gateway: GatewayProcess, up: FakeUpstream) -> None:
+async def test_upstream_stall_is_504(strict_gateway: GatewayProcess, fake: FakeUpstream) -> None:
     headers = [*AUTH.items(), ("X-Fake-Fault", "stall")]
     started = time.monotonic()
     reply = await send_raw(
@@ -636,12 +630,12 @@ async def test_upstream_stall_is_504(strict_gateway: GatewayProcess, up: FakeUps
     assert error["type"] == "api_error"
     assert STRICT_READ_TIMEOUT * 0.9 <= elapsed < 20
     # The gateway gave up on the upstream request too.
-    await up.wait_for(lambda: up.active == 0)
-    assert only(up.requests).disconnected
+    await fake.wait_for(lambda: fake.active == 0)
+    assert only(fake.requests).disconnected
 
 
 async def test_upstream_stall_mid_stream_cuts_the_response(
-    strict_gateway: GatewayProcess, up: FakeUpstream, http: aiohttp.ClientSession
+    strict_gateway: GatewayProcess, fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
     # Headers are already sent, so no 504 can follow: the stream must end in a
     # way the client can tell from a complete response.
@@ -653,22 +647,22 @@ async def test_upstream_stall_mid_stream_cuts_the_response(
         assert first.startswith(b"data: ")
         with pytest.raises(aiohttp.ClientPayloadError):
             await resp.content.read()
-    await up.wait_for(lambda: up.active == 0)
+    await fake.wait_for(lambda: fake.active == 0)
 
 
 async def test_declared_body_over_the_limit_is_413_unread(
-    strict_gateway: GatewayProcess, up: FakeUpstream
+    strict_gateway: GatewayProcess, fake: FakeUpstream
 ) -> None:
     headers = [*AUTH.items(), ("Content-Length", str(STRICT_BODY_LIMIT + 1))]
     head = request_bytes("POST", b"/v1/chatkit/files", headers)
     # Only the head is sent: the gateway must answer without waiting for the body.
     reply = await exchange(strict_gateway, head, [])
     assert_openai_error(reply, 413, "request_too_large")
-    assert up.requests == []
+    assert fake.requests == []
 
 
 async def test_body_exactly_at_the_limit_passes(
-    strict_gateway: GatewayProcess, up: FakeUpstream
+    strict_gateway: GatewayProcess, fake: FakeUpstream
 ) -> None:
     body = os.urandom(STRICT_BODY_LIMIT)
     headers = [*AUTH.items(), ("Content-Length", str(len(body)))]
@@ -680,7 +674,7 @@ async def test_body_exactly_at_the_limit_passes(
 
 
 async def test_chunked_body_over_the_limit_is_413(
-    strict_gateway: GatewayProcess, up: FakeUpstream
+    strict_gateway: GatewayProcess, fake: FakeUpstream
 ) -> None:
     chunk = os.urandom(64 * 1024)
     count = STRICT_BODY_LIMIT // len(chunk) + 8  # about half a megabyte too much
@@ -691,17 +685,17 @@ async def test_chunked_body_over_the_limit_is_413(
     )
     assert_openai_error(reply, 413, "request_too_large")
     # Whatever had started upstream was abandoned, never completed.
-    await up.wait_for(lambda: up.active == 0)
-    assert not any(seen.completed for seen in up.requests)
+    await fake.wait_for(lambda: fake.active == 0)
+    assert not any(seen.completed for seen in fake.requests)
 
 
 @pytest.mark.parametrize("status", [400, 404, 409, 429, 500, 503])
 async def test_injected_upstream_errors_pass_through_untouched(
-    gateway: GatewayProcess, up: FakeUpstream, http: aiohttp.ClientSession, status: int
+    gateway: GatewayProcess, fake: FakeUpstream, http: aiohttp.ClientSession, status: int
 ) -> None:
     headers = {**AUTH, "X-Fake-Fault": "status", "X-Fake-Fault-Status": str(status)}
     path = "/v1/chatkit/conversation"
-    async with http.post(f"{up.url}{path}", data=b"{}", headers=headers) as direct:
+    async with http.post(f"{fake.url}{path}", data=b"{}", headers=headers) as direct:
         expected = (direct.status, direct.headers["Content-Type"], await direct.read())
     async with http.post(f"{gateway.url}{path}", data=b"{}", headers=headers) as proxied:
         got = (proxied.status, proxied.headers["Content-Type"], await proxied.read())
@@ -719,7 +713,7 @@ async def test_injected_upstream_errors_pass_through_untouched(
 )
 async def test_upstream_error_answers_pass_through_untouched(
     gateway: GatewayProcess,
-    up: FakeUpstream,
+    fake: FakeUpstream,
     http: aiohttp.ClientSession,
     method: str,
     path: str,
@@ -727,7 +721,7 @@ async def test_upstream_error_answers_pass_through_untouched(
     status: int,
 ) -> None:
     body = b'{"user": ""}' if method == "POST" else None
-    async with http.request(method, f"{up.url}{path}", data=body, headers=headers) as direct:
+    async with http.request(method, f"{fake.url}{path}", data=body, headers=headers) as direct:
         expected = (direct.status, await direct.read())
     async with http.request(method, f"{gateway.url}{path}", data=body, headers=headers) as proxied:
         got = (proxied.status, await proxied.read())
@@ -746,24 +740,24 @@ async def test_upstream_error_answers_pass_through_untouched(
     ],
 )
 async def test_disconnect_before_the_answer_cancels_the_upstream_request(
-    gateway: GatewayProcess, up: FakeUpstream, method: str, body: bytes
+    gateway: GatewayProcess, fake: FakeUpstream, method: str, body: bytes
 ) -> None:
     _, writer = await asyncio.open_connection(gateway.host, gateway.port)
     headers = [*AUTH.items(), ("X-Fake-Fault", "stall")]
     writer.write(request_bytes(method, b"/v1/chatkit/conversation", headers, body, close=False))
     await writer.drain()
-    await up.wait_for(lambda: up.active == 1)
+    await fake.wait_for(lambda: fake.active == 1)
     writer.close()
     await writer.wait_closed()
     # The read timeout is a minute away: only the disconnect can end it now.
-    await up.wait_for(lambda: up.active == 0, timeout=10)
-    seen = only(up.requests)
+    await fake.wait_for(lambda: fake.active == 0, timeout=10)
+    seen = only(fake.requests)
     assert seen.disconnected
     assert seen.status is None  # the upstream never answered
 
 
 async def test_disconnect_mid_stream_cancels_the_upstream_request(
-    gateway: GatewayProcess, up: FakeUpstream
+    gateway: GatewayProcess, fake: FakeUpstream
 ) -> None:
     reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
     headers = [
@@ -781,20 +775,20 @@ async def test_disconnect_mid_stream_cancels_the_upstream_request(
     writer.close()
     await writer.wait_closed()
     # The upstream would stay silent forever: only the gateway hanging up ends it.
-    await up.wait_for(lambda: up.active == 0, timeout=10)
-    seen = only(up.requests)
+    await fake.wait_for(lambda: fake.active == 0, timeout=10)
+    seen = only(fake.requests)
     assert seen.disconnected
     assert seen.status == 200
 
 
-async def test_many_disconnects_give_every_pool_slot_back(up: FakeUpstream) -> None:
+async def test_many_disconnects_give_every_pool_slot_back(fake: FakeUpstream) -> None:
     slots, clients = 8, 50
     env = {
         **CLIENT_ENV,
         "GATEWAY_UPSTREAM_MAX_CONNECTIONS": str(slots),
         "GATEWAY_UPSTREAM_POOL_TIMEOUT": "20",
     }
-    async with GatewayProcess(up.url, env=env) as gw:
+    async with GatewayProcess(fake.url, env=env) as gw:
         connections = []
         for index in range(clients):
             reader, writer = await asyncio.open_connection(gw.host, gw.port)
@@ -817,9 +811,9 @@ async def test_many_disconnects_give_every_pool_slot_back(up: FakeUpstream) -> N
             await writer.drain()
             connections.append((reader, writer))
         # Every slot is taken; the other 42 clients wait for one.
-        await up.wait_for(lambda: up.active == slots, timeout=20)
+        await fake.wait_for(lambda: fake.active == slots, timeout=20)
         # The streams that got through have started: read their first event.
-        for seen in list(up.requests):
+        for seen in list(fake.requests):
             index = int(seen.header("X-Client") or "-1")
             if index % 2:
                 reader = connections[index][0]
@@ -833,12 +827,12 @@ async def test_many_disconnects_give_every_pool_slot_back(up: FakeUpstream) -> N
         for _, writer in connections:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
-        await up.wait_for(lambda: up.active == 0, timeout=30)
-        assert all(seen.disconnected for seen in up.requests)
-        assert slots <= len(up.requests) <= clients
+        await fake.wait_for(lambda: fake.active == 0, timeout=30)
+        assert all(seen.disconnected for seen in fake.requests)
+        assert slots <= len(fake.requests) <= clients
 
         # Every slot can be used again at once: 8 slow requests in flight together.
-        up.reset_records()
+        fake.reset_records()
         slow = [("X-Fake-Fault", "delay"), ("X-Fake-Fault-Seconds", "3")]
         replies = [
             asyncio.create_task(
@@ -846,7 +840,7 @@ async def test_many_disconnects_give_every_pool_slot_back(up: FakeUpstream) -> N
             )
             for _ in range(slots)
         ]
-        await up.wait_for(lambda: up.active == slots, timeout=10)
+        await fake.wait_for(lambda: fake.active == slots, timeout=10)
         assert [reply.status for reply in await asyncio.gather(*replies)] == [200] * slots
         # And the pool keeps serving.
         quick = await asyncio.gather(
@@ -859,22 +853,22 @@ async def test_many_disconnects_give_every_pool_slot_back(up: FakeUpstream) -> N
 
 
 async def test_disconnect_mid_upload_does_not_corrupt_the_next_requests(
-    up: FakeUpstream,
+    fake: FakeUpstream,
 ) -> None:
     # One upstream connection: whatever the aborted upload left behind, the
     # following requests would have to use the same pool slot.
     env = {**CLIENT_ENV, "GATEWAY_UPSTREAM_MAX_CONNECTIONS": "1"}
     declared = 4 * MIB
-    async with GatewayProcess(up.url, env=env) as gw:
+    async with GatewayProcess(fake.url, env=env) as gw:
         for round_, leave in enumerate(["close", "abort", "close"]):
-            up.reset_records()
+            fake.reset_records()
             _, writer = await asyncio.open_connection(gw.host, gw.port)
             headers = [*AUTH.items(), ("Content-Length", str(declared))]
             writer.write(request_bytes("POST", b"/v1/chatkit/upload", headers, close=False))
             writer.write(os.urandom(declared // 2))
             await writer.drain()
-            await up.wait_for(lambda: up.count("/v1/chatkit/upload") == 1)
-            upload = up.requests[0]
+            await fake.wait_for(lambda: fake.count("/v1/chatkit/upload") == 1)
+            upload = fake.requests[0]
 
             def upload_under_way(seen: Seen = upload) -> bool:
                 return seen.body_bytes > 0
@@ -886,7 +880,7 @@ async def test_disconnect_mid_upload_does_not_corrupt_the_next_requests(
                 writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
-            await up.wait_for(lambda: up.active == 0, timeout=10)
+            await fake.wait_for(lambda: fake.active == 0, timeout=10)
             assert not upload.completed
             assert upload.body_bytes < declared
 
@@ -899,7 +893,7 @@ async def test_disconnect_mid_upload_does_not_corrupt_the_next_requests(
                 echo = reply.json()
                 assert echo["path"] == target.decode()
                 assert echo["body_sha256"] == sha256(body)
-            after = up.requests[1:]
+            after = fake.requests[1:]
             assert [seen.path for seen in after] == [
                 f"/v1/chatkit/after/{round_}/{i}" for i in range(3)
             ]
@@ -911,7 +905,7 @@ async def test_disconnect_mid_upload_does_not_corrupt_the_next_requests(
 
 
 async def test_official_openai_sdk_works_through_the_gateway(
-    gateway: GatewayProcess, up: FakeUpstream
+    gateway: GatewayProcess, fake: FakeUpstream
 ) -> None:
     async with AsyncOpenAI(
         base_url=f"{gateway.url}/v1", api_key="sk-test", max_retries=0
@@ -930,16 +924,16 @@ async def test_official_openai_sdk_works_through_the_gateway(
         assert every == ["cthr_seed2", "cthr_seed1", "cthr_seed0"]
         thread = await client.beta.chatkit.threads.retrieve("cthr_seed1")
         assert thread.id == "cthr_seed1"
-    created = only(up.requests[:1])
+    created = only(fake.requests[:1])
     assert created.path == "/v1/chatkit/sessions"
     assert created.header("OpenAI-Beta") == "chatkit_beta=v1"
-    assert up.sessions[session.id]["client_secret"] == session.client_secret
+    assert fake.sessions[session.id]["client_secret"] == session.client_secret
 
 
 async def test_sigterm_lets_a_stream_finish_and_exits_zero(
-    up: FakeUpstream, http: aiohttp.ClientSession
+    fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
-    gw = GatewayProcess(up.url, env=CLIENT_ENV)
+    gw = GatewayProcess(fake.url, env=CLIENT_ENV)
     await gw.astart()
     try:
         url = f"{gw.url}/v1/chatkit/conversation?events=4&interval=0.3"

@@ -149,8 +149,21 @@ class Store(abc.ABC):
         """Those of ``secret_hashes`` that are revoked."""
 
     @abc.abstractmethod
+    async def now(self) -> float:
+        """The store's clock in unix seconds: the one every replica's decisions use.
+
+        Anything that must hold across replicas (an issued session's expiry)
+        is computed from it, never from one replica's own clock.
+        """
+
+    @abc.abstractmethod
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers."""
+
+    @property
+    def full(self) -> bool:
+        """True while the store refuses writes for lack of memory (Redis maxmemory)."""
+        return False
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

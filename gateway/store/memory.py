@@ -253,7 +253,7 @@ class MemoryStore(Store):
     async def revoked_among(self, secret_hashes: Collection[str]) -> set[str]:
         return {h for h in secret_hashes if self._get(self._revoked, h) is not None}
 
-    async def revocations(self) -> AsyncIterator[str]:
+    async def revocations(self) -> AsyncIterator[str | None]:
         queue: asyncio.Queue[str] = asyncio.Queue()
         self._listeners.add(queue)
         try:
@@ -264,6 +264,9 @@ class MemoryStore(Store):
 
     async def ping(self) -> None:
         return None
+
+    async def now(self) -> float:
+        return self._clock()
 
     def _sweep(self) -> None:
         """Drop expired entries now and then, so memory stays bounded."""

@@ -1,3 +1,9 @@
+#!lua
+-- The shebang (no allow-oom flag) makes a full Redis refuse this script
+-- before it runs: under maxmemory with noeviction an admission must not
+-- write (its first write is not deny-OOM otherwise), so room stays for
+-- revocations, which may always write.
+--
 -- Admission for one request, atomically: revocation, session, expiry, and the
 -- exact sliding windows (session, then optional user).
 --
@@ -10,6 +16,11 @@
 -- ARGV[4] per-user limit, "0" for none
 -- ARGV[5] user window key prefix; the user hash and "}:w" complete it
 --         (standalone Redis only: the key lives in another slot)
+-- ARGV[6] deadline, µs of Redis TIME, "0" for none: the gateway answers 503
+--         when Redis takes longer, so a script that runs later (a paused
+--         server runs what its socket holds when it resumes) must not count
+-- ARGV[7] this admission's window member, unique, chosen by the gateway so
+--         it can remove the member if it answered 503 anyway (void.lua)
 --
 -- Returns {outcome, s_limit, s_remaining, s_wait_ms, s_reset_ms,
 --          u_limit, u_remaining, u_wait_ms, u_reset_ms,
@@ -26,6 +37,10 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local window = tonumber(ARGV[1])
+local deadline = tonumber(ARGV[6])
+if deadline > 0 and now > deadline then
+  return redis.error_reply('LATE the admission reached Redis after its deadline')
+end
 
 if redis.call('EXISTS', KEYS[3]) == 1 then
   return {3}
@@ -74,14 +89,14 @@ if user_limit > 0 and s[3] then
   end
 end
 
--- Admit. Two admissions in one µs see different counts, so members are unique.
+-- Admit.
 local ttl = ms(window) + 1000
-redis.call('ZADD', KEYS[2], now, now .. '-' .. count)
+redis.call('ZADD', KEYS[2], now, ARGV[7])
 redis.call('PEXPIRE', KEYS[2], ttl)
 if count == 0 then wait = window end
 local reply = {0, limit, limit - count - 1, ms(wait), ms(window), 0, 0, 0, 0}
 if ukey then
-  redis.call('ZADD', ukey, now, now .. '-' .. ucount)
+  redis.call('ZADD', ukey, now, ARGV[7])
   redis.call('PEXPIRE', ukey, ttl)
   if ucount == 0 then uwait = window end
   reply[6], reply[7], reply[8], reply[9] =

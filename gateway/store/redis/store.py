@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine
+from importlib import resources
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
@@ -24,11 +25,15 @@ from gateway.store.base import (
     Store,
 )
 from gateway.store.redis.batcher import AdmissionBatcher
-from gateway.store.redis.client import Client, call, idempotent, text
+from gateway.store.redis.client import Availability, Client, text
 from gateway.store.redis.feed import PUBSUB_PING_SECONDS, RevocationFeed
 from gateway.store.redis.keys import KeyLayout, user_hash
 
 AUDIT_MAXLEN = 10_000
+# A revocation flag outlives even a session that has already expired by this
+# much, so a secret cancelled at the last moment is not admitted as unknown.
+MIN_REVOCATION_TTL_MS = 60_000
+_LUA = resources.files("gateway.store").joinpath("lua")
 
 
 class RedisStore(Store):
@@ -46,6 +51,7 @@ class RedisStore(Store):
         pubsub_url: str,
         ping_seconds: float = PUBSUB_PING_SECONDS,
         clock: Callable[[], float] = time.time,
+        report_availability: bool = False,
     ) -> None:
         self._client = client
         self._cluster = isinstance(client, RedisCluster)
@@ -53,12 +59,29 @@ class RedisStore(Store):
         self._window_us = window_seconds * 1_000_000
         self._retention = retention_seconds
         self._revocation_ttl = revocation_ttl_seconds
-        # The clock only sets TTLs (expiry is checked against Redis TIME).
-        self._clock = clock
+        # Accepted for parity with the embedded store, and never read: every
+        # expiry and TTL is decided by Redis TIME or an absolute expiry, so a
+        # replica whose clock is wrong cannot shorten a revocation.
+        del clock
+        #: Whether Redis answers and has room; logged on change, not per request.
+        self.availability = Availability(report=report_availability)
         self._batcher = AdmissionBatcher(
-            client, keys=self.keys, window_seconds=window_seconds, timeout=timeout
+            client,
+            keys=self.keys,
+            window_seconds=window_seconds,
+            timeout=timeout,
+            availability=self.availability,
         )
-        self._feed = RevocationFeed(pubsub_url, self.keys.channel, ping_seconds=ping_seconds)
+        # Revocations are scripts so that their TTLs come from Redis TIME and
+        # they may write when Redis is full (see the scripts' headers).
+        self._revoke_secret_script = client.register_script(
+            _LUA.joinpath("revoke_secret.lua").read_text()
+        )
+        self._revoke_id_script = client.register_script(_LUA.joinpath("revoke_id.lua").read_text())
+        self._audit_script = client.register_script(_LUA.joinpath("audit.lua").read_text())
+        self._feed = RevocationFeed(
+            pubsub_url, self.keys.channel, ping_seconds=ping_seconds, client=client
+        )
 
     # -- admission (hot path) -----------------------------------------------
 
@@ -96,20 +119,22 @@ class RedisStore(Store):
             pipe.set(hkey, record.secret_hash, pxat=keep_until_ms)
             if record.issued:
                 pipe.set(dkey, record.document, pxat=keep_until_ms)
+            # pexpireat/pxat take the session's own expiry, an absolute time:
+            # no replica clock is read.
             # Read after writing: a cancel that raced ahead wrote its flag
             # first and then looks for this mapping, so one of us sees the other.
             pipe.exists(rkey)
             return await pipe.execute()
 
-        replies = await idempotent(write)
+        replies = await self.availability.idempotent(write)
         born_revoked = bool(replies[-1])
         if born_revoked:
-            await self._revoke_hash(record.secret_hash, record.expires_at)
+            await self._revoke_secret(record.secret_hash)
         return born_revoked
 
     async def secret_hash_for(self, session_id: str) -> str | None:
         hkey = self.keys.session_id(session_id).secret_hash
-        value = await call(lambda: self._client.get(hkey))
+        value = await self.availability.call(lambda: self._client.get(hkey))
         return text(value)
 
     async def issued_session(self, session_id: str) -> IssuedSession | None:
@@ -122,7 +147,7 @@ class RedisStore(Store):
             pipe.exists(sid_rkey)
             return await pipe.execute()
 
-        document, raw_hash, sid_revoked = await call(by_id)
+        document, raw_hash, sid_revoked = await self.availability.call(by_id)
         secret_hash = text(raw_hash)
         if document is None or secret_hash is None:
             return None
@@ -135,7 +160,7 @@ class RedisStore(Store):
             pipe.exists(rkey)
             return await pipe.execute()
 
-        exp, revoked = await call(by_secret)
+        exp, revoked = await self.availability.call(by_secret)
         if exp is None:
             return None
         return IssuedSession(
@@ -147,15 +172,18 @@ class RedisStore(Store):
 
     # -- revocation -------------------------------------------------------------
 
-    async def _revoke_hash(self, secret_hash: str, expires_at: int | None) -> bool:
-        """Set the revoked flag; True if it was newly set."""
-        rkey = self.keys.secret(secret_hash).revoked
-        if expires_at is not None:
-            ttl_ms = max(int((expires_at + self._retention - self._clock()) * 1000), 60_000)
-        else:
-            ttl_ms = self._revocation_ttl * 1000
-        created = await idempotent(lambda: self._client.set(rkey, 1, px=ttl_ms, nx=True))
-        return bool(created)
+    async def _revoke_secret(self, secret_hash: str) -> tuple[bool, str | None, int | None]:
+        """Set a secret's revoked flag: (newly set, its session id, its expiry)."""
+        keys = self.keys.secret(secret_hash)
+
+        async def run() -> Any:
+            return await self._revoke_secret_script(
+                keys=[keys.session, keys.revoked],
+                args=[self._retention, self._revocation_ttl * 1000, MIN_REVOCATION_TTL_MS],
+            )
+
+        created, sid, exp = await self.availability.idempotent(run, proves_room=False)
+        return bool(created), text(sid), int(exp) if exp is not None else None
 
     async def revoke(
         self,
@@ -165,25 +193,26 @@ class RedisStore(Store):
         reason: str,
         replica: str,
     ) -> RevokeResult:
-        expires_at: int | None = None
         already = True
         registered = False
         if session_id is not None:
-            rkey = self.keys.session_id(session_id).revoked
-            flag_set = await idempotent(
-                lambda: self._client.set(rkey, 1, ex=self._revocation_ttl, nx=True)
-            )
+            id_keys = self.keys.session_id(session_id)
+
+            async def revoke_id() -> Any:
+                return await self._revoke_id_script(
+                    keys=[id_keys.revoked, id_keys.secret_hash], args=[self._revocation_ttl]
+                )
+
+            flag_set, mapped = await self.availability.idempotent(revoke_id, proves_room=False)
             already = not flag_set
             if secret_hash is None:
-                secret_hash = await self.secret_hash_for(session_id)
+                secret_hash = text(mapped)
         if secret_hash is not None:
-            skey = self.keys.secret(secret_hash).session
-            sid, exp = await call(lambda: self._client.hmget(skey, ["sid", "exp"]))
+            created, sid, expires_at = await self._revoke_secret(secret_hash)
             if session_id is None:
-                session_id = text(sid)
-            expires_at = int(exp) if exp is not None else None
-            registered = exp is not None
-            already = not await self._revoke_hash(secret_hash, expires_at) and already
+                session_id = sid
+            registered = expires_at is not None
+            already = not created and already
         await self._announce(secret_hash, session_id, reason, replica)
         return RevokeResult(secret_hash, session_id, already, registered)
 
@@ -195,47 +224,49 @@ class RedisStore(Store):
             "secret_hash_prefix": (secret_hash or "")[:12],
             "reason": reason,
             "replica": replica,
-            "at": f"{self._clock():.3f}",
         }
-        audit = self.keys.audit
+        args: list[Any] = [AUDIT_MAXLEN, self._revocation_ttl]
+        for name, value in fields.items():
+            args += [name, value]
 
         async def append() -> Any:
             # Capped by length, and given a TTL like every other key: an idle
             # gateway's audit log ends with the last revocation it records.
-            pipe = self._client.pipeline(transaction=False)
-            pipe.xadd(audit, fields, maxlen=AUDIT_MAXLEN, approximate=True)  # type: ignore[arg-type]
-            pipe.expire(audit, self._revocation_ttl)
-            return await pipe.execute()
+            return await self._audit_script(keys=[self.keys.audit], args=args)
 
-        await idempotent(append)
+        await self.availability.idempotent(append, proves_room=False)
         if secret_hash is not None:
-            await idempotent(lambda: self._client.publish(self.keys.channel, secret_hash))
+            await self.availability.idempotent(
+                lambda: self._client.publish(self.keys.channel, secret_hash), proves_room=False
+            )
 
     # -- operator reads -----------------------------------------------------------
 
     async def lookup(self, session_id: str) -> SessionInfo | None:
         rkey = self.keys.session_id(session_id).revoked
         secret_hash = await self.secret_hash_for(session_id)
-        sid_revoked = bool(await call(lambda: self._client.exists(rkey)))
+        sid_revoked = bool(await self.availability.call(lambda: self._client.exists(rkey)))
         if secret_hash is None:
             if not sid_revoked:
                 return None
             return SessionInfo(session_id, "revoked", None, None, None, None, None)
         skey, wkey, revkey = self.keys.secret(secret_hash)
+        seconds, micros = await self.availability.call(lambda: self._client.time())
+        now_us = seconds * 1_000_000 + micros
 
         async def read() -> list[Any]:
             pipe = self._client.pipeline(transaction=False)
             pipe.hmget(skey, ["user", "exp", "lim"])
             pipe.exists(revkey)
-            pipe.zcount(wkey, f"({(self._clock() * 1_000_000) - self._window_us:.0f}", "+inf")
+            pipe.zcount(wkey, f"({now_us - self._window_us}", "+inf")
             return await pipe.execute()
 
-        (user, exp, lim), revoked, used = await call(read)
+        (user, exp, lim), revoked, used = await self.availability.call(read)
         expires_at = int(exp) if exp is not None else None
         limit = int(lim) if lim is not None else None
         if revoked or sid_revoked:
             status = "revoked"
-        elif expires_at is not None and expires_at <= self._clock():
+        elif expires_at is not None and expires_at * 1_000_000 <= now_us:
             status = "expired"
         else:
             status = "active"
@@ -256,7 +287,7 @@ class RedisStore(Store):
         async def read() -> Any:
             return await self._client.xrevrange(self.keys.audit, count=count)
 
-        rows = await call(read) or []
+        rows = await self.availability.call(read) or []
         entries = []
         for entry_id, fields in reversed(rows):
             values = {text(k): text(v) or "" for k, v in (fields or {}).items()}
@@ -267,7 +298,7 @@ class RedisStore(Store):
                     secret_hash_prefix=values.get("secret_hash_prefix") or None,
                     reason=values.get("reason") or "",
                     replica=values.get("replica") or "",
-                    at=float(values.get("at") or "0"),
+                    at=_entry_time(values.get("at"), text(entry_id) or "0"),
                 )
             )
         return entries
@@ -283,15 +314,31 @@ class RedisStore(Store):
                 pipe.exists(self.keys.secret(secret_hash).revoked)
             return await pipe.execute()
 
-        flags = await call(read)
+        flags = await self.availability.call(read)
         return {h for h, flag in zip(hashes, flags, strict=True) if flag}
 
     def revocations(self) -> AsyncIterator[str | None]:
         return self._feed.messages()
 
+    @property
+    def full(self) -> bool:
+        return self.availability.full
+
     async def ping(self) -> None:
-        await call(lambda: self._client.ping())
+        await self.availability.call(lambda: self._client.ping())
+
+    async def now(self) -> float:
+        seconds, micros = await self.availability.call(lambda: self._client.time())
+        return int(seconds) + int(micros) / 1_000_000
 
     async def close(self) -> None:
         await self._batcher.close()
         await self._client.aclose()
+
+
+def _entry_time(written: str | None, entry_id: str) -> float:
+    """An audit entry's time: its id is Redis's clock in ms (older entries
+    carry the writing replica's clock in an ``at`` field)."""
+    if written:
+        return float(written)
+    return int(entry_id.split("-", 1)[0]) / 1000
