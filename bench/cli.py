@@ -1,47 +1,40 @@
-"""Throughput and latency of the gateway next to its upstream and nginx, in one run.
+"""The gateway's performance targets, each against its baseline, in one run.
 
 Run it as ``scripts/bench`` (it needs the project's venv). It starts every
-process itself on free 127.0.0.1 ports, drives each target with wrk using the
-same parameters, and prints one table:
+process itself on free 127.0.0.1 ports and drives them with wrk (64
+connections unless ``--connections``) and, for streams, ``bench/sse.py``:
 
-1. ``upstream direct``: the fake ChatKit API (``tests/fake_upstream.py``);
-2. ``nginx``: ``proxy_pass`` to that fake, with upstream keepalive;
-3. ``gateway pass-through``: ``GET /v1/chatkit/threads``, a server route with
-   no admission decision;
-4. ``gateway client (embedded)``: ``POST /v1/chatkit/conversation`` with a
-   client secret, decided by the in-process store;
-5. ``gateway client (redis)``: the same, decided by a private redis-server;
-6. ``gateway client GET (redis)``: a body-less ``GET`` on the client route,
-   which splits the cost of 5 into the decision and the request body.
+- ``upstream direct``, ``nginx proxy_pass``: the fake ChatKit API alone and
+  behind nginx, for scale;
+- ``minimal proxy``: the ~40-line raw-ASGI + aiohttp proxy of
+  ``bench/clients.py``, the baseline of the throughput, latency and memory
+  targets;
+- ``gateway pass-through`` (no decision), ``gateway client (redis)`` (a small
+  JSON POST decided in Redis), ``gateway client GET (redis)``, ``gateway
+  client (embedded)``, ``gateway issued session`` (issuer mode: ``POST
+  /chatkit`` with a secret the gateway minted, identity headers added);
+- ``... c1``: the same POST over one connection (added latency, pauses);
+- ``gateway 401 unknown secret``, ``gateway 429 over limit``: floods of
+  rejections, and ``gateway client under 401 flood``: admitted traffic
+  measured while a second wrk floods 401s;
+- ``gateway 1 worker`` / ``2 workers``: everything on both cores;
+- idle SSE streams through one worker (RSS per stream, descriptors after they
+  close) and streams at one event per second (each event's delay, direct and
+  through the gateway).
 
-Every request carries ``?bench=1``, on which the fake upstream answers any
-route with the same constant body: targets 1-3 and 6 then differ only in what
-sits in front of the fake, and 4-5 add a small JSON body. The client secret
-comes from a session created through the gateway under test with a limit so
-large that nothing is ever rejected. Targets 3, 5 and 6 run on one gateway
-process, in alternating rounds (``--rounds``). The admission budget (at least
-0.9x the pass-through throughput, p99 within 1.2x) is checked on 6 against 3:
-the same GET with the same upstream answer, where the only difference is the
-admission decision. With several rounds each row is the round with the
-median throughput.
+Behind every proxy, nginx answers ``?bench=1`` with the fake upstream's
+constant body and passes the rest (session creates) to the fake, so every
+row gets the same answer and the load core does not saturate first. The
+system under test runs on ``--sut-cpus`` (CPU 0); wrk, the upstreams and
+redis-server on ``--load-cpus`` (CPU 1). With ``--rounds`` the gateway's rows
+alternate within each round and each row is the round with the median
+throughput. The report ends with every target, its ratio and PASS or MISS.
 
-The machine has two cores, so processes are pinned: whatever is being measured
-(the gateway, nginx, or the fake upstream in target 1, a separate instance)
-runs on ``--sut-cpus`` (CPU 0); wrk, the fake upstream behind the proxies and
-redis-server share ``--load-cpus`` (CPU 1). The CPU table says how busy each
-side was, so a load side that saturated first is visible rather than silent.
-
-For target 5 the Redis ``INFO commandstats`` delta over the measured run is
-divided by the requests wrk reports: EVALSHA per request, and client commands
-per request (EVALSHA plus any command that ``admit.lua`` itself does not issue;
-commands run inside the script are counted by Redis too, so they are shown
-apart).
-
-Temporary files (logs, nginx.conf, wrk scripts) live in a directory under
+Temporary files (logs, configs, wrk scripts) live in a directory under
 $TMPDIR, removed at the end unless ``--keep-temp``. Exit status: 0 success,
 1 wrk is missing or a process or target failed, 2 bad arguments, 3 some request
-was answered with a status >= 400 or failed on the socket (the figures are then
-not comparable). Runs disturbed by other work on the machine are flagged.
+was answered unexpectedly or failed on the socket (the figures are then not
+comparable). Runs disturbed by other work on the machine are flagged.
 """
 
 from __future__ import annotations
@@ -59,7 +52,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench import BenchError
-from bench.report import report
+from bench.report import markdown, report
 from bench.targets import INSTALL_HINT, PARTS, Bench
 from bench.wrk import add_load_arguments, resolve_durations
 from tests.processes import REPO_ROOT, find_tool
@@ -108,6 +101,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only",
         default=None,
         help=f"comma-separated parts to run, of: {', '.join(PARTS)} (default: all)",
+    )
+    parser.add_argument(
+        "--markdown", type=Path, metavar="PATH", help="also write the README's tables here"
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--keep-temp", action="store_true", help="keep logs and configs")
@@ -198,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     data, status = report(bench, layout)
     load_end = os.getloadavg()[0]
     print(f"\nload average {load_end:.2f} at end")
+    if args.markdown is not None:
+        args.markdown.write_text(markdown(bench, data))
+        print(f"tables written to {args.markdown}")
     if args.json is not None:
         data["loadavg"] = {"start": load_start, "end": load_end}
         data["revision"] = git_revision()

@@ -402,3 +402,29 @@ def print_targets(bench: Bench, medians: dict[str, Run]) -> dict[str, Any]:
         t.label: {"value": t.value, "goal": t.goal, "verdict": t.verdict, "measured": t.measured}
         for t in found
     }
+
+
+def markdown(bench: Bench, data: dict[str, Any]) -> str:
+    """The README's tables, from one run's figures."""
+    lines = [
+        "| target | req/s | p50 ms | p99 ms | SUT CPU µs/request |",
+        "|---|---|---|---|---|",
+    ]
+    for outcome in bench.outcomes:
+        run = outcome.median
+        if not outcome.wrk_row or run is None:
+            continue
+        r = run.result
+        lines.append(
+            f"| {outcome.name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
+            f"| {run.cpu_percent['sut_us_per_request']:,.0f} |"
+        )
+    lines += ["", "| target | measured | goal | verdict | figures |", "|---|---|---|---|---|"]
+    for label, t in data.get("targets_met", {}).items():
+        value = f"{t['value']:.2f}" if t["value"] is not None else "-"
+        lines.append(f"| {label} | {value} | {t['goal']} | {t['verdict']} | {t['measured']} |")
+    costs = data.get("import_rss")
+    if costs:
+        lines += ["", "| idle RSS, by what is imported | MB |", "|---|---|"]
+        lines += [f"| {label} | {size / 2**20:.1f} |" for label, size in costs.items()]
+    return "\n".join(lines) + "\n"
