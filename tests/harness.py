@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
-import os
 import shutil
 import signal
 import subprocess
@@ -31,8 +29,10 @@ import redis.asyncio.cluster
 from tests.processes import (
     POLL_SECONDS,
     REPO_ROOT,
+    ServerProcess,
     free_port,
     gateway_env,
+    raw_http,
     terminate,
     wait_until,
 )
@@ -334,13 +334,15 @@ class RedisCluster:
         self.stop()
 
 
-class GatewayProcess:
+class GatewayProcess(ServerProcess):
     """The gateway as a subprocess (``python -m gateway serve``), ready on return.
 
     Use ``with`` from synchronous code and ``async with`` from a test whose event
     loop also runs the fake upstream: the async variants never block that loop,
     so the upstream keeps answering while the gateway starts and drains.
     """
+
+    name = "the gateway"
 
     def __init__(
         self,
@@ -352,140 +354,19 @@ class GatewayProcess:
         command: Sequence[str] | None = None,
         startup_timeout: float = 20.0,
     ) -> None:
-        self.host = "127.0.0.1"
-        self.port = port or free_port()
-        self.startup_timeout = startup_timeout
+        port = port or free_port()
         # ``{port}`` in a custom command is replaced, for stand-ins in harness tests.
         argv = command or [sys.executable, "-m", "gateway", "serve"]
-        self._argv = [arg.replace("{port}", str(self.port)) for arg in argv]
-        self._env = gateway_env(upstream_url, port=self.port, redis_url=redis_url, extra=env)
-        self._log: IO[bytes] | None = None
-        self._final_output: str | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        super().__init__(
+            [arg.replace("{port}", str(port)) for arg in argv],
+            env=gateway_env(upstream_url, port=port, redis_url=redis_url, extra=env),
+            port=port,
+            startup_timeout=startup_timeout,
+        )
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def proc(self) -> subprocess.Popen[bytes]:
-        if self._proc is None:
-            raise RuntimeError("the gateway is not started: call start() or astart()")
-        return self._proc
-
-    def _spawn(self) -> None:
-        # A file, not a pipe: a chatty gateway can never block on a full pipe.
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in _reap
-        self._final_output = None
-        self._proc = subprocess.Popen(
-            self._argv, env=self._env, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT
-        )
-
-    def _check_alive(self) -> None:
-        code = self.proc.poll()
-        if code is not None:
-            output = self._reap()
-            raise RuntimeError(
-                f"gateway exited with code {code} before /healthz answered 200.\n"
-                f"command: {self._argv}\n--- output ---\n{output}"
-            )
-
-    def _healthy(self) -> bool:
-        self._check_alive()
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=1)
-        try:
-            conn.request("GET", "/healthz")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-        finally:
-            conn.close()
-
-    async def _ahealthy(self) -> bool:
-        self._check_alive()
-        request = f"GET /healthz HTTP/1.1\r\nHost: {self.host}\r\nConnection: close\r\n\r\n"
-        try:
-            reply = await raw_http(self.host, self.port, request.encode(), timeout=1)
-        except (OSError, TimeoutError):
-            return False
-        return reply.startswith((b"HTTP/1.1 200 ", b"HTTP/1.0 200 "))
-
-    def start(self) -> Self:
-        self._spawn()
-        try:
-            wait_until(self._healthy, timeout=self.startup_timeout, what=self._describe)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    async def astart(self) -> Self:
-        self._spawn()
-        try:
-            async with asyncio.timeout(self.startup_timeout):
-                while not await self._ahealthy():  # noqa: ASYNC110 - nothing to await but a poll
-                    await asyncio.sleep(_POLL)
-        except TimeoutError:
-            await self.astop()
-            raise TimeoutError(f"timed out waiting for {self._describe()}") from None
-        except BaseException:
-            await self.astop()
-            raise
-        return self
-
-    def _describe(self) -> str:
-        return f"the gateway's /healthz on {self.url}\n--- output ---\n{self.output()}"
-
-    def stop(self, grace: float = 10.0) -> int:
-        """SIGTERM and wait (SIGKILL after ``grace`` seconds); returns the exit code."""
-        if self._proc is None:
-            return 0
-        code = terminate(self._proc, timeout=grace)
-        self._reap()
-        return code
-
-    async def astop(self, grace: float = 10.0) -> int:
-        """Like stop(), waiting in a thread so this event loop keeps running."""
-        if self._proc is None:
-            return 0
-        code = await asyncio.to_thread(terminate, self._proc, timeout=grace)
-        self._reap()
-        return code
-
-    def kill(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-        self._reap()
-
-    def output(self) -> str:
-        """Everything the process wrote to stdout and stderr so far."""
-        if self._final_output is not None:
-            return self._final_output
-        if self._log is None:
-            return ""
-        # pread leaves the shared file offset alone: the child keeps appending.
-        size = os.fstat(self._log.fileno()).st_size
-        return os.pread(self._log.fileno(), size, 0).decode(errors="replace")
-
-    def _reap(self) -> str:
-        if self._log is not None and (self._proc is None or self._proc.poll() is not None):
-            self._final_output = self.output()
-            self._log.close()
-            self._log = None
-        return self.output()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        return await self.astart()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.astop()
+        return self.base_url
 
 
 class Served(Protocol):
@@ -546,73 +427,3 @@ async def running(gateways: Gateways) -> AsyncIterator[Gateways]:
         yield gateways
     finally:
         await asyncio.gather(*(g.astop() for g in gateways))
-
-
-async def raw_http(
-    host: str,
-    port: int,
-    data: bytes,
-    *,
-    read_until_close: bool = True,
-    timeout: float = 5.0,  # noqa: ASYNC109 - part of the helper's contract
-) -> bytes:
-    """Write ``data`` verbatim on a fresh connection and return the raw reply.
-
-    With ``read_until_close`` false, return after one complete response
-    (Content-Length or chunked framing; interim 1xx responses are included).
-    A reset by the server ends the read; what arrived before it is returned.
-    """
-    reader, writer = await asyncio.open_connection(host, port)
-    received = bytearray()
-    try:
-        async with asyncio.timeout(timeout):
-            with contextlib.suppress(ConnectionError):
-                # The server may answer and close before it has read everything.
-                writer.write(data)
-                await writer.drain()
-            try:
-                if read_until_close:
-                    while chunk := await reader.read(65536):
-                        received += chunk
-                else:
-                    await _read_response(reader, received)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    return bytes(received)
-
-
-async def _read_response(reader: asyncio.StreamReader, out: bytearray) -> None:
-    while True:
-        head = await reader.readuntil(b"\r\n\r\n")
-        out += head
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        if status >= 200 or status == 101:
-            break
-    fields = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        fields[name.strip().lower()] = value.strip()
-    if status in (204, 304) or status < 200:
-        return
-    if "chunked" in fields.get("transfer-encoding", "").lower():
-        while True:
-            size_line = await reader.readuntil(b"\r\n")
-            out += size_line
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                # Trailer section, ended by an empty line.
-                while (trailer := await reader.readuntil(b"\r\n")) != b"\r\n":
-                    out += trailer
-                out += b"\r\n"
-                return
-            out += await reader.readexactly(size + 2)
-    elif "content-length" in fields:
-        out += await reader.readexactly(int(fields["content-length"]))
-    else:
-        while chunk := await reader.read(65536):
-            out += chunk
