@@ -17,11 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol, Self, TypeVar
 
 import aiohttp
+import openai
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
@@ -43,11 +44,13 @@ __all__ = [
     "GatewayProcess",
     "RedisCluster",
     "RedisServer",
+    "assert_never_logged",
     "converse",
     "create_session",
     "eventually",
     "free_port",
     "gateway_env",
+    "openai_sdk",
     "raw_http",
     "redis_key_contents",
     "running",
@@ -413,17 +416,38 @@ async def create_session(
     return session
 
 
-Gateways = TypeVar("Gateways", bound=Sequence["GatewayProcess"])
+Processes = TypeVar("Processes", bound=Sequence[ServerProcess])
 
 
 @contextlib.asynccontextmanager
-async def running(gateways: Gateways) -> AsyncIterator[Gateways]:
-    """Start gateways in parallel; stop every one that started, whatever happens."""
-    results = await asyncio.gather(*(g.astart() for g in gateways), return_exceptions=True)
+async def running(processes: Processes) -> AsyncIterator[Processes]:
+    """Start servers (gateways, ChatKit servers) in parallel; stop every one, whatever happens."""
+    results = await asyncio.gather(*(p.astart() for p in processes), return_exceptions=True)
     try:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        yield gateways
+        yield processes
     finally:
-        await asyncio.gather(*(g.astop() for g in gateways))
+        await asyncio.gather(*(p.astop() for p in processes))
+
+
+def openai_sdk(gateway: Served, api_key: str, **options: Any) -> openai.AsyncOpenAI:
+    """The official SDK as server code uses it, pointed at ``gateway``.
+
+    No retries unless ``options`` ask for them, so one call is one request.
+    Use it as ``async with openai_sdk(...) as client``.
+    """
+    settings: dict[str, Any] = {"max_retries": 0, "timeout": 30, **options}
+    return openai.AsyncOpenAI(api_key=api_key, base_url=f"{gateway.url}/v1", **settings)
+
+
+def assert_never_logged(
+    processes: Iterable[ServerProcess], secrets: Iterable[str], what: str = "a secret"
+) -> None:
+    """None of ``secrets`` is in any process's output so far (the secret is not shown)."""
+    secrets = list(secrets)
+    for process in processes:
+        output = process.output()
+        leaked = sum(secret in output for secret in secrets)
+        assert not leaked, f"{what} in the log of {process.name} on {process.base_url}"

@@ -9,7 +9,6 @@ which requests reached it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -18,13 +17,20 @@ import aiohttp
 import openai
 import pytest
 import pytest_asyncio
-from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth import SecretHasher
 from tests import fake_upstream
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer, converse, eventually, running
+from tests.harness import (
+    GatewayProcess,
+    RedisServer,
+    assert_never_logged,
+    converse,
+    eventually,
+    openai_sdk,
+    running,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -62,12 +68,6 @@ async def replicas(
         yield started
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 @pytest.fixture(autouse=True)
 def fresh(
     aof_redis: RedisServer, fake: FakeUpstream, replicas: tuple[GatewayProcess, GatewayProcess]
@@ -81,26 +81,15 @@ def fresh(
     yield
     aof_redis.ensure_running()
     issued = [session["client_secret"] for session in fake.sessions.values()]
-    for gateway in replicas:
-        output = gateway.output()
-        assert not [s for s in issued if s in output], f"a client secret in {gateway.url}'s log"
+    assert_never_logged(replicas, issued, "a client secret")
 
 
 # -- helpers --------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def sdk(gateway: GatewayProcess) -> AsyncIterator[AsyncOpenAI]:
-    """The official SDK pointed at one replica; no retries, so every call is one request."""
-    async with AsyncOpenAI(
-        api_key=API_KEY, base_url=f"{gateway.url}/v1", max_retries=0, timeout=30
-    ) as client:
-        yield client
-
-
 async def create_session(gateway: GatewayProcess, **extra: Any) -> tuple[str, str, int]:
     """(session id, client secret, expires_at) of a session created through ``gateway``."""
-    async with sdk(gateway) as client:
+    async with openai_sdk(gateway, API_KEY) as client:
         session = await client.beta.chatkit.sessions.create(
             user="user_cancel", workflow={"id": "wf_cancel"}, **extra
         )
@@ -176,7 +165,7 @@ async def test_cancel_through_one_replica_revokes_the_secret_on_every_replica(
     assert await converse(http, a, secret) == (200, None)
     assert await converse(http, b, secret) == (200, None)
 
-    async with sdk(b) as client:
+    async with openai_sdk(b, API_KEY) as client:
         raw = await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
     cancelled = raw.parse()
 
@@ -222,7 +211,7 @@ async def test_failed_cancel_leaves_the_secret_admitted(
     session_id, secret, _ = await create_session(a)
     fake.inject(fault, path_prefix=cancel_path(session_id), **params)
 
-    async with sdk(b) as client:
+    async with openai_sdk(b, API_KEY) as client:
         with pytest.raises(error) as raised:
             await client.beta.chatkit.sessions.cancel(session_id)
 
@@ -247,7 +236,7 @@ async def test_a_cancel_the_sdk_retries_after_an_upstream_failure_revokes_once_i
         headers={"retry-after-ms": "10"},  # retry at once rather than after ~0.5 s
     )
 
-    async with AsyncOpenAI(api_key=API_KEY, base_url=f"{b.url}/v1", max_retries=2) as client:
+    async with openai_sdk(b, API_KEY, max_retries=2) as client:
         cancelled = await client.beta.chatkit.sessions.cancel(session_id)
 
     assert cancelled.status == "cancelled"
@@ -278,7 +267,7 @@ async def test_cancelling_an_unseen_session_is_recorded_and_a_late_registration_
         http, b, "chatkit_gateway_revocations_total", source="cancel", known="false"
     )
 
-    async with sdk(b) as client:
+    async with openai_sdk(b, API_KEY) as client:
         raw = await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
 
     assert raw.status_code == 200
@@ -315,7 +304,7 @@ async def test_repeated_and_concurrent_cancels_are_harmless(
     assert await converse(http, b, secret) == (200, None)
 
     async def cancel(gateway: GatewayProcess) -> tuple[int, str, str]:
-        async with sdk(gateway) as client:
+        async with openai_sdk(gateway, API_KEY) as client:
             raw = await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
         return raw.status_code, raw.parse().status, raw.headers["x-chatkit-gateway-revocation"]
 
@@ -340,7 +329,7 @@ async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
     session_id, secret, expires_at = await create_session(
         a, expires_after={"anchor": "created_at", "seconds": 300}
     )
-    async with sdk(b) as client:
+    async with openai_sdk(b, API_KEY) as client:
         await client.beta.chatkit.sessions.cancel(session_id)
     exists, ttl = await redis_flag(aof_redis, secret_key(secret))
     expected = expires_at + RETENTION - time.time()
@@ -354,7 +343,7 @@ async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
         headers={"Authorization": f"Bearer {API_KEY}"},
     ) as response:
         unseen_id = (await response.json())["id"]
-    async with sdk(b) as client:
+    async with openai_sdk(b, API_KEY) as client:
         await client.beta.chatkit.sessions.cancel(unseen_id)
     exists, ttl = await redis_flag(aof_redis, session_key(unseen_id))
     assert exists
@@ -385,7 +374,7 @@ async def test_a_revocation_the_store_missed_is_enforced_at_once_and_stored_late
     fake.inject("delay", path_prefix=cancel_path(session_id), seconds=1.0)
 
     async def cancel_through_a() -> Any:
-        async with sdk(a) as client:
+        async with openai_sdk(a, API_KEY) as client:
             return await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
 
     cancelling = asyncio.create_task(cancel_through_a())
@@ -448,7 +437,7 @@ async def test_a_cancel_while_redis_is_down_is_enforced_by_the_replica_that_saw_
     fake.cancel_shape = "stale"
     session_id, secret, _ = await create_session(a)
     aof_redis.pause()
-    async with sdk(a) as client:
+    async with openai_sdk(a, API_KEY) as client:
         raw = await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
     assert raw.status_code == 200
     assert raw.headers["x-chatkit-gateway-revocation"] == "pending"
@@ -504,7 +493,7 @@ async def test_open_streams_close_on_every_replica_within_two_seconds_of_a_cance
     streams = [await open_stream(http, a, secret), await open_stream(http, b, secret)]
     readers = [asyncio.create_task(until_closed(r)) for r in streams]
 
-    async with sdk(b) as client:
+    async with openai_sdk(b, API_KEY) as client:
         await client.beta.chatkit.sessions.cancel(session_id)
     cancelled_at = time.monotonic()
     async with asyncio.timeout(15):
@@ -528,7 +517,7 @@ async def test_a_request_waiting_for_the_upstream_is_refused_when_its_secret_is_
     fake.inject("delay", path_prefix=CONVERSATION, seconds=10.0)
     waiting = asyncio.create_task(converse(http, a, secret))
     await fake.wait_for(lambda: fake.active >= 1, timeout=10)
-    async with sdk(b) as client:
+    async with openai_sdk(b, API_KEY) as client:
         await client.beta.chatkit.sessions.cancel(session_id)
     cancelled_at = time.monotonic()
     async with asyncio.timeout(15):

@@ -18,10 +18,15 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from openai import AsyncOpenAI
 
 from tests.chatkit_server import ChatKitServerProcess, sse_events, threads_create_body
-from tests.harness import GatewayProcess, RedisServer
+from tests.harness import (
+    GatewayProcess,
+    RedisServer,
+    assert_never_logged,
+    openai_sdk,
+    running,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -29,27 +34,17 @@ API_KEY = "ckgk_chatkit-issuer-test-0123456789"
 SIGNING_KEY = "chatkit-issuer-test-signing-key-0123456789"
 
 
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def servers() -> AsyncIterator[tuple[ChatKitServerProcess, ChatKitServerProcess]]:
     a = ChatKitServerProcess(signing_key=SIGNING_KEY, workflow_ids=["wf_a"])
     b = ChatKitServerProcess(signing_key=SIGNING_KEY, workflow_ids=["wf_b"])
-    await asyncio.gather(a.astart(), b.astart())
-    try:
-        yield a, b
-    finally:
-        a.stop()
-        b.stop()
+    async with running((a, b)) as started:
+        yield started
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def replicas(
-    redis: RedisServer, servers: tuple[ChatKitServerProcess, ChatKitServerProcess]
+    module_redis: RedisServer, servers: tuple[ChatKitServerProcess, ChatKitServerProcess]
 ) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
     env = {
         "GATEWAY_WORKFLOWS": json.dumps(
@@ -58,19 +53,10 @@ async def replicas(
         "GATEWAY_ISSUER_API_KEYS": API_KEY,
         "GATEWAY_IDENTITY_SIGNING_KEY": SIGNING_KEY,
     }
-    a = GatewayProcess("none", redis_url=redis.url, env=env)
-    b = GatewayProcess("none", redis_url=redis.url, env=env)
-    await asyncio.gather(a.astart(), b.astart())
-    try:
-        yield a, b
-    finally:
-        await asyncio.gather(a.astop(), b.astop())
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+    a = GatewayProcess("none", redis_url=module_redis.url, env=env)
+    b = GatewayProcess("none", redis_url=module_redis.url, env=env)
+    async with running((a, b)) as started:
+        yield started
 
 
 @pytest.fixture(autouse=True)
@@ -79,10 +65,8 @@ def no_secret_in_any_log(
     replicas: tuple[GatewayProcess, GatewayProcess],
 ) -> Iterator[None]:
     yield
-    for process in (*servers, *replicas):
-        output = process.output()
-        assert API_KEY not in output
-        assert not [s for s in SECRETS if s in output], "a client secret in a log"
+    assert_never_logged((*servers, *replicas), [API_KEY], "the issuer API key")
+    assert_never_logged((*servers, *replicas), SECRETS, "a client secret")
 
 
 SECRETS: list[str] = []
@@ -90,14 +74,14 @@ SECRETS: list[str] = []
 
 async def create(gateway: GatewayProcess, **kwargs: Any) -> Any:
     params: dict[str, Any] = {"user": "alice", "workflow": {"id": "wf_a"}, **kwargs}
-    async with AsyncOpenAI(api_key=API_KEY, base_url=f"{gateway.url}/v1", max_retries=0) as client:
+    async with openai_sdk(gateway, API_KEY) as client:
         session = await client.beta.chatkit.sessions.create(**params)
     SECRETS.append(session.client_secret)
     return session
 
 
 async def cancel(gateway: GatewayProcess, session_id: str) -> Any:
-    async with AsyncOpenAI(api_key=API_KEY, base_url=f"{gateway.url}/v1", max_retries=0) as client:
+    async with openai_sdk(gateway, API_KEY) as client:
         return await client.beta.chatkit.sessions.cancel(session_id)
 
 
