@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -16,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.errors import ConfigError
 from gateway.settings import load_settings
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, free_port
+from tests.harness import GatewayProcess, eventually, free_port
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 API_KEY = {"Authorization": "Bearer sk-test"}
@@ -38,13 +36,6 @@ async def scrape(http: aiohttp.ClientSession, url: str) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
-
-
-async def poll(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def test_requests_are_timed_by_kind_and_status_class_without_created_series(
@@ -178,7 +169,7 @@ async def test_with_two_workers_every_scrape_sees_the_sum(
             served = per_worker_requests(directory)
             return len(served) == 2 and all(n > 0 for n in served.values())
 
-        await poll(both_workers_served, "both workers to serve requests")
+        await eventually(both_workers_served, timeout=10, what="both workers to serve requests")
         seen = [
             value(await scrape(http, gateway.url), count, kind="server", status_class="2xx")
             for _ in range(8)

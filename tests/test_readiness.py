@@ -6,7 +6,6 @@ import asyncio
 import gc
 import json
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -19,7 +18,7 @@ from gateway.settings import load_settings
 from gateway.store.memory import MemoryStore
 from gateway.types import Message
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer
+from tests.harness import GatewayProcess, RedisServer, eventually
 
 FAST_CHECKS = {"GATEWAY_STORE_CHECK_INTERVAL_SECONDS": "0.1", "GATEWAY_REDIS_TIMEOUT": "0.5"}
 
@@ -38,13 +37,6 @@ async def store_up(http: aiohttp.ClientSession, gateway: GatewayProcess) -> str:
     return line.split()[1]
 
 
-async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 async def test_ready_while_redis_hangs_or_is_down_and_the_body_says_so(
     upstream: FakeUpstream, redis_server: RedisServer
 ) -> None:
@@ -58,12 +50,14 @@ async def test_ready_while_redis_hangs_or_is_down_and_the_body_says_so(
             _, body, _ = await readyz(http, gateway)
             return bool(body["store"]["up"] is up)
 
-        await until(lambda: store_is(True), "the first store check")
+        await eventually(lambda: store_is(True), timeout=10, what="the first store check")
         assert await store_up(http, gateway) == "1.0"
 
         redis_server.pause()  # hung: the port accepts, nothing answers
         try:
-            await until(lambda: store_is(False), "the check to notice the hung store")
+            await eventually(
+                lambda: store_is(False), timeout=10, what="the check to notice the hung store"
+            )
             status, body, seconds = await readyz(http, gateway)
             assert status == 200
             assert body["status"] == "ready"
@@ -72,16 +66,18 @@ async def test_ready_while_redis_hangs_or_is_down_and_the_body_says_so(
             assert await store_up(http, gateway) == "0.0"
         finally:
             redis_server.resume()
-        await until(lambda: store_is(True), "the store to come back")
+        await eventually(lambda: store_is(True), timeout=10, what="the store to come back")
 
         redis_server.stop()  # down: connections refused
         try:
-            await until(lambda: store_is(False), "the check to notice the stopped store")
+            await eventually(
+                lambda: store_is(False), timeout=10, what="the check to notice the stopped store"
+            )
             status, _, _ = await readyz(http, gateway)
             assert status == 200
         finally:
             redis_server.start()
-        await until(lambda: store_is(True), "the restarted store")
+        await eventually(lambda: store_is(True), timeout=10, what="the restarted store")
         assert await store_up(http, gateway) == "1.0"
         output = gateway.output()
     # Each change of state is logged once, not once per check.
@@ -103,15 +99,17 @@ async def test_readiness_follows_the_store_only_when_asked(
             status, _, _ = await readyz(http, gateway)
             return status == expected
 
-        await until(lambda: status_is(200), "ready")
+        await eventually(lambda: status_is(200), timeout=10, what="ready")
         redis_server.stop()
         try:
-            await until(lambda: status_is(503), "unready while the store is down")
+            await eventually(
+                lambda: status_is(503), timeout=10, what="unready while the store is down"
+            )
             _, body, _ = await readyz(http, gateway)
             assert body["error"]["code"] == "store_unavailable"
         finally:
             redis_server.start()
-        await until(lambda: status_is(200), "ready again")
+        await eventually(lambda: status_is(200), timeout=10, what="ready again")
 
 
 async def asgi_get(app: GatewayApp, path: str) -> tuple[int, Any]:
@@ -179,9 +177,11 @@ async def test_the_store_check_survives_its_own_bugs_and_keeps_the_gauge_current
     monitor = StoreMonitor(store, metrics=metrics, interval=0.01, timeout=1.0)
     monitor.start()
     try:
-        async with asyncio.timeout(10):
-            while store.pings < 3 or monitor.up is not True:  # noqa: ASYNC110 - a plain attribute
-                await asyncio.sleep(0.01)
+        await eventually(
+            lambda: store.pings >= 3 and monitor.up is True,
+            timeout=10,
+            what=lambda: f"3 pings and the store up; {store.pings} pings, up={monitor.up}",
+        )
     finally:
         await monitor.stop()
     assert metrics.registry.get_sample_value("chatkit_gateway_store_up") == 1

@@ -22,7 +22,7 @@ from gateway import lifecycle
 from gateway.app import GatewayApp
 from gateway.settings import load_settings
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, raw_http
+from tests.harness import GatewayProcess, eventually, raw_http
 
 GRACE = 3.0
 ENV = {
@@ -104,10 +104,12 @@ async def test_sigterm_refuses_new_connections_and_drains_a_live_stream(
 async def test_sighup_is_logged_and_ignored(upstream: FakeUpstream, workers: str) -> None:
     async with GatewayProcess(upstream.url, env={**ENV, "GATEWAY_WORKERS": workers}) as gw:
         gw.proc.send_signal(signal.SIGHUP)
-        async with asyncio.timeout(5):
-            while "SIGHUP ignored" not in gw.output():
-                assert gw.proc.poll() is None, gw.output()
-                await asyncio.sleep(0.05)
+
+        def logged() -> bool:
+            assert gw.proc.poll() is None, gw.output()
+            return "SIGHUP ignored" in gw.output()
+
+        await eventually(logged, what=gw.output)
         reply = await raw_http(gw.host, gw.port, HEALTHZ, timeout=5)
         assert reply.startswith(b"HTTP/1.1 200 "), reply
         assert gw.proc.poll() is None

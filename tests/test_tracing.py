@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import gc
 import json
-import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -23,7 +22,7 @@ from gateway.errors import ConfigError
 from gateway.settings import load_settings, otel_traces_exporter
 from gateway.tracing import Tracing, configure
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, free_port
+from tests.harness import GatewayProcess, eventually, free_port
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -164,10 +163,9 @@ async def test_standard_otel_variables_turn_spans_on_in_the_served_gateway(
             f"{gateway.url}/v1/chatkit/conversation", headers=CLIENT, json={}
         ) as response:
             assert response.status == 200
-        deadline = time.monotonic() + 10
-        while gateway.output().count(TRACE_ID) < 3:
-            assert time.monotonic() < deadline, gateway.output()
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: gateway.output().count(TRACE_ID) >= 3, timeout=10, what=gateway.output
+        )
         output = gateway.output()
     assert '"service.name": "gateway-under-test"' in output
     assert json.dumps(f"0x{CALLER_SPAN}") in output  # the request span's parent
