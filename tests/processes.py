@@ -21,7 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Self
 
@@ -338,6 +338,20 @@ class ServerProcess:
         await self.astop()
 
 
+@contextlib.asynccontextmanager
+async def connection(
+    host: str, port: int
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A fresh TCP connection, closed on exit even when the server has reset it."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
 async def raw_http(
     host: str,
     port: int,
@@ -352,27 +366,59 @@ async def raw_http(
     (Content-Length or chunked framing; interim 1xx responses are included).
     A reset by the server ends the read; what arrived before it is returned.
     """
-    reader, writer = await asyncio.open_connection(host, port)
+    reply, _ = await raw_upload(
+        host, port, data, (), read_until_close=read_until_close, timeout=timeout
+    )
+    return reply
+
+
+async def raw_upload(
+    host: str,
+    port: int,
+    head: bytes,
+    chunks: Iterable[bytes],
+    *,
+    read_until_close: bool = True,
+    timeout: float = 20.0,  # noqa: ASYNC109 - part of the helper's contract
+) -> tuple[bytes, int]:
+    """Write ``head`` then ``chunks`` on a fresh connection while reading the reply.
+
+    Reading while writing sees an answer the server sends before it has read
+    everything (a refusal of a huge head or body), and the count of chunk bytes
+    written shows how much it took in first. Returns (raw reply, bytes of
+    ``chunks`` written); the reply is read as ``raw_http`` reads it.
+    """
     received = bytearray()
-    try:
-        async with asyncio.timeout(timeout):
+    written = 0
+    async with connection(host, port) as (reader, writer):
+
+        async def send() -> None:
+            nonlocal written
+            # The server may answer and close before it has read everything.
             with contextlib.suppress(ConnectionError):
-                # The server may answer and close before it has read everything.
-                writer.write(data)
+                writer.write(head)
                 await writer.drain()
-            try:
-                if read_until_close:
-                    while chunk := await reader.read(65536):
-                        received += chunk
-                else:
-                    await _read_response(reader, received)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    return bytes(received)
+                for chunk in chunks:
+                    writer.write(chunk)
+                    await writer.drain()
+                    written += len(chunk)
+
+        sender = asyncio.create_task(send())
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    if read_until_close:
+                        while data := await reader.read(65536):
+                            received += data
+                    else:
+                        await _read_response(reader, received)
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    pass
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+    return bytes(received), written
 
 
 async def _read_response(reader: asyncio.StreamReader, out: bytearray) -> None:

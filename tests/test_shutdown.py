@@ -22,7 +22,7 @@ from gateway import lifecycle
 from gateway.app import GatewayApp
 from gateway.settings import load_settings
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, eventually, raw_http
+from tests.harness import GatewayProcess, connection, eventually, raw_http
 
 GRACE = 3.0
 ENV = {
@@ -40,16 +40,13 @@ HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
 @contextlib.asynccontextmanager
 async def live_stream(gw: GatewayProcess) -> AsyncIterator[asyncio.StreamReader]:
     """An SSE stream through the gateway, its first event already received."""
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
-    try:
+    async with connection(gw.host, gw.port) as (reader, writer):
         writer.write(STREAM)
         async with asyncio.timeout(5):
             head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200 "), head
             await reader.readuntil(b"\n\n")
         yield reader
-    finally:
-        writer.close()
 
 
 async def refused(gw: GatewayProcess) -> bool:
