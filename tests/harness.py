@@ -51,6 +51,7 @@ __all__ = [
     "converse",
     "create_session",
     "eventually",
+    "fill_redis",
     "free_port",
     "gateway_env",
     "openai_sdk",
@@ -128,6 +129,24 @@ async def redis_key_contents(client: redis.asyncio.Redis, key: bytes) -> tuple[b
     else:
         parts = [await raw.dump(key) or b""]
     return kind, b"\x00".join(parts)
+
+
+async def fill_redis(client: redis.asyncio.Redis, start: int = 0) -> int:
+    """Write ``filler:<n>`` keys until a ``maxmemory`` Redis refuses, to the last bytes.
+
+    Returns the next free filler number. Call it again before each step that
+    must find Redis full: Redis frees client buffers now and then, and a write
+    could fit the room so freed.
+    """
+    n = start
+    for size in (65536, 1024, 64):
+        while True:
+            try:
+                await client.set(f"filler:{n}", b"x" * size)
+            except redis.exceptions.OutOfMemoryError:
+                break
+            n += 1
+    return n
 
 
 async def subscribed(client: redis.asyncio.Redis, channel: str) -> bool:

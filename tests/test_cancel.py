@@ -17,6 +17,7 @@ import aiohttp
 import openai
 import pytest
 import pytest_asyncio
+from openai.types.beta.chatkit import ChatSession
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth import SecretHasher
@@ -94,6 +95,12 @@ async def create_session(gateway: GatewayProcess, **extra: Any) -> tuple[str, st
             user="user_cancel", workflow={"id": "wf_cancel"}, **extra
         )
     return session.id, session.client_secret, session.expires_at
+
+
+async def cancel(gateway: GatewayProcess, session_id: str) -> ChatSession:
+    """Cancel a session through ``gateway`` with the official SDK."""
+    async with openai_sdk(gateway, API_KEY) as client:
+        return await client.beta.chatkit.sessions.cancel(session_id)
 
 
 REVOKED = (401, "client_secret_revoked")
@@ -303,14 +310,14 @@ async def test_repeated_and_concurrent_cancels_are_harmless(
     session_id, secret, _ = await create_session(a)
     assert await converse(http, b, secret) == (200, None)
 
-    async def cancel(gateway: GatewayProcess) -> tuple[int, str, str]:
+    async def cancel_through(gateway: GatewayProcess) -> tuple[int, str, str]:
         async with openai_sdk(gateway, API_KEY) as client:
             raw = await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
         return raw.status_code, raw.parse().status, raw.headers["x-chatkit-gateway-revocation"]
 
     # Five at once, through both replicas; then once more, as an SDK retry would.
-    concurrent = await asyncio.gather(*(cancel((a, b)[i % 2]) for i in range(5)))
-    repeated = await cancel(a)
+    concurrent = await asyncio.gather(*(cancel_through((a, b)[i % 2]) for i in range(5)))
+    repeated = await cancel_through(a)
 
     assert concurrent == [(200, "cancelled", "stored")] * 5
     assert repeated == (200, "cancelled", "stored")
@@ -329,8 +336,7 @@ async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
     session_id, secret, expires_at = await create_session(
         a, expires_after={"anchor": "created_at", "seconds": 300}
     )
-    async with openai_sdk(b, API_KEY) as client:
-        await client.beta.chatkit.sessions.cancel(session_id)
+    await cancel(b, session_id)
     exists, ttl = await redis_flag(aof_redis, secret_key(secret))
     expected = expires_at + RETENTION - time.time()
     assert exists
@@ -343,8 +349,7 @@ async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
         headers={"Authorization": f"Bearer {API_KEY}"},
     ) as response:
         unseen_id = (await response.json())["id"]
-    async with openai_sdk(b, API_KEY) as client:
-        await client.beta.chatkit.sessions.cancel(unseen_id)
+    await cancel(b, unseen_id)
     exists, ttl = await redis_flag(aof_redis, session_key(unseen_id))
     assert exists
     assert REVOCATION_TTL - 30 <= ttl <= REVOCATION_TTL, ttl
@@ -493,8 +498,7 @@ async def test_open_streams_close_on_every_replica_within_two_seconds_of_a_cance
     streams = [await open_stream(http, a, secret), await open_stream(http, b, secret)]
     readers = [asyncio.create_task(until_closed(r)) for r in streams]
 
-    async with openai_sdk(b, API_KEY) as client:
-        await client.beta.chatkit.sessions.cancel(session_id)
+    await cancel(b, session_id)
     cancelled_at = time.monotonic()
     async with asyncio.timeout(15):
         results = await asyncio.gather(*readers)
@@ -517,8 +521,7 @@ async def test_a_request_waiting_for_the_upstream_is_refused_when_its_secret_is_
     fake.inject("delay", path_prefix=CONVERSATION, seconds=10.0)
     waiting = asyncio.create_task(converse(http, a, secret))
     await fake.wait_for(lambda: fake.active >= 1, timeout=10)
-    async with openai_sdk(b, API_KEY) as client:
-        await client.beta.chatkit.sessions.cancel(session_id)
+    await cancel(b, session_id)
     cancelled_at = time.monotonic()
     async with asyncio.timeout(15):
         assert await waiting == (401, "client_secret_revoked")

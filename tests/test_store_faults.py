@@ -20,7 +20,7 @@ from gateway.revocation import Revoker
 from gateway.store.base import AdmitRequest, SessionRecord
 from gateway.store.redis import RedisStore, connect
 from gateway.store.redis.client import Availability
-from tests.harness import RedisServer
+from tests.harness import RedisServer, fill_redis
 
 TWO_HOURS = 7200.0
 
@@ -99,23 +99,6 @@ async def full_redis() -> AsyncIterator[tuple[RedisServer, RedisStore]]:
             await store.close()
 
 
-async def _fill(client: redis.asyncio.Redis, start: int = 0) -> int:
-    """Write filler until Redis refuses, to the last bytes; the next free filler number.
-
-    Called again before each step that must find Redis full: Redis frees
-    client buffers now and then, and a write could fit the room so freed.
-    """
-    n = start
-    for size in (65536, 1024, 64):
-        while True:
-            try:
-                await client.set(f"filler:{n}", b"x" * size)
-            except redis.exceptions.OutOfMemoryError:
-                break
-            n += 1
-    return n
-
-
 async def test_a_full_redis_refuses_admissions_and_registrations_but_takes_revocations(
     full_redis: tuple[RedisServer, RedisStore],
 ) -> None:
@@ -127,11 +110,11 @@ async def test_a_full_redis_refuses_admissions_and_registrations_but_takes_revoc
     assert (await store.admit(_ask(known))).admitted
     probe = server.client()
     try:
-        fillers = await _fill(probe)
+        fillers = await fill_redis(probe)
 
         # Admissions fail closed, and write nothing (no window grows).
         for _ in range(50):
-            fillers = await _fill(probe, fillers)
+            fillers = await fill_redis(probe, fillers)
             with pytest.raises(StoreUnavailable, match="full"):
                 await store.admit(_ask(other))
         assert not await probe.exists(store.keys.secret(other.secret_hash).window)
@@ -139,7 +122,7 @@ async def test_a_full_redis_refuses_admissions_and_registrations_but_takes_revoc
 
         # A session that cannot be registered is not registered at all.
         newcomer = _record()
-        fillers = await _fill(probe, fillers)
+        fillers = await fill_redis(probe, fillers)
         with pytest.raises(StoreUnavailable, match="full"):
             await store.register(newcomer)
         assert await store.secret_hash_for(newcomer.session_id) is None

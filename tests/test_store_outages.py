@@ -9,16 +9,14 @@ Either is logged once, not once per request.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from typing import Any
 
 import aiohttp
-import redis.exceptions
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer
+from tests.harness import GatewayProcess, RedisServer, fill_redis
 
 NEVER_ISSUED = "ek_never_issued_secret"
 API_KEY = {"Authorization": "Bearer sk-test-outages"}
@@ -84,20 +82,12 @@ async def test_a_full_redis_is_loud_and_still_takes_cancels(upstream: FakeUpstre
             # Redis frees client buffers now and then, and an admission could
             # fit the room so freed.
             probe = redis_server.client()
-            filler = itertools.count()
-
-            async def top_up() -> None:
-                for size in (65536, 1024, 64):
-                    while True:
-                        try:
-                            await probe.set(f"filler:{next(filler)}", b"x" * size)
-                        except redis.exceptions.OutOfMemoryError:
-                            break
+            fillers = 0
 
             # Fail closed, and say why: once in the log, in /readyz and in a metric.
             answers = []
             for _ in range(20):
-                await top_up()
+                fillers = await fill_redis(probe, fillers)
                 answers.append(await _client_call(http, gateway, secret))
             assert set(answers) <= {(200, ""), (503, "store_unavailable")}
             assert answers.count((503, "store_unavailable")) >= 19, answers
