@@ -26,6 +26,7 @@ import openai
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.processes import (
     POLL_SECONDS,
@@ -54,11 +55,13 @@ __all__ = [
     "fill_redis",
     "free_port",
     "gateway_env",
+    "metric_value",
     "openai_sdk",
     "raw_http",
     "raw_upload",
     "redis_key_contents",
     "running",
+    "scrape",
     "subscribed",
     "wall_clock_reach",
 ]
@@ -413,6 +416,28 @@ async def converse(
     ) as response:
         body = await response.json()
         return response.status, body["error"]["code"] if response.status >= 400 else None
+
+
+#: A Prometheus scrape: each sample's value by its name and its set of labels.
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(http: aiohttp.ClientSession, url: str) -> Samples:
+    """Every sample the gateway at ``url`` shows on ``/metrics``."""
+    # A fresh connection per scrape, so with several workers any of them answers.
+    async with http.get(f"{url}/metrics", headers={"Connection": "close"}) as response:
+        text = await response.text()
+        assert response.status == 200, text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metric_value(samples: Samples, name: str, **labels: str) -> float | None:
+    """The sample with exactly these labels; None if the series does not exist (yet)."""
+    return samples.get((name, frozenset(labels.items())))
 
 
 async def create_session(

@@ -18,7 +18,6 @@ import openai
 import pytest
 import pytest_asyncio
 from openai.types.beta.chatkit import ChatSession
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth import SecretHasher
 from tests import fake_upstream
@@ -29,8 +28,10 @@ from tests.harness import (
     assert_never_logged,
     converse,
     eventually,
+    metric_value,
     openai_sdk,
     running,
+    scrape,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -118,13 +119,7 @@ async def metric(
     http: aiohttp.ClientSession, gateway: GatewayProcess, name: str, **labels: str
 ) -> float:
     """One sample of the replica's /metrics (0 when the labelled child does not exist yet)."""
-    async with http.get(f"{gateway.url}/metrics") as response:
-        text = await response.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0.0
+    return metric_value(await scrape(http, gateway.url), name, **labels) or 0.0
 
 
 async def redis_flag(server: RedisServer, key: str) -> tuple[bool, int]:

@@ -18,7 +18,7 @@ from gateway.settings import load_settings
 from gateway.store.memory import MemoryStore
 from gateway.types import Message
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer, eventually
+from tests.harness import GatewayProcess, RedisServer, eventually, metric_value, scrape
 
 FAST_CHECKS = {"GATEWAY_STORE_CHECK_INTERVAL_SECONDS": "0.1", "GATEWAY_REDIS_TIMEOUT": "0.5"}
 
@@ -30,11 +30,8 @@ async def readyz(http: aiohttp.ClientSession, gateway: GatewayProcess) -> tuple[
         return response.status, body, time.monotonic() - started
 
 
-async def store_up(http: aiohttp.ClientSession, gateway: GatewayProcess) -> str:
-    async with http.get(f"{gateway.url}/metrics") as response:
-        text = await response.text()
-    (line,) = [line for line in text.splitlines() if line.startswith("chatkit_gateway_store_up ")]
-    return line.split()[1]
+async def store_up(http: aiohttp.ClientSession, gateway: GatewayProcess) -> float | None:
+    return metric_value(await scrape(http, gateway.url), "chatkit_gateway_store_up")
 
 
 async def test_ready_while_redis_hangs_or_is_down_and_the_body_says_so(
@@ -51,7 +48,7 @@ async def test_ready_while_redis_hangs_or_is_down_and_the_body_says_so(
             return bool(body["store"]["up"] is up)
 
         await eventually(lambda: store_is(True), timeout=10, what="the first store check")
-        assert await store_up(http, gateway) == "1.0"
+        assert await store_up(http, gateway) == 1
 
         redis_server.pause()  # hung: the port accepts, nothing answers
         try:
@@ -63,7 +60,7 @@ async def test_ready_while_redis_hangs_or_is_down_and_the_body_says_so(
             assert body["status"] == "ready"
             assert body["store"]["backend"] == "redis"
             assert seconds < 0.5  # a probe never waits for the store
-            assert await store_up(http, gateway) == "0.0"
+            assert await store_up(http, gateway) == 0
         finally:
             redis_server.resume()
         await eventually(lambda: store_is(True), timeout=10, what="the store to come back")
@@ -78,7 +75,7 @@ async def test_ready_while_redis_hangs_or_is_down_and_the_body_says_so(
         finally:
             redis_server.start()
         await eventually(lambda: store_is(True), timeout=10, what="the restarted store")
-        assert await store_up(http, gateway) == "1.0"
+        assert await store_up(http, gateway) == 1
         output = gateway.output()
     # Each change of state is logged once, not once per check.
     assert output.count("The store is unreachable") == 2, output

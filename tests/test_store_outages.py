@@ -13,10 +13,9 @@ import time
 from typing import Any
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer, fill_redis
+from tests.harness import GatewayProcess, RedisServer, fill_redis, metric_value, scrape
 
 NEVER_ISSUED = "ek_never_issued_secret"
 API_KEY = {"Authorization": "Bearer sk-test-outages"}
@@ -95,7 +94,8 @@ async def test_a_full_redis_is_loud_and_still_takes_cancels(upstream: FakeUpstre
                 ready = await resp.json()
             assert ready["store_full"] is True
             assert ready["revocation_listener"] == "up"
-            assert await _metric(http, gateway, "chatkit_gateway_store_full") == 1
+            samples = await scrape(http, gateway.url)
+            assert metric_value(samples, "chatkit_gateway_store_full") == 1
 
             # A cancel protects a user: it is stored although Redis is full.
             async with http.post(
@@ -119,13 +119,3 @@ async def _create_session(http: aiohttp.ClientSession, gateway: GatewayProcess) 
         assert resp.status == 200, await resp.text()
         answer: dict[str, Any] = await resp.json()
     return answer
-
-
-async def _metric(http: aiohttp.ClientSession, gateway: GatewayProcess, name: str) -> float:
-    async with http.get(f"{gateway.url}/metrics") as resp:
-        text = await resp.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                return float(sample.value)
-    raise AssertionError(f"{name} not exported")
