@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import time
 from typing import Any
@@ -16,7 +15,7 @@ from gateway.health import StoreMonitor
 from gateway.metrics import Metrics
 from gateway.settings import load_settings
 from gateway.store.memory import MemoryStore
-from gateway.types import Message
+from tests.doubles import asgi_get, started
 from tests.fake_upstream import FakeUpstream
 from tests.harness import GatewayProcess, RedisServer, eventually, metric_value, scrape
 
@@ -109,49 +108,19 @@ async def test_readiness_follows_the_store_only_when_asked(
         await eventually(lambda: status_is(200), timeout=10, what="ready again")
 
 
-async def asgi_get(app: GatewayApp, path: str) -> tuple[int, Any]:
-    """One GET through the app's ASGI interface (the endpoints need no server)."""
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [],
-    }
-    await app(scope, receive, send)
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return sent[0]["status"], json.loads(body)
-
-
 async def test_readyz_is_503_once_draining_begins() -> None:
-    thresholds = gc.get_threshold()
     app = GatewayApp(load_settings({"GATEWAY_UPSTREAM_URL": "http://127.0.0.1:9"}))
     status, body = await asgi_get(app, "/readyz")
-    assert (status, body["error"]["code"]) == (503, "starting")
-    await app.startup()
-    try:
+    assert (status, json.loads(body)["error"]["code"]) == (503, "starting")
+    async with started(app):
         status, body = await asgi_get(app, "/readyz")
         assert status == 200
-        assert body["store"]["backend"] == "embedded"
+        assert json.loads(body)["store"]["backend"] == "embedded"
         app.begin_draining()
         status, body = await asgi_get(app, "/readyz")
-        assert (status, body["error"]["code"]) == (503, "draining")
+        assert (status, json.loads(body)["error"]["code"]) == (503, "draining")
         status, _ = await asgi_get(app, "/healthz")
         assert status == 200  # alive: draining is not a reason to restart the process
-    finally:
-        await app.shutdown()
-        # Start-up tunes the collector for a long-running server; not for pytest.
-        gc.unfreeze()
-        gc.set_threshold(*thresholds)
 
 
 class FlakyStore(MemoryStore):

@@ -14,13 +14,13 @@ import json
 import signal
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
 from gateway import lifecycle
 from gateway.app import GatewayApp
 from gateway.settings import load_settings
+from tests.doubles import asgi_get, started
 from tests.fake_upstream import FakeUpstream
 from tests.harness import GatewayProcess, connection, eventually, raw_http
 
@@ -114,36 +114,13 @@ async def test_sighup_is_logged_and_ignored(upstream: FakeUpstream, workers: str
 
 
 async def test_readyz_answers_503_while_draining() -> None:
-    app = GatewayApp(load_settings({}))
-    await app.startup()
-    try:
-        assert (await _get(app, "/readyz"))[0] == 200
-        lifecycle.draining.set()
-        status, body = await _get(app, "/readyz")
-        assert status == 503
-        assert json.loads(body)["error"]["message"] == "The gateway is shutting down."
-        assert (await _get(app, "/healthz"))[0] == 200  # alive, just leaving
-    finally:
-        lifecycle.draining.clear()
-        await app.shutdown()
-
-
-async def _get(app: GatewayApp, path: str) -> tuple[int, bytes]:
-    scope: dict[str, Any] = {
-        "type": "http",
-        "method": "GET",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [(b"host", b"a")],
-    }
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+    async with started(GatewayApp(load_settings({}))) as app:
+        try:
+            assert (await asgi_get(app, "/readyz"))[0] == 200
+            lifecycle.draining.set()
+            status, body = await asgi_get(app, "/readyz")
+            assert status == 503
+            assert json.loads(body)["error"]["message"] == "The gateway is shutting down."
+            assert (await asgi_get(app, "/healthz"))[0] == 200  # alive, just leaving
+        finally:
+            lifecycle.draining.clear()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 from collections.abc import AsyncIterator
 
@@ -21,6 +20,7 @@ from gateway.app import GatewayApp
 from gateway.errors import ConfigError
 from gateway.settings import load_settings, otel_traces_exporter
 from gateway.tracing import Tracing, configure
+from tests.doubles import collector_restored
 from tests.fake_upstream import FakeUpstream
 from tests.harness import GatewayProcess, eventually, free_port
 
@@ -33,24 +33,23 @@ CLIENT = {"Authorization": "Bearer ek_tracing", "traceparent": TRACEPARENT}
 @contextlib.asynccontextmanager
 async def serving(app: GatewayApp) -> AsyncIterator[str]:
     """The app under uvicorn on a free port, in this test's event loop."""
-    thresholds = gc.get_threshold()
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_config=None)
     )
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
+    with collector_restored():
+        task = asyncio.create_task(server.serve())
+        try:
+
+            def up() -> bool:
                 assert not task.done(), task
-                await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        # Start-up tunes the collector for a long-running server; not for pytest.
-        gc.unfreeze()
-        gc.set_threshold(*thresholds)
+                return bool(server.started)
+
+            await eventually(up, timeout=10, what="uvicorn to start")
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            await task
 
 
 @pytest.fixture
