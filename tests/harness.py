@@ -459,7 +459,9 @@ async def create_session(
         },
     ) as response:
         if response.status != 200:
-            raise AssertionError(f"session create answered {response.status}")
+            raise AssertionError(
+                f"session create answered {response.status}: {await response.text()}"
+            )
         session: dict[str, Any] = await response.json()
     return session
 

@@ -9,27 +9,23 @@ Either is logged once, not once per request.
 from __future__ import annotations
 
 import asyncio
-import time
-from typing import Any
 
 import aiohttp
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer, fill_redis, metric_value, scrape
+from tests.harness import (
+    GatewayProcess,
+    RedisServer,
+    converse,
+    create_session,
+    eventually,
+    fill_redis,
+    metric_value,
+    scrape,
+)
 
 NEVER_ISSUED = "ek_never_issued_secret"
-API_KEY = {"Authorization": "Bearer sk-test-outages"}
-
-
-async def _client_call(
-    http: aiohttp.ClientSession, gateway: GatewayProcess, secret: str = NEVER_ISSUED
-) -> tuple[int, str]:
-    headers = {"Authorization": f"Bearer {secret}"}
-    async with http.post(
-        f"{gateway.url}/v1/chatkit/conversation", json={}, headers=headers
-    ) as resp:
-        body = await resp.json(content_type=None)
-        return resp.status, body["error"]["code"] if resp.status != 200 else ""
+API_KEY = "sk-test-outages"
 
 
 async def test_gateway_starts_without_redis_and_serves_once_redis_is_back(
@@ -41,14 +37,18 @@ async def test_gateway_starts_without_redis_and_serves_once_redis_is_back(
     try:
         async with gateway, aiohttp.ClientSession() as http:
             # Started (/healthz answered, or astart would have raised), and fails closed.
-            answers = [await _client_call(http, gateway) for _ in range(20)]
+            answers = [await converse(http, gateway, NEVER_ISSUED) for _ in range(20)]
             assert answers == [(503, "store_unavailable")] * 20
 
             await asyncio.to_thread(redis_server.start)
-            deadline = time.monotonic() + 10
-            while (answer := await _client_call(http, gateway)) == (503, "store_unavailable"):
-                assert time.monotonic() < deadline, "never recovered"
-                await asyncio.sleep(0.05)
+            answer = answers[-1]
+
+            async def recovered() -> bool:
+                nonlocal answer
+                answer = await converse(http, gateway, NEVER_ISSUED)
+                return answer != (503, "store_unavailable")
+
+            await eventually(recovered, timeout=10, what="the gateway to recover")
             # Redis answered: an unknown secret is now refused for what it is.
             assert answer == (401, "invalid_client_secret")
             async with http.get(f"{gateway.url}/readyz") as resp:
@@ -73,9 +73,12 @@ async def test_a_full_redis_is_loud_and_still_takes_cancels(upstream: FakeUpstre
             GatewayProcess(upstream.url, redis_url=redis_server.url) as gateway,
             aiohttp.ClientSession() as http,
         ):
-            session = await _create_session(http, gateway)
+            # A high limit: the rate limit is never the reason for a refusal.
+            session = await create_session(
+                http, gateway.url, limit=1000, user="user_full", api_key=API_KEY
+            )
             secret = session["client_secret"]
-            assert await _client_call(http, gateway, secret) == (200, "")
+            assert await converse(http, gateway, secret) == (200, None)
 
             # Filled to the last bytes, and topped up before every request:
             # Redis frees client buffers now and then, and an admission could
@@ -87,8 +90,8 @@ async def test_a_full_redis_is_loud_and_still_takes_cancels(upstream: FakeUpstre
             answers = []
             for _ in range(20):
                 fillers = await fill_redis(probe, fillers)
-                answers.append(await _client_call(http, gateway, secret))
-            assert set(answers) <= {(200, ""), (503, "store_unavailable")}
+                answers.append(await converse(http, gateway, secret))
+            assert set(answers) <= {(200, None), (503, "store_unavailable")}
             assert answers.count((503, "store_unavailable")) >= 19, answers
             async with http.get(f"{gateway.url}/readyz") as resp:
                 ready = await resp.json()
@@ -99,7 +102,8 @@ async def test_a_full_redis_is_loud_and_still_takes_cancels(upstream: FakeUpstre
 
             # A cancel protects a user: it is stored although Redis is full.
             async with http.post(
-                f"{gateway.url}/v1/chatkit/sessions/{session['id']}/cancel", headers=API_KEY
+                f"{gateway.url}/v1/chatkit/sessions/{session['id']}/cancel",
+                headers={"Authorization": f"Bearer {API_KEY}"},
             ) as resp:
                 assert resp.status == 200
             async with http.get(f"{gateway.url}/readyz") as resp:
@@ -107,15 +111,3 @@ async def test_a_full_redis_is_loud_and_still_takes_cancels(upstream: FakeUpstre
             await probe.aclose()
         output = gateway.output()
     assert output.count("Redis is full") == 1, output
-
-
-async def _create_session(http: aiohttp.ClientSession, gateway: GatewayProcess) -> dict[str, Any]:
-    body = {
-        "user": "user_full",
-        "workflow": {"id": "wf_full"},
-        "rate_limits": {"max_requests_per_1_minute": 1000},  # never the reason for a refusal
-    }
-    async with http.post(f"{gateway.url}/v1/chatkit/sessions", json=body, headers=API_KEY) as resp:
-        assert resp.status == 200, await resp.text()
-        answer: dict[str, Any] = await resp.json()
-    return answer
