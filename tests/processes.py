@@ -42,6 +42,30 @@ def find_tool(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
 
 
+def http_request(
+    port: int,
+    method: str,
+    path: str,
+    headers: Mapping[str, str] | None = None,
+    body: bytes | None = None,
+    *,
+    host: str = "127.0.0.1",
+    timeout: float = 10.0,
+) -> tuple[int, dict[str, str], bytes]:
+    """One blocking request on a fresh connection: (status, lower-cased headers, body)."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=dict(headers or {}))
+        response = conn.getresponse()
+        return (
+            response.status,
+            {k.lower(): v for k, v in response.getheaders()},
+            response.read(),
+        )
+    finally:
+        conn.close()
+
+
 def wait_until(
     ready: Callable[[], bool],
     *,
@@ -236,14 +260,10 @@ class ServerProcess:
 
     def _healthy(self) -> bool:
         self._check_alive()
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=1)
         try:
-            conn.request("GET", "/healthz")
-            return conn.getresponse().status == 200
+            return http_request(self.port, "GET", "/healthz", host=self.host, timeout=1)[0] == 200
         except OSError:
             return False
-        finally:
-            conn.close()
 
     async def _ahealthy(self) -> bool:
         self._check_alive()
