@@ -292,7 +292,7 @@ def _serve(port: int, record_path: Path) -> None:
     # The example is a directory of modules, not a package: import it as its run script does.
     sys.path.insert(0, str(EXAMPLE_DIR))
     from chatkit.types import ThreadItem, ThreadMetadata, ThreadStreamEvent, UserMessageItem
-    from chatkit_app import EchoChatKitServer, ServerConfig, create_app
+    from chatkit_app import EchoChatKitServer, ServerConfig, _user_text, create_app
     from memory_store import MemoryStore, RequestContext
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -325,12 +325,7 @@ def _serve(port: int, record_path: Path) -> None:
             input_user_message: UserMessageItem | None,
             context: RequestContext,
         ) -> AsyncIterator[ThreadStreamEvent]:
-            text = " ".join(
-                part.text
-                for part in (input_user_message.content if input_user_message else [])
-                if part.type == "input_text"
-            )
-            slow = _SLOW.match(text)
+            slow = _SLOW.match(_user_text(input_user_message))
             if slow is None:
                 async for event in super().respond(thread, input_user_message, context):
                     yield event
