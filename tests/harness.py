@@ -26,6 +26,7 @@ import openai
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+from openai.types.beta.chatkit import ChatSession
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.processes import (
@@ -62,6 +63,8 @@ __all__ = [
     "redis_key_contents",
     "running",
     "scrape",
+    "sdk_cancel",
+    "sdk_create",
     "subscribed",
     "wall_clock_reach",
 ]
@@ -490,6 +493,18 @@ def openai_sdk(gateway: Served, api_key: str, **options: Any) -> openai.AsyncOpe
     """
     settings: dict[str, Any] = {"max_retries": 0, "timeout": 30, **options}
     return openai.AsyncOpenAI(api_key=api_key, base_url=f"{gateway.url}/v1", **settings)
+
+
+async def sdk_create(gateway: Served, api_key: str, **params: Any) -> ChatSession:
+    """A session created through ``gateway`` with the official SDK (one request)."""
+    async with openai_sdk(gateway, api_key) as client:
+        return await client.beta.chatkit.sessions.create(**params)
+
+
+async def sdk_cancel(gateway: Served, api_key: str, session_id: str) -> ChatSession:
+    """A session cancelled through ``gateway`` with the official SDK (one request)."""
+    async with openai_sdk(gateway, api_key) as client:
+        return await client.beta.chatkit.sessions.cancel(session_id)
 
 
 def assert_never_logged(

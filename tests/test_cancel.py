@@ -17,7 +17,6 @@ import aiohttp
 import openai
 import pytest
 import pytest_asyncio
-from openai.types.beta.chatkit import ChatSession
 
 from gateway.auth import SecretHasher
 from tests import fake_upstream
@@ -32,6 +31,8 @@ from tests.harness import (
     openai_sdk,
     running,
     scrape,
+    sdk_cancel,
+    sdk_create,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -91,17 +92,10 @@ def fresh(
 
 async def create_session(gateway: GatewayProcess, **extra: Any) -> tuple[str, str, int]:
     """(session id, client secret, expires_at) of a session created through ``gateway``."""
-    async with openai_sdk(gateway, API_KEY) as client:
-        session = await client.beta.chatkit.sessions.create(
-            user="user_cancel", workflow={"id": "wf_cancel"}, **extra
-        )
+    session = await sdk_create(
+        gateway, API_KEY, user="user_cancel", workflow={"id": "wf_cancel"}, **extra
+    )
     return session.id, session.client_secret, session.expires_at
-
-
-async def cancel(gateway: GatewayProcess, session_id: str) -> ChatSession:
-    """Cancel a session through ``gateway`` with the official SDK."""
-    async with openai_sdk(gateway, API_KEY) as client:
-        return await client.beta.chatkit.sessions.cancel(session_id)
 
 
 REVOKED = (401, "client_secret_revoked")
@@ -331,7 +325,7 @@ async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
     session_id, secret, expires_at = await create_session(
         a, expires_after={"anchor": "created_at", "seconds": 300}
     )
-    await cancel(b, session_id)
+    await sdk_cancel(b, API_KEY, session_id)
     exists, ttl = await redis_flag(aof_redis, secret_key(secret))
     expected = expires_at + RETENTION - time.time()
     assert exists
@@ -344,7 +338,7 @@ async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
         headers={"Authorization": f"Bearer {API_KEY}"},
     ) as response:
         unseen_id = (await response.json())["id"]
-    await cancel(b, unseen_id)
+    await sdk_cancel(b, API_KEY, unseen_id)
     exists, ttl = await redis_flag(aof_redis, session_key(unseen_id))
     assert exists
     assert REVOCATION_TTL - 30 <= ttl <= REVOCATION_TTL, ttl
@@ -493,7 +487,7 @@ async def test_open_streams_close_on_every_replica_within_two_seconds_of_a_cance
     streams = [await open_stream(http, a, secret), await open_stream(http, b, secret)]
     readers = [asyncio.create_task(until_closed(r)) for r in streams]
 
-    await cancel(b, session_id)
+    await sdk_cancel(b, API_KEY, session_id)
     cancelled_at = time.monotonic()
     async with asyncio.timeout(15):
         results = await asyncio.gather(*readers)
@@ -516,7 +510,7 @@ async def test_a_request_waiting_for_the_upstream_is_refused_when_its_secret_is_
     fake.inject("delay", path_prefix=CONVERSATION, seconds=10.0)
     waiting = asyncio.create_task(converse(http, a, secret))
     await fake.wait_for(lambda: fake.active >= 1, timeout=10)
-    await cancel(b, session_id)
+    await sdk_cancel(b, API_KEY, session_id)
     cancelled_at = time.monotonic()
     async with asyncio.timeout(15):
         assert await waiting == (401, "client_secret_revoked")

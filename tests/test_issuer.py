@@ -25,6 +25,7 @@ import openai
 import pytest
 import pytest_asyncio
 from multidict import CIMultiDictProxy
+from openai.types.beta.chatkit import ChatSession
 from redis import Redis as SyncRedis
 
 from gateway.issuer import SessionIds
@@ -36,6 +37,7 @@ from tests.harness import (
     eventually,
     openai_sdk,
     running,
+    sdk_create,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -101,10 +103,9 @@ def fresh(
     assert_never_logged(replicas, ISSUED, "a client secret")
 
 
-async def create(gateway: GatewayProcess, **kwargs: Any) -> Any:
+async def create(gateway: GatewayProcess, **kwargs: Any) -> ChatSession:
     params: dict[str, Any] = {"user": "user_1", "workflow": {"id": "wf_a"}, **kwargs}
-    async with openai_sdk(gateway, API_KEY) as client:
-        session = await client.beta.chatkit.sessions.create(**params)
+    session = await sdk_create(gateway, API_KEY, **params)
     ISSUED.append(session.client_secret)
     return session
 

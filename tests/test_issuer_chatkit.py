@@ -18,14 +18,16 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from openai.types.beta.chatkit import ChatSession
 
 from tests.chatkit_server import ChatKitServerProcess, sse_events, threads_create_body
 from tests.harness import (
     GatewayProcess,
     RedisServer,
     assert_never_logged,
-    openai_sdk,
     running,
+    sdk_cancel,
+    sdk_create,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -72,17 +74,11 @@ def no_secret_in_any_log(
 SECRETS: list[str] = []
 
 
-async def create(gateway: GatewayProcess, **kwargs: Any) -> Any:
+async def create(gateway: GatewayProcess, **kwargs: Any) -> ChatSession:
     params: dict[str, Any] = {"user": "alice", "workflow": {"id": "wf_a"}, **kwargs}
-    async with openai_sdk(gateway, API_KEY) as client:
-        session = await client.beta.chatkit.sessions.create(**params)
+    session = await sdk_create(gateway, API_KEY, **params)
     SECRETS.append(session.client_secret)
     return session
-
-
-async def cancel(gateway: GatewayProcess, session_id: str) -> Any:
-    async with openai_sdk(gateway, API_KEY) as client:
-        return await client.beta.chatkit.sessions.cancel(session_id)
 
 
 def post(
@@ -186,7 +182,7 @@ async def test_cancel_on_one_replica_cuts_a_live_stream_on_the_other(
             raw += chunk
             if b"tick" in raw:
                 break
-        cancelled = await cancel(b, session.id)
+        cancelled = await sdk_cancel(b, API_KEY, session.id)
         assert cancelled.status == "cancelled"
         cut = time.monotonic()
         with contextlib.suppress(aiohttp.ClientPayloadError):
@@ -201,4 +197,4 @@ async def test_cancel_on_one_replica_cuts_a_live_stream_on_the_other(
     async with post(http, a, session.client_secret, "again") as response:
         body = await response.json()
     assert (response.status, body["error"]["code"]) == (401, "client_secret_revoked")
-    assert (await cancel(a, session.id)).status == "cancelled"  # repeated: still 200
+    assert (await sdk_cancel(a, API_KEY, session.id)).status == "cancelled"  # repeated: still 200
