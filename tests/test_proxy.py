@@ -30,10 +30,17 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from openai import AsyncOpenAI
 
 from tests.fake_upstream import FakeUpstream, Seen
-from tests.harness import GatewayProcess, connection, eventually, free_port, raw_http, raw_upload
+from tests.harness import (
+    GatewayProcess,
+    connection,
+    eventually,
+    free_port,
+    openai_sdk,
+    raw_http,
+    raw_upload,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -867,9 +874,7 @@ async def test_disconnect_mid_upload_does_not_corrupt_the_next_requests(
 async def test_official_openai_sdk_works_through_the_gateway(
     gateway: GatewayProcess, fake: FakeUpstream
 ) -> None:
-    async with AsyncOpenAI(
-        base_url=f"{gateway.url}/v1", api_key="sk-test", max_retries=0
-    ) as client:
+    async with openai_sdk(gateway, "sk-test") as client:
         session = await client.beta.chatkit.sessions.create(
             user="user_sdk",
             workflow={"id": "wf_sdk"},
