@@ -5,6 +5,13 @@ to answer before returning, so a test never races a server that is still
 booting. Polling lives here too, in one helper (``eventually``): a test waits
 for what it needs to be true, never for a fixed time, because a process that
 has not bound its port or drained its queue yet cannot tell us when it will.
+
+Beside them, the requests tests make over and over: a client call
+(``converse``), a session through the gateway (``create_session``, or with the
+official SDK ``sdk_create``/``sdk_cancel``/``openai_sdk``), a Prometheus scrape
+(``scrape``/``metric_value``) and the check that no secret reached a log
+(``assert_never_logged``). Raw-socket helpers (``raw_http``, ``raw_upload``,
+``connection``) come from ``tests/processes.py``.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ __all__ = [
     "GatewayProcess",
     "RedisCluster",
     "RedisServer",
+    "Samples",
+    "Served",
     "assert_never_logged",
     "connection",
     "converse",
