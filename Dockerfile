@@ -20,16 +20,24 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 
 WORKDIR /src
+# The dependencies first, from the hash-checked lock (scripts/lock): an image
+# built next month gets the same packages, and a changed source tree reuses
+# this layer.
+COPY constraints/runtime.txt ./constraints/
+# --only-binary: every dependency (uvloop, httptools, hiredis, aiohttp,
+# pydantic-core) ships manylinux wheels for amd64 and arm64, so the builder
+# needs no compiler; a missing wheel fails the build loudly instead of
+# silently compiling. pip byte-compiles what it installs, so the read-only
+# final image starts without writing .pyc files.
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes --only-binary=:all: \
+        -r constraints/runtime.txt
+
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
-
-# --only-binary for the dependencies: every one of them (uvloop, httptools,
-# hiredis, aiohttp, pydantic-core) ships manylinux wheels for amd64 and arm64,
-# so the builder needs no compiler; a missing wheel fails the build loudly
-# instead of silently compiling. pip byte-compiles what it installs, so the
-# read-only final image starts without writing .pyc files.
+# The gateway's own wheel, without re-resolving: the lock already decided.
 RUN /opt/venv/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
-    && /opt/venv/bin/pip install --no-cache-dir --only-binary=:all: /wheels/*.whl \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps /wheels/*.whl \
+    && /opt/venv/bin/pip check \
     && /opt/venv/bin/chatkit-gateway --version
 
 

@@ -41,7 +41,7 @@ from gateway.sessions import SessionControl
 from gateway.settings import Settings, UnknownSecrets, load_settings, otel_traces_exporter
 from gateway.store.base import Store
 from gateway.store.memory import MemoryStore
-from gateway.store.redis import RedisStore, connect
+from gateway.store.redis import RedisStore, connect, connect_sentinel
 from gateway.telemetry import Telemetry
 from gateway.tracing import Tracing, configure
 from gateway.upstream import create_session
@@ -69,15 +69,24 @@ class Components:
 def build_store(settings: Settings, *, serving: bool = False) -> Store:
     """The configured store; ``serving`` for the gateway itself, which logs
     Redis outages and a full Redis (a one-shot command reports its own error)."""
-    if settings.redis_url is None:
+    if not settings.uses_redis:
         return MemoryStore(
             window_seconds=settings.window_seconds,
             retention_seconds=settings.session_retention_seconds,
             revocation_ttl_seconds=settings.revocation_ttl_seconds,
         )
-    url = settings.redis_url.get_secret_value()
+    url = settings.redis_url.get_secret_value() if settings.redis_url is not None else ""
+    sentinel_password = settings.redis_sentinel_password
     return RedisStore(
-        connect(url, cluster=settings.redis_cluster, timeout=settings.redis_timeout),
+        connect_sentinel(
+            settings.redis_sentinel_list,
+            settings.redis_sentinel_master,
+            url=url,
+            timeout=settings.redis_timeout,
+            sentinel_password=sentinel_password.get_secret_value() if sentinel_password else None,
+        )
+        if settings.redis_sentinel_list
+        else connect(url, cluster=settings.redis_cluster, timeout=settings.redis_timeout),
         prefix=settings.key_prefix,
         window_seconds=settings.window_seconds,
         retention_seconds=settings.session_retention_seconds,
@@ -334,7 +343,8 @@ def _unready(message: str, *, code: str) -> Response:
 def create_app() -> GatewayApp:
     """uvicorn's factory: each worker process reads the environment itself."""
     try:
-        settings = load_settings()
+        # The serve command read the same environment and reported what it ignored.
+        settings = load_settings(report_ignored=False)
     except ConfigError as exc:
         raise SystemExit(f"chatkit-gateway: {exc}") from None
     return GatewayApp(settings)

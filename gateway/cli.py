@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         serve(settings)
         return 0
-    if settings.redis_url is None:
+    if not settings.uses_redis:
         print(
             "chatkit-gateway: GATEWAY_REDIS_URL is not set; the embedded store lives inside "
             "the serving process, so use its admin API instead.",

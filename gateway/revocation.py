@@ -26,6 +26,8 @@ PROBE_SECONDS = 0.05
 LISTENER_BACKOFF = (0.1, 5.0)
 # A listener that ran this long before failing starts over at the short delay.
 LISTENER_HEALTHY_SECONDS = 30.0
+# First and longest pause between attempts to re-check open streams.
+RECHECK_DELAYS = (0.1, 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,7 @@ class Revoker:
         self._streams: dict[str, set[Callable[[], None]]] = {}
         self._retry_task: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._recheck: asyncio.Task[None] | None = None
         self._listener_up = False
 
     # -- what the hot path asks -----------------------------------------------
@@ -194,7 +197,7 @@ class Revoker:
             self._set_listener_up(True)
             try:
                 if not first:
-                    await self._recheck_streams()
+                    self._start_recheck()
                 first = False
                 await self._listen()
                 raise RuntimeError("the revocation feed ended")
@@ -214,27 +217,44 @@ class Revoker:
     async def _listen(self) -> None:
         async for secret_hash in self._store.revocations():
             if secret_hash is None:
-                await self._recheck_streams()
+                self._start_recheck()
             else:
                 self.close_streams(secret_hash)
 
+    def _start_recheck(self) -> None:
+        # A re-check still running may have read before this gap's
+        # revocations were made: start over rather than trust it.
+        if self._recheck is not None:
+            self._recheck.cancel()
+        self._recheck = asyncio.create_task(self._recheck_streams())
+
     async def _recheck_streams(self) -> None:
-        """The feed had a gap: close the streams whose secret was revoked meanwhile."""
-        if not self._streams:
+        """The feed had a gap: close the streams whose secret was revoked meanwhile.
+
+        Retried until it succeeds: the feed often resumes before the store
+        answers reads again (a blackholed connection still waits out its
+        timeout), and a revocation missed here is never announced again.
+        """
+        delay = RECHECK_DELAYS[0]
+        while self._streams:
+            try:
+                revoked = await self._store.revoked_among(list(self._streams))
+            except StoreUnavailable as exc:
+                if delay == RECHECK_DELAYS[0]:  # once per gap, not once per attempt
+                    logger.warning("Open streams not re-checked yet after a feed gap: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECHECK_DELAYS[1])
+                continue
+            for secret_hash in revoked:
+                self.close_streams(secret_hash)
             return
-        try:
-            revoked = await self._store.revoked_among(list(self._streams))
-        except StoreUnavailable as exc:
-            # The feed will drop again and resume, and this runs once more.
-            logger.warning("Open streams not re-checked after a revocation-feed gap: %s", exc)
-            return
-        for secret_hash in revoked:
-            self.close_streams(secret_hash)
 
     async def stop(self, *, flush_timeout: float = 5.0) -> None:
+        for task in (self._listener, self._recheck):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
             self._set_listener_up(False)
         if self._retry_task is not None and not self._retry_task.done():
             # One last chance to store what is pending before the process ends.

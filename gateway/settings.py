@@ -7,14 +7,16 @@ wins over the file. The variable names are a public interface.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import Enum, StrEnum
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -34,6 +36,8 @@ from pydantic_settings import (
 
 from gateway.errors import ConfigError
 from gateway.logs import LogFormat
+
+logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "GATEWAY_"
 # Settings given as JSON in the environment (tables in the TOML file).
@@ -157,6 +161,9 @@ class Settings(BaseSettings):
     upstream_write_timeout: float = Field(60.0, gt=0)
     upstream_pool_timeout: float = Field(5.0, gt=0)
     upstream_max_connections: int = Field(512, ge=1)
+    # Egress proxy for every upstream (http:// or https://, may carry
+    # user:password); the process environment's HTTP(S)_PROXY is never read.
+    upstream_proxy: SecretStr | None = None
 
     # Limits on what clients may send.
     max_body_bytes: int = Field(512 * MIB + MIB, ge=0)  # 512 MB upload + multipart framing
@@ -171,6 +178,12 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = None
     redis_cluster: bool = False
     redis_timeout: float = Field(2.0, gt=0)
+    # Redis Sentinel: the sentinels (comma-separated host:port) and the name
+    # of the master they watch. GATEWAY_REDIS_URL, if set, then only gives
+    # the master's credentials and database; its host is ignored.
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = ""
+    redis_sentinel_password: SecretStr | None = None
     key_prefix: str = Field("ckg", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
 
     # Admission.
@@ -331,6 +344,22 @@ class Settings(BaseSettings):
             raise ValueError("'default' is GATEWAY_UPSTREAM_URL; name the others differently")
         return {name: _http_url(url) for name, url in value.items()}
 
+    @field_validator("upstream_proxy")
+    @classmethod
+    def _proxy_is_http(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("must not carry a path, a query or a fragment")
+        try:
+            parts.port  # noqa: B018 (urlsplit checks the port only when asked)
+        except ValueError:
+            raise ValueError("has an invalid port") from None
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
@@ -340,6 +369,29 @@ class Settings(BaseSettings):
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, value: str) -> str:
+        for entry in (e.strip() for e in value.split(",") if e.strip()):
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{entry!r} is not host:port")
+        return value
+
+    @property
+    def redis_sentinel_list(self) -> tuple[tuple[str, int], ...]:
+        """The sentinels as (host, port) pairs; empty without Sentinel."""
+        pairs = []
+        for entry in (e.strip() for e in self.redis_sentinels.split(",") if e.strip()):
+            host, _, port = entry.rpartition(":")
+            pairs.append((host.strip("[]"), int(port)))
+        return tuple(pairs)
+
+    @property
+    def uses_redis(self) -> bool:
+        """Whether the store is Redis (a URL or Sentinel) rather than embedded."""
+        return self.redis_url is not None or bool(self.redis_sentinel_list)
 
     @field_validator("log_level")
     @classmethod
@@ -362,6 +414,12 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.redis_cluster and self.redis_url is None:
             raise ValueError("GATEWAY_REDIS_CLUSTER needs GATEWAY_REDIS_URL")
+        if bool(self.redis_sentinel_list) != bool(self.redis_sentinel_master):
+            raise ValueError(
+                "GATEWAY_REDIS_SENTINELS and GATEWAY_REDIS_SENTINEL_MASTER go together"
+            )
+        if self.redis_sentinel_list and self.redis_cluster:
+            raise ValueError("GATEWAY_REDIS_SENTINELS and GATEWAY_REDIS_CLUSTER exclude each other")
         if self.redis_cluster and self.user_max_requests_per_1_minute is not None:
             # The user's window lives in another hash slot than the secret's
             # keys, so one atomic script cannot cover both on a cluster.
@@ -417,15 +475,33 @@ class Settings(BaseSettings):
             if parts.port:
                 netloc += f":{parts.port}"
             out["redis_url"] = f"{parts.scheme}://{netloc}{parts.path}"
+        if self.upstream_proxy is not None:
+            out["upstream_proxy"] = _without_credentials(self.upstream_proxy.get_secret_value())
         return out
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if ":" in netloc:  # an IPv6 literal
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return f"{parts.scheme}://{netloc}"
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, *, report_ignored: bool = True
+) -> Settings:
     """Read settings from ``environ`` (default: the process environment).
 
     ``GATEWAY_CONFIG_FILE`` may name a TOML file of lower-case setting names;
-    the environment wins over it. Raises :class:`ConfigError` with one line
-    per problem, naming the variable.
+    the environment wins over it. A secret setting may instead be read from
+    the file named by ``GATEWAY_<NAME>_FILE``. Kubernetes service-link
+    variables are ignored, with one warning naming them unless
+    ``report_ignored`` is false (a worker process re-reading what the serve
+    command already reported). Raises :class:`ConfigError` with one line per
+    problem, naming the variable.
     """
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
@@ -436,26 +512,146 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
                 values.update(tomllib.load(fh))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{ENV_PREFIX}CONFIG_FILE: cannot read {toml_file}: {exc}") from None
+    service_links: list[str] = []
+    from_files: dict[str, str] = {}
+    given: set[str] = set()  # set by the environment itself
     for key, value in env.items():
         upper = key.upper()
         if not upper.startswith(ENV_PREFIX) or upper == f"{ENV_PREFIX}CONFIG_FILE":
             continue
         name = upper.removeprefix(ENV_PREFIX).lower()
+        if is_service_link(upper, value):
+            service_links.append(upper)
+            continue
         if name not in Settings.model_fields:
+            secret = name.removesuffix("_file")
+            if name.endswith("_file") and secret in file_settings():
+                if value:
+                    from_files[secret] = _read_secret_file(upper, value)
+                continue
+            if name.endswith("_file") and secret in Settings.model_fields:
+                raise ConfigError(f"{upper}: only secret settings can be read from a file")
             raise ConfigError(f"{upper}: unknown setting (check the spelling)")
         if value == "":  # an empty variable means "use the default"
             continue
-        if name in _STRUCTURED:
-            try:
-                values[name] = json.loads(value)
-            except ValueError:
-                raise ConfigError(f"{upper}: must be JSON (or set it in the TOML file)") from None
-        else:
-            values[name] = value
+        values[name] = _parse(name, upper, value)
+        given.add(name)
+    for name, content in from_files.items():
+        variable = f"{ENV_PREFIX}{name.upper()}"
+        if name in given:
+            raise ConfigError(f"{variable} and {variable}_FILE are both set; keep one of them")
+        values[name] = _parse(name, f"{variable}_FILE", content)
+    if service_links and report_ignored:
+        logger.warning(
+            "Ignoring %d Kubernetes service-link variable(s) (set enableServiceLinks: "
+            "false in the pod spec to stop them): %s",
+            len(service_links),
+            ", ".join(sorted(service_links)),
+        )
     try:
         return Settings(**values)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+
+
+def _parse(name: str, variable: str, value: str) -> Any:
+    if name in _STRUCTURED:
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ConfigError(f"{variable}: must be JSON (or set it in the TOML file)") from None
+    return value
+
+
+# -- secrets from files -------------------------------------------------------------
+# Kubernetes Secrets and Docker secrets are usually mounted as files; a
+# variable holding a secret is visible to anything that can read the
+# process environment (docker inspect, /proc/<pid>/environ, crash reports).
+
+# Secrets held in types other than SecretStr (JSON maps of keys, for
+# instance); every SecretStr field is readable from a file without listing.
+_FILE_SETTINGS_EXTRA = frozenset({"issuer_api_keys", "identity_signing_key"})
+
+
+def _holds_secret(annotation: Any) -> bool:
+    return annotation is SecretStr or any(_holds_secret(arg) for arg in get_args(annotation))
+
+
+def file_settings() -> frozenset[str]:
+    """The settings that ``GATEWAY_<NAME>_FILE`` may supply."""
+    fields = Settings.model_fields
+    return frozenset(
+        name
+        for name, field in fields.items()
+        if _holds_secret(field.annotation) or name in _FILE_SETTINGS_EXTRA
+    )
+
+
+def _read_secret_file(variable: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            content = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{variable}: cannot read {path}: {reason}") from None
+    # Editors and `echo` end files with a newline; it is never part of a secret.
+    content = content.removesuffix("\n").removesuffix("\r")
+    if not content:
+        raise ConfigError(f"{variable}: {path} is empty")
+    return content
+
+
+# -- Kubernetes service links -------------------------------------------------------
+# Unless a pod sets enableServiceLinks: false, Kubernetes gives it variables
+# for every Service in its namespace, named after the Service: one called
+# "gateway" or "gateway-<anything>" produces GATEWAY_PORT=tcp://10.0.0.1:8080,
+# GATEWAY_ADMIN_SERVICE_HOST=10.0.0.2 and so on, which would otherwise read as
+# a bad port or a misspelt setting and crash-loop every pod at its next start.
+# Recognised by name AND value, so a genuine typo still fails.
+_SERVICE = r"^(?:[A-Z0-9_]+_)?"  # the Service's name, absent for one called "gateway"
+_LINK = r"PORT_\d{1,5}_(?:TCP|UDP|SCTP)"
+_LINK_URL = re.compile(r"^(?:tcp|udp|sctp)://(?:\[[0-9A-Fa-f:.]+\]|[0-9.]+):\d{1,5}$")
+
+
+def _is_link_url(value: str) -> bool:
+    return _LINK_URL.match(value) is not None
+
+
+def _is_protocol(value: str) -> bool:
+    return value.upper() in ("TCP", "UDP", "SCTP")
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_port(value: str) -> bool:
+    return value.isdigit() and 0 < int(value) < 65536
+
+
+def is_service_link(variable: str, value: str) -> bool:
+    """Whether ``variable=value`` has the shape of a Kubernetes service link."""
+    upper = variable.upper()
+    return upper.startswith(ENV_PREFIX) and any(
+        name.match(upper.removeprefix(ENV_PREFIX)) and valid(value) for name, valid in _LINK_SHAPES
+    )
+
+
+# A name may fit several shapes (SERVICE_PORT is also "<service SERVICE>_PORT"),
+# so every shape whose name matches is tried against the value.
+_LINK_SHAPES: tuple[tuple[re.Pattern[str], Callable[[str], bool]], ...] = (
+    (re.compile(_SERVICE + r"SERVICE_HOST$"), _is_ip),
+    (re.compile(_SERVICE + r"SERVICE_PORT(?:_[A-Z0-9_]+)?$"), _is_port),
+    (re.compile(_SERVICE + r"PORT$"), _is_link_url),
+    (re.compile(_SERVICE + _LINK + r"$"), _is_link_url),
+    (re.compile(_SERVICE + _LINK + r"_PROTO$"), _is_protocol),
+    (re.compile(_SERVICE + _LINK + r"_PORT$"), _is_port),
+    (re.compile(_SERVICE + _LINK + r"_ADDR$"), _is_ip),
+)
 
 
 def otel_traces_exporter(environ: Mapping[str, str] | None = None) -> str | None:

@@ -4,7 +4,9 @@ aiohttp's client, measured against httpx on this workload (README, "Why
 aiohttp"), proxies several times more requests per second at a fraction of the
 tail latency. One pooled session per process; nothing is taken from the
 environment (``trust_env=False``: no proxy variables, no .netrc), no cookies
-are kept between callers, and bodies are never decoded or re-encoded.
+are kept between callers, and bodies are never decoded or re-encoded. An
+egress proxy is used only when ``GATEWAY_UPSTREAM_PROXY`` names one: plain
+http upstreams are sent to it in absolute form, https ones through CONNECT.
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ def create_session(settings: Settings) -> aiohttp.ClientSession:
         sock_connect=settings.upstream_connect_timeout,
         sock_read=settings.upstream_read_timeout,
     )
+    # Credentials in the proxy URL become Proxy-Authorization (aiohttp reads
+    # the URL's userinfo), so they never need a separate setting.
+    proxy = settings.upstream_proxy.get_secret_value() if settings.upstream_proxy else None
     return aiohttp.ClientSession(
         connector=connector,
+        proxy=proxy,
         timeout=timeout,
         auto_decompress=False,
         trust_env=False,

@@ -311,35 +311,88 @@ class RedisServer:
 
 
 class RedisCluster:
-    """Three masters (no replicas) with ``cluster-enabled``, joined into one cluster."""
+    """Primaries (``masters``), each with ``replicas`` replicas, joined into one cluster.
 
-    def __init__(self, *, masters: int = 3, startup_timeout: float = 30.0) -> None:
+    ``node_timeout_ms`` is ``cluster-node-timeout``: how long a silent primary
+    goes before the others mark it failed and its replica is elected, so it
+    bounds how long a failover test runs.
+    """
+
+    def __init__(
+        self,
+        *,
+        masters: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 5000,
+        extra: Mapping[str, str] | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
         self.nodes: list[RedisServer] = []
         try:
-            for _ in range(masters):
+            for _ in range(masters * (1 + replicas)):
                 options = {
                     "cluster-enabled": "yes",
                     "cluster-config-file": "nodes.conf",
-                    "cluster-node-timeout": "5000",
+                    "cluster-node-timeout": str(node_timeout_ms),
                     # Explicit bus port: port+10000 may be taken or above 65535.
                     "cluster-port": str(free_port()),
+                    **(extra or {}),
                 }
                 self.nodes.append(RedisServer(extra_args=_flags(options)))
             addresses = [f"{node.host}:{node.port}" for node in self.nodes]
             subprocess.run(
-                ["redis-cli", "--cluster", "create", *addresses, "--cluster-yes"],
+                [
+                    "redis-cli",
+                    "--cluster",
+                    "create",
+                    *addresses,
+                    "--cluster-replicas",
+                    str(replicas),
+                    "--cluster-yes",
+                ],
                 check=True,
                 capture_output=True,
                 timeout=startup_timeout,
             )
             wait_until(
-                lambda: all(self._state_ok(node) for node in self.nodes),
+                lambda: (
+                    all(self._state_ok(node) for node in self.nodes)
+                    and self._replicas_linked(replicas * masters)
+                ),
                 timeout=startup_timeout,
-                what=lambda: "cluster_state:ok on every node",
+                what=lambda: "cluster_state:ok on every node, every replica linked",
             )
         except BaseException:
             self.stop()
             raise
+
+    def _replicas_linked(self, expected: int) -> bool:
+        """Whether ``expected`` replicas have finished their first sync."""
+        linked = 0
+        for node in self.nodes:
+            with redis.Redis(host=node.host, port=node.port, socket_timeout=1) as client:
+                info = client.info("replication")
+            if info.get("role") == "slave" and info.get("master_link_status") == "up":
+                linked += 1
+        return linked == expected
+
+    def alive(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.proc is not None and node.proc.poll() is None]
+
+    def primary_of(self, key: str | bytes) -> RedisServer:
+        """The node that serves ``key``'s slot now, as a running node's CLUSTER SLOTS says."""
+        node = self.alive()[0]
+        with redis.Redis(host=node.host, port=node.port, socket_timeout=1) as client:
+            slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+            ranges = client.execute_command("CLUSTER", "SLOTS")
+        for start, end, primary, *_ in ranges:
+            if int(start) <= slot <= int(end):
+                return next(n for n in self.nodes if n.port == int(primary[1]))
+        raise LookupError(f"no node serves slot {slot}")
+
+    def state_ok(self) -> bool:
+        """cluster_state:ok on every running node."""
+        return all(self._state_ok(node) for node in self.alive())
 
     @staticmethod
     def _state_ok(node: RedisServer) -> bool:
@@ -367,6 +420,109 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class RedisSentinels:
+    """A master, one replica and ``count`` sentinels (``redis-server --sentinel``) watching them.
+
+    ``down_after_ms`` is how long the master may be silent before a sentinel
+    calls it down; with a quorum of two that starts the failover, so it
+    bounds how long a failover test runs.
+    """
+
+    MASTER_NAME = "gateway-master"
+
+    def __init__(
+        self, *, count: int = 3, down_after_ms: int = 1000, startup_timeout: float = 30.0
+    ) -> None:
+        self.sentinels: list[tuple[subprocess.Popen[bytes], int]] = []
+        self.dir = Path(tempfile.mkdtemp(prefix="redis-sentinel-test-"))
+        self.servers: list[RedisServer] = []
+        try:
+            master = RedisServer()
+            self.servers.append(master)
+            replica = RedisServer(extra_args=["--replicaof", master.host, str(master.port)])
+            self.servers.append(replica)
+            wait_until(
+                lambda: self._link_up(replica),
+                timeout=startup_timeout,
+                what=lambda: "the replica to sync with the master",
+            )
+            for n in range(count):
+                port = free_port()
+                conf = self.dir / f"sentinel-{n}.conf"
+                conf.write_text(
+                    f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                    f"sentinel monitor {self.MASTER_NAME} {master.host} {master.port} 2\n"
+                    f"sentinel down-after-milliseconds {self.MASTER_NAME} {down_after_ms}\n"
+                    f"sentinel failover-timeout {self.MASTER_NAME} 10000\n"
+                )
+                log = open(self.dir / f"sentinel-{n}.log", "ab")  # noqa: SIM115 - closed by Popen's end
+                proc = subprocess.Popen(
+                    ["redis-server", str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+                )
+                log.close()
+                self.sentinels.append((proc, port))
+            wait_until(
+                lambda: all(self._sees_everyone(port, count) for _, port in self.sentinels),
+                timeout=startup_timeout,
+                what=lambda: "every sentinel to know the replica and the other sentinels",
+            )
+        except BaseException:
+            self.stop()
+            raise
+
+    @staticmethod
+    def _link_up(replica: RedisServer) -> bool:
+        with redis.Redis(host=replica.host, port=replica.port, socket_timeout=1) as client:
+            return bool(client.info("replication").get("master_link_status") == "up")
+
+    def _sees_everyone(self, port: int, count: int) -> bool:
+        try:
+            with redis.Redis(host="127.0.0.1", port=port, socket_timeout=1) as client:
+                state = client.execute_command("SENTINEL", "MASTER", self.MASTER_NAME)
+        except redis.exceptions.RedisError:
+            return False
+        if isinstance(state, list):
+            state = dict(zip(state[::2], state[1::2], strict=True))
+        fields = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in state.items()
+        }
+        return int(fields["num-slaves"]) >= 1 and int(fields["num-other-sentinels"]) == count - 1
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", port) for _, port in self.sentinels]
+
+    @property
+    def setting(self) -> str:
+        """GATEWAY_REDIS_SENTINELS for these sentinels."""
+        return ",".join(f"{host}:{port}" for host, port in self.addresses)
+
+    def master(self) -> RedisServer:
+        """The server the first answering sentinel names as master now."""
+        for host, port in self.addresses:
+            try:
+                with redis.Redis(host=host, port=port, socket_timeout=1) as client:
+                    _, master_port = client.sentinel_get_master_addr_by_name(self.MASTER_NAME)
+            except redis.exceptions.RedisError:
+                continue
+            return next(s for s in self.servers if s.port == int(master_port))
+        raise LookupError("no sentinel answers")
+
+    def stop(self) -> None:
+        for proc, _ in self.sentinels:
+            terminate(proc, timeout=5.0)
+        for server in self.servers:
+            server.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Self:
         return self

@@ -192,7 +192,9 @@ async def test_a_429_and_its_retry_after_are_readable_by_the_page(redis_url: str
 
 async def test_an_expired_secret_is_renewed_and_the_call_retried_once(redis_url: str) -> None:
     async with (
-        stack(redis_url, {"EXAMPLE_SESSION_SECONDS": "1"}) as s,
+        # Long enough that the first call is made with the first secret even
+        # on a loaded machine; the poll below waits for its expiry.
+        stack(redis_url, {"EXAMPLE_SESSION_SECONDS": "3"}) as s,
         example_page(f"{s.page_origin}/") as page,
     ):
         result = await page.evaluate(

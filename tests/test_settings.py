@@ -14,8 +14,8 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.errors import ConfigError
-from gateway.settings import MIB, Settings, UnknownSecrets, load_settings
-from tests.harness import REPO_ROOT, GatewayProcess, free_port, gateway_env
+from gateway.settings import MIB, Settings, UnknownSecrets, file_settings, load_settings
+from tests.harness import REPO_ROOT, GatewayProcess, RedisServer, free_port, gateway_env
 
 ADMIN_TOKEN = "admin-token-0123456789-abcdef"
 PEPPER = "pepper-value-9f8e7d6c"
@@ -286,3 +286,270 @@ def test_start_up_line_shows_the_configuration_without_secrets() -> None:
     assert "'admin_token': '***'" in ready[0]
     for secret in (ADMIN_TOKEN, PEPPER):
         assert secret not in output
+
+
+# -- Kubernetes service links --------------------------------------------------------------
+
+
+def service_links(
+    service: str, ip: str, port: int, port_name: str, proto: str = "TCP"
+) -> dict[str, str]:
+    """Exactly what kubelet injects for a Service with one named port."""
+    prefix = service.upper().replace("-", "_")
+    url = f"{proto.lower()}://{f'[{ip}]' if ':' in ip else ip}:{port}"
+    link = f"{prefix}_PORT_{port}_{proto}"
+    return {
+        f"{prefix}_SERVICE_HOST": ip,
+        f"{prefix}_SERVICE_PORT": str(port),
+        f"{prefix}_SERVICE_PORT_{port_name.upper().replace('-', '_')}": str(port),
+        f"{prefix}_PORT": url,
+        link: url,
+        f"{link}_PROTO": proto.lower(),
+        f"{link}_PORT": str(port),
+        f"{link}_ADDR": ip,
+    }
+
+
+# Services a namespace running the gateway plausibly has.
+K8S_LINKS = (
+    service_links("gateway", "10.96.0.10", 80, "http")
+    | service_links("gateway-admin", "10.96.0.11", 8081, "admin")
+    | service_links("gateway-redis", "10.96.0.12", 6379, "redis")
+    | service_links("gateway-metrics", "fd00:10:96::13", 9090, "metrics-udp", proto="UDP")
+    | service_links("gateway-sctp", "10.96.0.14", 3868, "diameter", proto="SCTP")
+)
+
+
+def test_service_link_variables_are_ignored_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="gateway.settings"):
+        settings = load_settings(K8S_LINKS | {"GATEWAY_UPSTREAM_URL": "http://up.example"})
+    assert settings == load_settings({"GATEWAY_UPSTREAM_URL": "http://up.example"})
+    assert settings.port == 8080  # GATEWAY_PORT=tcp://... did not set the port
+    assert settings.admin_port == 8081
+    assert settings.redis_url is None
+    warnings = [r for r in caplog.records if r.name == "gateway.settings"]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    for name in K8S_LINKS:
+        assert name in message
+    assert "enableServiceLinks" in message
+    assert "10.96.0.10" not in message  # names only, never values
+
+
+def test_service_links_leave_explicit_settings_alone() -> None:
+    # Kubernetes lets a container's own env win over a link of the same name.
+    links = K8S_LINKS | {"GATEWAY_PORT": "9000", "GATEWAY_ADMIN_PORT": "9001"}
+    settings = load_settings(links)
+    assert (settings.port, settings.admin_port) == (9000, 9001)
+
+
+def test_no_warning_without_service_links_or_when_not_asked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="gateway.settings"):
+        load_settings({"GATEWAY_PORT": "9000"})
+        load_settings(K8S_LINKS, report_ignored=False)
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        # Link-shaped names whose values are not what Kubernetes writes.
+        ("GATEWAY_PORT", "tcp//10.0.0.1:80"),
+        ("GATEWAY_PORT", "http://10.0.0.1:80"),
+        ("GATEWAY_ADMIN_PORT", "80800"),
+        ("GATEWAY_SERVICE_HOST", "gateway.example"),
+        ("GATEWAY_REDIS_PORT_6379_TCP_PORT", "redis"),
+        ("GATEWAY_REDIS_PORT_6379_TCP_PROTO", "http"),
+        ("GATEWAY_REDIS_PORT_6379_TCP_ADDR", "999.1.1.1"),
+        ("GATEWAY_SERVICE_PORT", "0"),
+        # Plain typos of real settings.
+        ("GATEWAY_UPSTREM_URL", "http://x"),
+        ("GATEWAY_PORTS", "tcp://10.0.0.1:80"),
+    ],
+)
+def test_typos_that_resemble_service_links_still_fail(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({variable: value})
+    assert variable in str(caught.value)
+
+
+def test_serve_starts_with_service_link_variables(tmp_path: Path) -> None:
+    # GATEWAY_PORT is the link's tcp:// URL here, so the listener's port comes
+    # from the TOML file: the gateway answering on it proves the link was ignored.
+    port = free_port()
+    (tmp_path / "gateway.toml").write_text(f"port = {port}\n")
+    env = K8S_LINKS | {"GATEWAY_CONFIG_FILE": str(tmp_path / "gateway.toml")}
+    with GatewayProcess("http://127.0.0.1:9", port=port, env=env) as gateway:
+        output = gateway.output()
+    assert gateway.proc.returncode == 0
+    warnings = [line for line in output.splitlines() if "service-link" in line]
+    assert len(warnings) == 1, output
+    assert "GATEWAY_ADMIN_SERVICE_HOST" in warnings[0]
+
+
+def test_revoke_cli_runs_with_service_link_variables() -> None:
+    with RedisServer() as redis:
+        env = gateway_env("http://127.0.0.1:9", port=free_port(), redis_url=redis.url)
+        env |= K8S_LINKS
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", "revoke", "--session-id", "cksess_links"],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    assert "session cksess_links" in result.stdout
+    assert "GATEWAY_PORT_80_TCP_ADDR" in result.stderr
+
+
+# -- secrets from files --------------------------------------------------------------------
+
+
+ISSUER_KEYS = "sk-issuer-key-0123456789,sha256:" + "ab" * 32
+SIGNING_KEY = "identity-signing-key-0123456789abcdef"
+
+
+def secret_file(tmp_path: Path, name: str, content: str) -> str:
+    path = tmp_path / name
+    path.write_text(content)
+    path.chmod(0o400)
+    return str(path)
+
+
+def test_every_secret_setting_can_come_from_a_file(tmp_path: Path) -> None:
+    url = f"redis://default:{REDIS_PASSWORD}@127.0.0.1:6390/3"
+    settings = load_settings(
+        {
+            # Trailing newlines, as `echo` and editors leave them, are dropped.
+            "GATEWAY_REDIS_URL_FILE": secret_file(tmp_path, "redis-url", url + "\n"),
+            "GATEWAY_SECRET_PEPPER_FILE": secret_file(tmp_path, "pepper", PEPPER + "\r\n"),
+            "GATEWAY_ADMIN_TOKEN_FILE": secret_file(tmp_path, "admin-token", ADMIN_TOKEN),
+            "GATEWAY_UPSTREAM_PROXY_FILE": secret_file(
+                tmp_path, "proxy", "http://u:p@proxy.internal:3128\n"
+            ),
+            "GATEWAY_ISSUER_API_KEYS_FILE": secret_file(tmp_path, "keys", ISSUER_KEYS + "\n"),
+            "GATEWAY_IDENTITY_SIGNING_KEY_FILE": secret_file(tmp_path, "signing", SIGNING_KEY),
+        }
+    )
+    assert settings.issuer_api_keys is not None
+    assert settings.issuer_api_keys.get_secret_value() == ISSUER_KEYS
+    assert settings.identity_signing_key is not None
+    assert settings.identity_signing_key.get_secret_value() == SIGNING_KEY
+    assert settings.redis_url is not None
+    assert settings.redis_url.get_secret_value() == url
+    assert settings.secret_pepper is not None
+    assert settings.secret_pepper.get_secret_value() == PEPPER
+    assert settings.admin_token is not None
+    assert settings.admin_token.get_secret_value() == ADMIN_TOKEN
+    assert settings.upstream_proxy is not None
+    assert settings.upstream_proxy.get_secret_value() == "http://u:p@proxy.internal:3128"
+
+
+def test_file_settings_cover_every_secret_field() -> None:
+    # A secret setting added later is readable from a file without listing it.
+    secrets = {
+        name
+        for name, field in Settings.model_fields.items()
+        if "SecretStr" in str(field.annotation)
+    }
+    assert {
+        "redis_url",
+        "secret_pepper",
+        "admin_token",
+        "upstream_proxy",
+        "issuer_api_keys",
+        "identity_signing_key",
+    } <= secrets
+    assert secrets <= file_settings()
+    assert "port" not in file_settings()  # settings that are not secrets are not
+
+
+def test_file_values_are_validated_like_variables(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"GATEWAY_ADMIN_TOKEN_FILE": secret_file(tmp_path, "t", "short\n")})
+    assert str(caught.value).startswith("GATEWAY_ADMIN_TOKEN: ")
+    assert "short" not in str(caught.value).removeprefix("GATEWAY_ADMIN_TOKEN: ").split()[0]
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        # Both the variable and its _FILE: which one wins would be a guess.
+        (
+            {"GATEWAY_SECRET_PEPPER": PEPPER, "GATEWAY_SECRET_PEPPER_FILE": "{file}"},
+            "GATEWAY_SECRET_PEPPER and GATEWAY_SECRET_PEPPER_FILE are both set",
+        ),
+        ({"GATEWAY_SECRET_PEPPER_FILE": "{missing}"}, "GATEWAY_SECRET_PEPPER_FILE: cannot read"),
+        ({"GATEWAY_SECRET_PEPPER_FILE": "{dir}"}, "GATEWAY_SECRET_PEPPER_FILE: cannot read"),
+        ({"GATEWAY_SECRET_PEPPER_FILE": "{empty}"}, "GATEWAY_SECRET_PEPPER_FILE: "),
+        # Only secrets come from files.
+        ({"GATEWAY_PORT_FILE": "{file}"}, "GATEWAY_PORT_FILE: only secret settings"),
+    ],
+)
+def test_bad_secret_files_give_one_line_naming_the_variable(
+    tmp_path: Path, environ: dict[str, str], expected: str
+) -> None:
+    paths = {
+        "file": secret_file(tmp_path, "pepper", PEPPER),
+        "missing": str(tmp_path / "absent"),
+        "dir": str(tmp_path),
+        "empty": secret_file(tmp_path, "empty", "\n"),
+    }
+    environ = {name: value.format(**paths) for name, value in environ.items()}
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ)
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(expected)
+    assert PEPPER not in lines[0]
+
+
+def test_serve_reads_secrets_from_files(tmp_path: Path) -> None:
+    gateway = GatewayProcess(
+        "http://127.0.0.1:9",
+        env={
+            "GATEWAY_ADMIN_TOKEN_FILE": secret_file(tmp_path, "admin", ADMIN_TOKEN + "\n"),
+            "GATEWAY_ADMIN_PORT": str(free_port()),
+        },
+    )
+    with gateway:
+        output = gateway.output()
+    assert "'admin_token': '***'" in output
+    assert ADMIN_TOKEN not in output
+
+
+# -- the egress proxy setting ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "socks5://proxy.internal:1080",  # aiohttp speaks http(s) proxies only
+        "proxy.internal:3128",  # no scheme
+        "http://",  # no host
+        "http://proxy.internal:3128/path",
+        "http://proxy.internal:3128/?a=1",
+        "http://proxy.internal:99999",
+    ],
+)
+def test_bad_upstream_proxy_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"GATEWAY_UPSTREAM_PROXY": value})
+    assert str(caught.value).startswith("GATEWAY_UPSTREAM_PROXY: ")
+
+
+def test_upstream_proxy_credentials_are_redacted() -> None:
+    settings = load_settings(
+        {"GATEWAY_UPSTREAM_PROXY": f"https://egress:{REDIS_PASSWORD}@proxy.internal:3128"}
+    )
+    redacted = settings.redacted()
+    assert redacted["upstream_proxy"] == "https://proxy.internal:3128"
+    assert REDIS_PASSWORD not in repr(redacted)
+    assert REDIS_PASSWORD not in repr(settings)

@@ -5,10 +5,13 @@ one command per request on the server (``INFO commandstats`` counts them),
 but one socket write and one read for the batch, which is what keeps the
 decision cheap next to the proxying itself.
 
-On standalone Redis the batch goes out on a connection kept for admissions,
-packed by hiredis and read with redis-py's parser (its internals, see
-:class:`_ConnectionSender`); on a cluster it is a non-transactional pipeline,
-which routes each command to its slot's node.
+A batch goes out on a connection kept for admissions, packed by hiredis and
+read with redis-py's parser (its internals, see :class:`_ConnectionSender`).
+On a cluster every primary gets a lane of its own (its own queue, batch,
+connection and clock offset; :class:`~gateway.store.redis.cluster.ClusterRouter`
+says which), so a node that fails or hangs fails only its own slots'
+decisions, and a command answered MOVED, ASK or TRYAGAIN (not run) is sent
+again where the slot lives now.
 """
 
 from __future__ import annotations
@@ -24,14 +27,15 @@ from importlib import resources
 from typing import Any, Protocol
 
 import hiredis
-import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.exceptions import AskError, MovedError, NoScriptError, RedisError, ResponseError
 
 from gateway.errors import StoreUnavailable
 from gateway.ratelimit import OUTCOMES, Decision, Identity, Window
 from gateway.store.base import AdmitRequest
 from gateway.store.redis.client import Availability, Client, is_oom
+from gateway.store.redis.cluster import ClusterRouter
 from gateway.store.redis.keys import KeyLayout
 
 logger = logging.getLogger(__name__)
@@ -52,7 +56,12 @@ VOID_RETRY_SECONDS = 0.05
 MAX_VOIDS = 100_000
 
 Command = tuple[Any, ...]
-_Pending = tuple[AdmitRequest, "asyncio.Future[Decision]"]
+# A request, its caller's future, and how often it was redirected already.
+_Pending = tuple[AdmitRequest, "asyncio.Future[Decision]", int]
+#: A command answered MOVED/ASK/TRYAGAIN is sent again at most this often.
+MAX_REDIRECTS = 3
+#: Behind Sentinel, the master's address is asked again at most this often.
+MASTER_CHECK_SECONDS = 1.0
 
 
 def decode_decision(reply: list[Any]) -> Decision:
@@ -92,12 +101,17 @@ class _ConnectionSender:
     and one deadline covers the batch. Parsing stays redis-py's.
     """
 
-    def __init__(self, client: aioredis.Redis, timeout: float, availability: Availability) -> None:
+    def __init__(self, pool: Any, timeout: float, availability: Availability) -> None:
+        # A ConnectionPool, or a cluster node: both carry the class and
+        # arguments of the connections they make.
         self._availability = availability
-        self._pool = client.connection_pool
+        self._pool = pool
         self._timeout = timeout
         self._connection: Any = None
         self.connections = 0
+        self._sentinel = isinstance(pool, SentinelConnectionPool)
+        self._master_checked = -math.inf
+        self._asking: asyncio.Future[None] | None = None
 
     async def send(self, commands: list[Command]) -> list[Any]:
         payload = b"".join([hiredis.pack_command(args) for args in commands])
@@ -124,6 +138,10 @@ class _ConnectionSender:
 
     async def _ready_connection(self) -> Any:
         connection = self._connection
+        if connection is not None and self._sentinel and not self._on_master(connection):
+            logger.warning("Sentinel names a new master; admissions follow it")
+            await connection.disconnect(nowait=True)
+            connection = self._connection = None
         if connection is not None:
             try:
                 # Readable while idle means closed by the server (a restart,
@@ -139,56 +157,83 @@ class _ConnectionSender:
         # asyncio.wait_for, a task per batch.
         connection = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         async with asyncio.timeout(self._timeout):
-            await connection.connect()  # type: ignore[no-untyped-call]
+            await connection.connect()
         self._connection = connection
         self.connections += 1
         return connection
 
+    def _on_master(self, connection: Any) -> bool:
+        """Whether the kept connection still reaches the master the sentinels name.
+
+        A master handed over by ``SENTINEL FAILOVER`` keeps running and
+        accepting writes until the sentinels reconfigure it, seconds later;
+        what it counts meanwhile is lost when it becomes a replica. So the
+        sentinels are asked again at most every MASTER_CHECK_SECONDS (which
+        also drops the pool's idle connections to a former master), in the
+        background: a slow sentinel must not hold up admissions.
+        """
+        now = asyncio.get_running_loop().time()
+        if now >= self._master_checked + MASTER_CHECK_SECONDS and (
+            self._asking is None or self._asking.done()
+        ):
+            self._master_checked = now
+            self._asking = asyncio.ensure_future(self._ask_sentinels())
+        master = self._pool.master_address
+        return master is None or bool((connection.host, connection.port) == master)
+
+    async def _ask_sentinels(self) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._pool.get_master_address()
+        except (RedisError, OSError, TimeoutError):
+            pass  # no sentinel answers: nothing says the master moved
+
     async def close(self) -> None:
+        if self._asking is not None:
+            self._asking.cancel()
+            await asyncio.gather(self._asking, return_exceptions=True)
         if self._connection is not None:
             await self._connection.disconnect()
 
 
-class _PipelineSender:
-    def __init__(self, client: RedisCluster, availability: Availability) -> None:
-        self._availability = availability
-        self._client = client
-        self.connections = 0
+class _Lane:
+    """Admissions bound for one server: queued, then sent as batches on one connection.
 
-    async def send(self, commands: list[Command]) -> list[Any]:
-        async def run() -> list[Any]:
-            pipe = self._client.pipeline(transaction=False)
-            for args in commands:
-                pipe.execute_command(*args)
-            return await pipe.execute(raise_on_error=False)
+    ``name`` is the cluster node's (empty on standalone Redis). The clock
+    offset is the lane's own: each server has its own clock.
+    """
 
-        return await self._availability.call(run)
+    __slots__ = ("drainer", "measured_on", "name", "offset_us", "pending", "sender")
 
-    async def close(self) -> None:
-        return None
+    def __init__(self, name: str, sender: _Sender) -> None:
+        self.name = name
+        self.sender = sender
+        self.pending: list[_Pending] = []
+        self.drainer: asyncio.Future[None] | None = None
+        self.offset_us: int | None = None  # Redis TIME minus monotonic, µs
+        self.measured_on = -1  # the sender's connection count when measured
 
 
 class AdmissionBatcher:
-    """Queues admissions and sends them as batches, one batch in flight.
+    """Queues admissions and sends them as batches, one batch in flight per lane.
 
     A request answered 503 must not count in its window, yet Redis may run
     its script after the gateway gave up (a paused server runs what its
     socket holds when it resumes). Two guards:
 
     - a deadline in Redis time (``admit.lua`` refuses to write after it),
-      from an offset between Redis ``TIME`` and this process's monotonic
-      clock, measured by a ``TIME`` in the first batch on each connection
-      and after a script found the offset wrong. It is measured when the
-      reply is read, so it errs early: a script that writes ran within
-      ``budget`` of its batch being built, which is shorter than the
+      from an offset between the lane's server's ``TIME`` and this process's
+      monotonic clock, measured by a ``TIME`` in the first batch on each
+      connection and after a script found the offset wrong. It is measured
+      when the reply is read, so it errs early: a script that writes ran
+      within ``budget`` of its batch being built, which is shorter than the
       gateway's own timeout. Drift between the clocks costs at most a 503
       for a request that Redis was already too slow for (and a re-measure)
-      or a late write that the next guard undoes. Standalone Redis only
-      (cluster nodes each have their own clock);
+      or a late write that the next guard undoes;
     - each admission's window member is chosen here, and a batch that fails
-      is undone (``void.lua``, removing those members) before the next one,
-      on any Redis: that covers a script that ran in time but whose reply
-      came too late.
+      is undone (``void.lua``, removing those members) before the next one
+      on the lane of the member's slot: that covers a script that ran in
+      time but whose reply came too late.
     """
 
     def __init__(
@@ -204,35 +249,90 @@ class AdmissionBatcher:
         self._client = client
         self._keys = keys
         self._window_us = window_seconds * 1_000_000
-        cluster = isinstance(client, RedisCluster)
-        self._sender: _Sender = (
-            _PipelineSender(client, availability)
-            if isinstance(client, RedisCluster)
-            else _ConnectionSender(client, timeout, availability)
-        )
-        self._pending: list[_Pending] = []
-        self._drainer: asyncio.Future[None] | None = None
+        self._timeout = timeout
+        self._router: ClusterRouter | None = None
+        # Standalone Redis: the one lane. A cluster: a lane per primary.
+        self._lane: _Lane | None = None
+        self._lanes: dict[str, _Lane] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
+        if isinstance(client, RedisCluster):
+            self._router = ClusterRouter(client, on_refresh=self._keep_lanes)
+        else:
+            sender = _ConnectionSender(client.connection_pool, timeout, availability)
+            self._lane = _Lane("", sender)
         self._closing = False
-        # Deadlines.
-        self._deadlines = not cluster
+        # Deadlines on every lane (each its own server and clock); off only
+        # where a test exercises the undo alone.
+        self._deadlines = True
         self._budget_us = int((timeout - min(DEADLINE_MARGIN_SECONDS, timeout / 4)) * 1_000_000)
-        self._offset_us: int | None = None  # Redis TIME minus monotonic, µs
-        self._measured_on = -1  # the sender's connection count when measured
         # Members: unique across replicas and restarts, short.
         self._member_prefix = secrets.token_hex(6) + ":"
         self._sequence = itertools.count()
-        self._voids: dict[str, Command] = {}  # member -> the command undoing it
+        # Lane name -> member -> the command undoing it.
+        self._voids: dict[str, dict[str, Command]] = {}
 
     async def admit(self, request: AdmitRequest) -> Decision:
         future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        self._pending.append((request, future))
-        if self._drainer is None:
-            # The drainer starts on the next loop turn, so every handler that
-            # runs in this turn joins the first batch.
-            self._drainer = asyncio.ensure_future(self._drain())
+        lane = self._lane
+        if lane is None:
+            lane = await self._lane_for(request.secret_hash)
+        self._enqueue(lane, (request, future, 0))
         return await future
 
-    async def _drain(self) -> None:
+    def _enqueue(self, lane: _Lane, item: _Pending) -> None:
+        lane.pending.append(item)
+        self._wake(lane)
+
+    def _wake(self, lane: _Lane) -> None:
+        if lane.drainer is None:
+            # The drainer starts on the next loop turn, so every handler that
+            # runs in this turn joins the first batch.
+            lane.drainer = asyncio.ensure_future(self._drain(lane))
+
+    async def _lane_for(self, secret_hash: str) -> _Lane:
+        """The lane of the primary that serves the secret's slot (a cluster)."""
+        router = self._router
+        if router is None:  # pragma: no cover - only clusters have lanes per node
+            raise RuntimeError("no cluster router")
+        node = await router.node_for(self._keys.secret(secret_hash).session)
+        lane = self._lanes.get(node.name)
+        if lane is None:
+            sender = _ConnectionSender(node, self._timeout, self._availability)
+            lane = self._lanes[node.name] = _Lane(node.name, sender)
+        return lane
+
+    def _keep_lanes(self, primaries: frozenset[str]) -> None:
+        """After a topology refresh: let go of nodes that are no longer primaries."""
+        for name in [name for name in self._lanes if name not in primaries]:
+            self._spawn(self._retire(self._lanes.pop(name)))
+            for member, command in self._voids.pop(name, {}).items():
+                self._spawn(self._rehome_void(member, command))
+
+    async def _retire(self, lane: _Lane) -> None:
+        if lane.drainer is not None:
+            await asyncio.gather(lane.drainer, return_exceptions=True)
+        await lane.sender.close()
+
+    async def _rehome_void(self, member: str, command: Command) -> None:
+        """Queue undo work on the lane that serves its slot now."""
+        try:
+            lane = await self._lane_for_key(command[3])
+        except StoreUnavailable:
+            return  # no node for it now; the member expires with its window
+        self._keep_void(lane.name, member, command)
+        self._wake(lane)
+
+    async def _lane_for_key(self, key: str) -> _Lane:
+        # Voids carry the session key, which shares the secret's hash tag.
+        secret_hash = key.split("{", 1)[1].split("}", 1)[0]
+        return await self._lane_for(secret_hash)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task: asyncio.Future[None] = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self, lane: _Lane) -> None:
         """Send queued decisions, one batch in flight at a time.
 
         While a batch is on the wire the next one fills up, so under load
@@ -241,13 +341,13 @@ class AdmissionBatcher:
         by a failed batch is sent on its own when no admission comes.
         """
         try:
-            while self._pending or (self._voids and not self._closing):
-                batch, self._pending = self._pending, []
-                await self._run(batch)
-                if not batch and self._voids:
+            while lane.pending or (self._voids.get(lane.name) and not self._closing):
+                batch, lane.pending = lane.pending, []
+                await self._run(lane, batch)
+                if not batch and self._voids.get(lane.name):
                     await asyncio.sleep(VOID_RETRY_SECONDS)
         finally:
-            self._drainer = None
+            lane.drainer = None
 
     def _command(self, request: AdmitRequest, member: str, deadline: int) -> Command:
         session, window, revoked = self._keys.secret(request.secret_hash)
@@ -272,29 +372,29 @@ class AdmissionBatcher:
         users = 1 if request.user_limit else 0
         return ("EVALSHA", VOID_SHA, 2, session, window, member, self._keys.user_prefix, users)
 
-    async def _run(self, batch: list[_Pending]) -> None:
+    async def _run(self, lane: _Lane, batch: list[_Pending]) -> None:
         deadline = 0
         refresh = False
         if self._deadlines:
-            if self._offset_us is not None:
-                deadline = int(time.monotonic() * 1_000_000) + self._offset_us + self._budget_us
+            if lane.offset_us is not None:
+                deadline = int(time.monotonic() * 1_000_000) + lane.offset_us + self._budget_us
             # Measured on each new connection (a reconnection may well mean
             # a restarted or failed-over Redis, another clock).
-            refresh = self._measured_on != self._sender.connections
+            refresh = lane.measured_on != lane.sender.connections
         prefix, sequence = self._member_prefix, self._sequence
         members = [f"{prefix}{next(sequence):x}" for _ in batch]
-        voided = list(self._voids.items())
+        voided = list(self._voids.get(lane.name, {}).items())
         commands = [command for _, command in voided]
         commands += [
             self._command(req, member, deadline)
-            for (req, _), member in zip(batch, members, strict=True)
+            for (req, _, _), member in zip(batch, members, strict=True)
         ]
         if refresh:
             commands.append(("TIME",))
         try:
-            replies = await self._evalsha(commands)
+            replies = await self._evalsha(lane, commands)
         except Exception as exc:
-            self._keep_voids(batch, members)
+            self._keep_voids(lane, batch, members)
             # Every waiting request gets an answer, whatever went wrong.
             error = (
                 exc
@@ -303,75 +403,136 @@ class AdmissionBatcher:
             )
             if not isinstance(exc, StoreUnavailable):
                 logger.exception("Admission batch failed")
-            for _, future in batch:
+            if self._router is not None:
+                self._router.stale()  # a node that fails may have been replaced
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(error)
             return
         if refresh:
-            self._learn_offset(replies.pop())
+            self._learn_offset(lane, replies.pop())
         if voided:
-            for (member, _), reply in zip(voided, replies, strict=False):
-                if not isinstance(reply, Exception):
-                    self._voids.pop(member, None)
+            self._settle_voids(lane, voided, replies)
             replies = replies[len(voided) :]
         if self._availability.full and not all(isinstance(r, Exception) for r in replies):
             # Redis ran an admission script, which it refuses when full.
             self._availability.answered(wrote=True)
-        for (_, future), reply in zip(batch, replies, strict=True):
+        router = self._router
+        for (request, future, redirects), reply in zip(batch, replies, strict=True):
             if future.done():  # the request was cancelled meanwhile
                 continue
-            if isinstance(reply, Exception):
-                future.set_exception(self._refusal(reply))
-            else:
+            if not isinstance(reply, Exception):
                 future.set_result(decode_decision(reply))
+            elif router is not None and redirects < MAX_REDIRECTS and router.retryable(reply):
+                # Not run where it was sent, so sending it again counts it once.
+                self._spawn(self._redirect(request, future, redirects + 1, reply))
+            else:
+                if router is not None:
+                    router.failed(reply)
+                future.set_exception(self._refusal(lane, reply))
 
-    def _refusal(self, reply: Exception) -> StoreUnavailable:
+    def _settle_voids(
+        self, lane: _Lane, voided: list[tuple[str, Command]], replies: list[Any]
+    ) -> None:
+        bucket = self._voids.get(lane.name, {})
+        for (member, command), reply in zip(voided, replies, strict=False):
+            if not isinstance(reply, Exception):
+                bucket.pop(member, None)
+            elif self._router is not None and self._router.retryable(reply):
+                # The slot moved: the undo goes where the member is now.
+                bucket.pop(member, None)
+                self._spawn(self._rehome_void(member, command))
+        if not bucket:
+            self._voids.pop(lane.name, None)
+
+    async def _redirect(
+        self,
+        request: AdmitRequest,
+        future: asyncio.Future[Decision],
+        redirects: int,
+        reply: Exception,
+    ) -> None:
+        """Send a redirected admission again, where its slot lives now."""
+        router = self._router
+        if router is None:  # pragma: no cover - only cluster replies redirect
+            return
+        try:
+            await router.redirected(reply)
+            if isinstance(reply, AskError) and not isinstance(reply, MovedError):
+                # A slot mid-migration: ASKING must precede the command on the
+                # target's connection, which the cluster client does itself.
+                # EVAL, not EVALSHA: the target may not have the script yet.
+                member = f"{self._member_prefix}{next(self._sequence):x}"
+                _, _, *arguments = self._command(request, member, 0)
+                answer = await self._availability.call(
+                    lambda: router.send_asking("EVAL", ADMIT_SCRIPT, *arguments)
+                )
+                if not future.done():
+                    future.set_result(decode_decision(answer))
+                return
+            lane = await self._lane_for(request.secret_hash)
+        except (StoreUnavailable, RedisError) as exc:
+            if not future.done():
+                error = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(str(exc))
+                future.set_exception(error)
+            return
+        if not future.done():
+            self._enqueue(lane, (request, future, redirects))
+
+    def _refusal(self, lane: _Lane, reply: Exception) -> StoreUnavailable:
         if is_oom(reply):
             return self._availability.failed(reply)
         if str(reply).startswith(LATE):
             # Late by Redis's clock though the reply came in time by ours:
             # the offset is off (the Redis host's clock was stepped).
-            self._measured_on = -1
+            lane.measured_on = -1
             return StoreUnavailable("Redis answered after the admission deadline")
         return StoreUnavailable(f"Redis rejected the admission: {reply}")
 
-    def _keep_voids(self, batch: list[_Pending], members: list[str]) -> None:
-        for (request, _), member in zip(batch, members, strict=True):
-            self._voids[member] = self._void_command(request, member)
-        if len(self._voids) > MAX_VOIDS:
+    def _keep_voids(self, lane: _Lane, batch: list[_Pending], members: list[str]) -> None:
+        for (request, _, _), member in zip(batch, members, strict=True):
+            self._keep_void(lane.name, member, self._void_command(request, member))
+
+    def _keep_void(self, name: str, member: str, command: Command) -> None:
+        bucket = self._voids.setdefault(name, {})
+        bucket[member] = command
+        if len(bucket) > MAX_VOIDS:
             # An outage long enough to queue this many has outlived the
             # window: the oldest members have expired on their own anyway.
-            for member in list(self._voids)[: len(self._voids) - MAX_VOIDS]:
-                del self._voids[member]
+            for old in list(bucket)[: len(bucket) - MAX_VOIDS]:
+                del bucket[old]
 
-    def _learn_offset(self, reply: Any) -> None:
+    def _learn_offset(self, lane: _Lane, reply: Any) -> None:
         if isinstance(reply, Exception):
             return
         seconds, micros = reply
         now_us = int(time.monotonic() * 1_000_000)
-        self._offset_us = int(seconds) * 1_000_000 + int(micros) - now_us
-        self._measured_on = self._sender.connections  # the one that carried it
+        lane.offset_us = int(seconds) * 1_000_000 + int(micros) - now_us
+        lane.measured_on = lane.sender.connections  # the one that carried it
 
-    async def _evalsha(self, commands: list[Command]) -> list[Any]:
-        replies = await self._sender.send(commands)
+    async def _evalsha(self, lane: _Lane, commands: list[Command]) -> list[Any]:
+        replies = await lane.sender.send(commands)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:
             # After a restart, failover or SCRIPT FLUSH the cache is empty. A
             # NOSCRIPT reply means the script did not run, so resending is safe.
+            # Loaded on the lane's own connection: on a cluster, on the node
+            # that said NOSCRIPT (a replica promoted a moment ago).
             logger.info("Redis script cache was empty; loading the admission scripts")
-            await self._availability.call(self._load_scripts)
-            again = await self._sender.send([commands[i] for i in missing])
+            await lane.sender.send(
+                [("SCRIPT", "LOAD", ADMIT_SCRIPT), ("SCRIPT", "LOAD", VOID_SCRIPT)]
+            )
+            again = await lane.sender.send([commands[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
 
-    async def _load_scripts(self) -> Any:
-        # On a cluster this loads the scripts on every primary.
-        await self._client.script_load(ADMIT_SCRIPT)
-        return await self._client.script_load(VOID_SCRIPT)
-
     async def close(self) -> None:
         self._closing = True
-        if self._drainer is not None:
-            await asyncio.gather(self._drainer, return_exceptions=True)
-        await self._sender.close()
+        lanes = [self._lane] if self._lane is not None else list(self._lanes.values())
+        drainers = [lane.drainer for lane in lanes if lane.drainer is not None]
+        await asyncio.gather(*drainers, *self._tasks, return_exceptions=True)
+        if self._router is not None:
+            await self._router.close()
+        for lane in lanes:
+            await lane.sender.close()

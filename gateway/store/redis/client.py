@@ -6,12 +6,15 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import OutOfMemoryError, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
@@ -48,6 +51,61 @@ def connect(url: str, *, cluster: bool, timeout: float) -> Client:
         maint_notifications_config=MaintNotificationsConfig(enabled=False),
         **options,
     )
+
+
+class _SentinelClient(aioredis.Redis):
+    """The master's client, which also closes the connections to the sentinels."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        pool: Any = self.connection_pool
+        await super().aclose(close_connection_pool)
+        for sentinel in pool.sentinel_manager.sentinels:
+            await sentinel.aclose()
+
+
+def connect_sentinel(
+    sentinels: Sequence[tuple[str, int]],
+    master: str,
+    *,
+    url: str | None,
+    timeout: float,
+    sentinel_password: str | None = None,
+) -> aioredis.Redis:
+    """A client of the master the sentinels name, asked again on every new
+    connection, so a failover is followed as soon as a connection fails.
+
+    ``url`` (optional) gives the master's credentials and database only.
+    """
+    credentials: dict[str, Any] = {}
+    if url:
+        parsed = parse_url(url)
+        credentials = {k: v for k, v in parsed.items() if k in ("username", "password", "db")}
+        if urlsplit(url).scheme == "rediss":
+            credentials["ssl"] = True
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(sentinels),
+        sentinel_kwargs={
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "password": sentinel_password,
+            "retry": Retry(NoBackoff(), 0),
+        },
+        decode_responses=False,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+        **credentials,
+    )
+    client: aioredis.Redis = sentinel.master_for(
+        master,
+        redis_class=_SentinelClient,
+        max_connections=256,
+        # As for a plain client (see connect): dead pooled connections are
+        # found before use, not by a failed batch.
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+    )
+    return client
 
 
 def text(value: Any) -> str | None:

@@ -79,7 +79,9 @@ class RedisStore(Store):
         )
         self._revoke_id_script = client.register_script(_LUA.joinpath("revoke_id.lua").read_text())
         self._audit_script = client.register_script(_LUA.joinpath("audit.lua").read_text())
-        self._feed = RevocationFeed(pubsub_url, self.keys.channel, ping_seconds=ping_seconds)
+        self._feed = RevocationFeed(
+            pubsub_url, self.keys.channel, ping_seconds=ping_seconds, client=client
+        )
 
     # -- admission (hot path) -----------------------------------------------
 
