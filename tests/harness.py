@@ -58,6 +58,7 @@ __all__ = [
     "Samples",
     "Served",
     "assert_never_logged",
+    "cancel_session",
     "connection",
     "converse",
     "create_session",
@@ -66,6 +67,7 @@ __all__ = [
     "free_port",
     "gateway_env",
     "metric_value",
+    "open_stream",
     "openai_sdk",
     "raw_http",
     "raw_upload",
@@ -75,6 +77,7 @@ __all__ = [
     "sdk_cancel",
     "sdk_create",
     "subscribed",
+    "until_closed",
     "wall_clock_reach",
 ]
 
@@ -612,19 +615,21 @@ async def create_session(
     http: aiohttp.ClientSession,
     gateway_url: str,
     *,
-    limit: int,
+    limit: int | None = None,
     user: str = "u1",
     api_key: str = "sk-test",
 ) -> dict[str, Any]:
-    """Create a session through the gateway, so it learns it; the upstream's answer."""
+    """Create a session through the gateway, so it learns it; the upstream's answer.
+
+    Without ``limit`` the session has no rate limit of its own (the default applies).
+    """
+    body: dict[str, Any] = {"user": user, "workflow": {"id": "wf_1"}}
+    if limit is not None:
+        body["rate_limits"] = {"max_requests_per_1_minute": limit}
     async with http.post(
         f"{gateway_url}/v1/chatkit/sessions",
         headers={"Authorization": f"Bearer {api_key}"},
-        json={
-            "user": user,
-            "workflow": {"id": "wf_1"},
-            "rate_limits": {"max_requests_per_1_minute": limit},
-        },
+        json=body,
     ) as response:
         if response.status != 200:
             raise AssertionError(
@@ -632,6 +637,48 @@ async def create_session(
             )
         session: dict[str, Any] = await response.json()
     return session
+
+
+async def cancel_session(
+    http: aiohttp.ClientSession, gateway_url: str, session_id: str, *, api_key: str = "sk-test"
+) -> None:
+    """Cancel a session through the gateway; fails unless it answers 200."""
+    async with http.post(
+        f"{gateway_url}/v1/chatkit/sessions/{session_id}/cancel",
+        headers={"Authorization": f"Bearer {api_key}"},
+    ) as response:
+        if response.status != 200:
+            raise AssertionError(f"cancel answered {response.status}: {await response.text()}")
+
+
+async def open_stream(
+    http: aiohttp.ClientSession, gateway: Served, secret: str, *, events: int
+) -> aiohttp.ClientResponse:
+    """A client SSE stream of ``events`` events 0.1 s apart, its first event already read.
+
+    The fake upstream streams it; the caller reads the rest (``until_closed``).
+    """
+    response = await http.post(
+        f"{gateway.url}/v1/chatkit/conversation?events={events}&interval=0.1",
+        json={"type": "threads.create", "params": {}},
+        headers={"Authorization": f"Bearer {secret}", "Accept": "text/event-stream"},
+    )
+    assert response.status == 200, response.status
+    assert (await response.content.readline()).startswith(b"data: ")
+    return response
+
+
+async def until_closed(response: aiohttp.ClientResponse) -> tuple[int, float]:
+    """(events read in all, monotonic time the stream ended)."""
+    seen = 1
+    try:
+        async for line in response.content:
+            seen += line.startswith(b"data: ")
+    except aiohttp.ClientPayloadError:
+        pass  # cut off mid-body: what closing a stream looks like to a client
+    finally:
+        response.release()
+    return seen, time.monotonic()
 
 
 Processes = TypeVar("Processes", bound=Sequence[ServerProcess])

@@ -28,11 +28,13 @@ from tests.harness import (
     converse,
     eventually,
     metric_value,
+    open_stream,
     openai_sdk,
     running,
     scrape,
     sdk_cancel,
     sdk_create,
+    until_closed,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -451,40 +453,16 @@ async def test_a_cancel_while_redis_is_down_is_enforced_by_the_replica_that_saw_
 STREAM_EVENTS = 100  # 10 s of events at 0.1 s: far from their natural end in these tests
 
 
-async def open_stream(
-    http: aiohttp.ClientSession, gateway: GatewayProcess, secret: str
-) -> aiohttp.ClientResponse:
-    """An SSE response in flight, its first event already read."""
-    response = await http.post(
-        f"{gateway.url}{CONVERSATION}?events={STREAM_EVENTS}&interval=0.1",
-        json={"type": "threads.create", "params": {}},
-        headers={"Authorization": f"Bearer {secret}", "Accept": "text/event-stream"},
-    )
-    assert response.status == 200
-    assert (await response.content.readline()).startswith(b"data: ")
-    return response
-
-
-async def until_closed(response: aiohttp.ClientResponse) -> tuple[int, float]:
-    """(events read in all, monotonic time the stream ended)."""
-    seen = 1
-    try:
-        async for line in response.content:
-            seen += line.startswith(b"data: ")
-    except aiohttp.ClientPayloadError:
-        pass  # cut off mid-body: what closing a stream looks like to a client
-    finally:
-        response.release()
-    return seen, time.monotonic()
-
-
 async def test_open_streams_close_on_every_replica_within_two_seconds_of_a_cancel(
     replicas: tuple[GatewayProcess, GatewayProcess],
     http: aiohttp.ClientSession,
 ) -> None:
     a, b = replicas
     session_id, secret, _ = await create_session(a)
-    streams = [await open_stream(http, a, secret), await open_stream(http, b, secret)]
+    streams = [
+        await open_stream(http, a, secret, events=STREAM_EVENTS),
+        await open_stream(http, b, secret, events=STREAM_EVENTS),
+    ]
     readers = [asyncio.create_task(until_closed(r)) for r in streams]
 
     await sdk_cancel(b, API_KEY, session_id)
@@ -526,7 +504,9 @@ async def test_a_stream_is_closed_even_when_its_revocation_was_announced_during_
 ) -> None:
     a, _ = replicas
     session_id, secret, _ = await create_session(a)
-    reader = asyncio.create_task(until_closed(await open_stream(http, a, secret)))
+    reader = asyncio.create_task(
+        until_closed(await open_stream(http, a, secret, events=STREAM_EVENTS))
+    )
 
     # Cut every replica's revocation subscription, then revoke and announce it
     # while nobody listens (one pipeline: no replica can resubscribe in between).

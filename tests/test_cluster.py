@@ -27,6 +27,7 @@ from tests.harness import (
     GatewayProcess,
     RedisCluster,
     RedisServer,
+    cancel_session,
     create_session,
     eventually,
     subscribed,
@@ -193,11 +194,7 @@ async def test_gateway_on_a_cluster_admits_exactly_the_limit_and_honours_cancel(
         assert sorted(statuses) == [200] * 4 + [429] * 5
         assert upstream.count("/v1/chatkit/conversation") == 4
 
-        async with http.post(
-            f"{gateway.url}/v1/chatkit/sessions/{session['id']}/cancel",
-            headers={"Authorization": "Bearer sk-test"},
-        ) as response:
-            assert response.status == 200
+        await cancel_session(http, gateway.url, session["id"])
         async with http.post(
             f"{gateway.url}/v1/chatkit/conversation", headers=auth, json={}
         ) as response:

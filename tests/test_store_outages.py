@@ -16,6 +16,7 @@ from tests.fake_upstream import FakeUpstream
 from tests.harness import (
     GatewayProcess,
     RedisServer,
+    cancel_session,
     converse,
     create_session,
     eventually,
@@ -101,11 +102,7 @@ async def test_a_full_redis_is_loud_and_still_takes_cancels(upstream: FakeUpstre
             assert metric_value(samples, "chatkit_gateway_store_full") == 1
 
             # A cancel protects a user: it is stored although Redis is full.
-            async with http.post(
-                f"{gateway.url}/v1/chatkit/sessions/{session['id']}/cancel",
-                headers={"Authorization": f"Bearer {API_KEY}"},
-            ) as resp:
-                assert resp.status == 200
+            await cancel_session(http, gateway.url, session["id"], api_key=API_KEY)
             async with http.get(f"{gateway.url}/readyz") as resp:
                 assert (await resp.json())["pending_revocations"] == 0
             await probe.aclose()
