@@ -59,6 +59,7 @@ __all__ = [
     "Served",
     "assert_never_logged",
     "cancel_session",
+    "collecting",
     "connection",
     "converse",
     "create_session",
@@ -165,6 +166,33 @@ async def fill_redis(client: redis.asyncio.Redis, start: int = 0) -> int:
                 break
             n += 1
     return n
+
+
+Item = TypeVar("Item")
+
+
+@contextlib.asynccontextmanager
+async def collecting(feed: AsyncIterator[Item]) -> AsyncIterator[list[Item]]:
+    """What ``feed`` yields, appended to the list in the background while the block runs.
+
+    On exit the reader is cancelled and the feed closed (an async generator's
+    ``aclose``), so a subscription never outlives its test.
+    """
+    items: list[Item] = []
+
+    async def read() -> None:
+        async for item in feed:
+            items.append(item)
+
+    reader = asyncio.create_task(read())
+    try:
+        yield items
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        close = getattr(feed, "aclose", None)
+        if close is not None:
+            await close()
 
 
 async def subscribed(client: redis.asyncio.Redis, channel: str) -> bool:
