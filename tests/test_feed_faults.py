@@ -52,10 +52,13 @@ async def replicas(
         yield started
 
 
-async def create(http: aiohttp.ClientSession, gateway: GatewayProcess) -> tuple[str, str]:
-    """(session id, client secret) of a session created through ``gateway``."""
+async def live_stream(
+    http: aiohttp.ClientSession, gateway: GatewayProcess
+) -> tuple[str, asyncio.Task[tuple[int, float]]]:
+    """A session created through ``gateway`` and a stream of it there, read in the background."""
     session = await create_session(http, gateway.url, api_key=API_KEY)
-    return session["id"], session["client_secret"]
+    stream = await open_stream(http, gateway, session["client_secret"], events=STREAM_EVENTS)
+    return session["id"], asyncio.create_task(until_closed(stream))
 
 
 async def test_a_blackholed_subscription_is_replaced_and_the_revoked_stream_closes_in_seconds(
@@ -64,10 +67,7 @@ async def test_a_blackholed_subscription_is_replaced_and_the_revoked_stream_clos
     http: aiohttp.ClientSession,
 ) -> None:
     a, b = replicas
-    session_id, secret = await create(http, a)
-    reader = asyncio.create_task(
-        until_closed(await open_stream(http, a, secret, events=STREAM_EVENTS))
-    )
+    session_id, reader = await live_stream(http, a)
 
     # Every connection A holds goes silent; new ones get through, as after a
     # NAT or load-balancer entry is lost.
@@ -90,10 +90,7 @@ async def test_a_recheck_that_fails_is_retried_until_it_succeeds(
     http: aiohttp.ClientSession,
 ) -> None:
     a, b = replicas
-    session_id, secret = await create(http, a)
-    reader = asyncio.create_task(
-        until_closed(await open_stream(http, a, secret, events=STREAM_EVENTS))
-    )
+    session_id, reader = await live_stream(http, a)
 
     # Everything A sends to Redis vanishes, new connections included, while
     # the session is cancelled through B.
