@@ -151,7 +151,9 @@ async def test_with_two_workers_every_scrape_sees_the_sum(
             served = per_worker_requests(directory)
             return len(served) == 2 and all(n > 0 for n in served.values())
 
-        await eventually(both_workers_served, timeout=10, what="both workers to serve requests")
+        await eventually(
+            both_workers_served, timeout=10, interval=0.05, what="both workers to serve requests"
+        )
         seen = [
             metric_value(await scrape(http, gateway.url), count, kind="server", status_class="2xx")
             for _ in range(8)

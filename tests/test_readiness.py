@@ -46,13 +46,18 @@ async def test_ready_while_redis_hangs_or_is_down_and_the_body_says_so(
             _, body, _ = await readyz(http, gateway)
             return bool(body["store"]["up"] is up)
 
-        await eventually(lambda: store_is(True), timeout=10, what="the first store check")
+        await eventually(
+            lambda: store_is(True), timeout=10, interval=0.05, what="the first store check"
+        )
         assert await store_up(http, gateway) == 1
 
         redis_server.pause()  # hung: the port accepts, nothing answers
         try:
             await eventually(
-                lambda: store_is(False), timeout=10, what="the check to notice the hung store"
+                lambda: store_is(False),
+                timeout=10,
+                interval=0.05,
+                what="the check to notice the hung store",
             )
             status, body, seconds = await readyz(http, gateway)
             assert status == 200
@@ -62,18 +67,25 @@ async def test_ready_while_redis_hangs_or_is_down_and_the_body_says_so(
             assert await store_up(http, gateway) == 0
         finally:
             redis_server.resume()
-        await eventually(lambda: store_is(True), timeout=10, what="the store to come back")
+        await eventually(
+            lambda: store_is(True), timeout=10, interval=0.05, what="the store to come back"
+        )
 
         redis_server.stop()  # down: connections refused
         try:
             await eventually(
-                lambda: store_is(False), timeout=10, what="the check to notice the stopped store"
+                lambda: store_is(False),
+                timeout=10,
+                interval=0.05,
+                what="the check to notice the stopped store",
             )
             status, _, _ = await readyz(http, gateway)
             assert status == 200
         finally:
             redis_server.start()
-        await eventually(lambda: store_is(True), timeout=10, what="the restarted store")
+        await eventually(
+            lambda: store_is(True), timeout=10, interval=0.05, what="the restarted store"
+        )
         assert await store_up(http, gateway) == 1
         output = gateway.output()
     # Each change of state is logged once, not once per check.
@@ -95,17 +107,20 @@ async def test_readiness_follows_the_store_only_when_asked(
             status, _, _ = await readyz(http, gateway)
             return status == expected
 
-        await eventually(lambda: status_is(200), timeout=10, what="ready")
+        await eventually(lambda: status_is(200), timeout=10, interval=0.05, what="ready")
         redis_server.stop()
         try:
             await eventually(
-                lambda: status_is(503), timeout=10, what="unready while the store is down"
+                lambda: status_is(503),
+                timeout=10,
+                interval=0.05,
+                what="unready while the store is down",
             )
             _, body, _ = await readyz(http, gateway)
             assert body["error"]["code"] == "store_unavailable"
         finally:
             redis_server.start()
-        await eventually(lambda: status_is(200), timeout=10, what="ready again")
+        await eventually(lambda: status_is(200), timeout=10, interval=0.05, what="ready again")
 
 
 async def test_readyz_is_503_once_draining_begins() -> None:

@@ -49,7 +49,7 @@ async def test_gateway_starts_without_redis_and_serves_once_redis_is_back(
                 answer = await converse(http, gateway, NEVER_ISSUED)
                 return answer != (503, "store_unavailable")
 
-            await eventually(recovered, timeout=10, what="the gateway to recover")
+            await eventually(recovered, timeout=10, interval=0.05, what="the gateway to recover")
             # Redis answered: an unknown secret is now refused for what it is.
             assert answer == (401, "invalid_client_secret")
             async with http.get(f"{gateway.url}/readyz") as resp:
