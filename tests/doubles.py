@@ -20,7 +20,7 @@ from gateway.errors import StoreUnavailable
 from gateway.ratelimit import Decision
 from gateway.store.base import AdmitRequest, RevokeResult
 from gateway.store.memory import MemoryStore
-from gateway.types import Message
+from gateway.types import ASGIApp, Message
 
 
 class FakeClock:
@@ -115,7 +115,7 @@ async def started(app: GatewayApp) -> AsyncIterator[GatewayApp]:
             await app.shutdown()
 
 
-async def asgi_get(app: GatewayApp, path: str) -> tuple[int, bytes]:
+async def asgi_get(app: ASGIApp, path: str) -> tuple[int, bytes]:
     """One GET through the ASGI interface: (status, body). The endpoints need no server."""
     scope: dict[str, Any] = {
         "type": "http",
