@@ -7,8 +7,6 @@ import functools
 import json
 import os
 import re
-import socket
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -20,13 +18,14 @@ import redis
 from bench import BenchError
 from bench.clients import PROXY_AIOHTTP, PROXY_COMMON, RUNNER
 from bench.cpu import CpuWatch
-from bench.memory import open_fds, rss_bytes, settle
+from bench.memory import rss_bytes
 from bench.nginx import nginx_conf
 from bench.probe import answers, http_request
 from bench.redis_figures import RedisCounter, RedisFigures
+from bench.streams import IdleStreams, idle_streams, paced_streams
 from bench.wrk import BackgroundWrk, Request, WrkParams, WrkResult, run_wrk, wrk_script
 from tests.fake_upstream import BENCH_BODY
-from tests.processes import Service, find_tool, free_port, gateway_env, pinned
+from tests.processes import Service, find_tool, free_port, gateway_env
 
 API_KEY = "sk-bench"
 #: Creates issued sessions (issuer mode); never the key forwarded upstream.
@@ -43,7 +42,6 @@ CONVERSATION = "/v1/chatkit/conversation?bench=1"
 # Issuer mode: the gateway sends it to <workflow upstream>?bench=1, which the
 # fake answers with the same constant as every other row.
 ISSUED_PATH = "/chatkit?bench=1"
-STREAM_WORKFLOW = "wf_stream"
 #: What ``--only`` can pick.
 PARTS = ("direct", "nginx", "minimal", "embedded", "gateway", "workers", "streams")
 
@@ -450,16 +448,20 @@ class Bench:
         if "workers" in only:
             self.attempt(o.workers_two, self._workers)
         if "streams" in only:
-            self.attempt(o.streams_idle, self._idle_streams)
-            self.attempt(o.streams_paced, self._paced_streams)
+            self.attempt(o.streams_idle, idle_streams, self)
+            self.attempt(o.streams_paced, paced_streams, self)
         self.stop_all()
 
     def conversation(self, gateway_port: int) -> Request:
         secret = self.client_secret(gateway_port)
         return Request("POST", CONVERSATION, f"Bearer {secret}", CONVERSATION_BODY)
 
+    def issued_secret(self, gateway_port: int, workflow: str = ISSUED_WORKFLOW) -> str:
+        """A secret the gateway minted itself (issuer mode) for ``workflow``."""
+        return self.client_secret(gateway_port, workflow=workflow, key=ISSUER_KEY)
+
     def issued(self, gateway_port: int) -> Request:
-        secret = self.client_secret(gateway_port, workflow=ISSUED_WORKFLOW, key=ISSUER_KEY)
+        secret = self.issued_secret(gateway_port)
         return Request("POST", ISSUED_PATH, f"Bearer {secret}", CONVERSATION_BODY)
 
     def _direct(self, get_threads: Request, post: Request) -> None:
@@ -642,164 +644,9 @@ class Bench:
         finally:
             self.load_cpus = saved
 
-    def _stream_gateway(self, sse_port: int, streams: int) -> tuple[Service, int]:
-        return self.gateway(
-            "gateway (streams)",
-            self.backend_port,
-            self.redis_url,
-            workers=1,
-            extra={
-                "GATEWAY_WORKFLOWS": json.dumps(
-                    {STREAM_WORKFLOW: {"upstream": f"http://127.0.0.1:{sse_port}/stream"}}
-                ),
-                # One upstream connection per open stream: the pool must hold them all.
-                "GATEWAY_UPSTREAM_MAX_CONNECTIONS": str(streams + 64),
-                # Held to the streams (the automatic cap is half the descriptor limit).
-                "GATEWAY_MAX_CONNECTIONS": str(streams + 64),
-            },
-        )
-
-    def sse_upstream(self) -> tuple[Service, int]:
-        port = free_port()
-        argv = [sys.executable, "-m", "bench.sse", "serve", "--port", str(port)]
-        service = Service("sse upstream", argv, cpus=self.load_cpus, workdir=self.workdir)
-
-        def up() -> bool:
-            try:
-                with socket_to(port):
-                    return True
-            except OSError:
-                return False
-
-        return self.start(service, up), port
-
-    def _drive(
-        self,
-        port: int,
-        path: str,
-        secret: str | None,
-        streams: int,
-        *,
-        hold: bool,
-        seconds: float = 0,
-    ) -> subprocess.Popen[str]:
-        argv = [sys.executable, "-m", "bench.sse", "drive", "--port", str(port), "--path", path,
-                "--streams", str(streams), "--seconds", str(seconds)]  # fmt: skip
-        if secret is not None:
-            argv += ["--secret", secret]
-        if hold:
-            argv.append("--hold")
-        return subprocess.Popen(
-            pinned(self.load_cpus, argv),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def _idle_streams(self) -> None:
-        """Idle SSE streams through one worker: memory per stream, and
-        descriptors back where they were once the streams close."""
-        count = self.args.streams
-        sse, sse_port = self.sse_upstream()
-        gw, port = self._stream_gateway(sse_port, count)
-        try:
-            secret = self.client_secret(port, workflow=STREAM_WORKFLOW, key=ISSUER_KEY)
-            # Warm the worker up with a few streams first, so what is measured
-            # is per stream, not the first stream's imports and pools.
-            warm = self._drive(port, "/chatkit?interval=3600", secret, 50, hold=False, seconds=0.5)
-            _figures(warm, "warm-up streams")
-            rss_before = settle(lambda: rss_bytes(gw), timeout=5)
-            fds_before = settle(lambda: open_fds(gw), timeout=5)
-            print(f"  {count:,} idle streams: opening ...", end="", flush=True)
-            driver = self._drive(port, "/chatkit?interval=3600", secret, count, hold=True)
-            line = driver.stdout.readline() if driver.stdout else ""
-            if not line.startswith("OPEN"):
-                driver.kill()
-                raise BenchError(f"stream driver failed: {line!r} {driver.communicate()[1]}")
-            rss_open = rss_bytes(gw)
-            fds_open = open_fds(gw)
-            print(f" {line.split()[1]} open, closing ...", end="", flush=True)
-            if driver.stdin is not None:
-                driver.stdin.write("\n")
-                driver.stdin.flush()
-            figures = _figures(driver, "idle streams")
-            fds_after = settle(lambda: open_fds(gw), timeout=15, target=fds_before)
-            rss_after = rss_bytes(gw)
-            print(" done", flush=True)
-            self.idle_streams = IdleStreams(
-                streams=count,
-                opened=int(figures["opened"]),  # type: ignore[call-overload]
-                failed=int(figures["failed"]),  # type: ignore[call-overload]
-                open_seconds=float(figures["open_seconds"]),  # type: ignore[arg-type]
-                rss_before=rss_before,
-                rss_open=rss_open,
-                rss_after=rss_after,
-                fds_before=fds_before,
-                fds_open=fds_open,
-                fds_after=fds_after,
-            )
-        finally:
-            self.stop(gw)
-            self.stop(sse)
-
-    def _paced_streams(self) -> None:
-        """Streams at one event per second: each event's delay, straight from
-        the upstream and through the gateway (added = the difference)."""
-        count = self.args.paced_streams
-        seconds = self.args.paced_seconds
-        sse, sse_port = self.sse_upstream()
-        gw, port = self._stream_gateway(sse_port, count)
-        try:
-            secret = self.client_secret(port, workflow=STREAM_WORKFLOW, key=ISSUER_KEY)
-            for name, target, path, auth in (
-                ("direct", sse_port, "/stream?interval=1", None),
-                ("gateway", port, "/chatkit?interval=1", secret),
-            ):
-                print(f"  {count:,} streams at 1 event/s, {name}: {seconds:g}s ...", end="")
-                driver = self._drive(target, path, auth, count, hold=False, seconds=seconds)
-                self.paced[name] = _figures(driver, f"paced streams ({name})")
-                print(f" p99 {self.paced[name]['p99_ms']} ms", flush=True)
-        finally:
-            self.stop(gw)
-            self.stop(sse)
-
     @property
     def rounds(self) -> int:
         return int(self.args.rounds)
-
-
-def _figures(driver: subprocess.Popen[str], what: str) -> dict[str, object]:
-    out, err = driver.communicate(timeout=300)
-    line = next((x for x in out.splitlines() if x.startswith("SSE_JSON ")), None)
-    if driver.returncode != 0 or line is None:
-        raise BenchError(f"{what}: the stream driver failed ({driver.returncode}):\n{err[-2000:]}")
-    figures: dict[str, object] = json.loads(line.removeprefix("SSE_JSON "))
-    if figures["failed"]:
-        raise BenchError(f"{what}: {figures['failed']} streams failed to open:\n{err[-2000:]}")
-    return figures
-
-
-def socket_to(port: int) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=1)
-
-
-@dataclass
-class IdleStreams:
-    streams: int
-    opened: int
-    failed: int
-    open_seconds: float
-    rss_before: int
-    rss_open: int
-    rss_after: int
-    fds_before: int
-    fds_open: int
-    fds_after: int
-
-    @property
-    def kb_per_stream(self) -> float:
-        return (self.rss_open - self.rss_before) / 1024 / max(self.opened, 1)
 
 
 class Outcomes:
