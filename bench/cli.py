@@ -164,8 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     layout = (
         "not pinned"
         if args.no_pin
-        else f"system under test on CPU {args.sut_cpus}; wrk, backend fake upstream and "
-        f"redis-server on CPU {args.load_cpus}"
+        else f"system under test on CPU {args.sut_cpus}; wrk, the nginx and fake upstreams "
+        f"and redis-server on CPU {args.load_cpus}"
     )
     load_start = os.getloadavg()[0]
     print(

@@ -92,7 +92,7 @@ def report(bench: Bench, layout: str) -> tuple[dict[str, Any], int]:
 
     print(
         "\nCPU during each measured run, in % of one core: the process under test (SUT) and"
-        "\nits CPU time per request, the load side (wrk, backend fake upstream, redis), how"
+        "\nits CPU time per request, the load side (wrk, upstreams: nginx + fake, redis), how"
         "\nbusy each core was, softirq (loopback TCP, charged to no process), 'other' (busy"
         "\ntime none of these explain: other work on the machine) and hypervisor steal"
     )

@@ -456,6 +456,14 @@ class Bench:
         secret = self.client_secret(gateway_port)
         return Request("POST", CONVERSATION, f"Bearer {secret}", CONVERSATION_BODY)
 
+    def over_limit(self, gateway_port: int) -> Request:
+        """A request whose session has used up its limit: one a minute, used now.
+        Made afresh each round, since the window slides past a minute-old use."""
+        secret = self.client_secret(gateway_port, limit=1)
+        auth = {"Authorization": f"Bearer {secret}"}
+        http_request(gateway_port, "POST", CONVERSATION, auth, b"{}")
+        return Request("POST", CONVERSATION, f"Bearer {secret}", CONVERSATION_BODY)
+
     def issued_secret(self, gateway_port: int, workflow: str = ISSUED_WORKFLOW) -> str:
         """A secret the gateway minted itself (issuer mode) for ``workflow``."""
         return self.client_secret(gateway_port, workflow=workflow, key=ISSUER_KEY)
@@ -586,9 +594,6 @@ class Bench:
         o = self.o
         # Well-formed, so each one costs the store's decision: the expensive case.
         unknown = Request("POST", CONVERSATION, "Bearer ek_bench_" + "x" * 43, CONVERSATION_BODY)
-        over = self.client_secret(port, limit=1)
-        http_request(port, "POST", CONVERSATION, {"Authorization": f"Bearer {over}"}, b"{}")
-        limited = Request("POST", CONVERSATION, f"Bearer {over}", CONVERSATION_BODY)
         flood_script = wrk_script(unknown, self.workdir / "wrk-flood.lua")
         flood_url = f"http://127.0.0.1:{port}{unknown.path}"
 
@@ -605,7 +610,7 @@ class Bench:
         for _ in range(self.rounds):
             measure = functools.partial(self.measure, port=port, sut=[gw], load=self.load)
             self.attempt(o.unauthorized, measure, o.unauthorized, request=unknown)
-            self.attempt(o.limited, measure, o.limited, request=limited)
+            self.attempt(o.limited, measure, o.limited, request=self.over_limit(port))
             post = self.conversation(port)
             self.attempt(o.under_flood, measure, o.under_flood, request=post, alongside=flood)
 
