@@ -14,6 +14,7 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
+from gateway.errors import StoreUnavailable
 from gateway.ratelimit import Decision
 from gateway.store.base import (
     AdmitRequest,
@@ -28,6 +29,7 @@ from gateway.store.redis.batcher import AdmissionBatcher
 from gateway.store.redis.client import Availability, Client, text
 from gateway.store.redis.feed import PUBSUB_PING_SECONDS, RevocationFeed
 from gateway.store.redis.keys import KeyLayout, user_hash
+from gateway.store.redis.replicated import ReplicatedWriter
 
 AUDIT_MAXLEN = 10_000
 # A revocation flag outlives even a session that has already expired by this
@@ -52,6 +54,8 @@ class RedisStore(Store):
         ping_seconds: float = PUBSUB_PING_SECONDS,
         clock: Callable[[], float] = time.time,
         report_availability: bool = False,
+        revocation_replicas: int = 0,
+        revocation_wait_ms: int = 500,
     ) -> None:
         self._client = client
         self._cluster = isinstance(client, RedisCluster)
@@ -78,6 +82,15 @@ class RedisStore(Store):
             _LUA.joinpath("revoke_secret.lua").read_text()
         )
         self._revoke_id_script = client.register_script(_LUA.joinpath("revoke_id.lua").read_text())
+        # With replicas to wait for, a revocation runs beside its WAIT on one
+        # connection (replicated.py); without, as the registered scripts above.
+        self._replicated = (
+            ReplicatedWriter(
+                client, replicas=revocation_replicas, wait_ms=revocation_wait_ms, timeout=timeout
+            )
+            if revocation_replicas > 0
+            else None
+        )
         self._audit_script = client.register_script(_LUA.joinpath("audit.lua").read_text())
         self._feed = RevocationFeed(
             pubsub_url, self.keys.channel, ping_seconds=ping_seconds, client=client
@@ -175,15 +188,33 @@ class RedisStore(Store):
     async def _revoke_secret(self, secret_hash: str) -> tuple[bool, str | None, int | None]:
         """Set a secret's revoked flag: (newly set, its session id, its expiry)."""
         keys = self.keys.secret(secret_hash)
-
-        async def run() -> Any:
-            return await self._revoke_secret_script(
-                keys=[keys.session, keys.revoked],
-                args=[self._retention, self._revocation_ttl * 1000, MIN_REVOCATION_TTL_MS],
-            )
-
-        created, sid, exp = await self.availability.idempotent(run, proves_room=False)
+        created, sid, exp = await self._revocation_write(
+            self._revoke_secret_script,
+            [keys.session, keys.revoked],
+            [self._retention, self._revocation_ttl * 1000, MIN_REVOCATION_TTL_MS],
+        )
         return bool(created), text(sid), int(exp) if exp is not None else None
+
+    async def _revocation_write(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run a revocation script; with replicas configured, stored only once
+        they acknowledged it, else StoreUnavailable (the caller keeps it pending)."""
+        writer = self._replicated
+        if writer is None:
+            return await self.availability.idempotent(
+                lambda: script(keys=keys, args=args), proves_room=False
+            )
+        # Retried quickly only when Redis itself failed: replicas that did not
+        # answer within the WAIT are not back 50 ms later, and the caller
+        # (the Revoker, or a client told 503) tries again anyway.
+        written = await self.availability.idempotent(
+            lambda: writer.run(script.script, keys, args), proves_room=False
+        )
+        if written.acknowledged < writer.replicas:
+            raise StoreUnavailable(
+                f"Redis replicas did not acknowledge the revocation: {written.acknowledged} "
+                f"of {writer.replicas} within {writer.wait_ms} ms"
+            )
+        return written.reply
 
     async def revoke(
         self,
@@ -197,13 +228,11 @@ class RedisStore(Store):
         registered = False
         if session_id is not None:
             id_keys = self.keys.session_id(session_id)
-
-            async def revoke_id() -> Any:
-                return await self._revoke_id_script(
-                    keys=[id_keys.revoked, id_keys.secret_hash], args=[self._revocation_ttl]
-                )
-
-            flag_set, mapped = await self.availability.idempotent(revoke_id, proves_room=False)
+            flag_set, mapped = await self._revocation_write(
+                self._revoke_id_script,
+                [id_keys.revoked, id_keys.secret_hash],
+                [self._revocation_ttl],
+            )
             already = not flag_set
             if secret_hash is None:
                 secret_hash = text(mapped)
