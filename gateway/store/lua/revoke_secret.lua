@@ -23,9 +23,10 @@ if s[2] then
 end
 local created = redis.call('SET', KEYS[2], '1', 'PX', ttl, 'NX')
 if not created then
-  -- Written again all the same: a repeat after a WAIT that timed out must
-  -- itself reach the replicas, or the WAIT after it would only measure the
-  -- connection's earlier writes (a new connection's: none, so no wait).
+  -- Written again all the same: the WAIT sent after this script measures
+  -- the connection's last write, and a repeat after a WAIT that timed out
+  -- must not be measured by an older write, or by none on a new connection
+  -- (Redis versions differ in what they count when a command wrote nothing).
   redis.call('SET', KEYS[2], '1', 'KEEPTTL')
 end
 return {created and 1 or 0, s[1], s[2]}

@@ -14,7 +14,7 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
-from gateway.errors import StoreUnavailable
+from gateway.errors import NotReplicated
 from gateway.ratelimit import Decision
 from gateway.store.base import (
     AdmitRequest,
@@ -142,7 +142,9 @@ class RedisStore(Store):
         replies = await self.availability.idempotent(write)
         born_revoked = bool(replies[-1])
         if born_revoked:
-            await self._revoke_secret(record.secret_hash)
+            *_, short = await self._revoke_secret(record.secret_hash)
+            if short is not None:
+                raise short
         return born_revoked
 
     async def secret_hash_for(self, session_id: str) -> str | None:
@@ -185,24 +187,34 @@ class RedisStore(Store):
 
     # -- revocation -------------------------------------------------------------
 
-    async def _revoke_secret(self, secret_hash: str) -> tuple[bool, str | None, int | None]:
-        """Set a secret's revoked flag: (newly set, its session id, its expiry)."""
+    async def _revoke_secret(
+        self, secret_hash: str
+    ) -> tuple[bool, str | None, int | None, NotReplicated | None]:
+        """Set a secret's revoked flag: (newly set, its session id, its expiry,
+        the error to raise if the replicas did not acknowledge it)."""
         keys = self.keys.secret(secret_hash)
-        created, sid, exp = await self._revocation_write(
+        (created, sid, exp), short = await self._revocation_write(
             self._revoke_secret_script,
             [keys.session, keys.revoked],
             [self._retention, self._revocation_ttl * 1000, MIN_REVOCATION_TTL_MS],
         )
-        return bool(created), text(sid), int(exp) if exp is not None else None
+        return bool(created), text(sid), int(exp) if exp is not None else None, short
 
-    async def _revocation_write(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run a revocation script; with replicas configured, stored only once
-        they acknowledged it, else StoreUnavailable (the caller keeps it pending)."""
+    async def _revocation_write(
+        self, script: Any, keys: list[str], args: list[Any]
+    ) -> tuple[Any, NotReplicated | None]:
+        """Run a revocation script: its reply, and unless as many replicas as
+        configured acknowledged it (always, when none are), the error saying so.
+
+        Not raised here: the write stands on the master, and the caller has
+        more to write and announce before it reports the shortfall.
+        """
         writer = self._replicated
         if writer is None:
-            return await self.availability.idempotent(
+            reply = await self.availability.idempotent(
                 lambda: script(keys=keys, args=args), proves_room=False
             )
+            return reply, None
         # Retried quickly only when Redis itself failed: replicas that did not
         # answer within the WAIT are not back 50 ms later, and the caller
         # (the Revoker, or a client told 503) tries again anyway.
@@ -210,11 +222,11 @@ class RedisStore(Store):
             lambda: writer.run(script.script, keys, args), proves_room=False
         )
         if written.acknowledged < writer.replicas:
-            raise StoreUnavailable(
-                f"Redis replicas did not acknowledge the revocation: {written.acknowledged} "
-                f"of {writer.replicas} within {writer.wait_ms} ms"
+            return written.reply, NotReplicated(
+                "Redis replicas did not acknowledge the revocation: "
+                f"{written.acknowledged} of {writer.replicas} within {writer.wait_ms} ms"
             )
-        return written.reply
+        return written.reply, None
 
     async def revoke(
         self,
@@ -226,9 +238,10 @@ class RedisStore(Store):
     ) -> RevokeResult:
         already = True
         registered = False
+        short: NotReplicated | None = None
         if session_id is not None:
             id_keys = self.keys.session_id(session_id)
-            flag_set, mapped = await self._revocation_write(
+            (flag_set, mapped), short = await self._revocation_write(
                 self._revoke_id_script,
                 [id_keys.revoked, id_keys.secret_hash],
                 [self._revocation_ttl],
@@ -236,13 +249,21 @@ class RedisStore(Store):
             already = not flag_set
             if secret_hash is None:
                 secret_hash = text(mapped)
+        # Both flags are written even when the first was not acknowledged:
+        # the master refuses the secret at once, whatever the replicas do.
         if secret_hash is not None:
-            created, sid, expires_at = await self._revoke_secret(secret_hash)
+            created, sid, expires_at, secret_short = await self._revoke_secret(secret_hash)
+            short = short or secret_short
             if session_id is None:
                 session_id = sid
             registered = expires_at is not None
             already = not created and already
-        await self._announce(secret_hash, session_id, reason, replica)
+        if short is None or not already:
+            # Announced when first written, so other replicas close their
+            # streams now, and again once stored: not on every retry between.
+            await self._announce(secret_hash, session_id, reason, replica)
+        if short is not None:
+            raise short
         return RevokeResult(secret_hash, session_id, already, registered)
 
     async def _announce(
