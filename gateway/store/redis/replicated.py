@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError, ResponseError
 
@@ -79,7 +80,21 @@ class ReplicatedWriter:
                     await client.nodes_manager.move_slot(reply)
             return replies
         pool = client.connection_pool
+        master = None
+        if isinstance(pool, SentinelConnectionPool):
+            # Asked every time (revocations are rare): after a forced
+            # failover the old master keeps taking writes for seconds, with
+            # no replica left to acknowledge them, while every other gateway
+            # has moved to the new one. Asking drops idle connections to a
+            # former master.
+            master = await pool.get_master_address()  # type: ignore[no-untyped-call]
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        if (
+            master is not None
+            and connection.is_connected
+            and (connection.host, connection.port) != master
+        ):
+            await connection.disconnect()
         try:
             return await self._send(connection, commands)
         finally:

@@ -188,7 +188,7 @@ class RedisStore(Store):
     # -- revocation -------------------------------------------------------------
 
     async def _revoke_secret(
-        self, secret_hash: str
+        self, secret_hash: str, *, wait: bool = True
     ) -> tuple[bool, str | None, int | None, NotReplicated | None]:
         """Set a secret's revoked flag: (newly set, its session id, its expiry,
         the error to raise if the replicas did not acknowledge it)."""
@@ -197,20 +197,22 @@ class RedisStore(Store):
             self._revoke_secret_script,
             [keys.session, keys.revoked],
             [self._retention, self._revocation_ttl * 1000, MIN_REVOCATION_TTL_MS],
+            wait=wait,
         )
         return bool(created), text(sid), int(exp) if exp is not None else None, short
 
     async def _revocation_write(
-        self, script: Any, keys: list[str], args: list[Any]
+        self, script: Any, keys: list[str], args: list[Any], *, wait: bool = True
     ) -> tuple[Any, NotReplicated | None]:
         """Run a revocation script: its reply, and unless as many replicas as
         configured acknowledged it (always, when none are), the error saying so.
 
         Not raised here: the write stands on the master, and the caller has
-        more to write and announce before it reports the shortfall.
+        more to write and announce before it reports the shortfall. With
+        ``wait`` False (the shortfall is known already) nothing is waited for.
         """
         writer = self._replicated
-        if writer is None:
+        if writer is None or not wait:
             reply = await self.availability.idempotent(
                 lambda: script(keys=keys, args=args), proves_room=False
             )
@@ -252,7 +254,9 @@ class RedisStore(Store):
         # Both flags are written even when the first was not acknowledged:
         # the master refuses the secret at once, whatever the replicas do.
         if secret_hash is not None:
-            created, sid, expires_at, secret_short = await self._revoke_secret(secret_hash)
+            created, sid, expires_at, secret_short = await self._revoke_secret(
+                secret_hash, wait=short is None
+            )
             short = short or secret_short
             if session_id is None:
                 session_id = sid
