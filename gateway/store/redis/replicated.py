@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError, ResponseError
 
@@ -44,22 +43,26 @@ class ReplicatedWriter:
         # The reply to WAIT comes up to wait_ms late by design.
         self._deadline = timeout + wait_ms / 1000
 
-    async def run(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Replicated:
+    async def run(
+        self, source: str, keys: Sequence[str], args: Sequence[Any], *, wait: bool = True
+    ) -> Replicated:
         """The script's reply and the replicas' count; Redis and socket errors propagate.
+
+        Without ``wait`` the script alone runs, on a connection chosen the
+        same way (the count is then 0): a pooled connection that was in use
+        when the master changed may still reach the old one.
 
         EVAL rather than EVALSHA: revocations are rare, and a script cache
         emptied by a failover or a restart costs no extra round trip.
         """
-        commands = [
-            ("EVAL", source, len(keys), *keys, *args),
-            ("WAIT", self.replicas, self.wait_ms),
-        ]
-        script_reply, acknowledged = await self._on_one_connection(keys[0], commands)
-        if isinstance(script_reply, Exception):
-            raise script_reply
-        if isinstance(acknowledged, Exception):
-            raise acknowledged
-        return Replicated(script_reply, int(acknowledged))
+        commands: list[tuple[Any, ...]] = [("EVAL", source, len(keys), *keys, *args)]
+        if wait:
+            commands.append(("WAIT", self.replicas, self.wait_ms))
+        replies = await self._on_one_connection(keys[0], commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return Replicated(replies[0], int(replies[1]) if wait else 0)
 
     async def _on_one_connection(self, key: str, commands: list[tuple[Any, ...]]) -> list[Any]:
         client = self._client
@@ -79,26 +82,22 @@ class ReplicatedWriter:
                     # next attempt goes there.
                     await client.nodes_manager.move_slot(reply)
             return replies
+        # A connection of its own, not a pooled one: a pooled connection that
+        # was busy when the master changed still reaches the old one, which
+        # after a forced failover keeps taking writes for seconds, with no
+        # replica left, while every other gateway has moved on. A new
+        # Sentinel connection asks the sentinels where the master is; one
+        # connect per revocation is cheap, as revocations are rare.
         pool = client.connection_pool
-        master = None
-        if isinstance(pool, SentinelConnectionPool):
-            # Asked every time (revocations are rare): after a forced
-            # failover the old master keeps taking writes for seconds, with
-            # no replica left to acknowledge them, while every other gateway
-            # has moved to the new one. Asking drops idle connections to a
-            # former master.
-            master = await pool.get_master_address()  # type: ignore[no-untyped-call]
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        if (
-            master is not None
-            and connection.is_connected
-            and (connection.host, connection.port) != master
-        ):
-            await connection.disconnect()
+        fresh = pool.connection_class(**pool.connection_kwargs)
         try:
-            return await self._send(connection, commands)
+            # Explicitly: a Sentinel connection finds its master in connect(),
+            # which sending on an unconnected one would bypass.
+            async with asyncio.timeout(self._deadline):
+                await fresh.connect()  # type: ignore[no-untyped-call]
+            return await self._send(fresh, commands)
         finally:
-            await pool.release(connection)
+            await fresh.disconnect()
 
     async def _send(self, connection: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
         try:

@@ -212,7 +212,7 @@ class RedisStore(Store):
         ``wait`` False (the shortfall is known already) nothing is waited for.
         """
         writer = self._replicated
-        if writer is None or not wait:
+        if writer is None:
             reply = await self.availability.idempotent(
                 lambda: script(keys=keys, args=args), proves_room=False
             )
@@ -221,9 +221,9 @@ class RedisStore(Store):
         # answer within the WAIT are not back 50 ms later, and the caller
         # (the Revoker, or a client told 503) tries again anyway.
         written = await self.availability.idempotent(
-            lambda: writer.run(script.script, keys, args), proves_room=False
+            lambda: writer.run(script.script, keys, args, wait=wait), proves_room=False
         )
-        if written.acknowledged < writer.replicas:
+        if wait and written.acknowledged < writer.replicas:
             return written.reply, NotReplicated(
                 "Redis replicas did not acknowledge the revocation: "
                 f"{written.acknowledged} of {writer.replicas} within {writer.wait_ms} ms"
