@@ -10,11 +10,14 @@ three ``redis-server --sentinel`` and two gateway replicas. The replica is
 held back with SIGSTOP; for the failover, the master's link to it is also
 filled first (JUNK_BYTES), so that the revocation waits in the master's own
 output buffer, not in a kernel buffer the replica reads on waking, and
-dies with the master: the loss is deterministic.
+dies with the master: the loss is deterministic. A forced ``SENTINEL
+FAILOVER`` leaves the old master running and writable for seconds: the
+revocation must reach the new one all the same.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -31,6 +34,7 @@ from gateway.store.redis import RedisStore, connect
 from tests.fake_upstream import FakeUpstream
 from tests.harness import (
     GatewayProcess,
+    RedisCluster,
     RedisSentinels,
     RedisServer,
     converse,
@@ -195,6 +199,68 @@ async def test_without_replicas_to_wait_for_a_revocation_is_stored_by_the_master
         await store.close()
 
 
+def _has_on_cluster_replica(replica: RedisServer, key: str) -> bool:
+    with redis.Redis(
+        host=replica.host, port=replica.port, socket_timeout=1, single_connection_client=True
+    ) as client:
+        client.execute_command("READONLY")  # a cluster replica redirects reads without it
+        return bool(client.exists(key))
+
+
+def _replica_online(primary: RedisServer) -> bool:
+    """Whether the primary counts its replica for WAIT (``state=online``)."""
+    with redis.Redis(host=primary.host, port=primary.port, socket_timeout=1) as client:
+        replica = client.info("replication").get("slave0")
+    return isinstance(replica, dict) and replica.get("state") == "online"
+
+
+def _replica_of(cluster: RedisCluster, primary: RedisServer) -> RedisServer:
+    for node in cluster.nodes:
+        with redis.Redis(host=node.host, port=node.port, socket_timeout=1) as client:
+            info = client.info("replication")
+        if info.get("role") == "slave" and int(info["master_port"]) == primary.port:
+            return node
+    raise LookupError(f"no replica of {primary.port}")
+
+
+async def test_on_a_cluster_the_node_owning_the_slot_waits_for_its_own_replica() -> None:
+    with RedisCluster(masters=3, replicas=1, extra={"repl-diskless-sync-delay": "0"}) as cluster:
+        store = RedisStore(
+            connect(cluster.url, cluster=True, timeout=1.0),
+            prefix="dr",
+            pubsub_url=cluster.url,
+            revocation_replicas=1,
+            revocation_wait_ms=WAIT_MS,
+        )
+        try:
+            hashes = [f"{n:064x}" for n in range(8)]
+            flags = {h: store.keys.secret(h).revoked for h in hashes}
+            primaries = {h: cluster.primary_of(flags[h]) for h in hashes}
+            held = primaries[hashes[0]]
+            others = [h for h in hashes if primaries[h] is not held]
+            assert others, "every key on one primary: pick other hashes"
+            for primary in {p.port: p for p in primaries.values()}.values():
+                await eventually(
+                    functools.partial(_replica_online, primary), timeout=20, what="replicas in sync"
+                )
+
+            lagging = _replica_of(cluster, held)
+            other_replica = _replica_of(cluster, primaries[others[0]])
+            lagging.pause()
+            try:
+                with pytest.raises(StoreUnavailable, match="0 of 1"):
+                    await store.revoke(
+                        secret_hash=hashes[0], session_id=None, reason="t", replica="x"
+                    )
+                # Another primary's slots wait only for that primary's replica.
+                await store.revoke(secret_hash=others[0], session_id=None, reason="t", replica="x")
+                assert _has_on_cluster_replica(other_replica, flags[others[0]])
+            finally:
+                lagging.resume()
+        finally:
+            await store.close()
+
+
 # -- a failover through Sentinel, two gateway replicas ----------------------------
 
 
@@ -297,3 +363,62 @@ async def test_a_cancel_just_before_a_failover_survives_only_when_replicas_must_
 
             await eventually(drained, timeout=30, what="the revocation to be acknowledged")
             assert await _has(old, flag)
+
+
+async def test_a_cancel_during_a_forced_failover_reaches_the_new_master(
+    upstream: FakeUpstream,
+) -> None:
+    # SENTINEL FAILOVER: the old master keeps running and taking writes,
+    # with no replica left, until the sentinels convert it (about 10 s);
+    # every other gateway has moved to the new master long before.
+    with RedisSentinels() as sentinels:
+        old = sentinels.master()
+        promoted = next(s for s in sentinels.servers if s is not old)
+        env = {
+            "GATEWAY_REDIS_SENTINELS": sentinels.setting,
+            "GATEWAY_REDIS_SENTINEL_MASTER": RedisSentinels.MASTER_NAME,
+            "GATEWAY_REDIS_TIMEOUT": "1.0",
+            "GATEWAY_REDIS_REVOCATION_REPLICAS": "1",
+        }
+        gateways = (
+            GatewayProcess(upstream.url, env={**env, "GATEWAY_REPLICA_ID": "a"}),
+            GatewayProcess(upstream.url, env={**env, "GATEWAY_REPLICA_ID": "b"}),
+        )
+        async with running(gateways), aiohttp.ClientSession() as http:
+            a, b = gateways
+            session = await create_session(http, a.url, limit=1000)
+            secret = session["client_secret"]
+            flag = f"ckg:{{{HASH(secret.encode())}}}:r"
+            client = old.client()
+            try:
+                assert await client.wait(1, 5000) == 1
+            finally:
+                await client.aclose()
+            with redis.Redis(*sentinels.addresses[0], socket_timeout=5) as sentinel:
+                sentinel.execute_command("SENTINEL", "FAILOVER", RedisSentinels.MASTER_NAME)
+            # Into the window: the replica is being promoted, the old master
+            # still answers, and nothing it takes now reaches the new one.
+            await eventually(lambda: _role(promoted) == "master", timeout=10, what="the promotion")
+            async with http.post(
+                f"{a.url}/v1/chatkit/sessions/{session['id']}/cancel",
+                headers={"Authorization": "Bearer sk-test"},
+            ) as response:
+                assert response.status == 200
+                assert response.headers["x-chatkit-gateway-revocation"] == "pending"
+            await eventually(
+                lambda: _has(promoted, flag), timeout=10, what="the revocation on the new master"
+            )
+            answers: list[tuple[int, str | None]] = []
+
+            async def b_refuses() -> bool:
+                answers.append(await converse(http, b, secret))
+                return answers[-1] == (401, "client_secret_revoked")
+
+            await eventually(b_refuses, timeout=10, what="B to refuse the secret")
+            assert await converse(http, a, secret) == (401, "client_secret_revoked")
+            assert await _pending(http, a) == 1  # until the old master rejoins as a replica
+
+
+def _role(server: RedisServer) -> str:
+    with redis.Redis(host=server.host, port=server.port, socket_timeout=1) as client:
+        return str(client.info("replication")["role"])

@@ -16,14 +16,15 @@ WAIT measures that attempt, wherever the key lives by then.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MovedError, ResponseError
+from redis.exceptions import ResponseError
 
 from gateway.store.redis.client import Client
+from gateway.store.redis.cluster import ClusterRouter
 
 
 class Replicated(NamedTuple):
@@ -42,6 +43,14 @@ class ReplicatedWriter:
         self.wait_ms = wait_ms
         # The reply to WAIT comes up to wait_ms late by design.
         self._deadline = timeout + wait_ms / 1000
+        self._router: ClusterRouter | None = None
+        self._pool: Any = None
+        if isinstance(client, RedisCluster):
+            # Its own router: a revocation retried while no admission runs
+            # must still learn where a failed node's slots went.
+            self._router = ClusterRouter(client, on_refresh=lambda _primaries: None)
+        else:
+            self._pool = client.connection_pool
 
     async def run(
         self, source: str, keys: Sequence[str], args: Sequence[Any], *, wait: bool = True
@@ -65,22 +74,23 @@ class ReplicatedWriter:
         return Replicated(replies[0], int(replies[1]) if wait else 0)
 
     async def _on_one_connection(self, key: str, commands: list[tuple[Any, ...]]) -> list[Any]:
-        client = self._client
-        if isinstance(client, RedisCluster):
-            await client.initialize()
-            node = client.get_node_from_key(key)
-            if node is None:  # only for replica lookups; kept for the type checker
-                raise RedisConnectionError("Redis Cluster has no node for the key")
+        if self._router is not None:
+            node = await self._router.node_for(key)
             connection = node.acquire_connection()
             try:
                 replies = await self._send(connection, commands)
+            except BaseException:
+                self._router.stale()  # a node that fails may have been replaced
+                raise
             finally:
                 node.release(connection)
             for reply in replies:
-                if isinstance(reply, MovedError):
-                    # The slot has a new owner (a failover): learn it, so the
-                    # next attempt goes there.
-                    await client.nodes_manager.move_slot(reply)
+                if isinstance(reply, Exception):
+                    # A MOVED (the slot has a new owner): learnt now, so the
+                    # next attempt goes there; a CLUSTERDOWN: refreshed soon.
+                    if self._router.retryable(reply):
+                        await self._router.redirected(reply)
+                    self._router.failed(reply)
             return replies
         # A connection of its own, not a pooled one: a pooled connection that
         # was busy when the master changed still reaches the old one, which
@@ -88,13 +98,13 @@ class ReplicatedWriter:
         # replica left, while every other gateway has moved on. A new
         # Sentinel connection asks the sentinels where the master is; one
         # connect per revocation is cheap, as revocations are rare.
-        pool = client.connection_pool
+        pool = self._pool
         fresh = pool.connection_class(**pool.connection_kwargs)
         try:
             # Explicitly: a Sentinel connection finds its master in connect(),
             # which sending on an unconnected one would bypass.
             async with asyncio.timeout(self._deadline):
-                await fresh.connect()  # type: ignore[no-untyped-call]
+                await fresh.connect()
             return await self._send(fresh, commands)
         finally:
             await fresh.disconnect()
@@ -106,7 +116,7 @@ class ReplicatedWriter:
                 replies: list[Any] = []
                 for _ in commands:
                     try:
-                        replies.append(await connection.read_response(timeout=self._deadline))
+                        replies.append(await connection.read_response(timeout=math.inf))
                     except ResponseError as exc:
                         replies.append(exc)
                 return replies
@@ -114,3 +124,7 @@ class ReplicatedWriter:
             # Cut short, the connection may hold unread replies: never reuse it.
             await connection.disconnect(nowait=True)
             raise
+
+    async def close(self) -> None:
+        if self._router is not None:
+            await self._router.close()
