@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import http.client
 from collections.abc import Callable
 
+from tests.processes import http_request
 
-def http_request(
-    port: int,
-    method: str,
-    path: str,
-    headers: dict[str, str] | None = None,
-    body: bytes | None = None,
-) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return (
-            response.status,
-            {k.lower(): v for k, v in response.getheaders()},
-            response.read(),
-        )
-    finally:
-        conn.close()
+__all__ = ["answers", "http_request"]
 
 
 def answers(port: int, path: str = "/healthz") -> Callable[[], bool]:

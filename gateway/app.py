@@ -17,7 +17,6 @@ from __future__ import annotations
 import gc
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -44,11 +43,11 @@ from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore, connect, connect_sentinel
 from gateway.telemetry import Telemetry
 from gateway.tracing import Tracing, configure
+from gateway.types import Receive, Scope, Send
 from gateway.upstream import create_session
 
 logger = logging.getLogger("gateway")
 
-Scope = dict[str, Any]
 LOCAL_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
@@ -147,7 +146,7 @@ class GatewayApp:
         self._admin: AdminServer | None = None
         self._metrics_listener: Listener | None = None
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             components = self.components
             if scope["path"] in self._local_paths or components is None:
@@ -158,7 +157,7 @@ class GatewayApp:
             await self._lifespan(receive, send)
         # websocket: not part of the ChatKit API; the server closes it.
 
-    async def _lifespan(self, receive: Any, send: Any) -> None:
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
         try:
             await self.startup()

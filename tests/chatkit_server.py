@@ -48,27 +48,22 @@ Run by itself: ``python -m tests.chatkit_server --port 9100 --record seen.jsonl`
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextvars
-import http.client
 import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import Any
 
-from tests.harness import REPO_ROOT, free_port, raw_http
+from tests.harness import eventually
+from tests.processes import REPO_ROOT, ServerProcess, free_port
 
 EXAMPLE_DIR = REPO_ROOT / "examples" / "self-hosted"
-_POLL = 0.01
 _SLOW = re.compile(r"^slow (\d+)(?: (\d+(?:\.\d+)?))?$")
 
 
@@ -130,154 +125,6 @@ def sse_events(raw: bytes) -> list[dict[str, Any]]:
     return events
 
 
-class _ServerProcess:
-    """A uvicorn subprocess on a free port, ready (``GET /healthz`` 200) on return."""
-
-    def __init__(
-        self, argv: list[str], env: Mapping[str, str], *, port: int, startup_timeout: float
-    ) -> None:
-        self.host = "127.0.0.1"
-        self.port = port
-        self.startup_timeout = startup_timeout
-        self._argv = argv
-        self._env = dict(env)
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._earlier_output = ""  # from runs already stopped
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def _command(self) -> list[str]:
-        return self._argv
-
-    def _spawn(self) -> None:
-        # A file, not a pipe: a chatty server can never block on a full pipe.
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in _release()
-        self._proc = subprocess.Popen(
-            self._command(),
-            env=self._env,
-            cwd=REPO_ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def _check_alive(self) -> None:
-        if self._proc is not None and self._proc.poll() is not None:
-            raise RuntimeError(
-                f"{self._argv} exited with code {self._proc.returncode}:\n{self.output()}"
-            )
-
-    def _healthy(self) -> bool:
-        self._check_alive()
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=1)
-        try:
-            conn.request("GET", "/healthz")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-        finally:
-            conn.close()
-
-    def start(self) -> Self:
-        self._spawn()
-        deadline = time.monotonic() + self.startup_timeout
-        try:
-            while not self._healthy():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self._argv} did not start:\n{self.output()}")
-                time.sleep(_POLL)
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    async def astart(self) -> Self:
-        """Like start(), without blocking this event loop."""
-        self._spawn()
-        request = f"GET /healthz HTTP/1.1\r\nHost: {self.host}\r\nConnection: close\r\n\r\n"
-        try:
-            async with asyncio.timeout(self.startup_timeout):
-                while True:
-                    self._check_alive()
-                    try:
-                        reply = await raw_http(self.host, self.port, request.encode(), timeout=1)
-                    except (OSError, TimeoutError):
-                        reply = b""
-                    if reply.startswith(b"HTTP/1.1 200 "):
-                        break
-                    await asyncio.sleep(_POLL)
-        except BaseException:
-            await self.astop()
-            raise
-        return self
-
-    def stop(self) -> int:
-        """SIGTERM (SIGKILL after 5 s) and release its files; returns the exit code.
-
-        What it printed (and recorded) stays readable, and start() may run it again.
-        """
-        if self._proc is None:
-            return 0
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5.0)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-        code = self._proc.wait()
-        self._release()
-        return code
-
-    async def astop(self) -> int:
-        """Like stop(), waiting in a thread so this event loop keeps running."""
-        return await asyncio.to_thread(self.stop)
-
-    def close(self) -> None:
-        """The same as stop(), for ``with`` and ``contextlib.closing``."""
-        self.stop()
-
-    def _release(self) -> None:
-        if self._log is not None:
-            self._earlier_output += self._current_output()
-            self._log.close()
-            self._log = None
-
-    def _current_output(self) -> str:
-        if self._log is None:
-            return ""
-        # pread leaves the shared file offset alone: the child keeps appending.
-        size = os.fstat(self._log.fileno()).st_size
-        return os.pread(self._log.fileno(), size, 0).decode(errors="replace")
-
-    def output(self) -> str:
-        """What the process printed so far, over every run."""
-        return self._earlier_output + self._current_output()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        return await self.astart()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.astop()
-
-
 def _example_env(env: Mapping[str, str] | None) -> dict[str, str]:
     """This environment without variables that would change what the example does."""
     base = {
@@ -290,8 +137,10 @@ def _example_env(env: Mapping[str, str] | None) -> dict[str, str]:
     return base
 
 
-class ChatKitServerProcess(_ServerProcess):
+class ChatKitServerProcess(ServerProcess):
     """The example ChatKit server, recording what it sees (see the module docstring)."""
+
+    name = "the ChatKit server"
 
     def __init__(
         self,
@@ -317,7 +166,7 @@ class ChatKitServerProcess(_ServerProcess):
         argv = [sys.executable, "-m", "tests.chatkit_server", "--port", str(port)]
         super().__init__(
             argv,
-            _example_env({**options, **(env or {})}),
+            env=_example_env({**options, **(env or {})}),
             port=port,
             startup_timeout=startup_timeout,
         )
@@ -388,24 +237,24 @@ class ChatKitServerProcess(_ServerProcess):
         *,
         timeout: float = 5.0,  # noqa: ASYNC109 - a deadline is the point of this helper
     ) -> None:
-        """Poll until ``predicate()`` holds; TimeoutError lists what was recorded."""
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate():  # noqa: ASYNC110 - another process writes the record
-                    await asyncio.sleep(_POLL)
-        except TimeoutError:
-            raise TimeoutError(
-                f"condition not met within {timeout}s; the ChatKit server recorded:\n"
-                + "\n".join(json.dumps(r) for r in self._records())
-            ) from None
+        """Poll until ``predicate()`` holds; the failure lists what was recorded."""
+        await eventually(
+            predicate,
+            timeout=timeout,
+            what=lambda: (
+                "the ChatKit server recorded:\n" + "\n".join(json.dumps(r) for r in self._records())
+            ),
+        )
 
 
-class WebAppProcess(_ServerProcess):
+class WebAppProcess(ServerProcess):
     """The example's app backend (``web_app.py``): the page and ``POST /api/chatkit/session``.
 
     ``gateway_url`` is where it (and the page) reach the gateway; ``api_key`` is
     the key it gives the openai SDK (one of ``GATEWAY_ISSUER_API_KEYS``).
     """
+
+    name = "the example's web app"
 
     def __init__(
         self,
@@ -427,7 +276,7 @@ class WebAppProcess(_ServerProcess):
         argv += ["web_app:create_app", "--host", "127.0.0.1", "--port", str(port)]
         super().__init__(
             argv,
-            _example_env({**options, **(env or {})}),
+            env=_example_env({**options, **(env or {})}),
             port=port,
             startup_timeout=startup_timeout,
         )
@@ -443,7 +292,7 @@ def _serve(port: int, record_path: Path) -> None:
     # The example is a directory of modules, not a package: import it as its run script does.
     sys.path.insert(0, str(EXAMPLE_DIR))
     from chatkit.types import ThreadItem, ThreadMetadata, ThreadStreamEvent, UserMessageItem
-    from chatkit_app import EchoChatKitServer, ServerConfig, create_app
+    from chatkit_app import EchoChatKitServer, ServerConfig, _user_text, create_app
     from memory_store import MemoryStore, RequestContext
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -476,12 +325,7 @@ def _serve(port: int, record_path: Path) -> None:
             input_user_message: UserMessageItem | None,
             context: RequestContext,
         ) -> AsyncIterator[ThreadStreamEvent]:
-            text = " ".join(
-                part.text
-                for part in (input_user_message.content if input_user_message else [])
-                if part.type == "input_text"
-            )
-            slow = _SLOW.match(text)
+            slow = _SLOW.match(_user_text(input_user_message))
             if slow is None:
                 async for event in super().respond(thread, input_user_message, context):
                     yield event

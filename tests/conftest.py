@@ -5,10 +5,11 @@ because a suite that quietly skips its storage tests proves nothing.
 
 Event loops: ``upstream`` is function-scoped and runs in the test's own loop
 (pyproject sets ``asyncio_default_fixture_loop_scope``), so the fake upstream,
-the gateway client and the test share one loop and one clock. ``fake`` and
-``aof_redis`` live for a module, for modules whose tests share long-lived
-gateway replicas; those modules run in one module-wide loop
-(``pytestmark = pytest.mark.asyncio(loop_scope="module")``).
+the gateway client and the test share one loop and one clock. ``fake``,
+``http``, ``module_redis`` and ``aof_redis`` live for a module, for modules whose
+tests share long-lived gateway replicas; those modules run in one module-wide
+loop (``pytestmark = pytest.mark.asyncio(loop_scope="module")``), and a module
+that runs in per-test loops defines its own ``http``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import pytest
 import pytest_asyncio
 
@@ -56,6 +58,13 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
 
 
 @pytest.fixture(scope="module")
+def module_redis() -> Iterator[RedisServer]:
+    """A private redis-server for one module, without persistence: a restart empties it."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def aof_redis() -> Iterator[RedisServer]:
     """A private redis-server for one module that syncs every write to disk.
 
@@ -71,3 +80,10 @@ async def fake() -> AsyncIterator[FakeUpstream]:
     """One fake ChatKit API for a module's tests, in the module's event loop."""
     async with FakeUpstream() as upstream:
         yield upstream
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """One HTTP client for a module's tests, in the module's event loop."""
+    async with aiohttp.ClientSession() as session:
+        yield session

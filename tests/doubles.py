@@ -1,19 +1,26 @@
-"""In-process stand-ins: a clock the test moves, and a store that can fail.
+"""In-process stand-ins: a clock the test moves, a store that can fail, the app without a server.
 
 For fast tests of the components between the socket and the store
 (:class:`~gateway.admission.Gatekeeper`, :class:`~gateway.revocation.Revoker`):
 the embedded store with a clock the test controls decides exactly as the
 contract suite proves Redis does, and an outage is a flag, not a paused process.
+For the app's own endpoints, ``started`` and ``asgi_get`` drive
+:class:`~gateway.app.GatewayApp` through its ASGI interface in the test's loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import contextlib
+import gc
+from collections.abc import AsyncIterator, Collection, Iterator
+from typing import Any
 
+from gateway.app import GatewayApp
 from gateway.errors import StoreUnavailable
 from gateway.ratelimit import Decision
 from gateway.store.base import AdmitRequest, RevokeResult
 from gateway.store.memory import MemoryStore
+from gateway.types import ASGIApp, Message
 
 
 class FakeClock:
@@ -80,3 +87,52 @@ class OutageStore(MemoryStore):
 
     async def ping(self) -> None:
         self._ask()
+
+
+@contextlib.contextmanager
+def collector_restored() -> Iterator[None]:
+    """Undo, on exit, what the app's start-up does to the garbage collector.
+
+    Start-up freezes and retunes the collector for a long-running server; the
+    rest of the pytest process should not run that way.
+    """
+    thresholds = gc.get_threshold()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+
+
+@contextlib.asynccontextmanager
+async def started(app: GatewayApp) -> AsyncIterator[GatewayApp]:
+    """``app`` started in this event loop (no server), shut down on exit."""
+    with collector_restored():
+        await app.startup()
+        try:
+            yield app
+        finally:
+            await app.shutdown()
+
+
+async def asgi_get(app: ASGIApp, path: str) -> tuple[int, bytes]:
+    """One GET through the ASGI interface: (status, body). The endpoints need no server."""
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"host", b"a")],
+    }
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], body

@@ -5,34 +5,46 @@ to answer before returning, so a test never races a server that is still
 booting. Polling lives here too, in one helper (``eventually``): a test waits
 for what it needs to be true, never for a fixed time, because a process that
 has not bound its port or drained its queue yet cannot tell us when it will.
+
+Beside them, the requests tests make over and over: a client call
+(``converse``), a session through the gateway (``create_session``, or with the
+official SDK ``sdk_create``/``sdk_cancel``/``openai_sdk``), a Prometheus scrape
+(``scrape``/``metric_value``) and the check that no secret reached a log
+(``assert_never_logged``). Raw-socket helpers (``raw_http``, ``raw_upload``,
+``connection``) come from ``tests/processes.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol, Self, TypeVar
 
 import aiohttp
+import openai
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
+from openai.types.beta.chatkit import ChatSession
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.processes import (
     POLL_SECONDS,
     REPO_ROOT,
+    ServerProcess,
+    connection,
     free_port,
     gateway_env,
+    raw_http,
+    raw_upload,
     terminate,
     wait_until,
 )
@@ -43,15 +55,30 @@ __all__ = [
     "GatewayProcess",
     "RedisCluster",
     "RedisServer",
+    "Samples",
+    "Served",
+    "assert_never_logged",
+    "cancel_session",
+    "collecting",
+    "connection",
     "converse",
     "create_session",
     "eventually",
+    "fill_redis",
     "free_port",
     "gateway_env",
+    "metric_value",
+    "open_stream",
+    "openai_sdk",
     "raw_http",
+    "raw_upload",
     "redis_key_contents",
     "running",
+    "scrape",
+    "sdk_cancel",
+    "sdk_create",
     "subscribed",
+    "until_closed",
     "wall_clock_reach",
 ]
 
@@ -121,6 +148,51 @@ async def redis_key_contents(client: redis.asyncio.Redis, key: bytes) -> tuple[b
     else:
         parts = [await raw.dump(key) or b""]
     return kind, b"\x00".join(parts)
+
+
+async def fill_redis(client: redis.asyncio.Redis, start: int = 0) -> int:
+    """Write ``filler:<n>`` keys until a ``maxmemory`` Redis refuses, to the last bytes.
+
+    Returns the next free filler number. Call it again before each step that
+    must find Redis full: Redis frees client buffers now and then, and a write
+    could fit the room so freed.
+    """
+    n = start
+    for size in (65536, 1024, 64):
+        while True:
+            try:
+                await client.set(f"filler:{n}", b"x" * size)
+            except redis.exceptions.OutOfMemoryError:
+                break
+            n += 1
+    return n
+
+
+Item = TypeVar("Item")
+
+
+@contextlib.asynccontextmanager
+async def collecting(feed: AsyncIterator[Item]) -> AsyncIterator[list[Item]]:
+    """What ``feed`` yields, appended to the list in the background while the block runs.
+
+    On exit the reader is cancelled and the feed closed (an async generator's
+    ``aclose``), so a subscription never outlives its test.
+    """
+    items: list[Item] = []
+
+    async def read() -> None:
+        async for item in feed:
+            items.append(item)
+
+    reader = asyncio.create_task(read())
+    try:
+        yield items
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        close = getattr(feed, "aclose", None)
+        if close is not None:
+            await close()
 
 
 async def subscribed(client: redis.asyncio.Redis, channel: str) -> bool:
@@ -490,13 +562,15 @@ class RedisSentinels:
         self.stop()
 
 
-class GatewayProcess:
+class GatewayProcess(ServerProcess):
     """The gateway as a subprocess (``python -m gateway serve``), ready on return.
 
     Use ``with`` from synchronous code and ``async with`` from a test whose event
     loop also runs the fake upstream: the async variants never block that loop,
     so the upstream keeps answering while the gateway starts and drains.
     """
+
+    name = "the gateway"
 
     def __init__(
         self,
@@ -508,140 +582,19 @@ class GatewayProcess:
         command: Sequence[str] | None = None,
         startup_timeout: float = 20.0,
     ) -> None:
-        self.host = "127.0.0.1"
-        self.port = port or free_port()
-        self.startup_timeout = startup_timeout
+        port = port or free_port()
         # ``{port}`` in a custom command is replaced, for stand-ins in harness tests.
         argv = command or [sys.executable, "-m", "gateway", "serve"]
-        self._argv = [arg.replace("{port}", str(self.port)) for arg in argv]
-        self._env = gateway_env(upstream_url, port=self.port, redis_url=redis_url, extra=env)
-        self._log: IO[bytes] | None = None
-        self._final_output: str | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        super().__init__(
+            [arg.replace("{port}", str(port)) for arg in argv],
+            env=gateway_env(upstream_url, port=port, redis_url=redis_url, extra=env),
+            port=port,
+            startup_timeout=startup_timeout,
+        )
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def proc(self) -> subprocess.Popen[bytes]:
-        if self._proc is None:
-            raise RuntimeError("the gateway is not started: call start() or astart()")
-        return self._proc
-
-    def _spawn(self) -> None:
-        # A file, not a pipe: a chatty gateway can never block on a full pipe.
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in _reap
-        self._final_output = None
-        self._proc = subprocess.Popen(
-            self._argv, env=self._env, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT
-        )
-
-    def _check_alive(self) -> None:
-        code = self.proc.poll()
-        if code is not None:
-            output = self._reap()
-            raise RuntimeError(
-                f"gateway exited with code {code} before /healthz answered 200.\n"
-                f"command: {self._argv}\n--- output ---\n{output}"
-            )
-
-    def _healthy(self) -> bool:
-        self._check_alive()
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=1)
-        try:
-            conn.request("GET", "/healthz")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-        finally:
-            conn.close()
-
-    async def _ahealthy(self) -> bool:
-        self._check_alive()
-        request = f"GET /healthz HTTP/1.1\r\nHost: {self.host}\r\nConnection: close\r\n\r\n"
-        try:
-            reply = await raw_http(self.host, self.port, request.encode(), timeout=1)
-        except (OSError, TimeoutError):
-            return False
-        return reply.startswith((b"HTTP/1.1 200 ", b"HTTP/1.0 200 "))
-
-    def start(self) -> Self:
-        self._spawn()
-        try:
-            wait_until(self._healthy, timeout=self.startup_timeout, what=self._describe)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    async def astart(self) -> Self:
-        self._spawn()
-        try:
-            async with asyncio.timeout(self.startup_timeout):
-                while not await self._ahealthy():  # noqa: ASYNC110 - nothing to await but a poll
-                    await asyncio.sleep(_POLL)
-        except TimeoutError:
-            await self.astop()
-            raise TimeoutError(f"timed out waiting for {self._describe()}") from None
-        except BaseException:
-            await self.astop()
-            raise
-        return self
-
-    def _describe(self) -> str:
-        return f"the gateway's /healthz on {self.url}\n--- output ---\n{self.output()}"
-
-    def stop(self, grace: float = 10.0) -> int:
-        """SIGTERM and wait (SIGKILL after ``grace`` seconds); returns the exit code."""
-        if self._proc is None:
-            return 0
-        code = terminate(self._proc, timeout=grace)
-        self._reap()
-        return code
-
-    async def astop(self, grace: float = 10.0) -> int:
-        """Like stop(), waiting in a thread so this event loop keeps running."""
-        if self._proc is None:
-            return 0
-        code = await asyncio.to_thread(terminate, self._proc, timeout=grace)
-        self._reap()
-        return code
-
-    def kill(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
-        self._reap()
-
-    def output(self) -> str:
-        """Everything the process wrote to stdout and stderr so far."""
-        if self._final_output is not None:
-            return self._final_output
-        if self._log is None:
-            return ""
-        # pread leaves the shared file offset alone: the child keeps appending.
-        size = os.fstat(self._log.fileno()).st_size
-        return os.pread(self._log.fileno(), size, 0).decode(errors="replace")
-
-    def _reap(self) -> str:
-        if self._log is not None and (self._proc is None or self._proc.poll() is not None):
-            self._final_output = self.output()
-            self._log.close()
-            self._log = None
-        return self.output()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        return await self.astart()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.astop()
+        return self.base_url
 
 
 class Served(Protocol):
@@ -664,111 +617,142 @@ async def converse(
         return response.status, body["error"]["code"] if response.status >= 400 else None
 
 
+#: A Prometheus scrape: each sample's value by its name and its set of labels.
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(http: aiohttp.ClientSession, url: str) -> Samples:
+    """Every sample the gateway at ``url`` shows on ``/metrics``."""
+    # A fresh connection per scrape, so with several workers any of them answers.
+    async with http.get(f"{url}/metrics", headers={"Connection": "close"}) as response:
+        text = await response.text()
+        assert response.status == 200, text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def metric_value(samples: Samples, name: str, **labels: str) -> float | None:
+    """The sample with exactly these labels; None if the series does not exist (yet)."""
+    return samples.get((name, frozenset(labels.items())))
+
+
 async def create_session(
     http: aiohttp.ClientSession,
     gateway_url: str,
     *,
-    limit: int,
+    limit: int | None = None,
     user: str = "u1",
     api_key: str = "sk-test",
 ) -> dict[str, Any]:
-    """Create a session through the gateway, so it learns it; the upstream's answer."""
+    """Create a session through the gateway, so it learns it; the upstream's answer.
+
+    Without ``limit`` the session has no rate limit of its own (the default applies).
+    """
+    body: dict[str, Any] = {"user": user, "workflow": {"id": "wf_1"}}
+    if limit is not None:
+        body["rate_limits"] = {"max_requests_per_1_minute": limit}
     async with http.post(
         f"{gateway_url}/v1/chatkit/sessions",
         headers={"Authorization": f"Bearer {api_key}"},
-        json={
-            "user": user,
-            "workflow": {"id": "wf_1"},
-            "rate_limits": {"max_requests_per_1_minute": limit},
-        },
+        json=body,
     ) as response:
         if response.status != 200:
-            raise AssertionError(f"session create answered {response.status}")
+            raise AssertionError(
+                f"session create answered {response.status}: {await response.text()}"
+            )
         session: dict[str, Any] = await response.json()
     return session
 
 
-Gateways = TypeVar("Gateways", bound=Sequence["GatewayProcess"])
+async def cancel_session(
+    http: aiohttp.ClientSession, gateway_url: str, session_id: str, *, api_key: str = "sk-test"
+) -> None:
+    """Cancel a session through the gateway; fails unless it answers 200."""
+    async with http.post(
+        f"{gateway_url}/v1/chatkit/sessions/{session_id}/cancel",
+        headers={"Authorization": f"Bearer {api_key}"},
+    ) as response:
+        if response.status != 200:
+            raise AssertionError(f"cancel answered {response.status}: {await response.text()}")
+
+
+async def open_stream(
+    http: aiohttp.ClientSession, gateway: Served, secret: str, *, events: int
+) -> aiohttp.ClientResponse:
+    """A client SSE stream of ``events`` events 0.1 s apart, its first event already read.
+
+    The fake upstream streams it; the caller reads the rest (``until_closed``).
+    """
+    response = await http.post(
+        f"{gateway.url}/v1/chatkit/conversation?events={events}&interval=0.1",
+        json={"type": "threads.create", "params": {}},
+        headers={"Authorization": f"Bearer {secret}", "Accept": "text/event-stream"},
+    )
+    assert response.status == 200, response.status
+    assert (await response.content.readline()).startswith(b"data: ")
+    return response
+
+
+async def until_closed(response: aiohttp.ClientResponse) -> tuple[int, float]:
+    """(events read in all, monotonic time the stream ended)."""
+    seen = 1
+    try:
+        async for line in response.content:
+            seen += line.startswith(b"data: ")
+    except aiohttp.ClientPayloadError:
+        pass  # cut off mid-body: what closing a stream looks like to a client
+    finally:
+        response.release()
+    return seen, time.monotonic()
+
+
+Processes = TypeVar("Processes", bound=Sequence[ServerProcess])
 
 
 @contextlib.asynccontextmanager
-async def running(gateways: Gateways) -> AsyncIterator[Gateways]:
-    """Start gateways in parallel; stop every one that started, whatever happens."""
-    results = await asyncio.gather(*(g.astart() for g in gateways), return_exceptions=True)
+async def running(processes: Processes) -> AsyncIterator[Processes]:
+    """Start servers (gateways, ChatKit servers) in parallel; stop every one, whatever happens."""
+    results = await asyncio.gather(*(p.astart() for p in processes), return_exceptions=True)
     try:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        yield gateways
+        yield processes
     finally:
-        await asyncio.gather(*(g.astop() for g in gateways))
+        await asyncio.gather(*(p.astop() for p in processes))
 
 
-async def raw_http(
-    host: str,
-    port: int,
-    data: bytes,
-    *,
-    read_until_close: bool = True,
-    timeout: float = 5.0,  # noqa: ASYNC109 - part of the helper's contract
-) -> bytes:
-    """Write ``data`` verbatim on a fresh connection and return the raw reply.
+def openai_sdk(gateway: Served, api_key: str, **options: Any) -> openai.AsyncOpenAI:
+    """The official SDK as server code uses it, pointed at ``gateway``.
 
-    With ``read_until_close`` false, return after one complete response
-    (Content-Length or chunked framing; interim 1xx responses are included).
-    A reset by the server ends the read; what arrived before it is returned.
+    No retries unless ``options`` ask for them, so one call is one request.
+    Use it as ``async with openai_sdk(...) as client``.
     """
-    reader, writer = await asyncio.open_connection(host, port)
-    received = bytearray()
-    try:
-        async with asyncio.timeout(timeout):
-            with contextlib.suppress(ConnectionError):
-                # The server may answer and close before it has read everything.
-                writer.write(data)
-                await writer.drain()
-            try:
-                if read_until_close:
-                    while chunk := await reader.read(65536):
-                        received += chunk
-                else:
-                    await _read_response(reader, received)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    return bytes(received)
+    settings: dict[str, Any] = {"max_retries": 0, "timeout": 30, **options}
+    return openai.AsyncOpenAI(api_key=api_key, base_url=f"{gateway.url}/v1", **settings)
 
 
-async def _read_response(reader: asyncio.StreamReader, out: bytearray) -> None:
-    while True:
-        head = await reader.readuntil(b"\r\n\r\n")
-        out += head
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        if status >= 200 or status == 101:
-            break
-    fields = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        fields[name.strip().lower()] = value.strip()
-    if status in (204, 304) or status < 200:
-        return
-    if "chunked" in fields.get("transfer-encoding", "").lower():
-        while True:
-            size_line = await reader.readuntil(b"\r\n")
-            out += size_line
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                # Trailer section, ended by an empty line.
-                while (trailer := await reader.readuntil(b"\r\n")) != b"\r\n":
-                    out += trailer
-                out += b"\r\n"
-                return
-            out += await reader.readexactly(size + 2)
-    elif "content-length" in fields:
-        out += await reader.readexactly(int(fields["content-length"]))
-    else:
-        while chunk := await reader.read(65536):
-            out += chunk
+async def sdk_create(gateway: Served, api_key: str, **params: Any) -> ChatSession:
+    """A session created through ``gateway`` with the official SDK (one request)."""
+    async with openai_sdk(gateway, api_key) as client:
+        return await client.beta.chatkit.sessions.create(**params)
+
+
+async def sdk_cancel(gateway: Served, api_key: str, session_id: str) -> ChatSession:
+    """A session cancelled through ``gateway`` with the official SDK (one request)."""
+    async with openai_sdk(gateway, api_key) as client:
+        return await client.beta.chatkit.sessions.cancel(session_id)
+
+
+def assert_never_logged(
+    processes: Iterable[ServerProcess], secrets: Iterable[str], what: str = "a secret"
+) -> None:
+    """None of ``secrets`` is in any process's output so far (the secret is not shown)."""
+    secrets = list(secrets)
+    for process in processes:
+        output = process.output()
+        leaked = sum(secret in output for secret in secrets)
+        assert not leaked, f"{what} in the log of {process.name} on {process.base_url}"

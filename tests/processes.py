@@ -4,21 +4,26 @@ Nothing here imports the gateway, so ``tests/harness.py`` (which re-exports
 these names) and the ``bench`` package start, wait for and stop their
 processes the same way: a free port, a log file rather than a pipe (a chatty
 child can never block on a full pipe), a poll for readiness with a deadline,
-and SIGTERM then SIGKILL.
+and SIGTERM then SIGKILL. ``ServerProcess`` is that for an HTTP server with
+a ``/healthz``: the gateway (``tests/harness.py``) and the self-hosted
+example's servers (``tests/chatkit_server.py``) are subclasses.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import http.client
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Self
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 POLL_SECONDS = 0.01  # readiness poll interval
@@ -35,6 +40,30 @@ def free_port() -> int:
 def find_tool(name: str) -> str | None:
     """A binary on PATH, or in /usr/sbin (Debian's nginx), which root's PATH may lack."""
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
+def http_request(
+    port: int,
+    method: str,
+    path: str,
+    headers: Mapping[str, str] | None = None,
+    body: bytes | None = None,
+    *,
+    host: str = "127.0.0.1",
+    timeout: float = 10.0,
+) -> tuple[int, dict[str, str], bytes]:
+    """One blocking request on a fresh connection: (status, lower-cased headers, body)."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=dict(headers or {}))
+        response = conn.getresponse()
+        return (
+            response.status,
+            {k.lower(): v for k, v in response.getheaders()},
+            response.read(),
+        )
+    finally:
+        conn.close()
 
 
 def wait_until(
@@ -164,3 +193,282 @@ class Service:
     def stop(self, grace: float = 15.0) -> None:
         terminate(self.proc, timeout=grace, group=True)
         self._log.close()
+
+
+class ServerProcess:
+    """An HTTP server as a child process on ``port``, ready (``GET /healthz`` 200) on return.
+
+    Use ``with`` from synchronous code and ``async with`` from a test whose event
+    loop also runs what the child talks to: the async variants never block that
+    loop, so those servers keep answering while the child starts and drains.
+    ``output()`` still answers after stop(), over every run; start() runs it again.
+    """
+
+    #: Who the messages name when the process does not come up.
+    name = "the server"
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        port: int,
+        startup_timeout: float = 20.0,
+    ) -> None:
+        self.host = "127.0.0.1"
+        self.port = port
+        self.startup_timeout = startup_timeout
+        self._argv = list(argv)
+        self._env = dict(env)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._earlier_output = ""  # from runs already stopped
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        if self._proc is None:
+            raise RuntimeError(f"{self.name} is not started: call start() or astart()")
+        return self._proc
+
+    def _command(self) -> list[str]:
+        """The argv of the next run (a subclass may add per-run arguments)."""
+        return self._argv
+
+    def _spawn(self) -> None:
+        # A file, not a pipe: a chatty child can never block on a full pipe.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in _release()
+        self._proc = subprocess.Popen(
+            self._command(),
+            env=self._env,
+            cwd=REPO_ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def _check_alive(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            self._release()
+            raise RuntimeError(
+                f"{self.name} exited with code {code} before /healthz answered 200.\n"
+                f"command: {self._argv}\n--- output ---\n{self.output()}"
+            )
+
+    def _healthy(self) -> bool:
+        self._check_alive()
+        try:
+            return http_request(self.port, "GET", "/healthz", host=self.host, timeout=1)[0] == 200
+        except OSError:
+            return False
+
+    async def _ahealthy(self) -> bool:
+        self._check_alive()
+        request = f"GET /healthz HTTP/1.1\r\nHost: {self.host}\r\nConnection: close\r\n\r\n"
+        try:
+            reply = await raw_http(self.host, self.port, request.encode(), timeout=1)
+        except (OSError, TimeoutError):
+            return False
+        return reply.startswith((b"HTTP/1.1 200 ", b"HTTP/1.0 200 "))
+
+    def _describe(self) -> str:
+        return f"{self.name}'s /healthz on {self.base_url}\n--- output ---\n{self.output()}"
+
+    def start(self) -> Self:
+        self._spawn()
+        try:
+            wait_until(self._healthy, timeout=self.startup_timeout, what=self._describe)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def astart(self) -> Self:
+        """Like start(), without blocking this event loop."""
+        self._spawn()
+        try:
+            async with asyncio.timeout(self.startup_timeout):
+                while not await self._ahealthy():  # noqa: ASYNC110 - nothing to await but a poll
+                    await asyncio.sleep(POLL_SECONDS)
+        except TimeoutError:
+            await self.astop()
+            raise TimeoutError(f"timed out waiting for {self._describe()}") from None
+        except BaseException:
+            await self.astop()
+            raise
+        return self
+
+    def stop(self, grace: float = 10.0) -> int:
+        """SIGTERM and wait (SIGKILL after ``grace`` seconds); returns the exit code."""
+        if self._proc is None:
+            return 0
+        code = terminate(self._proc, timeout=grace)
+        self._release()
+        return code
+
+    async def astop(self, grace: float = 10.0) -> int:
+        """Like stop(), waiting in a thread so this event loop keeps running."""
+        if self._proc is None:
+            return 0
+        code = await asyncio.to_thread(terminate, self._proc, timeout=grace)
+        self._release()
+        return code
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._release()
+
+    def close(self) -> None:
+        """The same as stop(), for ``contextlib.closing``."""
+        self.stop()
+
+    def _release(self) -> None:
+        """Keep what the run printed and close its file; the process has exited."""
+        if self._log is not None:
+            self._earlier_output += self._current_output()
+            self._log.close()
+            self._log = None
+
+    def _current_output(self) -> str:
+        if self._log is None:
+            return ""
+        # pread leaves the shared file offset alone: the child keeps appending.
+        size = os.fstat(self._log.fileno()).st_size
+        return os.pread(self._log.fileno(), size, 0).decode(errors="replace")
+
+    def output(self) -> str:
+        """Everything the process wrote to stdout and stderr so far, over every run."""
+        return self._earlier_output + self._current_output()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Self:
+        return await self.astart()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.astop()
+
+
+@contextlib.asynccontextmanager
+async def connection(
+    host: str, port: int
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A fresh TCP connection, closed on exit even when the server has reset it."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def raw_http(
+    host: str,
+    port: int,
+    data: bytes,
+    *,
+    read_until_close: bool = True,
+    timeout: float = 5.0,  # noqa: ASYNC109 - part of the helper's contract
+) -> bytes:
+    """Write ``data`` verbatim on a fresh connection and return the raw reply.
+
+    With ``read_until_close`` false, return after one complete response
+    (Content-Length or chunked framing; interim 1xx responses are included).
+    A reset by the server ends the read; what arrived before it is returned.
+    """
+    reply, _ = await raw_upload(
+        host, port, data, (), read_until_close=read_until_close, timeout=timeout
+    )
+    return reply
+
+
+async def raw_upload(
+    host: str,
+    port: int,
+    head: bytes,
+    chunks: Iterable[bytes],
+    *,
+    read_until_close: bool = True,
+    timeout: float = 20.0,  # noqa: ASYNC109 - part of the helper's contract
+) -> tuple[bytes, int]:
+    """Write ``head`` then ``chunks`` on a fresh connection while reading the reply.
+
+    Reading while writing sees an answer the server sends before it has read
+    everything (a refusal of a huge head or body), and the count of chunk bytes
+    written shows how much it took in first. Returns (raw reply, bytes of
+    ``chunks`` written); the reply is read as ``raw_http`` reads it.
+    """
+    received = bytearray()
+    written = 0
+    async with connection(host, port) as (reader, writer):
+
+        async def send() -> None:
+            nonlocal written
+            # The server may answer and close before it has read everything.
+            with contextlib.suppress(ConnectionError):
+                writer.write(head)
+                await writer.drain()
+                for chunk in chunks:
+                    writer.write(chunk)
+                    await writer.drain()
+                    written += len(chunk)
+
+        sender = asyncio.create_task(send())
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    if read_until_close:
+                        while data := await reader.read(65536):
+                            received += data
+                    else:
+                        await _read_response(reader, received)
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    pass
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+    return bytes(received), written
+
+
+async def _read_response(reader: asyncio.StreamReader, out: bytearray) -> None:
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        out += head
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        if status >= 200 or status == 101:
+            break
+    fields = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    if status in (204, 304) or status < 200:
+        return
+    if "chunked" in fields.get("transfer-encoding", "").lower():
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            out += size_line
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                # Trailer section, ended by an empty line.
+                while (trailer := await reader.readuntil(b"\r\n")) != b"\r\n":
+                    out += trailer
+                out += b"\r\n"
+                return
+            out += await reader.readexactly(size + 2)
+    elif "content-length" in fields:
+        out += await reader.readexactly(int(fields["content-length"]))
+    else:
+        while chunk := await reader.read(65536):
+            out += chunk

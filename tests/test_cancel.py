@@ -9,7 +9,6 @@ which requests reached it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -18,13 +17,25 @@ import aiohttp
 import openai
 import pytest
 import pytest_asyncio
-from openai import AsyncOpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth import SecretHasher
 from tests import fake_upstream
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer, converse, eventually, running
+from tests.harness import (
+    GatewayProcess,
+    RedisServer,
+    assert_never_logged,
+    converse,
+    eventually,
+    metric_value,
+    open_stream,
+    openai_sdk,
+    running,
+    scrape,
+    sdk_cancel,
+    sdk_create,
+    until_closed,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -62,12 +73,6 @@ async def replicas(
         yield started
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 @pytest.fixture(autouse=True)
 def fresh(
     aof_redis: RedisServer, fake: FakeUpstream, replicas: tuple[GatewayProcess, GatewayProcess]
@@ -81,29 +86,17 @@ def fresh(
     yield
     aof_redis.ensure_running()
     issued = [session["client_secret"] for session in fake.sessions.values()]
-    for gateway in replicas:
-        output = gateway.output()
-        assert not [s for s in issued if s in output], f"a client secret in {gateway.url}'s log"
+    assert_never_logged(replicas, issued, "a client secret")
 
 
 # -- helpers --------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def sdk(gateway: GatewayProcess) -> AsyncIterator[AsyncOpenAI]:
-    """The official SDK pointed at one replica; no retries, so every call is one request."""
-    async with AsyncOpenAI(
-        api_key=API_KEY, base_url=f"{gateway.url}/v1", max_retries=0, timeout=30
-    ) as client:
-        yield client
-
-
 async def create_session(gateway: GatewayProcess, **extra: Any) -> tuple[str, str, int]:
     """(session id, client secret, expires_at) of a session created through ``gateway``."""
-    async with sdk(gateway) as client:
-        session = await client.beta.chatkit.sessions.create(
-            user="user_cancel", workflow={"id": "wf_cancel"}, **extra
-        )
+    session = await sdk_create(
+        gateway, API_KEY, user="user_cancel", workflow={"id": "wf_cancel"}, **extra
+    )
     return session.id, session.client_secret, session.expires_at
 
 
@@ -122,13 +115,7 @@ async def metric(
     http: aiohttp.ClientSession, gateway: GatewayProcess, name: str, **labels: str
 ) -> float:
     """One sample of the replica's /metrics (0 when the labelled child does not exist yet)."""
-    async with http.get(f"{gateway.url}/metrics") as response:
-        text = await response.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0.0
+    return metric_value(await scrape(http, gateway.url), name, **labels) or 0.0
 
 
 async def redis_flag(server: RedisServer, key: str) -> tuple[bool, int]:
@@ -176,7 +163,7 @@ async def test_cancel_through_one_replica_revokes_the_secret_on_every_replica(
     assert await converse(http, a, secret) == (200, None)
     assert await converse(http, b, secret) == (200, None)
 
-    async with sdk(b) as client:
+    async with openai_sdk(b, API_KEY) as client:
         raw = await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
     cancelled = raw.parse()
 
@@ -222,7 +209,7 @@ async def test_failed_cancel_leaves_the_secret_admitted(
     session_id, secret, _ = await create_session(a)
     fake.inject(fault, path_prefix=cancel_path(session_id), **params)
 
-    async with sdk(b) as client:
+    async with openai_sdk(b, API_KEY) as client:
         with pytest.raises(error) as raised:
             await client.beta.chatkit.sessions.cancel(session_id)
 
@@ -247,7 +234,7 @@ async def test_a_cancel_the_sdk_retries_after_an_upstream_failure_revokes_once_i
         headers={"retry-after-ms": "10"},  # retry at once rather than after ~0.5 s
     )
 
-    async with AsyncOpenAI(api_key=API_KEY, base_url=f"{b.url}/v1", max_retries=2) as client:
+    async with openai_sdk(b, API_KEY, max_retries=2) as client:
         cancelled = await client.beta.chatkit.sessions.cancel(session_id)
 
     assert cancelled.status == "cancelled"
@@ -278,7 +265,7 @@ async def test_cancelling_an_unseen_session_is_recorded_and_a_late_registration_
         http, b, "chatkit_gateway_revocations_total", source="cancel", known="false"
     )
 
-    async with sdk(b) as client:
+    async with openai_sdk(b, API_KEY) as client:
         raw = await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
 
     assert raw.status_code == 200
@@ -314,14 +301,14 @@ async def test_repeated_and_concurrent_cancels_are_harmless(
     session_id, secret, _ = await create_session(a)
     assert await converse(http, b, secret) == (200, None)
 
-    async def cancel(gateway: GatewayProcess) -> tuple[int, str, str]:
-        async with sdk(gateway) as client:
+    async def cancel_through(gateway: GatewayProcess) -> tuple[int, str, str]:
+        async with openai_sdk(gateway, API_KEY) as client:
             raw = await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
         return raw.status_code, raw.parse().status, raw.headers["x-chatkit-gateway-revocation"]
 
     # Five at once, through both replicas; then once more, as an SDK retry would.
-    concurrent = await asyncio.gather(*(cancel((a, b)[i % 2]) for i in range(5)))
-    repeated = await cancel(a)
+    concurrent = await asyncio.gather(*(cancel_through((a, b)[i % 2]) for i in range(5)))
+    repeated = await cancel_through(a)
 
     assert concurrent == [(200, "cancelled", "stored")] * 5
     assert repeated == (200, "cancelled", "stored")
@@ -340,8 +327,7 @@ async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
     session_id, secret, expires_at = await create_session(
         a, expires_after={"anchor": "created_at", "seconds": 300}
     )
-    async with sdk(b) as client:
-        await client.beta.chatkit.sessions.cancel(session_id)
+    await sdk_cancel(b, API_KEY, session_id)
     exists, ttl = await redis_flag(aof_redis, secret_key(secret))
     expected = expires_at + RETENTION - time.time()
     assert exists
@@ -354,8 +340,7 @@ async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
         headers={"Authorization": f"Bearer {API_KEY}"},
     ) as response:
         unseen_id = (await response.json())["id"]
-    async with sdk(b) as client:
-        await client.beta.chatkit.sessions.cancel(unseen_id)
+    await sdk_cancel(b, API_KEY, unseen_id)
     exists, ttl = await redis_flag(aof_redis, session_key(unseen_id))
     assert exists
     assert REVOCATION_TTL - 30 <= ttl <= REVOCATION_TTL, ttl
@@ -385,7 +370,7 @@ async def test_a_revocation_the_store_missed_is_enforced_at_once_and_stored_late
     fake.inject("delay", path_prefix=cancel_path(session_id), seconds=1.0)
 
     async def cancel_through_a() -> Any:
-        async with sdk(a) as client:
+        async with openai_sdk(a, API_KEY) as client:
             return await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
 
     cancelling = asyncio.create_task(cancel_through_a())
@@ -448,7 +433,7 @@ async def test_a_cancel_while_redis_is_down_is_enforced_by_the_replica_that_saw_
     fake.cancel_shape = "stale"
     session_id, secret, _ = await create_session(a)
     aof_redis.pause()
-    async with sdk(a) as client:
+    async with openai_sdk(a, API_KEY) as client:
         raw = await client.beta.chatkit.sessions.with_raw_response.cancel(session_id)
     assert raw.status_code == 200
     assert raw.headers["x-chatkit-gateway-revocation"] == "pending"
@@ -468,44 +453,19 @@ async def test_a_cancel_while_redis_is_down_is_enforced_by_the_replica_that_saw_
 STREAM_EVENTS = 100  # 10 s of events at 0.1 s: far from their natural end in these tests
 
 
-async def open_stream(
-    http: aiohttp.ClientSession, gateway: GatewayProcess, secret: str
-) -> aiohttp.ClientResponse:
-    """An SSE response in flight, its first event already read."""
-    response = await http.post(
-        f"{gateway.url}{CONVERSATION}?events={STREAM_EVENTS}&interval=0.1",
-        json={"type": "threads.create", "params": {}},
-        headers={"Authorization": f"Bearer {secret}", "Accept": "text/event-stream"},
-    )
-    assert response.status == 200
-    assert (await response.content.readline()).startswith(b"data: ")
-    return response
-
-
-async def until_closed(response: aiohttp.ClientResponse) -> tuple[int, float]:
-    """(events read in all, monotonic time the stream ended)."""
-    seen = 1
-    try:
-        async for line in response.content:
-            seen += line.startswith(b"data: ")
-    except aiohttp.ClientPayloadError:
-        pass  # cut off mid-body: what closing a stream looks like to a client
-    finally:
-        response.release()
-    return seen, time.monotonic()
-
-
 async def test_open_streams_close_on_every_replica_within_two_seconds_of_a_cancel(
     replicas: tuple[GatewayProcess, GatewayProcess],
     http: aiohttp.ClientSession,
 ) -> None:
     a, b = replicas
     session_id, secret, _ = await create_session(a)
-    streams = [await open_stream(http, a, secret), await open_stream(http, b, secret)]
+    streams = [
+        await open_stream(http, a, secret, events=STREAM_EVENTS),
+        await open_stream(http, b, secret, events=STREAM_EVENTS),
+    ]
     readers = [asyncio.create_task(until_closed(r)) for r in streams]
 
-    async with sdk(b) as client:
-        await client.beta.chatkit.sessions.cancel(session_id)
+    await sdk_cancel(b, API_KEY, session_id)
     cancelled_at = time.monotonic()
     async with asyncio.timeout(15):
         results = await asyncio.gather(*readers)
@@ -528,8 +488,7 @@ async def test_a_request_waiting_for_the_upstream_is_refused_when_its_secret_is_
     fake.inject("delay", path_prefix=CONVERSATION, seconds=10.0)
     waiting = asyncio.create_task(converse(http, a, secret))
     await fake.wait_for(lambda: fake.active >= 1, timeout=10)
-    async with sdk(b) as client:
-        await client.beta.chatkit.sessions.cancel(session_id)
+    await sdk_cancel(b, API_KEY, session_id)
     cancelled_at = time.monotonic()
     async with asyncio.timeout(15):
         assert await waiting == (401, "client_secret_revoked")
@@ -545,7 +504,9 @@ async def test_a_stream_is_closed_even_when_its_revocation_was_announced_during_
 ) -> None:
     a, _ = replicas
     session_id, secret, _ = await create_session(a)
-    reader = asyncio.create_task(until_closed(await open_stream(http, a, secret)))
+    reader = asyncio.create_task(
+        until_closed(await open_stream(http, a, secret, events=STREAM_EVENTS))
+    )
 
     # Cut every replica's revocation subscription, then revoke and announce it
     # while nobody listens (one pipeline: no replica can resubscribe in between).

@@ -27,6 +27,8 @@ from tests.harness import (
     GatewayProcess,
     RedisCluster,
     RedisServer,
+    cancel_session,
+    collecting,
     create_session,
     eventually,
     subscribed,
@@ -193,11 +195,7 @@ async def test_gateway_on_a_cluster_admits_exactly_the_limit_and_honours_cancel(
         assert sorted(statuses) == [200] * 4 + [429] * 5
         assert upstream.count("/v1/chatkit/conversation") == 4
 
-        async with http.post(
-            f"{gateway.url}/v1/chatkit/sessions/{session['id']}/cancel",
-            headers={"Authorization": "Bearer sk-test"},
-        ) as response:
-            assert response.status == 200
+        await cancel_session(http, gateway.url, session["id"])
         async with http.post(
             f"{gateway.url}/v1/chatkit/conversation", headers=auth, json={}
         ) as response:
@@ -247,67 +245,65 @@ async def test_a_killed_primary_fails_only_its_own_slots_and_everything_resumes_
         pubsub_url=victim.url,
         ping_seconds=0.5,
     )
-    announcements = cast(AsyncGenerator[str | None, None], store.revocations())
-    heard: list[str | None] = []
-
-    async def listen() -> None:
-        async for item in announcements:
-            heard.append(item)
-
-    listener = asyncio.create_task(listen())
     try:
-        expires = int(time.time()) + 600
-        hashes = [_hash(n) for n in range(24)]
-        for n, secret_hash in enumerate(hashes):
-            await store.register(SessionRecord(secret_hash, f"cksess_fo{n}", "u", expires, 10_000))
-        lost = {h for h in hashes if cluster.primary_of(store.keys.secret(h).session) is victim}
-        kept = set(hashes) - lost
-        assert lost, "no secret on the victim"
-        assert kept, "every secret on the victim"
-        await eventually(lambda: _feed_on(victim, "fo:revocations"), what="the feed on the victim")
-
-        async def admit_all() -> dict[str, bool]:
-            requests = [AdmitRequest(h, False, 10, None) for h in hashes]
-            decisions = await asyncio.gather(
-                *(store.admit(r) for r in requests), return_exceptions=True
+        async with collecting(store.revocations()) as heard:
+            expires = int(time.time()) + 600
+            hashes = [_hash(n) for n in range(24)]
+            for n, secret_hash in enumerate(hashes):
+                await store.register(
+                    SessionRecord(secret_hash, f"cksess_fo{n}", "u", expires, 10_000)
+                )
+            lost = {h for h in hashes if cluster.primary_of(store.keys.secret(h).session) is victim}
+            kept = set(hashes) - lost
+            assert lost, "no secret on the victim"
+            assert kept, "every secret on the victim"
+            await eventually(
+                lambda: _feed_on(victim, "fo:revocations"), what="the feed on the victim"
             )
-            return {
-                h: not isinstance(d, BaseException) and d.outcome is Outcome.ADMITTED
-                for h, d in zip(hashes, decisions, strict=True)
-            }
 
-        assert all((await admit_all()).values())
-        victim.kill()
-        killed_at = time.monotonic()
-        failed_elsewhere: list[str] = []
-        resumed_at: float | None = None
-        deadline = killed_at + 20
-        while resumed_at is None and time.monotonic() < deadline:
-            answers = await admit_all()
-            failed_elsewhere += [h for h in kept if not answers[h]]
-            if all(answers[h] for h in lost):
-                resumed_at = time.monotonic()
-            await asyncio.sleep(0.05)  # pacing the load, not waiting for anything
-        assert resumed_at is not None, "admissions for the dead primary's slots never resumed"
-        elected = await eventually(cluster.state_ok, timeout=5, what="cluster_state:ok")
+            async def admit_all() -> dict[str, bool]:
+                requests = [AdmitRequest(h, False, 10, None) for h in hashes]
+                decisions = await asyncio.gather(
+                    *(store.admit(r) for r in requests), return_exceptions=True
+                )
+                return {
+                    h: not isinstance(d, BaseException) and d.outcome is Outcome.ADMITTED
+                    for h, d in zip(hashes, decisions, strict=True)
+                }
 
-        # The feed left the dead node, said so (None), and hears announcements again.
-        await eventually(lambda: None in heard, timeout=10, what="the feed to resubscribe")
-        feed_back_at = time.monotonic()
-        result = await store.revoke(secret_hash=hashes[0], session_id=None, reason="t", replica="x")
-        assert result.secret_hash == hashes[0]
-        await eventually(lambda: hashes[0] in heard, timeout=5, what="the announcement")
-        print(
-            f"cluster failover: admissions for the moved slots resumed "
-            f"{resumed_at - killed_at:.2f}s after the kill (cluster ok "
-            f"{elected:.2f}s after that); feed back within {feed_back_at - killed_at:.2f}s"
-        )
-        assert failed_elsewhere == [], "other primaries' slots failed while one node was down"
-        assert resumed_at - killed_at < 10.0
+            assert all((await admit_all()).values())
+            victim.kill()
+            killed_at = time.monotonic()
+            failed_elsewhere: list[str] = []
+
+            async def resumed() -> bool:
+                # Load on every slot meanwhile: the other primaries must keep answering.
+                answers = await admit_all()
+                failed_elsewhere.extend(h for h in kept if not answers[h])
+                return all(answers[h] for h in lost)
+
+            await eventually(
+                resumed, timeout=20, interval=0.05, what="admissions for the dead primary's slots"
+            )
+            resumed_at = time.monotonic()
+            elected = await eventually(cluster.state_ok, timeout=5, what="cluster_state:ok")
+
+            # The feed left the dead node, said so (None), and hears announcements again.
+            await eventually(lambda: None in heard, timeout=10, what="the feed to resubscribe")
+            feed_back_at = time.monotonic()
+            result = await store.revoke(
+                secret_hash=hashes[0], session_id=None, reason="t", replica="x"
+            )
+            assert result.secret_hash == hashes[0]
+            await eventually(lambda: hashes[0] in heard, timeout=5, what="the announcement")
+            print(
+                f"cluster failover: admissions for the moved slots resumed "
+                f"{resumed_at - killed_at:.2f}s after the kill (cluster ok "
+                f"{elected:.2f}s after that); feed back within {feed_back_at - killed_at:.2f}s"
+            )
+            assert failed_elsewhere == [], "other primaries' slots failed while one node was down"
+            assert resumed_at - killed_at < 10.0
     finally:
-        listener.cancel()
-        await asyncio.gather(listener, return_exceptions=True)
-        await announcements.aclose()
         await store.close()
 
 

@@ -17,11 +17,10 @@ from typing import Literal
 import aiohttp
 import pytest
 import pytest_asyncio
-from openai import AsyncOpenAI
 
 from gateway.registry import decoded_body
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess
+from tests.harness import GatewayProcess, openai_sdk
 
 API_KEY = {"Authorization": "Bearer sk-test"}
 SESSION = {"user": "u1", "workflow": {"id": "wf_1"}}
@@ -87,7 +86,7 @@ async def test_sdk_session_create_is_learned_whatever_the_encoding(
     upstream.compress = compress
     async with (
         GatewayProcess(upstream.url) as gateway,
-        AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="sk-test", max_retries=0) as sdk,
+        openai_sdk(gateway, "sk-test") as sdk,
         aiohttp.ClientSession() as http,
     ):
         session = await sdk.beta.chatkit.sessions.create(**SESSION)  # type: ignore[arg-type]

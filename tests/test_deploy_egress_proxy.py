@@ -7,10 +7,8 @@ sent to the proxy in absolute form, https ones through a CONNECT tunnel.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,7 +17,8 @@ import pytest
 import pytest_asyncio
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, free_port
+from tests.harness import GatewayProcess, eventually, free_port
+from tests.processes import terminate, wait_until
 
 pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),
@@ -67,34 +66,29 @@ class TinyProxy:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while "listening on" not in self.log_text().lower():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.__exit__(None, None, None)
-                raise RuntimeError(f"tinyproxy did not start:\n{self.log_text()}")
-            time.sleep(0.05)
+        proc = self.proc
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"tinyproxy exited:\n{self.log_text()}")
+            return "listening on" in self.log_text().lower()
+
+        try:
+            wait_until(listening, timeout=10, what=lambda: f"tinyproxy:\n{self.log_text()}")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc, timeout=10)
 
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyProxy]:
     with TinyProxy(tmp_path_factory.mktemp("tinyproxy")) as running:
         yield running
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def up() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as fake:
-        yield fake
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -104,27 +98,25 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def wait_for_log(proxy: TinyProxy, text: str) -> str:
-    async with asyncio.timeout(10):
-        while text not in proxy.log_text():  # noqa: ASYNC110 - polling a log file
-            await asyncio.sleep(0.05)
+    await eventually(lambda: text in proxy.log_text(), timeout=10, what=proxy.log_text)
     return proxy.log_text()
 
 
 async def test_upstream_requests_go_through_the_proxy(
-    proxy: TinyProxy, up: FakeUpstream, http: aiohttp.ClientSession
+    proxy: TinyProxy, fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
-    up.reset_records()
+    fake.reset_records()
     env = {"GATEWAY_UPSTREAM_PROXY": proxy.url(), "GATEWAY_LOG_LEVEL": "debug"}
-    async with GatewayProcess(up.url, env=env) as gateway:
+    async with GatewayProcess(fake.url, env=env) as gateway:
         async with http.post(
             f"{gateway.url}/v1/chatkit/sessions", json=SESSION_BODY, headers=API_KEY
         ) as resp:
             assert resp.status == 200, await resp.text()
-        log = await wait_for_log(proxy, f"POST {up.url}/v1/chatkit/sessions")
+        log = await wait_for_log(proxy, f"POST {fake.url}/v1/chatkit/sessions")
         output = gateway.output()
     # The proxy relayed it (tinyproxy marks what it forwards with a Via header)...
-    assert [seen.path for seen in up.requests] == ["/v1/chatkit/sessions"]
-    headers = {name.lower(): value for name, value in up.requests[0].headers}
+    assert [seen.path for seen in fake.requests] == ["/v1/chatkit/sessions"]
+    headers = {name.lower(): value for name, value in fake.requests[0].headers}
     assert "tinyproxy" in headers.get("via", "")
     # ...after authenticating the gateway, whose credentials stop at the proxy.
     assert "proxy-authorization" not in headers
@@ -134,12 +126,12 @@ async def test_upstream_requests_go_through_the_proxy(
 
 
 async def test_https_upstreams_are_tunnelled_with_connect(
-    proxy: TinyProxy, up: FakeUpstream, http: aiohttp.ClientSession
+    proxy: TinyProxy, fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
     # The tunnel reaches the fake, which speaks plain http, so the TLS
     # handshake inside it fails: a 502, but only after the proxy opened the
     # CONNECT tunnel the gateway asked for.
-    port = int(up.url.rsplit(":", 1)[1])
+    port = int(fake.url.rsplit(":", 1)[1])
     env = {"GATEWAY_UPSTREAM_PROXY": proxy.url(), "GATEWAY_LOG_LEVEL": "debug"}
     async with GatewayProcess(f"https://127.0.0.1:{port}", env=env) as gateway:
         async with http.post(

@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
-import pytest_asyncio
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import REPO_ROOT, GatewayProcess, RedisServer
+from tests.harness import REPO_ROOT, GatewayProcess, RedisServer, create_session, scrape
 
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "chatkit-gateway.json"
 RULES = REPO_ROOT / "deploy" / "kubernetes" / "base" / "prometheusrule.yaml"
 METRIC = re.compile(r"\b((?:chatkit_gateway|process)_[a-z0-9_]+)\b")
-API_KEY = {"Authorization": "Bearer sk-test-metrics"}
+API_KEY = "sk-test-metrics"
 
 
 def dashboard_metrics() -> set[str]:
@@ -67,50 +64,29 @@ def test_the_dashboard_and_alerts_name_the_metrics_on_call_needs() -> None:
     } <= alert_metrics()
 
 
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def up() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as fake:
-        yield fake
-
-
 @pytest.mark.asyncio(loop_scope="module")
 async def test_every_metric_in_the_dashboard_and_alerts_is_served(
-    redis: RedisServer, up: FakeUpstream
+    module_redis: RedisServer, fake: FakeUpstream
 ) -> None:
     async with (
-        GatewayProcess(up.url, redis_url=redis.url) as gateway,
+        GatewayProcess(fake.url, redis_url=module_redis.url) as gateway,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
     ):
-        body = {"workflow": {"id": "wf_metrics"}, "user": "user-metrics"}
-        async with http.post(
-            f"{gateway.url}/v1/chatkit/sessions", json=body, headers=API_KEY
-        ) as resp:
-            assert resp.status == 200
-            secret = (await resp.json())["client_secret"]
+        session = await create_session(http, gateway.url, api_key=API_KEY)
+        secret = session["client_secret"]
         client = {"Authorization": f"Bearer {secret}"}
         async with http.post(f"{gateway.url}/v1/chatkit/threads", json={}, headers=client) as resp:
             await resp.read()  # admitted
         unknown = {"Authorization": "Bearer ek_unknown_metrics_secret"}
         async with http.post(f"{gateway.url}/v1/chatkit/threads", json={}, headers=unknown) as resp:
             assert resp.status == 401
-        up.inject("reset", path_prefix="/v1/chatkit/sessions")
+        fake.inject("reset", path_prefix="/v1/chatkit/sessions")
         async with http.post(
-            f"{gateway.url}/v1/chatkit/sessions", json=body, headers=API_KEY
+            f"{gateway.url}/v1/chatkit/sessions",
+            json={"workflow": {"id": "wf_metrics"}, "user": "user-metrics"},
+            headers={"Authorization": f"Bearer {API_KEY}"},
         ) as resp:
             assert resp.status == 502
-        async with http.get(f"{gateway.url}/metrics") as resp:
-            assert resp.status == 200
-            exposition = await resp.text()
-    served = {
-        sample.name
-        for family in text_string_to_metric_families(exposition)
-        for sample in family.samples
-    }
+        served = {name for name, _ in await scrape(http, gateway.url)}
     missing = (dashboard_metrics() | alert_metrics()) - served
     assert not missing, f"named in deploy/ but not served: {sorted(missing)}"

@@ -26,7 +26,6 @@ from urllib.parse import quote
 
 import aiohttp
 import jwt
-import openai
 import pytest
 
 from tests.chatkit_server import (
@@ -36,7 +35,7 @@ from tests.chatkit_server import (
     sse_events,
     threads_create_body,
 )
-from tests.harness import GatewayProcess, free_port
+from tests.harness import GatewayProcess, free_port, openai_sdk
 
 SIGNING_KEY = "test-identity-signing-key-0123456789abcdef"  # >= 32 bytes for HS256
 WORKFLOW = "wf_example"
@@ -240,14 +239,17 @@ async def test_the_app_backend_reports_an_unreachable_gateway_without_details(
 # --- the whole example through a gateway (issuer mode) --------------------------------------
 
 
-def issuer_env(chatkit: ChatKitServerProcess, **more: str) -> dict[str, str]:
-    """Gateway settings that make ``WORKFLOW`` an issued workflow served by ``chatkit``."""
+def issuer_gateway(chatkit: ChatKitServerProcess, redis_url: str, **more: str) -> GatewayProcess:
+    """A gateway that issues sessions for ``WORKFLOW``, served by ``chatkit``.
+
+    There is no OpenAI upstream: the hosted API's address is a closed port.
+    """
     env = {
         "GATEWAY_WORKFLOWS": json.dumps({WORKFLOW: {"upstream": chatkit.url}}),
         "GATEWAY_ISSUER_API_KEYS": "sha256:" + hashlib.sha256(API_KEY.encode()).hexdigest(),
+        **more,
     }
-    env.update(more)
-    return env
+    return GatewayProcess("http://127.0.0.1:9", redis_url=redis_url, env=env)
 
 
 async def test_a_session_from_the_sdk_streams_a_thread_through_the_gateway(
@@ -255,14 +257,9 @@ async def test_a_session_from_the_sdk_streams_a_thread_through_the_gateway(
 ) -> None:
     async with (
         ChatKitServerProcess(signing_key=SIGNING_KEY, workflow_ids=[WORKFLOW]) as chatkit,
-        GatewayProcess(
-            "http://127.0.0.1:9",  # no OpenAI upstream: this workflow is issued locally
-            redis_url=redis_url,
-            env=issuer_env(chatkit, GATEWAY_IDENTITY_SIGNING_KEY=SIGNING_KEY),
-        ) as gateway,
+        issuer_gateway(chatkit, redis_url, GATEWAY_IDENTITY_SIGNING_KEY=SIGNING_KEY) as gateway,
     ):
-        client = openai.AsyncOpenAI(api_key=API_KEY, base_url=f"{gateway.url}/v1")
-        async with client:
+        async with openai_sdk(gateway, API_KEY) as client:
             session = await client.beta.chatkit.sessions.create(
                 user="alice",
                 workflow={"id": WORKFLOW},
@@ -305,11 +302,10 @@ async def test_a_cancel_on_one_replica_ends_the_chatkit_servers_stream_on_the_ot
 ) -> None:
     async with (
         ChatKitServerProcess(workflow_ids=[WORKFLOW]) as chatkit,
-        GatewayProcess("http://127.0.0.1:9", redis_url=redis_url, env=issuer_env(chatkit)) as a,
-        GatewayProcess("http://127.0.0.1:9", redis_url=redis_url, env=issuer_env(chatkit)) as b,
+        issuer_gateway(chatkit, redis_url) as a,
+        issuer_gateway(chatkit, redis_url) as b,
     ):
-        client = openai.AsyncOpenAI(api_key=API_KEY, base_url=f"{a.url}/v1")
-        async with client:
+        async with openai_sdk(a, API_KEY) as client:
             session = await client.beta.chatkit.sessions.create(
                 user="dave", workflow={"id": WORKFLOW}
             )
@@ -343,7 +339,7 @@ async def test_the_example_app_backend_mints_a_secret_that_reaches_its_user(
 ) -> None:
     async with (
         ChatKitServerProcess(workflow_ids=[WORKFLOW]) as chatkit,
-        GatewayProcess("http://127.0.0.1:9", redis_url=redis_url, env=issuer_env(chatkit)) as gw,
+        issuer_gateway(chatkit, redis_url) as gw,
         WebAppProcess(gateway_url=gw.url, api_key=API_KEY, workflow_id=WORKFLOW) as app,
     ):
         async with http.post(

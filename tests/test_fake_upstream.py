@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -23,9 +24,12 @@ from tests.harness import (
     GatewayProcess,
     RedisCluster,
     RedisServer,
+    assert_never_logged,
+    free_port,
     gateway_env,
     raw_http,
 )
+from tests.processes import ServerProcess
 
 API_KEY = {"Authorization": "Bearer sk-test"}
 SESSION_BODY: dict[str, Any] = {"user": "user_1", "workflow": {"id": "wf_123"}}
@@ -611,6 +615,20 @@ async def test_gateway_process_waits_for_healthz_and_stops_cleanly(
             assert resp.status == 200
         assert await proc.astop() == 0
     assert "listening on" in proc.output()
+
+
+def test_assert_never_logged_names_the_process_but_never_the_secret() -> None:
+    # A child that prints and exits: start() fails, and what it printed stays readable.
+    chatty = ServerProcess(
+        [sys.executable, "-c", "print('ek_leaked')"], env=os.environ, port=free_port()
+    )
+    with pytest.raises(RuntimeError, match="exited with code 0"):
+        chatty.start()
+    assert_never_logged([chatty], ["ek_other"])
+    with pytest.raises(AssertionError) as failure:
+        assert_never_logged([chatty], ["ek_other", "ek_leaked"], "a client secret")
+    assert str(failure.value).startswith("a client secret in the log of the server on http://")
+    assert "ek_leaked" not in str(failure.value)
 
 
 async def test_redis_url_fixture_gives_an_empty_database(redis_url: str) -> None:

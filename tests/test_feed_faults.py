@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -19,96 +19,46 @@ import pytest_asyncio
 
 from tests.fake_upstream import FakeUpstream
 from tests.faultproxy import FaultProxy
-from tests.harness import GatewayProcess, RedisServer
+from tests.harness import (
+    GatewayProcess,
+    RedisServer,
+    cancel_session,
+    create_session,
+    open_stream,
+    running,
+    until_closed,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 API_KEY = "sk-test-feed-faults"
-CONVERSATION = "/v1/chatkit/conversation"
 STREAM_EVENTS = 300  # 30 s of events: far beyond what any of these tests waits
 
 
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def fake() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as upstream:
-        yield upstream
-
-
 @pytest_asyncio.fixture(loop_scope="module")
-async def proxy(redis: RedisServer) -> AsyncIterator[FaultProxy]:
-    async with FaultProxy(redis.host, redis.port) as running:
-        yield running
+async def proxy(module_redis: RedisServer) -> AsyncIterator[FaultProxy]:
+    async with FaultProxy(module_redis.host, module_redis.port) as running_proxy:
+        yield running_proxy
 
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def replicas(
-    redis: RedisServer, fake: FakeUpstream, proxy: FaultProxy
+    module_redis: RedisServer, fake: FakeUpstream, proxy: FaultProxy
 ) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
     env = {"GATEWAY_REDIS_TIMEOUT": "1.0"}
     a = GatewayProcess(fake.url, redis_url=proxy.url(), env={**env, "GATEWAY_REPLICA_ID": "a"})
-    b = GatewayProcess(fake.url, redis_url=redis.url, env={**env, "GATEWAY_REPLICA_ID": "b"})
-    await asyncio.gather(a.astart(), b.astart())
-    try:
-        yield a, b
-    finally:
-        await asyncio.gather(a.astop(), b.astop())
+    b = GatewayProcess(fake.url, redis_url=module_redis.url, env={**env, "GATEWAY_REPLICA_ID": "b"})
+    async with running((a, b)) as started:
+        yield started
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-async def create_session(http: aiohttp.ClientSession, gateway: GatewayProcess) -> tuple[str, str]:
-    async with http.post(
-        f"{gateway.url}/v1/chatkit/sessions",
-        headers={"Authorization": f"Bearer {API_KEY}"},
-        json={"user": "u1", "workflow": {"id": "wf_feed"}},
-    ) as response:
-        assert response.status == 200, await response.text()
-        body = await response.json()
-    return body["id"], body["client_secret"]
-
-
-async def cancel(http: aiohttp.ClientSession, gateway: GatewayProcess, session_id: str) -> None:
-    async with http.post(
-        f"{gateway.url}/v1/chatkit/sessions/{session_id}/cancel",
-        headers={"Authorization": f"Bearer {API_KEY}"},
-    ) as response:
-        assert response.status == 200, await response.text()
-
-
-async def open_stream(
-    http: aiohttp.ClientSession, gateway: GatewayProcess, secret: str
-) -> aiohttp.ClientResponse:
-    response = await http.post(
-        f"{gateway.url}{CONVERSATION}?events={STREAM_EVENTS}&interval=0.1",
-        json={"type": "threads.create", "params": {}},
-        headers={"Authorization": f"Bearer {secret}", "Accept": "text/event-stream"},
-    )
-    assert response.status == 200
-    assert (await response.content.readline()).startswith(b"data: ")
-    return response
-
-
-async def until_closed(response: aiohttp.ClientResponse) -> tuple[int, float]:
-    """(events read in all, monotonic time the stream ended)."""
-    seen = 1
-    try:
-        async for line in response.content:
-            seen += line.startswith(b"data: ")
-    except aiohttp.ClientPayloadError:
-        pass  # cut off mid-body: what closing a stream looks like to a client
-    finally:
-        response.release()
-    return seen, time.monotonic()
+async def live_stream(
+    http: aiohttp.ClientSession, gateway: GatewayProcess
+) -> tuple[str, asyncio.Task[tuple[int, float]]]:
+    """A session created through ``gateway`` and a stream of it there, read in the background."""
+    session = await create_session(http, gateway.url, api_key=API_KEY)
+    stream = await open_stream(http, gateway, session["client_secret"], events=STREAM_EVENTS)
+    return session["id"], asyncio.create_task(until_closed(stream))
 
 
 async def test_a_blackholed_subscription_is_replaced_and_the_revoked_stream_closes_in_seconds(
@@ -117,13 +67,12 @@ async def test_a_blackholed_subscription_is_replaced_and_the_revoked_stream_clos
     http: aiohttp.ClientSession,
 ) -> None:
     a, b = replicas
-    session_id, secret = await create_session(http, a)
-    reader = asyncio.create_task(until_closed(await open_stream(http, a, secret)))
+    session_id, reader = await live_stream(http, a)
 
     # Every connection A holds goes silent; new ones get through, as after a
     # NAT or load-balancer entry is lost.
     proxy.blackhole(new=False)
-    await cancel(http, b, session_id)
+    await cancel_session(http, b.url, session_id, api_key=API_KEY)
     revoked_at = time.monotonic()
     async with asyncio.timeout(30):
         seen, ended = await reader
@@ -141,13 +90,12 @@ async def test_a_recheck_that_fails_is_retried_until_it_succeeds(
     http: aiohttp.ClientSession,
 ) -> None:
     a, b = replicas
-    session_id, secret = await create_session(http, a)
-    reader = asyncio.create_task(until_closed(await open_stream(http, a, secret)))
+    session_id, reader = await live_stream(http, a)
 
     # Everything A sends to Redis vanishes, new connections included, while
     # the session is cancelled through B.
     proxy.blackhole(new=True)
-    await cancel(http, b, session_id)
+    await cancel_session(http, b.url, session_id, api_key=API_KEY)
     blackholed_at = time.monotonic()
 
     # Until A can reach Redis again it cannot learn of the cancel (the

@@ -12,7 +12,7 @@ clears the fake's records, so a test can prove what was never forwarded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import itertools
 import time
 from collections.abc import AsyncIterator
 
@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, raw_http
+from tests.harness import GatewayProcess, connection, raw_http, raw_upload
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -36,22 +36,16 @@ AUTH = b"Authorization: Bearer ek_hostile_tests\r\n"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def up() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as fake:
-        yield fake
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def gateway(up: FakeUpstream) -> AsyncIterator[GatewayProcess]:
-    async with GatewayProcess(up.url, env=ENV) as gw:
+async def gateway(fake: FakeUpstream) -> AsyncIterator[GatewayProcess]:
+    async with GatewayProcess(fake.url, env=ENV) as gw:
         yield gw
 
 
 @pytest_asyncio.fixture(autouse=True, loop_scope="module")
-async def fresh_upstream(up: FakeUpstream) -> AsyncIterator[None]:
-    up.reset_records()
+async def fresh_upstream(fake: FakeUpstream) -> AsyncIterator[None]:
+    fake.reset_records()
     yield
-    await up.wait_for(lambda: up.active == 0, timeout=15)
+    await fake.wait_for(lambda: fake.active == 0, timeout=15)
 
 
 async def send(gw: GatewayProcess, data: bytes, *, timeout: float = 5.0) -> bytes:  # noqa: ASYNC109
@@ -108,12 +102,12 @@ async def test_host_must_be_present_once_and_well_formed(
 
 
 async def test_a_request_with_a_bad_host_is_never_forwarded(
-    gateway: GatewayProcess, up: FakeUpstream
+    gateway: GatewayProcess, fake: FakeUpstream
 ) -> None:
     for host in (b"", b"Host: a\r\nHost: b\r\n", b"Host: a b\r\n"):
         reply = await send(gateway, b"GET " + CLIENT + b" HTTP/1.1\r\n" + host + AUTH + b"\r\n")
         assert status_of(reply) == 400, reply
-    assert up.count() == 0
+    assert fake.count() == 0
 
 
 # -- Transfer-Encoding (RFC 9112 6.1) -------------------------------------------------
@@ -131,25 +125,25 @@ async def test_a_request_with_a_bad_host_is_never_forwarded(
     ],
 )
 async def test_only_the_chunked_transfer_coding_is_accepted(
-    gateway: GatewayProcess, up: FakeUpstream, codings: bytes, status: int
+    gateway: GatewayProcess, fake: FakeUpstream, codings: bytes, status: int
 ) -> None:
     head = b"POST " + CLIENT + b" HTTP/1.1\r\nHost: a\r\n" + AUTH + codings
     reply = await send(gateway, head + b"Connection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
     assert status_of(reply) == status, reply
     if status == 501:
         assert b'"code":"transfer_coding_not_implemented"' in reply
-        assert up.count() == 0
+        assert fake.count() == 0
     else:
-        assert up.requests[0].body_bytes == 3
+        assert fake.requests[0].body_bytes == 3
 
 
 async def test_transfer_encoding_in_http_1_0_is_refused(
-    gateway: GatewayProcess, up: FakeUpstream
+    gateway: GatewayProcess, fake: FakeUpstream
 ) -> None:
     head = b"POST " + CLIENT + b" HTTP/1.0\r\nHost: a\r\n" + AUTH
     reply = await send(gateway, head + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
     assert status_of(reply) == 400, reply
-    assert up.count() == 0
+    assert fake.count() == 0
 
 
 # -- Upgrade ------------------------------------------------------------------------
@@ -161,7 +155,7 @@ H2C = (
 
 
 async def test_h2c_upgrade_without_a_body_is_served_as_http_1_1(
-    gateway: GatewayProcess, up: FakeUpstream
+    gateway: GatewayProcess, fake: FakeUpstream
 ) -> None:
     # A second request pipelined behind it proves the connection stays HTTP/1.1.
     data = (
@@ -173,13 +167,13 @@ async def test_h2c_upgrade_without_a_body_is_served_as_http_1_1(
     assert reply.startswith(b"HTTP/1.1 200 "), reply
     assert reply.count(b"HTTP/1.1 200 ") == 2, reply
     assert b"101 Switching" not in reply
-    seen = up.requests[0]
+    seen = fake.requests[0]
     assert seen.header("upgrade") is None
     assert seen.header("http2-settings") is None
 
 
 async def test_h2c_upgrade_with_a_body_is_answered_at_once(
-    gateway: GatewayProcess, up: FakeUpstream
+    gateway: GatewayProcess, fake: FakeUpstream
 ) -> None:
     # What `curl --http2 -d ...` sends to an http:// URL: it used to hang
     # until the client gave up, with the upstream request open.
@@ -188,7 +182,7 @@ async def test_h2c_upgrade_with_a_body_is_answered_at_once(
     reply = await send(gateway, head + b"Content-Length: 5\r\n\r\nhello", timeout=3)
     assert status_of(reply) == 400, reply
     assert time.monotonic() - started < 2
-    assert up.count() == 0
+    assert fake.count() == 0
 
 
 # -- limits on the head, enforced while it is read -----------------------------------
@@ -208,33 +202,9 @@ async def test_too_many_header_fields_are_refused_with_431(gateway: GatewayProce
 
 async def _bomb(gw: GatewayProcess, total: int) -> tuple[bytes, int]:
     """Stream one endless header value; return the reply and the bytes written."""
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Bomb: ")
-    chunk = b"a" * MIB
-    written = 0
-    reply = b""
-
-    async def pump() -> None:
-        nonlocal written
-        with contextlib.suppress(ConnectionError):
-            while written < total:
-                writer.write(chunk)
-                await writer.drain()
-                written += len(chunk)
-
-    pumping = asyncio.ensure_future(pump())
-    try:
-        async with asyncio.timeout(20):
-            with contextlib.suppress(ConnectionError):
-                reply = await reader.read()
-            pumping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pumping
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    return reply, written
+    head = b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Bomb: "
+    chunks = itertools.repeat(b"a" * MIB, total // MIB)
+    return await raw_upload(gw.host, gw.port, head, chunks)
 
 
 async def test_header_bomb_is_refused_after_the_limit_not_after_the_value(
@@ -260,34 +230,10 @@ async def test_header_bomb_is_refused_after_the_limit_not_after_the_value(
 
 async def _upload(gw: GatewayProcess, head: bytes, total: int) -> tuple[bytes, int]:
     """Send ``head`` then up to ``total`` body bytes; return the reply and bytes written."""
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
     chunk = b"a" * (256 * 1024)
-    written = 0
-    reply = bytearray()
-
-    async def pump() -> None:
-        nonlocal written
-        with contextlib.suppress(ConnectionError):
-            writer.write(head)
-            while written < total:
-                writer.write(chunk)
-                await writer.drain()
-                written += len(chunk)
-
-    pumping = asyncio.ensure_future(pump())
-    try:
-        async with asyncio.timeout(20):
-            with contextlib.suppress(ConnectionError):
-                while data := await reader.read(65536):
-                    reply += data
-            pumping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pumping
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    return bytes(reply), written
+    return await raw_upload(
+        gw.host, gw.port, head, itertools.repeat(chunk, -(-total // len(chunk)))
+    )
 
 
 @pytest.mark.parametrize(
@@ -314,31 +260,25 @@ async def test_after_a_413_the_connection_closes_instead_of_reading_on(
 
 
 async def test_a_body_read_in_pieces_keeps_the_connection_alive(
-    gateway: GatewayProcess, up: FakeUpstream
+    gateway: GatewayProcess, fake: FakeUpstream
 ) -> None:
     # Head and body in separate reads (the 100-continue forces it): a body
     # that is read to the end does not cost the keep-alive connection.
-    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
-    try:
-        async with asyncio.timeout(10):
-            writer.write(
-                b"POST "
-                + CLIENT
-                + b" HTTP/1.1\r\nHost: a\r\n"
-                + AUTH
-                + b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\n"
-            )
-            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 ")
-            writer.write(b"hello")
-            head = await reader.readuntil(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200 ")
-            assert b"connection: close" not in head.lower()
-            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-            await reader.readexactly(length)
-            writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
-            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    assert up.requests[0].body_bytes == 5
+    async with connection(gateway.host, gateway.port) as (reader, writer), asyncio.timeout(10):
+        writer.write(
+            b"POST "
+            + CLIENT
+            + b" HTTP/1.1\r\nHost: a\r\n"
+            + AUTH
+            + b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+        )
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 ")
+        writer.write(b"hello")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert b"connection: close" not in head.lower()
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+    assert fake.requests[0].body_bytes == 5

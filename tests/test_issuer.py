@@ -25,12 +25,20 @@ import openai
 import pytest
 import pytest_asyncio
 from multidict import CIMultiDictProxy
-from openai import AsyncOpenAI
+from openai.types.beta.chatkit import ChatSession
 from redis import Redis as SyncRedis
 
 from gateway.issuer import SessionIds
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer, eventually
+from tests.harness import (
+    GatewayProcess,
+    RedisServer,
+    assert_never_logged,
+    eventually,
+    openai_sdk,
+    running,
+    sdk_create,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -54,19 +62,7 @@ def redis_keys(server: RedisServer) -> set[bytes | str]:
         client.close()
 
 
-# -- fixtures: one Redis, one fake, two replicas ---------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def fake() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as upstream:
-        yield upstream
+# -- fixtures: two replicas on the module's Redis and fake (conftest) -----------------
 
 
 def issuer_env(fake: FakeUpstream, **extra: str) -> dict[str, str]:
@@ -85,51 +81,31 @@ def issuer_env(fake: FakeUpstream, **extra: str) -> dict[str, str]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def replicas(
-    redis: RedisServer, fake: FakeUpstream
+    module_redis: RedisServer, fake: FakeUpstream
 ) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
-    a = GatewayProcess(fake.url, redis_url=redis.url, env=issuer_env(fake))
-    b = GatewayProcess(fake.url, redis_url=redis.url, env=issuer_env(fake))
-    await asyncio.gather(a.astart(), b.astart())
-    try:
-        yield a, b
-    finally:
-        await asyncio.gather(a.astop(), b.astop())
+    def replica() -> GatewayProcess:
+        return GatewayProcess(fake.url, redis_url=module_redis.url, env=issuer_env(fake))
 
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+    async with running((replica(), replica())) as started:
+        yield started
 
 
 @pytest.fixture(autouse=True)
 def fresh(
-    redis: RedisServer, fake: FakeUpstream, replicas: tuple[GatewayProcess, GatewayProcess]
+    module_redis: RedisServer, fake: FakeUpstream, replicas: tuple[GatewayProcess, GatewayProcess]
 ) -> Iterator[None]:
-    redis.ensure_running()
+    module_redis.ensure_running()
     fake.clear_faults()
     fake.reset_records()
     yield
-    redis.ensure_running()
-    for gateway in replicas:
-        output = gateway.output()
-        assert API_KEY not in output, "an issuer API key in a gateway's log"
-        assert not [s for s in ISSUED if s in output], "a client secret in a gateway's log"
+    module_redis.ensure_running()
+    assert_never_logged(replicas, [API_KEY], "an issuer API key")
+    assert_never_logged(replicas, ISSUED, "a client secret")
 
 
-@contextlib.asynccontextmanager
-async def sdk(gateway: GatewayProcess, key: str = API_KEY) -> AsyncIterator[AsyncOpenAI]:
-    """The official SDK as server code uses it; no retries: one call is one request."""
-    async with AsyncOpenAI(
-        api_key=key, base_url=f"{gateway.url}/v1", max_retries=0, timeout=30
-    ) as client:
-        yield client
-
-
-async def create(gateway: GatewayProcess, **kwargs: Any) -> Any:
+async def create(gateway: GatewayProcess, **kwargs: Any) -> ChatSession:
     params: dict[str, Any] = {"user": "user_1", "workflow": {"id": "wf_a"}, **kwargs}
-    async with sdk(gateway) as client:
-        session = await client.beta.chatkit.sessions.create(**params)
+    session = await sdk_create(gateway, API_KEY, **params)
     ISSUED.append(session.client_secret)
     return session
 
@@ -233,17 +209,17 @@ async def test_defaults_apply_when_the_body_names_none(
 )
 async def test_invalid_create_bodies_are_400_naming_the_parameter(
     replicas: tuple[GatewayProcess, GatewayProcess],
-    redis: RedisServer,
+    module_redis: RedisServer,
     params: dict[str, Any],
     param: str,
 ) -> None:
-    keys_before = redis_keys(redis)
+    keys_before = redis_keys(module_redis)
     with pytest.raises(openai.BadRequestError) as caught:
         await create(replicas[0], **params)
     assert caught.value.status_code == 400
     assert caught.value.param == param
     assert caught.value.type == "invalid_request_error"
-    assert redis_keys(redis) == keys_before, "a refused create stored something"
+    assert redis_keys(module_redis) == keys_before, "a refused create stored something"
 
 
 async def test_a_create_without_user_is_openais_missing_parameter_error(
@@ -313,7 +289,7 @@ async def test_a_missing_or_wrong_key_is_401_and_nothing_is_forwarded(
 
 
 async def test_a_plain_key_entry_works_too(replicas: tuple[GatewayProcess, GatewayProcess]) -> None:
-    async with sdk(replicas[0], key="another-plain-key-0123456789") as client:
+    async with openai_sdk(replicas[0], "another-plain-key-0123456789") as client:
         session = await client.beta.chatkit.sessions.create(user="u", workflow={"id": "wf_a"})
     assert session.status == "active"
 
@@ -519,7 +495,7 @@ async def test_cancel_revokes_everywhere_and_is_idempotent(
     a, b = replicas
     session = await create(a, user="user_c")
     assert (await chatkit(http, b, session.client_secret))[0] == 200
-    async with sdk(b) as client:
+    async with openai_sdk(b, API_KEY) as client:
         cancelled = await client.beta.chatkit.sessions.cancel(session.id)
         again = await client.beta.chatkit.sessions.cancel(session.id)  # the SDK may retry
     for answer in (cancelled, again):
@@ -548,7 +524,7 @@ async def test_cancel_cuts_a_live_stream_on_the_other_replica(
         assert response.status == 200
         first = await response.content.readline()
         assert first.startswith(b"data: ")
-        async with sdk(b) as client:
+        async with openai_sdk(b, API_KEY) as client:
             await client.beta.chatkit.sessions.cancel(session.id)
         cut_at = time.monotonic()
         with contextlib.suppress(aiohttp.ClientPayloadError):
@@ -567,11 +543,11 @@ async def test_cancel_of_an_unknown_issued_id_is_404_and_a_hosted_id_is_forwarde
     # An id minted as the gateway mints them (no pepper is configured, so the
     # test can), that no session has: the gateway knows it is its own.
     unknown = SessionIds(None).mint()
-    async with sdk(replicas[0]) as client:
+    async with openai_sdk(replicas[0], API_KEY) as client:
         with pytest.raises(openai.NotFoundError) as caught:
             await client.beta.chatkit.sessions.cancel(unknown)
     # An id this gateway did not mint goes to the hosted API, as before.
-    async with sdk(replicas[0], key=HOSTED_KEY) as client:
+    async with openai_sdk(replicas[0], HOSTED_KEY) as client:
         with pytest.raises(openai.NotFoundError):
             await client.beta.chatkit.sessions.cancel("cksess_hosted_unknown")
     assert fake.count("/v1/chatkit/sessions/cksess_hosted_unknown/cancel") == 1
@@ -588,7 +564,7 @@ async def test_an_unconfigured_workflow_is_forwarded_and_learned(
     http: aiohttp.ClientSession,
     fake: FakeUpstream,
 ) -> None:
-    async with sdk(replicas[0], key=HOSTED_KEY) as client:
+    async with openai_sdk(replicas[0], HOSTED_KEY) as client:
         hosted = await client.beta.chatkit.sessions.create(
             user="u_hosted", workflow={"id": "wf_still_hosted"}
         )
@@ -609,44 +585,44 @@ async def test_an_unconfigured_workflow_is_forwarded_and_learned(
 
 
 async def test_redis_paused_during_create_is_503_and_hands_out_nothing(
-    replicas: tuple[GatewayProcess, GatewayProcess], redis: RedisServer
+    replicas: tuple[GatewayProcess, GatewayProcess], module_redis: RedisServer
 ) -> None:
-    keys_before = redis_keys(redis)
-    redis.pause()
+    keys_before = redis_keys(module_redis)
+    module_redis.pause()
     try:
         with pytest.raises(openai.InternalServerError) as caught:
             await create(replicas[0])
     finally:
-        redis.resume()
+        module_redis.resume()
     assert caught.value.status_code == 503
     assert caught.value.code == "store_unavailable"
     # A write that reached Redis before the pause may have landed; no secret
     # for it was ever handed out, so it can admit nobody.
     session = await create(replicas[0])  # and the gateway recovers by itself
     assert session.status == "active"
-    assert len(redis_keys(redis) - keys_before) <= 6
+    assert len(redis_keys(module_redis) - keys_before) <= 6
 
 
 async def test_redis_paused_during_cancel_is_503_and_the_session_stays_usable(
     replicas: tuple[GatewayProcess, GatewayProcess],
-    redis: RedisServer,
+    module_redis: RedisServer,
     http: aiohttp.ClientSession,
 ) -> None:
     a, b = replicas
     session = await create(a)
-    redis.pause()
+    module_redis.pause()
     try:
-        async with sdk(b) as client:
+        async with openai_sdk(b, API_KEY) as client:
             with pytest.raises(openai.InternalServerError) as caught:
                 await client.beta.chatkit.sessions.cancel(session.id)
     finally:
-        redis.resume()
+        module_redis.resume()
     assert caught.value.status_code == 503
     # Not cancelled, not half cancelled: it works on both replicas...
     for gateway in replicas:
         assert (await chatkit(http, gateway, session.client_secret))[0] == 200
     # ...until the retried cancel succeeds.
-    async with sdk(b) as client:
+    async with openai_sdk(b, API_KEY) as client:
         assert (await client.beta.chatkit.sessions.cancel(session.id)).status == "cancelled"
     assert (await chatkit(http, a, session.client_secret))[0] == 401
 
@@ -667,7 +643,7 @@ async def test_a_gateway_without_hosted_upstream_issues_only(
     assert key not in entry
     env = issuer_env(fake, GATEWAY_ISSUER_API_KEYS=entry)
     async with GatewayProcess("none", env=env) as gateway:
-        async with sdk(gateway, key=key) as client:
+        async with openai_sdk(gateway, key) as client:
             session = await client.beta.chatkit.sessions.create(user="u", workflow={"id": "wf_b"})
             with pytest.raises(openai.BadRequestError) as unknown_workflow:
                 await client.beta.chatkit.sessions.create(user="u", workflow={"id": "wf_z"})
@@ -702,12 +678,10 @@ async def test_a_forwarded_cancel_is_acted_on_after_its_caller_gave_up(
 ) -> None:
     # The caller times out at 0.3 s; the hosted API completes the cancel at
     # 1.5 s. The gateway must still see that success and revoke the secret.
-    async with sdk(replicas[0], key=HOSTED_KEY) as client:
+    async with openai_sdk(replicas[0], HOSTED_KEY) as client:
         hosted = await client.beta.chatkit.sessions.create(user="u", workflow={"id": "wf_h"})
     fake.inject("delay", seconds=1.5, path_prefix="/v1/chatkit/sessions/", method="POST")
-    async with AsyncOpenAI(
-        api_key=HOSTED_KEY, base_url=f"{replicas[0].url}/v1", max_retries=0, timeout=0.3
-    ) as impatient:
+    async with openai_sdk(replicas[0], HOSTED_KEY, timeout=0.3) as impatient:
         with pytest.raises(openai.APITimeoutError):
             await impatient.beta.chatkit.sessions.cancel(hosted.id)
     await fake.wait_for(lambda: fake.sessions[hosted.id]["status"] == "cancelled", timeout=5)
@@ -724,22 +698,22 @@ async def test_a_forwarded_cancel_is_acted_on_after_its_caller_gave_up(
 
 
 async def test_a_hosted_session_that_cannot_be_registered_is_503_not_a_dead_secret(
-    replicas: tuple[GatewayProcess, GatewayProcess], redis: RedisServer, fake: FakeUpstream
+    replicas: tuple[GatewayProcess, GatewayProcess], module_redis: RedisServer, fake: FakeUpstream
 ) -> None:
     # The hosted API creates the session, but the gateway cannot record it:
     # handing its secret out would give the user a session every request of
     # which is refused. The caller gets 503 and retries instead.
     fake.inject("delay", seconds=0.3, path_prefix="/v1/chatkit/sessions", method="POST")
-    async with sdk(replicas[0], key=HOSTED_KEY) as client:
+    async with openai_sdk(replicas[0], HOSTED_KEY) as client:
         create = asyncio.ensure_future(
             client.beta.chatkit.sessions.create(user="u", workflow={"id": "wf_h"})
         )
         await fake.wait_for(lambda: fake.count("/v1/chatkit/sessions") == 1)
-        redis.pause()
+        module_redis.pause()
         try:
             with pytest.raises(openai.InternalServerError) as caught:
                 await create
         finally:
-            redis.resume()
+            module_redis.resume()
     assert caught.value.status_code == 503
     assert caught.value.code == "store_unavailable"

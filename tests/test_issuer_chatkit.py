@@ -18,10 +18,17 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from openai import AsyncOpenAI
+from openai.types.beta.chatkit import ChatSession
 
 from tests.chatkit_server import ChatKitServerProcess, sse_events, threads_create_body
-from tests.harness import GatewayProcess, RedisServer
+from tests.harness import (
+    GatewayProcess,
+    RedisServer,
+    assert_never_logged,
+    running,
+    sdk_cancel,
+    sdk_create,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -29,27 +36,17 @@ API_KEY = "ckgk_chatkit-issuer-test-0123456789"
 SIGNING_KEY = "chatkit-issuer-test-signing-key-0123456789"
 
 
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def servers() -> AsyncIterator[tuple[ChatKitServerProcess, ChatKitServerProcess]]:
     a = ChatKitServerProcess(signing_key=SIGNING_KEY, workflow_ids=["wf_a"])
     b = ChatKitServerProcess(signing_key=SIGNING_KEY, workflow_ids=["wf_b"])
-    await asyncio.gather(a.astart(), b.astart())
-    try:
-        yield a, b
-    finally:
-        a.stop()
-        b.stop()
+    async with running((a, b)) as started:
+        yield started
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def replicas(
-    redis: RedisServer, servers: tuple[ChatKitServerProcess, ChatKitServerProcess]
+    module_redis: RedisServer, servers: tuple[ChatKitServerProcess, ChatKitServerProcess]
 ) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
     env = {
         "GATEWAY_WORKFLOWS": json.dumps(
@@ -58,19 +55,10 @@ async def replicas(
         "GATEWAY_ISSUER_API_KEYS": API_KEY,
         "GATEWAY_IDENTITY_SIGNING_KEY": SIGNING_KEY,
     }
-    a = GatewayProcess("none", redis_url=redis.url, env=env)
-    b = GatewayProcess("none", redis_url=redis.url, env=env)
-    await asyncio.gather(a.astart(), b.astart())
-    try:
-        yield a, b
-    finally:
-        await asyncio.gather(a.astop(), b.astop())
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+    a = GatewayProcess("none", redis_url=module_redis.url, env=env)
+    b = GatewayProcess("none", redis_url=module_redis.url, env=env)
+    async with running((a, b)) as started:
+        yield started
 
 
 @pytest.fixture(autouse=True)
@@ -79,26 +67,18 @@ def no_secret_in_any_log(
     replicas: tuple[GatewayProcess, GatewayProcess],
 ) -> Iterator[None]:
     yield
-    for process in (*servers, *replicas):
-        output = process.output()
-        assert API_KEY not in output
-        assert not [s for s in SECRETS if s in output], "a client secret in a log"
+    assert_never_logged((*servers, *replicas), [API_KEY], "the issuer API key")
+    assert_never_logged((*servers, *replicas), SECRETS, "a client secret")
 
 
 SECRETS: list[str] = []
 
 
-async def create(gateway: GatewayProcess, **kwargs: Any) -> Any:
+async def create(gateway: GatewayProcess, **kwargs: Any) -> ChatSession:
     params: dict[str, Any] = {"user": "alice", "workflow": {"id": "wf_a"}, **kwargs}
-    async with AsyncOpenAI(api_key=API_KEY, base_url=f"{gateway.url}/v1", max_retries=0) as client:
-        session = await client.beta.chatkit.sessions.create(**params)
+    session = await sdk_create(gateway, API_KEY, **params)
     SECRETS.append(session.client_secret)
     return session
-
-
-async def cancel(gateway: GatewayProcess, session_id: str) -> Any:
-    async with AsyncOpenAI(api_key=API_KEY, base_url=f"{gateway.url}/v1", max_retries=0) as client:
-        return await client.beta.chatkit.sessions.cancel(session_id)
 
 
 def post(
@@ -202,7 +182,7 @@ async def test_cancel_on_one_replica_cuts_a_live_stream_on_the_other(
             raw += chunk
             if b"tick" in raw:
                 break
-        cancelled = await cancel(b, session.id)
+        cancelled = await sdk_cancel(b, API_KEY, session.id)
         assert cancelled.status == "cancelled"
         cut = time.monotonic()
         with contextlib.suppress(aiohttp.ClientPayloadError):
@@ -217,4 +197,4 @@ async def test_cancel_on_one_replica_cuts_a_live_stream_on_the_other(
     async with post(http, a, session.client_secret, "again") as response:
         body = await response.json()
     assert (response.status, body["error"]["code"]) == (401, "client_secret_revoked")
-    assert (await cancel(a, session.id)).status == "cancelled"  # repeated: still 200
+    assert (await sdk_cancel(a, API_KEY, session.id)).status == "cancelled"  # repeated: still 200

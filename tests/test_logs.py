@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -23,7 +21,7 @@ from gateway.logs import (
     Throttled,
     escape,
 )
-from tests.harness import GatewayProcess, RedisServer, raw_http
+from tests.harness import GatewayProcess, RedisServer, eventually, raw_http
 
 
 @pytest.mark.parametrize(
@@ -150,11 +148,8 @@ async def upstream_with_ids() -> AsyncIterator[str]:
 
 
 async def _wait_for_output(gateway: GatewayProcess, done: Callable[[str], bool]) -> str:
-    deadline = time.monotonic() + 10.0
-    while not done(output := gateway.output()):
-        assert time.monotonic() < deadline, output
-        await asyncio.sleep(0.05)
-    return output
+    await eventually(lambda: done(gateway.output()), timeout=10, what=gateway.output)
+    return gateway.output()
 
 
 async def test_json_access_log_names_everything_on_call_needs(upstream_with_ids: str) -> None:

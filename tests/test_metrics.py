@@ -4,47 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.errors import ConfigError
 from gateway.settings import load_settings
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, free_port
+from tests.harness import GatewayProcess, eventually, free_port, metric_value, scrape
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 API_KEY = {"Authorization": "Bearer sk-test"}
 CLIENT = {"Authorization": "Bearer ek_metrics_test"}
 ALLOW = {"GATEWAY_UNKNOWN_SECRETS": "allow"}
-
-
-async def scrape(http: aiohttp.ClientSession, url: str) -> Samples:
-    # A fresh connection per scrape, so with several workers any of them answers.
-    async with http.get(f"{url}/metrics", headers={"Connection": "close"}) as response:
-        assert response.status == 200, await response.text()
-        text = await response.text()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
-
-async def poll(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def test_requests_are_timed_by_kind_and_status_class_without_created_series(
@@ -61,20 +34,20 @@ async def test_requests_are_timed_by_kind_and_status_class_without_created_serie
             assert response.status == 404
         samples = await scrape(http, gateway.url)
     count = "chatkit_gateway_request_duration_seconds_count"
-    assert value(samples, count, kind="server", status_class="2xx") == 1
-    assert value(samples, count, kind="client", status_class="2xx") == 1
-    assert value(samples, count, kind="rejected", status_class="4xx") == 1
+    assert metric_value(samples, count, kind="server", status_class="2xx") == 1
+    assert metric_value(samples, count, kind="client", status_class="2xx") == 1
+    assert metric_value(samples, count, kind="rejected", status_class="4xx") == 1
     headers = "chatkit_gateway_upstream_headers_seconds_count"
-    assert value(samples, headers, kind="server") == 1
-    assert value(samples, headers, kind="client") == 1
-    assert value(samples, "chatkit_gateway_requests_in_flight") == 0
-    assert value(samples, "chatkit_gateway_open_streams") == 0
-    assert value(samples, "chatkit_gateway_store_up") == 1
+    assert metric_value(samples, headers, kind="server") == 1
+    assert metric_value(samples, headers, kind="client") == 1
+    assert metric_value(samples, "chatkit_gateway_requests_in_flight") == 0
+    assert metric_value(samples, "chatkit_gateway_open_streams") == 0
+    assert metric_value(samples, "chatkit_gateway_store_up") == 1
     for kind in ("unavailable", "timeout", "mid_stream"):  # present before the first failure
-        assert value(samples, "chatkit_gateway_upstream_errors_total", kind=kind) == 0
-    assert (value(samples, "process_cpu_seconds_total") or 0) > 0
-    assert (value(samples, "process_resident_memory_bytes") or 0) > 1_000_000
-    assert (value(samples, "process_open_fds") or 0) > 3
+        assert metric_value(samples, "chatkit_gateway_upstream_errors_total", kind=kind) == 0
+    assert (metric_value(samples, "process_cpu_seconds_total") or 0) > 0
+    assert (metric_value(samples, "process_resident_memory_bytes") or 0) > 1_000_000
+    assert (metric_value(samples, "process_open_fds") or 0) > 3
     assert not [name for name, _ in samples if name.endswith("_created")]
 
 
@@ -97,10 +70,10 @@ async def test_connect_failures_and_timeouts_count_as_upstream_errors(
             assert response.status == 504
         samples = await scrape(http, gateway.url)
     errors = "chatkit_gateway_upstream_errors_total"
-    assert value(samples, errors, kind="unavailable") == 1
-    assert value(samples, errors, kind="timeout") == 1
+    assert metric_value(samples, errors, kind="unavailable") == 1
+    assert metric_value(samples, errors, kind="timeout") == 1
     count = "chatkit_gateway_request_duration_seconds_count"
-    assert value(samples, count, kind="server", status_class="5xx") == 2
+    assert metric_value(samples, count, kind="server", status_class="5xx") == 2
 
 
 async def test_a_live_event_stream_is_in_flight_and_open_until_it_ends(
@@ -117,10 +90,10 @@ async def test_a_live_event_stream_is_in_flight_and_open_until_it_ends(
             during = await scrape(http, gateway.url)
             await response.read()
         after = await scrape(http, gateway.url)
-    assert value(during, "chatkit_gateway_open_streams") == 1
-    assert value(during, "chatkit_gateway_requests_in_flight") == 1
-    assert value(after, "chatkit_gateway_open_streams") == 0
-    assert value(after, "chatkit_gateway_requests_in_flight") == 0
+    assert metric_value(during, "chatkit_gateway_open_streams") == 1
+    assert metric_value(during, "chatkit_gateway_requests_in_flight") == 1
+    assert metric_value(after, "chatkit_gateway_open_streams") == 0
+    assert metric_value(after, "chatkit_gateway_requests_in_flight") == 0
 
 
 async def test_metrics_port_serves_metrics_and_the_client_port_stops(
@@ -132,7 +105,7 @@ async def test_metrics_port_serves_metrics_and_the_client_port_stops(
         samples = await scrape(http, f"http://127.0.0.1:{port}")
         async with http.get(f"{gateway.url}/metrics") as response:
             assert response.status == 404
-    assert value(samples, "chatkit_gateway_store_up") == 1
+    assert metric_value(samples, "chatkit_gateway_store_up") == 1
     assert upstream.requests == []
 
 
@@ -178,9 +151,11 @@ async def test_with_two_workers_every_scrape_sees_the_sum(
             served = per_worker_requests(directory)
             return len(served) == 2 and all(n > 0 for n in served.values())
 
-        await poll(both_workers_served, "both workers to serve requests")
+        await eventually(
+            both_workers_served, timeout=10, interval=0.05, what="both workers to serve requests"
+        )
         seen = [
-            value(await scrape(http, gateway.url), count, kind="server", status_class="2xx")
+            metric_value(await scrape(http, gateway.url), count, kind="server", status_class="2xx")
             for _ in range(8)
         ]
     # Whichever worker answers the scrape, it shows the total.

@@ -25,7 +25,14 @@ import pytest_asyncio
 
 from gateway.auth import SecretHasher
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer, converse, eventually, free_port
+from tests.harness import (
+    GatewayProcess,
+    RedisServer,
+    assert_never_logged,
+    converse,
+    eventually,
+    free_port,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -57,18 +64,12 @@ class Session:
 # -- fixtures -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def gateway(redis: RedisServer, fake: FakeUpstream) -> AsyncIterator[Gateway]:
+async def gateway(module_redis: RedisServer, fake: FakeUpstream) -> AsyncIterator[Gateway]:
     admin_port = free_port()
     process = GatewayProcess(
         fake.url,
-        redis_url=redis.url,
+        redis_url=module_redis.url,
         env={
             "GATEWAY_REPLICA_ID": REPLICA,
             "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
@@ -81,19 +82,12 @@ async def gateway(redis: RedisServer, fake: FakeUpstream) -> AsyncIterator[Gatew
         yield Gateway(process, f"http://127.0.0.1:{admin_port}")
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 @pytest.fixture(autouse=True)
 def no_secret_logged(gateway: Gateway, fake: FakeUpstream) -> Iterator[None]:
     """After each test: no client secret the upstream ever issued is in the gateway's log."""
     yield
-    output = gateway.process.output()
     issued = [session["client_secret"] for session in fake.sessions.values()]
-    assert not [s for s in issued if s in output], "a raw client secret reached the gateway's log"
+    assert_never_logged([gateway.process], issued, "a raw client secret")
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -158,12 +152,14 @@ def prefix(secret: str) -> str:
 
 
 async def test_cli_revoke_by_session_id_is_enforced_by_the_running_gateway(
-    gateway: Gateway, redis: RedisServer, http: aiohttp.ClientSession
+    gateway: Gateway, module_redis: RedisServer, http: aiohttp.ClientSession
 ) -> None:
     session = await create_session(http, gateway)
     assert await converse(http, gateway, session.secret) == (200, None)
 
-    done = await cli("revoke", "--session-id", session.id, env={"GATEWAY_REDIS_URL": redis.url})
+    done = await cli(
+        "revoke", "--session-id", session.id, env={"GATEWAY_REDIS_URL": module_redis.url}
+    )
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == (
@@ -171,18 +167,23 @@ async def test_cli_revoke_by_session_id_is_enforced_by_the_running_gateway(
     )
     assert await converse(http, gateway, session.secret) == (401, "client_secret_revoked")
 
-    again = await cli("revoke", "--session-id", session.id, env={"GATEWAY_REDIS_URL": redis.url})
+    again = await cli(
+        "revoke", "--session-id", session.id, env={"GATEWAY_REDIS_URL": module_redis.url}
+    )
     assert again.returncode == 0, again.stderr
     assert "was already revoked" in again.stdout
 
 
 async def test_cli_revoke_reads_the_secret_from_stdin(
-    gateway: Gateway, redis: RedisServer, http: aiohttp.ClientSession
+    gateway: Gateway, module_redis: RedisServer, http: aiohttp.ClientSession
 ) -> None:
     session = await create_session(http, gateway)
 
     done = await cli(
-        "revoke", "--secret-stdin", env={"GATEWAY_REDIS_URL": redis.url}, stdin=session.secret
+        "revoke",
+        "--secret-stdin",
+        env={"GATEWAY_REDIS_URL": module_redis.url},
+        stdin=session.secret,
     )
 
     assert done.returncode == 0, done.stderr
@@ -220,7 +221,7 @@ async def test_cli_without_a_redis_url_is_a_usage_error(args: tuple[str, ...]) -
 
 
 async def test_cli_revocations_lists_cancel_cli_and_admin_entries_without_secrets(
-    gateway: Gateway, redis: RedisServer, http: aiohttp.ClientSession
+    gateway: Gateway, module_redis: RedisServer, http: aiohttp.ClientSession
 ) -> None:
     by_cancel, by_cli, by_admin = [await create_session(http, gateway) for _ in range(3)]
     async with http.post(
@@ -232,7 +233,7 @@ async def test_cli_revocations_lists_cancel_cli_and_admin_entries_without_secret
         "revoke",
         "--session-id",
         by_cli.id,
-        env={"GATEWAY_REDIS_URL": redis.url, "GATEWAY_REPLICA_ID": "ops-laptop"},
+        env={"GATEWAY_REDIS_URL": module_redis.url, "GATEWAY_REPLICA_ID": "ops-laptop"},
     )
     assert revoked.returncode == 0, revoked.stderr
     status, _ = await admin(
@@ -240,7 +241,7 @@ async def test_cli_revocations_lists_cancel_cli_and_admin_entries_without_secret
     )
     assert status == 200
 
-    done = await cli("revocations", "--tail", "3", env={"GATEWAY_REDIS_URL": redis.url})
+    done = await cli("revocations", "--tail", "3", env={"GATEWAY_REDIS_URL": module_redis.url})
 
     assert done.returncode == 0, done.stderr
     pattern = re.compile(
@@ -266,7 +267,7 @@ async def test_cli_revocations_lists_cancel_cli_and_admin_entries_without_secret
     for secret in (by_cancel.secret, by_cli.secret, by_admin.secret):
         assert secret not in done.stdout
 
-    newest = await cli("revocations", "--tail", "1", env={"GATEWAY_REDIS_URL": redis.url})
+    newest = await cli("revocations", "--tail", "1", env={"GATEWAY_REDIS_URL": module_redis.url})
     assert newest.returncode == 0
     assert len(newest.stdout.splitlines()) == 1
     assert f"session={by_admin.id}" in newest.stdout
@@ -372,14 +373,16 @@ async def test_admin_session_lookup_of_an_unknown_id_is_404(
 
 
 async def test_admin_audit_log_shows_revocations_without_secrets(
-    gateway: Gateway, redis: RedisServer, http: aiohttp.ClientSession
+    gateway: Gateway, module_redis: RedisServer, http: aiohttp.ClientSession
 ) -> None:
     first, second = [await create_session(http, gateway) for _ in range(2)]
     status, _ = await admin(
         http, gateway, "POST", "/admin/revoke", json={"client_secret": first.secret}
     )
     assert status == 200
-    done = await cli("revoke", "--session-id", second.id, env={"GATEWAY_REDIS_URL": redis.url})
+    done = await cli(
+        "revoke", "--session-id", second.id, env={"GATEWAY_REDIS_URL": module_redis.url}
+    )
     assert done.returncode == 0, done.stderr
 
     status, body = await admin(http, gateway, "GET", "/admin/revocations?tail=2")
@@ -407,10 +410,10 @@ async def test_admin_listener_is_absent_without_a_token(fake: FakeUpstream) -> N
 
 
 async def test_admin_answers_503_bodies_while_redis_is_down_and_keeps_revocations_pending(
-    gateway: Gateway, redis: RedisServer, http: aiohttp.ClientSession
+    gateway: Gateway, module_redis: RedisServer, http: aiohttp.ClientSession
 ) -> None:
     session = await create_session(http, gateway)
-    await asyncio.to_thread(redis.stop)
+    await asyncio.to_thread(module_redis.stop)
     try:
         for path in (f"/admin/sessions/{session.id}", "/admin/revocations?tail=5"):
             status, body = await admin(http, gateway, "GET", path)
@@ -432,7 +435,7 @@ async def test_admin_answers_503_bodies_while_redis_is_down_and_keeps_revocation
         }
         assert await converse(http, gateway, session.secret) == (401, "client_secret_revoked")
     finally:
-        await asyncio.to_thread(redis.start)
+        await asyncio.to_thread(module_redis.start)
 
     async def stored() -> bool:
         async with http.get(f"{gateway.url}/readyz") as response:

@@ -30,10 +30,17 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from openai import AsyncOpenAI
 
 from tests.fake_upstream import FakeUpstream, Seen
-from tests.harness import GatewayProcess, eventually, free_port, raw_http
+from tests.harness import (
+    GatewayProcess,
+    connection,
+    eventually,
+    free_port,
+    openai_sdk,
+    raw_http,
+    raw_upload,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -160,45 +167,9 @@ async def send_raw(gw: GatewayProcess, data: bytes) -> Reply:
 async def exchange(gw: GatewayProcess, head: bytes, chunks: Iterable[bytes]) -> Reply:
     """Stream ``chunks`` after ``head`` while reading the reply concurrently, so
     an answer that comes before the whole body was sent is still read."""
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
-
-    async def send() -> None:
-        with contextlib.suppress(ConnectionError):
-            writer.write(head)
-            for chunk in chunks:
-                writer.write(chunk)
-                await writer.drain()
-
-    sender = asyncio.create_task(send())
-    try:
-        async with asyncio.timeout(60):
-            raw = await read_one_reply(reader)
-    finally:
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sender
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
+    raw, _ = await raw_upload(gw.host, gw.port, head, chunks, read_until_close=False, timeout=60)
+    assert raw, "the gateway closed the connection without answering"
     return parse_reply(raw)
-
-
-async def read_one_reply(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    reply = parse_reply(head)
-    if "chunked" in (reply.header("transfer-encoding") or ""):
-        rest = bytearray()
-        while True:
-            size_line = await reader.readuntil(b"\r\n")
-            rest += size_line
-            size = int(size_line.split(b";")[0], 16)
-            rest += await reader.readexactly(size + 2)
-            if size == 0:
-                return head + bytes(rest)
-    length = reply.header("content-length")
-    if length is not None:
-        return head + await reader.readexactly(int(length))
-    return head + await reader.read()
 
 
 def assert_openai_error(reply: Reply, status: int, code: str | None = None) -> dict[str, Any]:
@@ -742,13 +713,11 @@ async def test_upstream_error_answers_pass_through_untouched(
 async def test_disconnect_before_the_answer_cancels_the_upstream_request(
     gateway: GatewayProcess, fake: FakeUpstream, method: str, body: bytes
 ) -> None:
-    _, writer = await asyncio.open_connection(gateway.host, gateway.port)
-    headers = [*AUTH.items(), ("X-Fake-Fault", "stall")]
-    writer.write(request_bytes(method, b"/v1/chatkit/conversation", headers, body, close=False))
-    await writer.drain()
-    await fake.wait_for(lambda: fake.active == 1)
-    writer.close()
-    await writer.wait_closed()
+    async with connection(gateway.host, gateway.port) as (_, writer):
+        headers = [*AUTH.items(), ("X-Fake-Fault", "stall")]
+        writer.write(request_bytes(method, b"/v1/chatkit/conversation", headers, body, close=False))
+        await writer.drain()
+        await fake.wait_for(lambda: fake.active == 1)
     # The read timeout is a minute away: only the disconnect can end it now.
     await fake.wait_for(lambda: fake.active == 0, timeout=10)
     seen = only(fake.requests)
@@ -759,21 +728,19 @@ async def test_disconnect_before_the_answer_cancels_the_upstream_request(
 async def test_disconnect_mid_stream_cancels_the_upstream_request(
     gateway: GatewayProcess, fake: FakeUpstream
 ) -> None:
-    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
     headers = [
         *AUTH.items(),
         ("Accept", "text/event-stream"),
         ("X-Fake-Fault", "stall_mid_stream"),
         ("X-Fake-Fault-After", "2"),
     ]
-    writer.write(request_bytes("GET", b"/v1/chatkit/conversation", headers, close=False))
-    await writer.drain()
-    async with asyncio.timeout(10):
-        received = b""
-        while received.count(b"data: ") < 2:
-            received += await reader.read(65536)
-    writer.close()
-    await writer.wait_closed()
+    async with connection(gateway.host, gateway.port) as (reader, writer):
+        writer.write(request_bytes("GET", b"/v1/chatkit/conversation", headers, close=False))
+        await writer.drain()
+        async with asyncio.timeout(10):
+            received = b""
+            while received.count(b"data: ") < 2:
+                received += await reader.read(65536)
     # The upstream would stay silent forever: only the gateway hanging up ends it.
     await fake.wait_for(lambda: fake.active == 0, timeout=10)
     seen = only(fake.requests)
@@ -907,9 +874,7 @@ async def test_disconnect_mid_upload_does_not_corrupt_the_next_requests(
 async def test_official_openai_sdk_works_through_the_gateway(
     gateway: GatewayProcess, fake: FakeUpstream
 ) -> None:
-    async with AsyncOpenAI(
-        base_url=f"{gateway.url}/v1", api_key="sk-test", max_retries=0
-    ) as client:
+    async with openai_sdk(gateway, "sk-test") as client:
         session = await client.beta.chatkit.sessions.create(
             user="user_sdk",
             workflow={"id": "wf_sdk"},

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -17,9 +15,9 @@ from gateway.health import StoreMonitor
 from gateway.metrics import Metrics
 from gateway.settings import load_settings
 from gateway.store.memory import MemoryStore
-from gateway.types import Message
+from tests.doubles import asgi_get, started
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer
+from tests.harness import GatewayProcess, RedisServer, eventually, metric_value, scrape
 
 FAST_CHECKS = {"GATEWAY_STORE_CHECK_INTERVAL_SECONDS": "0.1", "GATEWAY_REDIS_TIMEOUT": "0.5"}
 
@@ -31,18 +29,8 @@ async def readyz(http: aiohttp.ClientSession, gateway: GatewayProcess) -> tuple[
         return response.status, body, time.monotonic() - started
 
 
-async def store_up(http: aiohttp.ClientSession, gateway: GatewayProcess) -> str:
-    async with http.get(f"{gateway.url}/metrics") as response:
-        text = await response.text()
-    (line,) = [line for line in text.splitlines() if line.startswith("chatkit_gateway_store_up ")]
-    return line.split()[1]
-
-
-async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + 10
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
+async def store_up(http: aiohttp.ClientSession, gateway: GatewayProcess) -> float | None:
+    return metric_value(await scrape(http, gateway.url), "chatkit_gateway_store_up")
 
 
 async def test_ready_while_redis_hangs_or_is_down_and_the_body_says_so(
@@ -58,31 +46,47 @@ async def test_ready_while_redis_hangs_or_is_down_and_the_body_says_so(
             _, body, _ = await readyz(http, gateway)
             return bool(body["store"]["up"] is up)
 
-        await until(lambda: store_is(True), "the first store check")
-        assert await store_up(http, gateway) == "1.0"
+        await eventually(
+            lambda: store_is(True), timeout=10, interval=0.05, what="the first store check"
+        )
+        assert await store_up(http, gateway) == 1
 
         redis_server.pause()  # hung: the port accepts, nothing answers
         try:
-            await until(lambda: store_is(False), "the check to notice the hung store")
+            await eventually(
+                lambda: store_is(False),
+                timeout=10,
+                interval=0.05,
+                what="the check to notice the hung store",
+            )
             status, body, seconds = await readyz(http, gateway)
             assert status == 200
             assert body["status"] == "ready"
             assert body["store"]["backend"] == "redis"
             assert seconds < 0.5  # a probe never waits for the store
-            assert await store_up(http, gateway) == "0.0"
+            assert await store_up(http, gateway) == 0
         finally:
             redis_server.resume()
-        await until(lambda: store_is(True), "the store to come back")
+        await eventually(
+            lambda: store_is(True), timeout=10, interval=0.05, what="the store to come back"
+        )
 
         redis_server.stop()  # down: connections refused
         try:
-            await until(lambda: store_is(False), "the check to notice the stopped store")
+            await eventually(
+                lambda: store_is(False),
+                timeout=10,
+                interval=0.05,
+                what="the check to notice the stopped store",
+            )
             status, _, _ = await readyz(http, gateway)
             assert status == 200
         finally:
             redis_server.start()
-        await until(lambda: store_is(True), "the restarted store")
-        assert await store_up(http, gateway) == "1.0"
+        await eventually(
+            lambda: store_is(True), timeout=10, interval=0.05, what="the restarted store"
+        )
+        assert await store_up(http, gateway) == 1
         output = gateway.output()
     # Each change of state is logged once, not once per check.
     assert output.count("The store is unreachable") == 2, output
@@ -103,60 +107,35 @@ async def test_readiness_follows_the_store_only_when_asked(
             status, _, _ = await readyz(http, gateway)
             return status == expected
 
-        await until(lambda: status_is(200), "ready")
+        await eventually(lambda: status_is(200), timeout=10, interval=0.05, what="ready")
         redis_server.stop()
         try:
-            await until(lambda: status_is(503), "unready while the store is down")
+            await eventually(
+                lambda: status_is(503),
+                timeout=10,
+                interval=0.05,
+                what="unready while the store is down",
+            )
             _, body, _ = await readyz(http, gateway)
             assert body["error"]["code"] == "store_unavailable"
         finally:
             redis_server.start()
-        await until(lambda: status_is(200), "ready again")
-
-
-async def asgi_get(app: GatewayApp, path: str) -> tuple[int, Any]:
-    """One GET through the app's ASGI interface (the endpoints need no server)."""
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [],
-    }
-    await app(scope, receive, send)
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return sent[0]["status"], json.loads(body)
+        await eventually(lambda: status_is(200), timeout=10, interval=0.05, what="ready again")
 
 
 async def test_readyz_is_503_once_draining_begins() -> None:
-    thresholds = gc.get_threshold()
     app = GatewayApp(load_settings({"GATEWAY_UPSTREAM_URL": "http://127.0.0.1:9"}))
     status, body = await asgi_get(app, "/readyz")
-    assert (status, body["error"]["code"]) == (503, "starting")
-    await app.startup()
-    try:
+    assert (status, json.loads(body)["error"]["code"]) == (503, "starting")
+    async with started(app):
         status, body = await asgi_get(app, "/readyz")
         assert status == 200
-        assert body["store"]["backend"] == "embedded"
+        assert json.loads(body)["store"]["backend"] == "embedded"
         app.begin_draining()
         status, body = await asgi_get(app, "/readyz")
-        assert (status, body["error"]["code"]) == (503, "draining")
+        assert (status, json.loads(body)["error"]["code"]) == (503, "draining")
         status, _ = await asgi_get(app, "/healthz")
         assert status == 200  # alive: draining is not a reason to restart the process
-    finally:
-        await app.shutdown()
-        # Start-up tunes the collector for a long-running server; not for pytest.
-        gc.unfreeze()
-        gc.set_threshold(*thresholds)
 
 
 class FlakyStore(MemoryStore):
@@ -179,9 +158,11 @@ async def test_the_store_check_survives_its_own_bugs_and_keeps_the_gauge_current
     monitor = StoreMonitor(store, metrics=metrics, interval=0.01, timeout=1.0)
     monitor.start()
     try:
-        async with asyncio.timeout(10):
-            while store.pings < 3 or monitor.up is not True:  # noqa: ASYNC110 - a plain attribute
-                await asyncio.sleep(0.01)
+        await eventually(
+            lambda: store.pings >= 3 and monitor.up is True,
+            timeout=10,
+            what=lambda: f"3 pings and the store up; {store.pings} pings, up={monitor.up}",
+        )
     finally:
         await monitor.stop()
     assert metrics.registry.get_sample_value("chatkit_gateway_store_up") == 1

@@ -29,16 +29,18 @@ import pytest
 import pytest_asyncio
 import redis.asyncio
 from multidict import CIMultiDictProxy
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.store.redis import ADMIT_SHA
 from tests.fake_upstream import FakeUpstream
 from tests.harness import (
     GatewayProcess,
     RedisServer,
+    Samples,
     eventually,
+    metric_value,
     redis_key_contents,
     running,
+    scrape,
     wall_clock_reach,
 )
 
@@ -328,12 +330,8 @@ async def test_user_limit_spans_sessions_and_replicas(
             assert reply.headers["RateLimit-Policy"] == '"session";q=10;w=60, "user";q=5;w=60'
 
 
-def _counter(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
+def _counter(samples: Samples, name: str, **labels: str) -> float:
+    return metric_value(samples, name, **labels) or 0.0
 
 
 async def test_report_only_mode_admits_but_reports(
@@ -345,12 +343,7 @@ async def test_report_only_mode_admits_but_reports(
     async with running(
         [GatewayProcess(fake.url, redis_url=aof_redis.url, env={"GATEWAY_ENFORCE": "false"})]
     ) as (gateway,):
-
-        async def metrics() -> str:
-            async with http.get(f"{gateway.url}/metrics") as resp:
-                return await resp.text()
-
-        before = await metrics()
+        before = await scrape(http, gateway.url)
         session = await create_session(http, gateway, minted, limit=2)
         secret = session["client_secret"]
         replies = [await client_call(http, [gateway], 0, secret=secret) for _ in range(5)]
@@ -358,7 +351,7 @@ async def test_report_only_mode_admits_but_reports(
         stranger = await client_call(http, [gateway], 0, secret=unknown)
         probe = f"/v1/chatkit/probe/{uuid.uuid4().hex}"
         anonymous = await client_call(http, [gateway], 0, path=probe)  # no Authorization
-        after = await metrics()
+        after = await scrape(http, gateway.url)
 
     assert [r.status for r in replies] == [200] * 5
     assert reached(fake, secret) == 5  # over the limit, and still forwarded

@@ -7,12 +7,12 @@ another, and nothing would say so. These tests break the feed on purpose.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from gateway.metrics import Metrics
 from gateway.revocation import Revoker
 from gateway.store.memory import MemoryStore
+from tests.harness import eventually
 
 
 class BrokenFeedStore(MemoryStore):
@@ -35,13 +35,6 @@ class BrokenFeedStore(MemoryStore):
         yield None  # makes this an async generator
 
 
-async def _until(condition: Callable[[], bool], what: str, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
-
-
 def _sample(metrics: Metrics, name: str) -> float | None:
     return metrics.registry.get_sample_value(name)
 
@@ -52,10 +45,10 @@ async def test_a_failing_listener_is_restarted_counted_and_reported() -> None:
     revoker = Revoker(store, replica="a", metrics=metrics)
     revoker.start()
     try:
-        await _until(lambda: store.subscriptions == 3, "the third subscription")
+        await eventually(lambda: store.subscriptions == 3, what="the third subscription")
         restarts = "chatkit_gateway_revocation_listener_restarts_total"
         assert _sample(metrics, restarts) == 2
-        await _until(lambda: revoker.listener_state == "up", "the listener to be up")
+        await eventually(lambda: revoker.listener_state == "up", what="the listener to be up")
         assert _sample(metrics, "chatkit_gateway_revocation_listener_up") == 1
 
         # And it works: a revocation made on another replica closes our stream.
@@ -91,7 +84,7 @@ async def test_while_waiting_to_restart_the_state_says_so() -> None:
     revoker = Revoker(store, replica="a", metrics=metrics)
     revoker.start()
     try:
-        await _until(lambda: store.subscriptions >= 2, "a restart")
+        await eventually(lambda: store.subscriptions >= 2, what="a restart")
         assert revoker.listener_state == "restarting"
         assert _sample(metrics, "chatkit_gateway_revocation_listener_up") == 0
     finally:

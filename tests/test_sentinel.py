@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Iterator
-from typing import cast
+from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -24,7 +23,14 @@ from gateway.settings import load_settings
 from gateway.store.base import AdmitRequest, SessionRecord
 from gateway.store.redis import RedisStore, connect_sentinel
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisSentinels, RedisServer, eventually, subscribed
+from tests.harness import (
+    GatewayProcess,
+    RedisSentinels,
+    RedisServer,
+    collecting,
+    eventually,
+    subscribed,
+)
 
 API_KEY = "sk-test-sentinel"
 CONVERSATION = "/v1/chatkit/conversation"
@@ -105,72 +111,65 @@ async def test_a_killed_master_is_replaced_and_admissions_and_the_feed_resume(
         sentinels.addresses, RedisSentinels.MASTER_NAME, url=None, timeout=0.5
     )
     store = RedisStore(client, prefix="sn", pubsub_url="", ping_seconds=0.5)
-    feed = cast(AsyncGenerator[str | None, None], store.revocations())
-    heard: list[str | None] = []
-
-    async def listen() -> None:
-        async for item in feed:
-            heard.append(item)
-
-    listener = asyncio.create_task(listen())
     try:
-        limit = 12
-        limited, probe = _hash(1), _hash(2)
-        expires = int(time.time()) + 600
-        await store.register(SessionRecord(limited, "cksess_lim", "u", expires, limit))
-        await store.register(SessionRecord(probe, "cksess_probe", "u", expires, 10_000))
-        admitted = 0
-        for _ in range(limit // 2):
-            decision = await store.admit(AdmitRequest(limited, False, 10, None))
-            admitted += decision.outcome is Outcome.ADMITTED
-        assert admitted == limit // 2
-        await _replicated(old)
-        await eventually(lambda: _feed_on(old, "sn:revocations"), what="the feed on the master")
+        async with collecting(store.revocations()) as heard:
+            limit = 12
+            limited, probe = _hash(1), _hash(2)
+            expires = int(time.time()) + 600
+            await store.register(SessionRecord(limited, "cksess_lim", "u", expires, limit))
+            await store.register(SessionRecord(probe, "cksess_probe", "u", expires, 10_000))
+            admitted = 0
+            for _ in range(limit // 2):
+                decision = await store.admit(AdmitRequest(limited, False, 10, None))
+                admitted += decision.outcome is Outcome.ADMITTED
+            assert admitted == limit // 2
+            await _replicated(old)
+            await eventually(lambda: _feed_on(old, "sn:revocations"), what="the feed on the master")
 
-        old.kill()
-        killed_at = time.monotonic()
-        resumed_at: float | None = None
-        refused = 0
-        while time.monotonic() < killed_at + 20:
-            answers = await asyncio.gather(
-                store.admit(AdmitRequest(probe, False, 10, None)),
-                store.admit(AdmitRequest(limited, False, 10, None)),
-                return_exceptions=True,
+            old.kill()
+            killed_at = time.monotonic()
+            refused = 0
+
+            async def resumed() -> bool:
+                # Load on the limited secret meanwhile: what it is refused must not count.
+                nonlocal admitted, refused
+                answers = await asyncio.gather(
+                    store.admit(AdmitRequest(probe, False, 10, None)),
+                    store.admit(AdmitRequest(limited, False, 10, None)),
+                    return_exceptions=True,
+                )
+                probe_answer, limited_answer = answers
+                if isinstance(limited_answer, BaseException):
+                    refused += 1
+                else:
+                    admitted += limited_answer.outcome is Outcome.ADMITTED
+                return not isinstance(probe_answer, BaseException)
+
+            await eventually(
+                resumed, timeout=20, interval=0.05, what="admissions to resume after the failover"
             )
-            probe_answer, limited_answer = answers
-            if isinstance(limited_answer, BaseException):
-                refused += 1
-            else:
-                admitted += limited_answer.outcome is Outcome.ADMITTED
-            if not isinstance(probe_answer, BaseException):
-                resumed_at = time.monotonic()
-                break
-            await asyncio.sleep(0.05)  # pacing the load, not waiting for anything
-        assert resumed_at is not None, "admissions never resumed after the failover"
-        new = sentinels.master()
-        assert new is not old
+            resumed_at = time.monotonic()
+            new = sentinels.master()
+            assert new is not old
 
-        # Exactly the limit, across the failover: the counts made before it
-        # were on the replica, and the refusals during it counted nothing.
-        for _ in range(limit):
-            decision = await store.admit(AdmitRequest(limited, False, 10, None))
-            admitted += decision.outcome is Outcome.ADMITTED
-        assert admitted == limit
+            # Exactly the limit, across the failover: the counts made before it
+            # were on the replica, and the refusals during it counted nothing.
+            for _ in range(limit):
+                decision = await store.admit(AdmitRequest(limited, False, 10, None))
+                admitted += decision.outcome is Outcome.ADMITTED
+            assert admitted == limit
 
-        await eventually(lambda: None in heard, timeout=10, what="the feed to resubscribe")
-        feed_back_at = time.monotonic()
-        await store.revoke(secret_hash=probe, session_id=None, reason="t", replica="x")
-        await eventually(lambda: probe in heard, timeout=5, what="the announcement")
-        print(
-            f"sentinel, master killed: admissions resumed {resumed_at - killed_at:.2f}s "
-            f"after the kill ({refused} refused meanwhile); feed back within "
-            f"{feed_back_at - killed_at:.2f}s"
-        )
-        assert resumed_at - killed_at < 10.0
+            await eventually(lambda: None in heard, timeout=10, what="the feed to resubscribe")
+            feed_back_at = time.monotonic()
+            await store.revoke(secret_hash=probe, session_id=None, reason="t", replica="x")
+            await eventually(lambda: probe in heard, timeout=5, what="the announcement")
+            print(
+                f"sentinel, master killed: admissions resumed {resumed_at - killed_at:.2f}s "
+                f"after the kill ({refused} refused meanwhile); feed back within "
+                f"{feed_back_at - killed_at:.2f}s"
+            )
+            assert resumed_at - killed_at < 10.0
     finally:
-        listener.cancel()
-        await asyncio.gather(listener, return_exceptions=True)
-        await feed.aclose()
         await store.close()
 
 
@@ -241,13 +240,18 @@ async def test_a_gateway_follows_a_failover_admits_exactly_the_limit_and_hears_t
         old.kill()
         killed_at = time.monotonic()
         resumed_at: float | None = None
-        while time.monotonic() < killed_at + 20:
+
+        async def limit_reached() -> bool:
+            # Requests all along: refused while no master answers, then counted.
+            nonlocal resumed_at
             statuses.append(await _converse(http, gateway, secret))
             if statuses[-1] != 503 and resumed_at is None:
                 resumed_at = time.monotonic()
-            if statuses[-1] == 429:
-                break
-            await asyncio.sleep(0.05)  # pacing the load, not waiting for anything
+            return statuses[-1] == 429
+
+        await eventually(
+            limit_reached, timeout=20, interval=0.05, what=lambda: f"a 429; answers: {statuses}"
+        )
         switched = sentinels.master() is not old
         assert switched, "the sentinels never switched masters"
         assert resumed_at is not None

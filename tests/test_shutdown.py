@@ -14,15 +14,15 @@ import json
 import signal
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
 from gateway import lifecycle
 from gateway.app import GatewayApp
 from gateway.settings import load_settings
+from tests.doubles import asgi_get, started
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, raw_http
+from tests.harness import GatewayProcess, connection, eventually, raw_http
 
 GRACE = 3.0
 ENV = {
@@ -40,16 +40,13 @@ HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
 @contextlib.asynccontextmanager
 async def live_stream(gw: GatewayProcess) -> AsyncIterator[asyncio.StreamReader]:
     """An SSE stream through the gateway, its first event already received."""
-    reader, writer = await asyncio.open_connection(gw.host, gw.port)
-    try:
+    async with connection(gw.host, gw.port) as (reader, writer):
         writer.write(STREAM)
         async with asyncio.timeout(5):
             head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200 "), head
             await reader.readuntil(b"\n\n")
         yield reader
-    finally:
-        writer.close()
 
 
 async def refused(gw: GatewayProcess) -> bool:
@@ -88,9 +85,9 @@ async def test_sigterm_refuses_new_connections_and_drains_a_live_stream(
         gw.proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         # New connections are refused promptly, while the stream goes on.
-        while not await refused(gw):
-            assert time.monotonic() - signalled < 1.5, "new connections still accepted"
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: refused(gw), timeout=1.5, interval=0.05, what="new connections refused"
+        )
         took, events = await ends(stream, within=GRACE + 5)
         elapsed = time.monotonic() - signalled
         assert events > 0  # it was not cut off at once
@@ -104,10 +101,12 @@ async def test_sigterm_refuses_new_connections_and_drains_a_live_stream(
 async def test_sighup_is_logged_and_ignored(upstream: FakeUpstream, workers: str) -> None:
     async with GatewayProcess(upstream.url, env={**ENV, "GATEWAY_WORKERS": workers}) as gw:
         gw.proc.send_signal(signal.SIGHUP)
-        async with asyncio.timeout(5):
-            while "SIGHUP ignored" not in gw.output():
-                assert gw.proc.poll() is None, gw.output()
-                await asyncio.sleep(0.05)
+
+        def logged() -> bool:
+            assert gw.proc.poll() is None, gw.output()
+            return "SIGHUP ignored" in gw.output()
+
+        await eventually(logged, what=gw.output)
         reply = await raw_http(gw.host, gw.port, HEALTHZ, timeout=5)
         assert reply.startswith(b"HTTP/1.1 200 "), reply
         assert gw.proc.poll() is None
@@ -115,36 +114,13 @@ async def test_sighup_is_logged_and_ignored(upstream: FakeUpstream, workers: str
 
 
 async def test_readyz_answers_503_while_draining() -> None:
-    app = GatewayApp(load_settings({}))
-    await app.startup()
-    try:
-        assert (await _get(app, "/readyz"))[0] == 200
-        lifecycle.draining.set()
-        status, body = await _get(app, "/readyz")
-        assert status == 503
-        assert json.loads(body)["error"]["message"] == "The gateway is shutting down."
-        assert (await _get(app, "/healthz"))[0] == 200  # alive, just leaving
-    finally:
-        lifecycle.draining.clear()
-        await app.shutdown()
-
-
-async def _get(app: GatewayApp, path: str) -> tuple[int, bytes]:
-    scope: dict[str, Any] = {
-        "type": "http",
-        "method": "GET",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "headers": [(b"host", b"a")],
-    }
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+    async with started(GatewayApp(load_settings({}))) as app:
+        try:
+            assert (await asgi_get(app, "/readyz"))[0] == 200
+            lifecycle.draining.set()
+            status, body = await asgi_get(app, "/readyz")
+            assert status == 503
+            assert json.loads(body)["error"]["message"] == "The gateway is shutting down."
+            assert (await asgi_get(app, "/healthz"))[0] == 200  # alive, just leaving
+        finally:
+            lifecycle.draining.clear()

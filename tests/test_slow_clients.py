@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, raw_http
+from tests.harness import GatewayProcess, connection, eventually, raw_http
 
 BASE_ENV = {
     "GATEWAY_UNKNOWN_SECRETS": "allow",
@@ -51,24 +51,21 @@ async def status(gw: GatewayProcess, request: bytes, *, within: float = 2.0) -> 
 
 async def eventually_ok(gw: GatewayProcess, request: bytes, *, deadline: float) -> float:
     """Seconds until ``request`` is answered 200; fails after ``deadline`` seconds."""
-    started = time.monotonic()
-    while time.monotonic() - started < deadline:
-        if await status(gw, request) == 200:
-            return time.monotonic() - started
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{request.splitlines()[0]!r} not answered 200 within {deadline}s")
+
+    async def ok() -> bool:
+        return await status(gw, request) == 200
+
+    return await eventually(
+        ok, timeout=deadline, interval=0.1, what=f"{request.splitlines()[0]!r} answered 200"
+    )
 
 
 @contextlib.asynccontextmanager
 async def connections(
     gw: GatewayProcess, count: int
 ) -> AsyncIterator[list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
-    opened = [await asyncio.open_connection(gw.host, gw.port) for _ in range(count)]
-    try:
-        yield opened
-    finally:
-        for _, writer in opened:
-            writer.close()
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(connection(gw.host, gw.port)) for _ in range(count)]
 
 
 async def closed_by_server(reader: asyncio.StreamReader, *, within: float) -> bytes:

@@ -11,7 +11,6 @@ advances the embedded clock to ``t``, and for Redis waits until the wall clock
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import secrets
@@ -30,7 +29,13 @@ from gateway.store.base import AdmitRequest, IssuedSession, SessionRecord, Store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore, connect
 from tests.doubles import FakeClock
-from tests.harness import RedisServer, redis_key_contents, wall_clock_reach
+from tests.harness import (
+    RedisServer,
+    collecting,
+    eventually,
+    redis_key_contents,
+    wall_clock_reach,
+)
 
 HASHER = SecretHasher(b"contract-pepper")
 
@@ -426,29 +431,18 @@ async def test_revocations_stream_delivers_revoked_hashes(backend: Backend) -> N
     store = backend.store()
     record = _record(backend)
     await store.register(record)
-    received: asyncio.Queue[str | None] = asyncio.Queue()
+    async with collecting(store.revocations()) as heard:
 
-    async def listen() -> None:
-        async for secret_hash in store.revocations():
-            received.put_nowait(secret_hash)
+        async def revoked_and_heard() -> bool:
+            await store.revoke(
+                secret_hash=None, session_id=record.session_id, reason="t", replica="r"
+            )
+            return any(item is not None for item in heard)  # None: (re)subscribed
 
-    listener = asyncio.create_task(listen())
-    try:
         # The subscription is established in the background, and pub/sub does
         # not replay: revoke (idempotently) until the listener hears one.
-        got = None
-        async with asyncio.timeout(10):
-            while got is None:
-                await store.revoke(
-                    secret_hash=None, session_id=record.session_id, reason="t", replica="r"
-                )
-                with contextlib.suppress(TimeoutError):
-                    got = await asyncio.wait_for(received.get(), 0.2)
-        assert got == record.secret_hash
-    finally:
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
+        await eventually(revoked_and_heard, timeout=10, interval=0.2, what="an announcement")
+        assert next(item for item in heard if item is not None) == record.secret_hash
 
 
 # -- issuer mode: sessions the gateway issued itself ----------------------------------

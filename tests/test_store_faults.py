@@ -8,6 +8,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -20,7 +21,7 @@ from gateway.revocation import Revoker
 from gateway.store.base import AdmitRequest, SessionRecord
 from gateway.store.redis import RedisStore, connect
 from gateway.store.redis.client import Availability
-from tests.harness import RedisServer
+from tests.harness import RedisServer, eventually, fill_redis
 
 TWO_HOURS = 7200.0
 
@@ -99,23 +100,6 @@ async def full_redis() -> AsyncIterator[tuple[RedisServer, RedisStore]]:
             await store.close()
 
 
-async def _fill(client: redis.asyncio.Redis, start: int = 0) -> int:
-    """Write filler until Redis refuses, to the last bytes; the next free filler number.
-
-    Called again before each step that must find Redis full: Redis frees
-    client buffers now and then, and a write could fit the room so freed.
-    """
-    n = start
-    for size in (65536, 1024, 64):
-        while True:
-            try:
-                await client.set(f"filler:{n}", b"x" * size)
-            except redis.exceptions.OutOfMemoryError:
-                break
-            n += 1
-    return n
-
-
 async def test_a_full_redis_refuses_admissions_and_registrations_but_takes_revocations(
     full_redis: tuple[RedisServer, RedisStore],
 ) -> None:
@@ -127,11 +111,11 @@ async def test_a_full_redis_refuses_admissions_and_registrations_but_takes_revoc
     assert (await store.admit(_ask(known))).admitted
     probe = server.client()
     try:
-        fillers = await _fill(probe)
+        fillers = await fill_redis(probe)
 
         # Admissions fail closed, and write nothing (no window grows).
         for _ in range(50):
-            fillers = await _fill(probe, fillers)
+            fillers = await fill_redis(probe, fillers)
             with pytest.raises(StoreUnavailable, match="full"):
                 await store.admit(_ask(other))
         assert not await probe.exists(store.keys.secret(other.secret_hash).window)
@@ -139,7 +123,7 @@ async def test_a_full_redis_refuses_admissions_and_registrations_but_takes_revoc
 
         # A session that cannot be registered is not registered at all.
         newcomer = _record()
-        fillers = await _fill(probe, fillers)
+        fillers = await fill_redis(probe, fillers)
         with pytest.raises(StoreUnavailable, match="full"):
             await store.register(newcomer)
         assert await store.secret_hash_for(newcomer.session_id) is None
@@ -190,27 +174,21 @@ async def test_a_pending_revocation_is_stored_as_soon_as_redis_is_back() -> None
             await asyncio.to_thread(server.start)
             back = time.monotonic()
             probe = server.client()
+
+            async def stored() -> bool:
+                return bool(await probe.exists(flag))
+
             try:
-                while not await probe.exists(flag):
-                    assert time.monotonic() - back < 5, "the revocation never reached Redis"
-                    await asyncio.sleep(0.005)
+                await eventually(stored, interval=0.005, what="the revocation to reach Redis")
             finally:
                 await probe.aclose()
             window = time.monotonic() - back
             # Meanwhile another replica could admit the secret: keep it short.
             assert window < 0.5, f"stored {window:.3f} s after Redis came back"
-            assert revoker.pending == 0 or await _until_zero(revoker)
+            await eventually(lambda: revoker.pending == 0, what="nothing left pending")
         finally:
             await revoker.stop(flush_timeout=1)
             await store.close()
-
-
-async def _until_zero(revoker: Revoker) -> bool:
-    deadline = time.monotonic() + 5
-    while revoker.pending:
-        assert time.monotonic() < deadline, "still pending"
-        await asyncio.sleep(0.01)
-    return True
 
 
 # -- a stalled Redis: what the caller saw refused must not count --------------------
@@ -246,10 +224,14 @@ async def test_requests_refused_with_503_during_a_stall_consume_no_slot(deadline
             assert all(isinstance(r, StoreUnavailable) for r in stalled), stalled
             if deadlines:
                 # Redis ran what its socket held when it resumed, and refused.
-                deadline = time.monotonic() + 5
-                while "errorstat_LATE" not in (stats := await probe.info("errorstats")):
-                    assert time.monotonic() < deadline, stats
-                    await asyncio.sleep(0.01)
+                stats: dict[str, Any] = {}
+
+                async def refused_late() -> bool:
+                    nonlocal stats
+                    stats = await probe.info("errorstats")
+                    return "errorstat_LATE" in stats
+
+                await eventually(refused_late, what=lambda: f"errorstat_LATE in {stats}")
                 assert stats["errorstat_LATE"]["count"] == 3
 
             decisions = [await store.admit(_ask(record)) for _ in range(6)]

@@ -9,30 +9,24 @@ Either is logged once, not once per request.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import time
-from typing import Any
 
 import aiohttp
-import redis.exceptions
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, RedisServer
+from tests.harness import (
+    GatewayProcess,
+    RedisServer,
+    cancel_session,
+    converse,
+    create_session,
+    eventually,
+    fill_redis,
+    metric_value,
+    scrape,
+)
 
 NEVER_ISSUED = "ek_never_issued_secret"
-API_KEY = {"Authorization": "Bearer sk-test-outages"}
-
-
-async def _client_call(
-    http: aiohttp.ClientSession, gateway: GatewayProcess, secret: str = NEVER_ISSUED
-) -> tuple[int, str]:
-    headers = {"Authorization": f"Bearer {secret}"}
-    async with http.post(
-        f"{gateway.url}/v1/chatkit/conversation", json={}, headers=headers
-    ) as resp:
-        body = await resp.json(content_type=None)
-        return resp.status, body["error"]["code"] if resp.status != 200 else ""
+API_KEY = "sk-test-outages"
 
 
 async def test_gateway_starts_without_redis_and_serves_once_redis_is_back(
@@ -44,14 +38,18 @@ async def test_gateway_starts_without_redis_and_serves_once_redis_is_back(
     try:
         async with gateway, aiohttp.ClientSession() as http:
             # Started (/healthz answered, or astart would have raised), and fails closed.
-            answers = [await _client_call(http, gateway) for _ in range(20)]
+            answers = [await converse(http, gateway, NEVER_ISSUED) for _ in range(20)]
             assert answers == [(503, "store_unavailable")] * 20
 
             await asyncio.to_thread(redis_server.start)
-            deadline = time.monotonic() + 10
-            while (answer := await _client_call(http, gateway)) == (503, "store_unavailable"):
-                assert time.monotonic() < deadline, "never recovered"
-                await asyncio.sleep(0.05)
+            answer = answers[-1]
+
+            async def recovered() -> bool:
+                nonlocal answer
+                answer = await converse(http, gateway, NEVER_ISSUED)
+                return answer != (503, "store_unavailable")
+
+            await eventually(recovered, timeout=10, interval=0.05, what="the gateway to recover")
             # Redis answered: an unknown secret is now refused for what it is.
             assert answer == (401, "invalid_client_secret")
             async with http.get(f"{gateway.url}/readyz") as resp:
@@ -76,66 +74,37 @@ async def test_a_full_redis_is_loud_and_still_takes_cancels(upstream: FakeUpstre
             GatewayProcess(upstream.url, redis_url=redis_server.url) as gateway,
             aiohttp.ClientSession() as http,
         ):
-            session = await _create_session(http, gateway)
+            # A high limit: the rate limit is never the reason for a refusal.
+            session = await create_session(
+                http, gateway.url, limit=1000, user="user_full", api_key=API_KEY
+            )
             secret = session["client_secret"]
-            assert await _client_call(http, gateway, secret) == (200, "")
+            assert await converse(http, gateway, secret) == (200, None)
 
             # Filled to the last bytes, and topped up before every request:
             # Redis frees client buffers now and then, and an admission could
             # fit the room so freed.
             probe = redis_server.client()
-            filler = itertools.count()
-
-            async def top_up() -> None:
-                for size in (65536, 1024, 64):
-                    while True:
-                        try:
-                            await probe.set(f"filler:{next(filler)}", b"x" * size)
-                        except redis.exceptions.OutOfMemoryError:
-                            break
+            fillers = 0
 
             # Fail closed, and say why: once in the log, in /readyz and in a metric.
             answers = []
             for _ in range(20):
-                await top_up()
-                answers.append(await _client_call(http, gateway, secret))
-            assert set(answers) <= {(200, ""), (503, "store_unavailable")}
+                fillers = await fill_redis(probe, fillers)
+                answers.append(await converse(http, gateway, secret))
+            assert set(answers) <= {(200, None), (503, "store_unavailable")}
             assert answers.count((503, "store_unavailable")) >= 19, answers
             async with http.get(f"{gateway.url}/readyz") as resp:
                 ready = await resp.json()
             assert ready["store_full"] is True
             assert ready["revocation_listener"] == "up"
-            assert await _metric(http, gateway, "chatkit_gateway_store_full") == 1
+            samples = await scrape(http, gateway.url)
+            assert metric_value(samples, "chatkit_gateway_store_full") == 1
 
             # A cancel protects a user: it is stored although Redis is full.
-            async with http.post(
-                f"{gateway.url}/v1/chatkit/sessions/{session['id']}/cancel", headers=API_KEY
-            ) as resp:
-                assert resp.status == 200
+            await cancel_session(http, gateway.url, session["id"], api_key=API_KEY)
             async with http.get(f"{gateway.url}/readyz") as resp:
                 assert (await resp.json())["pending_revocations"] == 0
             await probe.aclose()
         output = gateway.output()
     assert output.count("Redis is full") == 1, output
-
-
-async def _create_session(http: aiohttp.ClientSession, gateway: GatewayProcess) -> dict[str, Any]:
-    body = {
-        "user": "user_full",
-        "workflow": {"id": "wf_full"},
-        "rate_limits": {"max_requests_per_1_minute": 1000},  # never the reason for a refusal
-    }
-    async with http.post(f"{gateway.url}/v1/chatkit/sessions", json=body, headers=API_KEY) as resp:
-        assert resp.status == 200, await resp.text()
-        answer: dict[str, Any] = await resp.json()
-    return answer
-
-
-async def _metric(http: aiohttp.ClientSession, gateway: GatewayProcess, name: str) -> float:
-    async with http.get(f"{gateway.url}/metrics") as resp:
-        text = await resp.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                return float(sample.value)
-    raise AssertionError(f"{name} not exported")

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
-import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -22,8 +20,9 @@ from gateway.app import GatewayApp
 from gateway.errors import ConfigError
 from gateway.settings import load_settings, otel_traces_exporter
 from gateway.tracing import Tracing, configure
+from tests.doubles import collector_restored
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, free_port
+from tests.harness import GatewayProcess, eventually, free_port
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -34,24 +33,23 @@ CLIENT = {"Authorization": "Bearer ek_tracing", "traceparent": TRACEPARENT}
 @contextlib.asynccontextmanager
 async def serving(app: GatewayApp) -> AsyncIterator[str]:
     """The app under uvicorn on a free port, in this test's event loop."""
-    thresholds = gc.get_threshold()
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_config=None)
     )
-    task = asyncio.create_task(server.serve())
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
+    with collector_restored():
+        task = asyncio.create_task(server.serve())
+        try:
+
+            def up() -> bool:
                 assert not task.done(), task
-                await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        # Start-up tunes the collector for a long-running server; not for pytest.
-        gc.unfreeze()
-        gc.set_threshold(*thresholds)
+                return bool(server.started)
+
+            await eventually(up, timeout=10, what="uvicorn to start")
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            await task
 
 
 @pytest.fixture
@@ -164,10 +162,9 @@ async def test_standard_otel_variables_turn_spans_on_in_the_served_gateway(
             f"{gateway.url}/v1/chatkit/conversation", headers=CLIENT, json={}
         ) as response:
             assert response.status == 200
-        deadline = time.monotonic() + 10
-        while gateway.output().count(TRACE_ID) < 3:
-            assert time.monotonic() < deadline, gateway.output()
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: gateway.output().count(TRACE_ID) >= 3, timeout=10, what=gateway.output
+        )
         output = gateway.output()
     assert '"service.name": "gateway-under-test"' in output
     assert json.dumps(f"0x{CALLER_SPAN}") in output  # the request span's parent
