@@ -25,7 +25,6 @@ import aiohttp
 import pytest
 import pytest_asyncio
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth import SecretHasher
 from gateway.errors import ConfigError, StoreUnavailable
@@ -40,7 +39,9 @@ from tests.harness import (
     converse,
     create_session,
     eventually,
+    metric_value,
     running,
+    scrape,
 )
 
 HASH = SecretHasher(None)  # no GATEWAY_SECRET_PEPPER is configured
@@ -95,14 +96,9 @@ async def _has(server: RedisServer, key: str) -> bool:
         await client.aclose()
 
 
-async def _pending(http: aiohttp.ClientSession, gateway: GatewayProcess) -> float:
-    async with http.get(f"{gateway.url}/metrics") as response:
-        text = await response.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "chatkit_gateway_revocations_pending":
-                return sample.value
-    raise AssertionError("no chatkit_gateway_revocations_pending in /metrics")
+async def _pending(http: aiohttp.ClientSession, gateway: GatewayProcess) -> float | None:
+    samples = await scrape(http, gateway.url)
+    return metric_value(samples, "chatkit_gateway_revocations_pending")
 
 
 @pytest.mark.parametrize(
