@@ -38,7 +38,6 @@ class ReplicatedWriter:
     """Runs a script and WAIT for ``replicas`` on one connection."""
 
     def __init__(self, client: Client, *, replicas: int, wait_ms: int, timeout: float) -> None:
-        self._client = client
         self.replicas = replicas
         self.wait_ms = wait_ms
         # The reply to WAIT comes up to wait_ms late by design.
