@@ -93,6 +93,8 @@ def build_store(settings: Settings, *, serving: bool = False) -> Store:
         timeout=settings.redis_timeout,
         pubsub_url=url,
         report_availability=serving,
+        revocation_replicas=settings.redis_revocation_replicas,
+        revocation_wait_ms=settings.redis_revocation_wait_ms,
     )
 
 

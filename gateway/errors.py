@@ -18,6 +18,7 @@
     │   ├── UpstreamUnavailable (502)
     │   └── UpstreamTimeout (504)
     └── StoreUnavailable (503)      the shared store did not answer: fail closed
+        └── NotReplicated (503)     a revocation the master took, too few replicas
 
     ConfigError                     bad settings: start-up stops, exit status 2
 
@@ -186,6 +187,11 @@ class StoreUnavailable(GatewayError):
     status = 503
     type = "api_error"
     code = "store_unavailable"
+
+
+class NotReplicated(StoreUnavailable):
+    """The master holds the revocation, but fewer replicas than required
+    acknowledged it: it would not survive a failover yet, so it is not stored."""
 
 
 # Rejections are the answer to floods (a bad or over-limit secret, repeated):

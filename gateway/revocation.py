@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.errors import StoreUnavailable
+from gateway.errors import NotReplicated, StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.store.base import RevokeResult, Store
 
@@ -99,10 +99,21 @@ class Revoker:
 
         For a caller that answers for the revocation itself (the issuer's
         cancel): it says 503 and is asked again, so nothing is kept pending.
+        Except when the master took it and too few replicas acknowledged it
+        (NotReplicated): the secret is refused from then on, so the caller's
+        retry finds it cancelled and asks nothing; here it stays pending
+        until the replicas have it.
         """
-        result = await self._store.revoke(
-            secret_hash=secret_hash, session_id=session_id, reason=reason, replica=self._replica
-        )
+        try:
+            result = await self._store.revoke(
+                secret_hash=secret_hash, session_id=session_id, reason=reason, replica=self._replica
+            )
+        except NotReplicated as exc:
+            logger.warning("Revocation kept pending: %s", exc)
+            self._local.add(secret_hash)
+            self.close_streams(secret_hash)
+            self._keep(PendingRevocation(secret_hash, session_id, reason))
+            raise
         self.close_streams(secret_hash)
         self._metrics.revocations.labels(reason, str(result.registered).lower()).inc()
         return result

@@ -184,6 +184,13 @@ class Settings(BaseSettings):
     redis_sentinels: str = ""
     redis_sentinel_master: str = ""
     redis_sentinel_password: SecretStr | None = None
+    # Replication is asynchronous: a revocation the master took but no
+    # replica received yet dies with the master in a failover. With n > 0,
+    # a revocation counts as stored only once n replicas acknowledged it
+    # (WAIT n ms); until then it stays pending, enforced by this replica
+    # and written again, and an issued session's cancel answers 503.
+    redis_revocation_replicas: int = Field(0, ge=0, le=16)
+    redis_revocation_wait_ms: int = Field(500, ge=1, le=60_000)
     key_prefix: str = Field("ckg", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
 
     # Admission.
@@ -420,6 +427,8 @@ class Settings(BaseSettings):
             )
         if self.redis_sentinel_list and self.redis_cluster:
             raise ValueError("GATEWAY_REDIS_SENTINELS and GATEWAY_REDIS_CLUSTER exclude each other")
+        if self.redis_revocation_replicas and not self.uses_redis:
+            raise ValueError("GATEWAY_REDIS_REVOCATION_REPLICAS needs a Redis store")
         if self.redis_cluster and self.user_max_requests_per_1_minute is not None:
             # The user's window lives in another hash slot than the secret's
             # keys, so one atomic script cannot cover both on a cluster.

@@ -6,7 +6,10 @@
 -- ARGV[1] TTL, seconds
 --
 -- Returns {1 if newly set else 0, the secret hash or nil}.
--- allow-oom: see revoke_secret.lua.
+-- Always writes; allow-oom: see revoke_secret.lua.
 
 local created = redis.call('SET', KEYS[1], '1', 'EX', ARGV[1], 'NX')
+if not created then
+  redis.call('SET', KEYS[1], '1', 'KEEPTTL')  -- always a write: see revoke_secret.lua
+end
 return {created and 1 or 0, redis.call('GET', KEYS[2])}

@@ -7,7 +7,7 @@
 -- ARGV[2] TTL in ms for a secret whose session is unknown
 -- ARGV[3] shortest TTL in ms
 --
--- Returns {1 if newly set else 0, sid or nil, exp or nil}.
+-- Returns {1 if newly set else 0, sid or nil, exp or nil}. Always writes.
 --
 -- The TTL is computed here, from the server's TIME: a replica whose clock
 -- runs fast would otherwise let the flag expire while the session lives.
@@ -22,4 +22,11 @@ if s[2] then
   ttl = math.max((tonumber(s[2]) + tonumber(ARGV[1])) * 1000 - now_ms, tonumber(ARGV[3]))
 end
 local created = redis.call('SET', KEYS[2], '1', 'PX', ttl, 'NX')
+if not created then
+  -- Written again all the same: the WAIT sent after this script measures
+  -- the connection's last write, and a repeat after a WAIT that timed out
+  -- must not be measured by an older write, or by none on a new connection
+  -- (Redis versions differ in what they count when a command wrote nothing).
+  redis.call('SET', KEYS[2], '1', 'KEEPTTL')
+end
 return {created and 1 or 0, s[1], s[2]}

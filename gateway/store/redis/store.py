@@ -14,6 +14,7 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
+from gateway.errors import NotReplicated
 from gateway.ratelimit import Decision
 from gateway.store.base import (
     AdmitRequest,
@@ -28,6 +29,7 @@ from gateway.store.redis.batcher import AdmissionBatcher
 from gateway.store.redis.client import Availability, Client, text
 from gateway.store.redis.feed import PUBSUB_PING_SECONDS, RevocationFeed
 from gateway.store.redis.keys import KeyLayout, user_hash
+from gateway.store.redis.replicated import ReplicatedWriter
 
 AUDIT_MAXLEN = 10_000
 # A revocation flag outlives even a session that has already expired by this
@@ -52,6 +54,8 @@ class RedisStore(Store):
         ping_seconds: float = PUBSUB_PING_SECONDS,
         clock: Callable[[], float] = time.time,
         report_availability: bool = False,
+        revocation_replicas: int = 0,
+        revocation_wait_ms: int = 500,
     ) -> None:
         self._client = client
         self._cluster = isinstance(client, RedisCluster)
@@ -78,6 +82,15 @@ class RedisStore(Store):
             _LUA.joinpath("revoke_secret.lua").read_text()
         )
         self._revoke_id_script = client.register_script(_LUA.joinpath("revoke_id.lua").read_text())
+        # With replicas to wait for, a revocation runs beside its WAIT on one
+        # connection (replicated.py); without, as the registered scripts above.
+        self._replicated = (
+            ReplicatedWriter(
+                client, replicas=revocation_replicas, wait_ms=revocation_wait_ms, timeout=timeout
+            )
+            if revocation_replicas > 0
+            else None
+        )
         self._audit_script = client.register_script(_LUA.joinpath("audit.lua").read_text())
         self._feed = RevocationFeed(
             pubsub_url, self.keys.channel, ping_seconds=ping_seconds, client=client
@@ -129,7 +142,9 @@ class RedisStore(Store):
         replies = await self.availability.idempotent(write)
         born_revoked = bool(replies[-1])
         if born_revoked:
-            await self._revoke_secret(record.secret_hash)
+            *_, short = await self._revoke_secret(record.secret_hash)
+            if short is not None:
+                raise short
         return born_revoked
 
     async def secret_hash_for(self, session_id: str) -> str | None:
@@ -172,18 +187,48 @@ class RedisStore(Store):
 
     # -- revocation -------------------------------------------------------------
 
-    async def _revoke_secret(self, secret_hash: str) -> tuple[bool, str | None, int | None]:
-        """Set a secret's revoked flag: (newly set, its session id, its expiry)."""
+    async def _revoke_secret(
+        self, secret_hash: str, *, wait: bool = True
+    ) -> tuple[bool, str | None, int | None, NotReplicated | None]:
+        """Set a secret's revoked flag: (newly set, its session id, its expiry,
+        the error to raise if the replicas did not acknowledge it)."""
         keys = self.keys.secret(secret_hash)
+        (created, sid, exp), short = await self._revocation_write(
+            self._revoke_secret_script,
+            [keys.session, keys.revoked],
+            [self._retention, self._revocation_ttl * 1000, MIN_REVOCATION_TTL_MS],
+            wait=wait,
+        )
+        return bool(created), text(sid), int(exp) if exp is not None else None, short
 
-        async def run() -> Any:
-            return await self._revoke_secret_script(
-                keys=[keys.session, keys.revoked],
-                args=[self._retention, self._revocation_ttl * 1000, MIN_REVOCATION_TTL_MS],
+    async def _revocation_write(
+        self, script: Any, keys: list[str], args: list[Any], *, wait: bool = True
+    ) -> tuple[Any, NotReplicated | None]:
+        """Run a revocation script: its reply, and unless as many replicas as
+        configured acknowledged it (always, when none are), the error saying so.
+
+        Not raised here: the write stands on the master, and the caller has
+        more to write and announce before it reports the shortfall. With
+        ``wait`` False (the shortfall is known already) nothing is waited for.
+        """
+        writer = self._replicated
+        if writer is None:
+            reply = await self.availability.idempotent(
+                lambda: script(keys=keys, args=args), proves_room=False
             )
-
-        created, sid, exp = await self.availability.idempotent(run, proves_room=False)
-        return bool(created), text(sid), int(exp) if exp is not None else None
+            return reply, None
+        # Retried quickly only when Redis itself failed: replicas that did not
+        # answer within the WAIT are not back 50 ms later, and the caller
+        # (the Revoker, or a client told 503) tries again anyway.
+        written = await self.availability.idempotent(
+            lambda: writer.run(script.script, keys, args, wait=wait), proves_room=False
+        )
+        if wait and written.acknowledged < writer.replicas:
+            return written.reply, NotReplicated(
+                "Redis replicas did not acknowledge the revocation: "
+                f"{written.acknowledged} of {writer.replicas} within {writer.wait_ms} ms"
+            )
+        return written.reply, None
 
     async def revoke(
         self,
@@ -195,25 +240,34 @@ class RedisStore(Store):
     ) -> RevokeResult:
         already = True
         registered = False
+        short: NotReplicated | None = None
         if session_id is not None:
             id_keys = self.keys.session_id(session_id)
-
-            async def revoke_id() -> Any:
-                return await self._revoke_id_script(
-                    keys=[id_keys.revoked, id_keys.secret_hash], args=[self._revocation_ttl]
-                )
-
-            flag_set, mapped = await self.availability.idempotent(revoke_id, proves_room=False)
+            (flag_set, mapped), short = await self._revocation_write(
+                self._revoke_id_script,
+                [id_keys.revoked, id_keys.secret_hash],
+                [self._revocation_ttl],
+            )
             already = not flag_set
             if secret_hash is None:
                 secret_hash = text(mapped)
+        # Both flags are written even when the first was not acknowledged:
+        # the master refuses the secret at once, whatever the replicas do.
         if secret_hash is not None:
-            created, sid, expires_at = await self._revoke_secret(secret_hash)
+            created, sid, expires_at, secret_short = await self._revoke_secret(
+                secret_hash, wait=short is None
+            )
+            short = short or secret_short
             if session_id is None:
                 session_id = sid
             registered = expires_at is not None
             already = not created and already
-        await self._announce(secret_hash, session_id, reason, replica)
+        if short is None or not already:
+            # Announced when first written, so other replicas close their
+            # streams now, and again once stored: not on every retry between.
+            await self._announce(secret_hash, session_id, reason, replica)
+        if short is not None:
+            raise short
         return RevokeResult(secret_hash, session_id, already, registered)
 
     async def _announce(
@@ -332,6 +386,8 @@ class RedisStore(Store):
         return int(seconds) + int(micros) / 1_000_000
 
     async def close(self) -> None:
+        if self._replicated is not None:
+            await self._replicated.close()
         await self._batcher.close()
         await self._client.aclose()
 
