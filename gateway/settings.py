@@ -160,7 +160,11 @@ class Settings(BaseSettings):
     upstream_read_timeout: float = Field(300.0, gt=0)
     upstream_write_timeout: float = Field(60.0, gt=0)
     upstream_pool_timeout: float = Field(5.0, gt=0)
-    upstream_max_connections: int = Field(512, ge=1)
+    # Upstream connections per worker; 0 (the default) sets no cap. Each open
+    # SSE stream holds one, so a cap would also cap concurrent streams and make
+    # short requests queue behind them; file descriptors (raised to the hard
+    # limit at start-up) and GATEWAY_MAX_CONNECTIONS bound them instead.
+    upstream_max_connections: int = Field(0, ge=0)
     # Egress proxy for every upstream (http:// or https://, may carry
     # user:password); the process environment's HTTP(S)_PROXY is never read.
     upstream_proxy: SecretStr | None = None

@@ -28,7 +28,7 @@ from gateway.settings import Settings
 
 def create_session(settings: Settings) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
-        limit=settings.upstream_max_connections,
+        limit=settings.upstream_max_connections,  # aiohttp: 0 is no limit
         limit_per_host=0,
         ttl_dns_cache=60,
         enable_cleanup_closed=False,
