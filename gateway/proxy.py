@@ -375,14 +375,7 @@ class Proxy:
         upstream = self._workflows.get(identity.workflow_id) if identity is not None else None
         if identity is None or upstream is None:
             raise _not_for_this_route()
-        client = scope.get("client")
-        out_headers = upstream_request_headers(
-            strip_client_identity(headers),
-            client_ip=client[0] if client else None,
-            scheme=scope.get("scheme", "http"),
-            request_id=exchange.request_id,
-            trust_forwarded=self._trust_forwarded,
-        )
+        out_headers = self._upstream_headers(scope, exchange, strip_client_identity(headers))
         # Servers build upload URLs from the host the client used: the gateway's.
         if header_value(out_headers, b"x-forwarded-host") is None:
             host = header_value(headers, b"host")
@@ -391,16 +384,8 @@ class Proxy:
         out_headers += self._identity(
             identity, request_id=exchange.request_id, now=int(time.time())
         )
-        target = upstream + scope["raw_path"].decode("ascii")[len(ISSUED_PREFIX) :]
-        query = scope.get("query_string", b"")
-        if query:
-            target += "?" + query.decode("latin-1")
-        return Outbound(
-            scope["method"],
-            URL(target, encoded=True),
-            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in out_headers],
-            body,
-        )
+        path = scope["raw_path"].decode("ascii")[len(ISSUED_PREFIX) :]
+        return _outbound_to(scope, upstream + path, out_headers, body)
 
     def _outbound(
         self,
@@ -410,23 +395,18 @@ class Proxy:
         headers: Headers,
         body: AsyncIterator[bytes] | bytes | None,
     ) -> Outbound:
+        out_headers = self._upstream_headers(scope, exchange, headers)
+        target = self._upstreams[match.route.upstream] + scope["raw_path"].decode("ascii")
+        return _outbound_to(scope, target, out_headers, body)
+
+    def _upstream_headers(self, scope: Scope, exchange: _Exchange, headers: Headers) -> Headers:
         client = scope.get("client")
-        out_headers = upstream_request_headers(
+        return upstream_request_headers(
             headers,
             client_ip=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
             request_id=exchange.request_id,
             trust_forwarded=self._trust_forwarded,
-        )
-        query = scope.get("query_string", b"")
-        target = self._upstreams[match.route.upstream] + scope["raw_path"].decode("ascii")
-        if query:
-            target += "?" + query.decode("latin-1")
-        return Outbound(
-            scope["method"],
-            URL(target, encoded=True),
-            [(n.decode("latin-1"), v.decode("latin-1")) for n, v in out_headers],
-            body,
         )
 
     def _request(self, outbound: Outbound, tel: RequestTelemetry) -> Any:
@@ -622,6 +602,21 @@ class Proxy:
             if not more:
                 return
             message = await receive()
+
+
+def _outbound_to(
+    scope: Scope, target: str, headers: Headers, body: AsyncIterator[bytes] | bytes | None
+) -> Outbound:
+    """The request for ``target`` (the client's query appended), as aiohttp takes it."""
+    query = scope.get("query_string", b"")
+    if query:
+        target += "?" + query.decode("latin-1")
+    return Outbound(
+        scope["method"],
+        URL(target, encoded=True),
+        [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers],
+        body,
+    )
 
 
 def _not_for_this_route() -> AuthError:
