@@ -29,12 +29,12 @@ from typing import Any, Protocol
 import hiredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
-from redis.exceptions import AskError, MovedError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import AskError, MovedError, NoScriptError, RedisError
 
 from gateway.errors import StoreUnavailable
 from gateway.ratelimit import OUTCOMES, Decision, Identity, Window
 from gateway.store.base import AdmitRequest
-from gateway.store.redis.client import Availability, Client, is_oom
+from gateway.store.redis.client import Availability, Client, is_oom, read_replies
 from gateway.store.redis.cluster import ClusterRouter
 from gateway.store.redis.keys import KeyLayout
 
@@ -121,13 +121,7 @@ class _ConnectionSender:
             try:
                 async with asyncio.timeout(self._timeout):
                     await connection.send_packed_command(payload, check_health=False)
-                    replies: list[Any] = []
-                    for _ in commands:
-                        try:
-                            replies.append(await connection.read_response(timeout=math.inf))
-                        except ResponseError as exc:
-                            replies.append(exc)
-                    return replies
+                    return await read_replies(connection, len(commands))
             except BaseException:
                 # A batch cut short leaves unread replies on the socket.
                 self._connection = None

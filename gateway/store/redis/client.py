@@ -16,7 +16,7 @@ from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import OutOfMemoryError, RedisError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from gateway.errors import StoreUnavailable
@@ -250,3 +250,17 @@ class Availability:
             )
             self.full_since = None
             self._full_refused = 0
+
+
+async def read_replies(connection: Any, count: int) -> list[Any]:
+    """``count`` pipelined replies in order, a command's error kept in its place.
+
+    No per-read timeout: the caller runs the whole exchange under one deadline.
+    """
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(await connection.read_response(timeout=math.inf))
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies

@@ -16,14 +16,12 @@ WAIT measures that attempt, wherever the key lives by then.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ResponseError
 
-from gateway.store.redis.client import Client
+from gateway.store.redis.client import Client, read_replies
 from gateway.store.redis.cluster import ClusterRouter
 
 
@@ -112,13 +110,7 @@ class ReplicatedWriter:
         try:
             async with asyncio.timeout(self._deadline):
                 await connection.send_packed_command(connection.pack_commands(commands))
-                replies: list[Any] = []
-                for _ in commands:
-                    try:
-                        replies.append(await connection.read_response(timeout=math.inf))
-                    except ResponseError as exc:
-                        replies.append(exc)
-                return replies
+                return await read_replies(connection, len(commands))
         except BaseException:
             # Cut short, the connection may hold unread replies: never reuse it.
             await connection.disconnect(nowait=True)
