@@ -46,6 +46,9 @@ from tests.harness import (
 
 HASH = SecretHasher(None)  # no GATEWAY_SECRET_PEPPER is configured
 WAIT_MS = 300
+# A cluster replica that just finished its initial sync may take longer than
+# WAIT_MS to answer its first GETACK; the refusal below still waits it all.
+CLUSTER_WAIT_MS = 1500
 # More than the loopback socket buffers between master and replica hold.
 JUNK_BYTES = 48 * 1024 * 1024
 
@@ -226,7 +229,7 @@ async def test_on_a_cluster_the_node_owning_the_slot_waits_for_its_own_replica()
             prefix="dr",
             pubsub_url=cluster.url,
             revocation_replicas=1,
-            revocation_wait_ms=WAIT_MS,
+            revocation_wait_ms=CLUSTER_WAIT_MS,
         )
         try:
             hashes = [f"{n:064x}" for n in range(8)]
