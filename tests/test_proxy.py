@@ -37,9 +37,11 @@ from tests.harness import (
     connection,
     eventually,
     free_port,
+    metric_value,
     openai_sdk,
     raw_http,
     raw_upload,
+    scrape,
 )
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -797,6 +799,19 @@ async def test_many_disconnects_give_every_pool_slot_back(fake: FakeUpstream) ->
         await fake.wait_for(lambda: fake.active == 0, timeout=30)
         assert all(seen.disconnected for seen in fake.requests)
         assert slots <= len(fake.requests) <= clients
+
+        # Requests still queued for a slot when their clients left may take a
+        # freed slot for an instant before their own cancellation lands: wait
+        # until the gateway holds no exchange at all. A leaked slot (an
+        # exchange that never ends) keeps this above zero and fails here.
+        async def none_in_flight() -> bool:
+            async with aiohttp.ClientSession() as probe:
+                samples = await scrape(probe, gw.url)
+            # The scrape itself is answered by the gateway's own endpoint, not
+            # counted as a proxied exchange.
+            return metric_value(samples, "chatkit_gateway_requests_in_flight") == 0
+
+        await eventually(none_in_flight, timeout=20, what="every exchange to end")
 
         # Every slot can be used again at once: 8 slow requests in flight together.
         fake.reset_records()
