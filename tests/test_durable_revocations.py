@@ -206,6 +206,20 @@ def _has_on_cluster_replica(replica: RedisServer, key: str) -> bool:
         return bool(client.exists(key))
 
 
+async def _until_refused(
+    http: aiohttp.ClientSession, gateway: GatewayProcess, secret: str
+) -> list[tuple[int, str | None]]:
+    """Ask ``gateway`` until it refuses ``secret`` as revoked; every answer seen."""
+    answers: list[tuple[int, str | None]] = []
+
+    async def refuses() -> bool:
+        answers.append(await converse(http, gateway, secret))
+        return answers[-1] == (401, "client_secret_revoked")
+
+    await eventually(refuses, timeout=10, what=f"{gateway.url} to refuse the secret")
+    return answers
+
+
 def _replica_online(primary: RedisServer) -> bool:
     """Whether the primary counts its replica for WAIT (``state=online``)."""
     with redis.Redis(host=primary.host, port=primary.port, socket_timeout=1) as client:
@@ -341,13 +355,7 @@ async def test_a_cancel_just_before_a_failover_survives_only_when_replicas_must_
             await eventually(
                 lambda: _has(replica, flag), timeout=15, what="the revocation on the new master"
             )
-            answers: list[tuple[int, str | None]] = []
-
-            async def b_refuses() -> bool:
-                answers.append(await converse(http, b, secret))
-                return answers[-1] == (401, "client_secret_revoked")
-
-            await eventually(b_refuses, timeout=10, what="B to refuse the secret")
+            answers = await _until_refused(http, b, secret)
             # Before the new master answered, B could only fail closed.
             assert set(answers) <= {(401, "client_secret_revoked"), (503, "store_unavailable")}
             assert await converse(http, a, secret) == (401, "client_secret_revoked")
@@ -407,13 +415,7 @@ async def test_a_cancel_during_a_forced_failover_reaches_the_new_master(
             await eventually(
                 lambda: _has(promoted, flag), timeout=10, what="the revocation on the new master"
             )
-            answers: list[tuple[int, str | None]] = []
-
-            async def b_refuses() -> bool:
-                answers.append(await converse(http, b, secret))
-                return answers[-1] == (401, "client_secret_revoked")
-
-            await eventually(b_refuses, timeout=10, what="B to refuse the secret")
+            await _until_refused(http, b, secret)
             assert await converse(http, a, secret) == (401, "client_secret_revoked")
             assert await _pending(http, a) == 1  # until the old master rejoins as a replica
 
