@@ -421,6 +421,14 @@ class RedisCluster:
                 return next(n for n in self.nodes if n.port == int(primary[1]))
         raise LookupError(f"no node serves slot {slot}")
 
+    def serves(self, key: str | bytes, node: RedisServer) -> bool:
+        """Whether ``node`` serves ``key``'s slot now; False mid-failover, when
+        CLUSTER SLOTS briefly lists no node for it."""
+        try:
+            return self.primary_of(key) is node
+        except LookupError:
+            return False
+
     def state_ok(self) -> bool:
         """cluster_state:ok on every running node."""
         return all(self._state_ok(node) for node in self.alive())

@@ -333,7 +333,7 @@ async def test_a_coordinated_failover_is_followed_through_moved_replies(
         finally:
             await client.aclose()
         await eventually(
-            lambda: cluster.primary_of(store.keys.secret(hashes[0]).session) is replica,
+            lambda: cluster.serves(store.keys.secret(hashes[0]).session, replica),
             timeout=10,
             what="the replica to take over",
         )
