@@ -109,6 +109,39 @@ class _Refused(Exception):
     """Raised in a parser callback to stop llhttp at once; ``_refusal`` says why."""
 
 
+class _CycleTransport:
+    """The transport as one request's cycle sees it.
+
+    uvicorn closes the connection as soon as a response ends while the request
+    body is still arriving (an app's 413, 401 or 429 before the upload is
+    read). Closing a socket with unread input sends a reset, and a reset can
+    destroy the answer before the client has read it. So that close lingers
+    like the gateway's own refusals do: FIN after the answer, the rest of the
+    body discarded, the socket closed when the client closes or a moment later.
+    Writes go straight to the real transport.
+    """
+
+    __slots__ = ("_cycle", "_protocol", "_transport", "is_closing", "set_protocol", "write")
+
+    def __init__(self, protocol: GatewayHttpProtocol, transport: asyncio.Transport) -> None:
+        self.write = transport.write
+        self.is_closing = transport.is_closing
+        self.set_protocol = transport.set_protocol
+        self._protocol = protocol
+        self._transport = transport
+        self._cycle: Any = None
+
+    def close(self) -> None:
+        cycle = self._cycle
+        if cycle is not None and cycle.more_body and not self._transport.is_closing():
+            self._protocol._linger_after(cycle)
+        else:
+            self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits of :class:`HttpLimits`."""
 
@@ -320,6 +353,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._stop(Overloaded("The gateway has too many open connections; retry shortly."))
         self._check_framing()
         super().on_headers_complete()
+        if self._codings is not None or (self._length is not None and self._length != b"0"):
+            # A body follows: the app may answer before it is in. uvicorn made
+            # the cycle with the raw transport; see _CycleTransport.
+            shim = _CycleTransport(self, self.transport)
+            shim._cycle = self.cycle
+            self.cycle.transport = shim  # type: ignore[assignment]
         if not self.url.startswith(b"/"):
             # uvicorn reduces ``GET http://host/path`` to its path; the app
             # refuses absolute-form targets (RFC 9112 3.2.1: those are for
@@ -515,6 +554,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._close_after_answer()
         else:
             self.transport.close()
+
+    def _linger_after(self, cycle: Any) -> None:
+        """The app answered before the request body was in: close, lingering."""
+        self._refused = True
+        cycle.disconnected = True
+        cycle.message_event.set()
+        self._close_after_answer()
 
     def _close_after_answer(self) -> None:
         """Close so that the client can read the answer: closing a socket with

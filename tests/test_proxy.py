@@ -662,6 +662,27 @@ async def test_chunked_body_over_the_limit_is_413(
     assert not any(seen.completed for seen in fake.requests)
 
 
+async def test_answers_given_before_the_body_is_read_reach_the_client(
+    strict_gateway: GatewayProcess, fake: FakeUpstream
+) -> None:
+    """An answer that comes while the upload is still arriving (a missing
+    secret, a body over the limit) must not be destroyed by the reset that
+    closing a socket with unread input sends: the gateway lingers instead."""
+    chunk = os.urandom(256 * 1024)
+    over = [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 8 + [b"0\r\n\r\n"]
+    for _ in range(40):
+        chunked = [*AUTH.items(), ("Transfer-Encoding", "chunked")]
+        reply = await exchange(
+            strict_gateway, request_bytes("POST", b"/v1/chatkit/files", chunked), over
+        )
+        assert_openai_error(reply, 413, "request_too_large")
+        sized = [("Content-Length", str(3 * len(chunk)))]  # and no secret at all
+        reply = await exchange(
+            strict_gateway, request_bytes("POST", b"/v1/chatkit/files", sized), [chunk] * 3
+        )
+        assert_openai_error(reply, 401)
+
+
 @pytest.mark.parametrize("status", [400, 404, 409, 429, 500, 503])
 async def test_injected_upstream_errors_pass_through_untouched(
     gateway: GatewayProcess, fake: FakeUpstream, http: aiohttp.ClientSession, status: int
