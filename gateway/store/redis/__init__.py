@@ -5,6 +5,7 @@
   Redis errors into StoreUnavailable.
 - ``cluster.py``: which cluster node serves a key, through failovers.
 - ``batcher.py``: admission, batched EVALSHA of ``lua/admit.lua`` (the hot path).
+- ``sender.py``: one batch's write and read on a server's admission connection.
 - ``feed.py``: the pub/sub revocation feed.
 - ``store.py``: :class:`RedisStore`, registry and revocation operations.
 """

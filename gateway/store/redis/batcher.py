@@ -6,7 +6,7 @@ but one socket write and one read for the batch, which is what keeps the
 decision cheap next to the proxying itself.
 
 A batch goes out on a connection kept for admissions, packed by hiredis and
-read with redis-py's parser (its internals, see :class:`_ConnectionSender`).
+read with redis-py's parser (its internals, see ``sender.py``).
 On a cluster every primary gets a lane of its own (its own queue, batch,
 connection and clock offset; :class:`~gateway.store.redis.cluster.ClusterRouter`
 says which), so a node that fails or hangs fails only its own slots'
@@ -20,23 +20,21 @@ import asyncio
 import hashlib
 import itertools
 import logging
-import math
 import secrets
 import time
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any
 
-import hiredis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import AskError, MovedError, NoScriptError, RedisError
 
 from gateway.errors import StoreUnavailable
 from gateway.ratelimit import OUTCOMES, Decision, Identity, Window
 from gateway.store.base import AdmitRequest
-from gateway.store.redis.client import Availability, Client, is_oom, read_replies
+from gateway.store.redis.client import Availability, Client, is_oom
 from gateway.store.redis.cluster import ClusterRouter
 from gateway.store.redis.keys import KeyLayout
+from gateway.store.redis.sender import Command, ConnectionSender, Sender
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +53,10 @@ DEADLINE_MARGIN_SECONDS = 0.25
 VOID_RETRY_SECONDS = 0.05
 MAX_VOIDS = 100_000
 
-Command = tuple[Any, ...]
 # A request, its caller's future, and how often it was redirected already.
 _Pending = tuple[AdmitRequest, "asyncio.Future[Decision]", int]
 #: A command answered MOVED/ASK/TRYAGAIN is sent again at most this often.
 MAX_REDIRECTS = 3
-#: Behind Sentinel, the master's address is asked again at most this often.
-MASTER_CHECK_SECONDS = 1.0
 
 
 def decode_decision(reply: list[Any]) -> Decision:
@@ -82,114 +77,6 @@ def decode_decision(reply: list[Any]) -> Decision:
     return Decision(outcome, session, user, identity)
 
 
-class _Sender(Protocol):
-    #: Counts the connections opened, so a new one can be measured afresh.
-    connections: int
-
-    async def send(self, commands: list[Command]) -> list[Any]:
-        """Replies in order; a command Redis refused is its ResponseError."""
-
-    async def close(self) -> None: ...
-
-
-class _ConnectionSender:
-    """One write and one read pass for the batch, on the admission connection.
-
-    redis-py's Pipeline packs arguments in Python, takes a pooled connection
-    and arms a timeout per reply; here hiredis packs in C, one connection is
-    kept for admissions (batches never overlap, see AdmissionBatcher._drain)
-    and one deadline covers the batch. Parsing stays redis-py's.
-    """
-
-    def __init__(self, pool: Any, timeout: float, availability: Availability) -> None:
-        # A ConnectionPool, or a cluster node: both carry the class and
-        # arguments of the connections they make.
-        self._availability = availability
-        self._pool = pool
-        self._timeout = timeout
-        self._connection: Any = None
-        self.connections = 0
-        self._sentinel = isinstance(pool, SentinelConnectionPool)
-        self._master_checked = -math.inf
-        self._asking: asyncio.Future[None] | None = None
-
-    async def send(self, commands: list[Command]) -> list[Any]:
-        payload = b"".join([hiredis.pack_command(args) for args in commands])
-
-        async def run() -> list[Any]:
-            connection = await self._ready_connection()
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await connection.send_packed_command(payload, check_health=False)
-                    return await read_replies(connection, len(commands))
-            except BaseException:
-                # A batch cut short leaves unread replies on the socket.
-                self._connection = None
-                await connection.disconnect(nowait=True)
-                raise
-
-        return await self._availability.call(run)
-
-    async def _ready_connection(self) -> Any:
-        connection = self._connection
-        if connection is not None and self._sentinel and not self._on_master(connection):
-            logger.warning("Sentinel names a new master; admissions follow it")
-            await connection.disconnect(nowait=True)
-            connection = self._connection = None
-        if connection is not None:
-            try:
-                # Readable while idle means closed by the server (a restart,
-                # a timeout): the batch would fail on it though nothing ran.
-                if not await connection.can_read():
-                    return connection
-            except (RedisError, OSError):
-                pass
-            await connection.disconnect(nowait=True)
-        pool = self._pool
-        # No socket timeout of its own: the batch runs under one deadline
-        # (send), and with a socket timeout redis-py wraps every send in
-        # asyncio.wait_for, a task per batch.
-        connection = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
-        async with asyncio.timeout(self._timeout):
-            await connection.connect()
-        self._connection = connection
-        self.connections += 1
-        return connection
-
-    def _on_master(self, connection: Any) -> bool:
-        """Whether the kept connection still reaches the master the sentinels name.
-
-        A master handed over by ``SENTINEL FAILOVER`` keeps running and
-        accepting writes until the sentinels reconfigure it, seconds later;
-        what it counts meanwhile is lost when it becomes a replica. So the
-        sentinels are asked again at most every MASTER_CHECK_SECONDS (which
-        also drops the pool's idle connections to a former master), in the
-        background: a slow sentinel must not hold up admissions.
-        """
-        now = asyncio.get_running_loop().time()
-        if now >= self._master_checked + MASTER_CHECK_SECONDS and (
-            self._asking is None or self._asking.done()
-        ):
-            self._master_checked = now
-            self._asking = asyncio.ensure_future(self._ask_sentinels())
-        master = self._pool.master_address
-        return master is None or bool((connection.host, connection.port) == master)
-
-    async def _ask_sentinels(self) -> None:
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._pool.get_master_address()
-        except (RedisError, OSError, TimeoutError):
-            pass  # no sentinel answers: nothing says the master moved
-
-    async def close(self) -> None:
-        if self._asking is not None:
-            self._asking.cancel()
-            await asyncio.gather(self._asking, return_exceptions=True)
-        if self._connection is not None:
-            await self._connection.disconnect()
-
-
 class _Lane:
     """Admissions bound for one server: queued, then sent as batches on one connection.
 
@@ -199,7 +86,7 @@ class _Lane:
 
     __slots__ = ("drainer", "measured_on", "name", "offset_us", "pending", "sender")
 
-    def __init__(self, name: str, sender: _Sender) -> None:
+    def __init__(self, name: str, sender: Sender) -> None:
         self.name = name
         self.sender = sender
         self.pending: list[_Pending] = []
@@ -252,7 +139,7 @@ class AdmissionBatcher:
         if isinstance(client, RedisCluster):
             self._router = ClusterRouter(client, on_refresh=self._keep_lanes)
         else:
-            sender = _ConnectionSender(client.connection_pool, timeout, availability)
+            sender = ConnectionSender(client.connection_pool, timeout, availability)
             self._lane = _Lane("", sender)
         self._closing = False
         # Deadlines on every lane (each its own server and clock); off only
@@ -291,7 +178,7 @@ class AdmissionBatcher:
         node = await router.node_for(self._keys.secret(secret_hash).session)
         lane = self._lanes.get(node.name)
         if lane is None:
-            sender = _ConnectionSender(node, self._timeout, self._availability)
+            sender = ConnectionSender(node, self._timeout, self._availability)
             lane = self._lanes[node.name] = _Lane(node.name, sender)
         return lane
 
