@@ -7,14 +7,13 @@ wins over the file. The variable names are a public interface.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
 import re
 import socket
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from enum import Enum, StrEnum
 from typing import Any, get_args
 from urllib.parse import urlsplit
@@ -36,6 +35,7 @@ from pydantic_settings import (
 
 from gateway.errors import ConfigError
 from gateway.logs import LogFormat
+from gateway.service_links import is_service_link
 
 logger = logging.getLogger(__name__)
 
@@ -533,7 +533,7 @@ def load_settings(
         if not upper.startswith(ENV_PREFIX) or upper == f"{ENV_PREFIX}CONFIG_FILE":
             continue
         name = upper.removeprefix(ENV_PREFIX).lower()
-        if is_service_link(upper, value):
+        if is_service_link(upper.removeprefix(ENV_PREFIX), value):
             service_links.append(upper)
             continue
         if name not in Settings.model_fields:
@@ -612,59 +612,6 @@ def _read_secret_file(variable: str, path: str) -> str:
     if not content:
         raise ConfigError(f"{variable}: {path} is empty")
     return content
-
-
-# -- Kubernetes service links -------------------------------------------------------
-# Unless a pod sets enableServiceLinks: false, Kubernetes gives it variables
-# for every Service in its namespace, named after the Service: one called
-# "gateway" or "gateway-<anything>" produces GATEWAY_PORT=tcp://10.0.0.1:8080,
-# GATEWAY_ADMIN_SERVICE_HOST=10.0.0.2 and so on, which would otherwise read as
-# a bad port or a misspelt setting and crash-loop every pod at its next start.
-# Recognised by name AND value, so a genuine typo still fails.
-_SERVICE = r"^(?:[A-Z0-9_]+_)?"  # the Service's name, absent for one called "gateway"
-_LINK = r"PORT_\d{1,5}_(?:TCP|UDP|SCTP)"
-_LINK_URL = re.compile(r"^(?:tcp|udp|sctp)://(?:\[[0-9A-Fa-f:.]+\]|[0-9.]+):\d{1,5}$")
-
-
-def _is_link_url(value: str) -> bool:
-    return _LINK_URL.match(value) is not None
-
-
-def _is_protocol(value: str) -> bool:
-    return value.upper() in ("TCP", "UDP", "SCTP")
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_port(value: str) -> bool:
-    return value.isdigit() and 0 < int(value) < 65536
-
-
-def is_service_link(variable: str, value: str) -> bool:
-    """Whether ``variable=value`` has the shape of a Kubernetes service link."""
-    upper = variable.upper()
-    return upper.startswith(ENV_PREFIX) and any(
-        name.match(upper.removeprefix(ENV_PREFIX)) and valid(value) for name, valid in _LINK_SHAPES
-    )
-
-
-# A name may fit several shapes (SERVICE_PORT is also "<service SERVICE>_PORT"),
-# so every shape whose name matches is tried against the value.
-_LINK_SHAPES: tuple[tuple[re.Pattern[str], Callable[[str], bool]], ...] = (
-    (re.compile(_SERVICE + r"SERVICE_HOST$"), _is_ip),
-    (re.compile(_SERVICE + r"SERVICE_PORT(?:_[A-Z0-9_]+)?$"), _is_port),
-    (re.compile(_SERVICE + r"PORT$"), _is_link_url),
-    (re.compile(_SERVICE + _LINK + r"$"), _is_link_url),
-    (re.compile(_SERVICE + _LINK + r"_PROTO$"), _is_protocol),
-    (re.compile(_SERVICE + _LINK + r"_PORT$"), _is_port),
-    (re.compile(_SERVICE + _LINK + r"_ADDR$"), _is_ip),
-)
 
 
 def otel_traces_exporter(environ: Mapping[str, str] | None = None) -> str | None:
