@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -118,23 +119,31 @@ class _CycleTransport:
     destroy the answer before the client has read it. So that close lingers
     like the gateway's own refusals do: FIN after the answer, the rest of the
     body discarded, the socket closed when the client closes or a moment later.
-    Writes go straight to the real transport.
+    Writes go straight to the real transport. The cycle holds this object, so
+    it holds the cycle and the protocol weakly: a reference cycle per request
+    would be garbage for the cyclic collector.
     """
 
     __slots__ = ("_cycle", "_protocol", "_transport", "is_closing", "set_protocol", "write")
 
-    def __init__(self, protocol: GatewayHttpProtocol, transport: asyncio.Transport) -> None:
+    def __init__(self, protocol: GatewayHttpProtocol, cycle: Any) -> None:
+        transport = protocol.transport
         self.write = transport.write
         self.is_closing = transport.is_closing
         self.set_protocol = transport.set_protocol
-        self._protocol = protocol
         self._transport = transport
-        self._cycle: Any = None
+        self._protocol = weakref.ref(protocol)
+        self._cycle = weakref.ref(cycle)
 
     def close(self) -> None:
-        cycle = self._cycle
-        if cycle is not None and cycle.more_body and not self._transport.is_closing():
-            self._protocol._linger_after(cycle)
+        cycle, protocol = self._cycle(), self._protocol()
+        if (
+            cycle is not None
+            and protocol is not None
+            and cycle.more_body
+            and not self._transport.is_closing()
+        ):
+            protocol._linger_after(cycle)
         else:
             self._transport.close()
 
@@ -356,9 +365,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._codings is not None or (self._length is not None and self._length != b"0"):
             # A body follows: the app may answer before it is in. uvicorn made
             # the cycle with the raw transport; see _CycleTransport.
-            shim = _CycleTransport(self, self.transport)
-            shim._cycle = self.cycle
-            self.cycle.transport = shim  # type: ignore[assignment]
+            self.cycle.transport = _CycleTransport(self, self.cycle)  # type: ignore[assignment]
         if not self.url.startswith(b"/"):
             # uvicorn reduces ``GET http://host/path`` to its path; the app
             # refuses absolute-form targets (RFC 9112 3.2.1: those are for

@@ -1,0 +1,143 @@
+"""No request leaves work for the cyclic garbage collector.
+
+The gateway raises the collector's gen-0 threshold so that a collection is
+rare; that only pays while request objects die by reference counting. A
+reference cycle per request (an exchange held by its own cancelled task, a
+cycle and a transport wrapper pointing at each other) would instead pile up
+megabytes of garbage between collections and make each collection a pause
+of many milliseconds. So: serve real requests in this process, with the
+collector off, then collect with DEBUG_SAVEALL and look at what it found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import uvicorn
+
+from gateway.app import GatewayApp
+from gateway.protocol import GatewayHttpProtocol
+from gateway.settings import load_settings
+from tests.doubles import collector_restored
+from tests.fake_upstream import FakeUpstream
+from tests.harness import eventually, free_port
+from tests.processes import raw_http, raw_upload
+
+#: Where the objects of a request come from: the gateway, its server, its client.
+OWN_MODULES = ("gateway", "uvicorn", "aiohttp", "httptools")
+BODY_LIMIT = 256 * 1024
+
+
+@contextlib.asynccontextmanager
+async def serving(app: GatewayApp) -> AsyncIterator[int]:
+    """The app under uvicorn with the gateway's HTTP protocol, in this loop."""
+    port = free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        lifespan="on",
+        log_config=None,
+        http=GatewayHttpProtocol,
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+
+        def up() -> bool:
+            assert not task.done(), task
+            return bool(server.started)
+
+        await eventually(up, timeout=10, what="uvicorn to start")
+        yield port
+    finally:
+        server.should_exit = True
+        await task
+
+
+@contextlib.contextmanager
+def garbage_saved() -> Iterator[list[object]]:
+    """Collector off inside; on exit, what a full collection found unreachable."""
+    found: list[object] = []
+    gc.collect()
+    gc.disable()
+    try:
+        yield found
+    finally:
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            found.extend(gc.garbage)
+            gc.garbage.clear()
+        finally:
+            gc.set_debug(0)
+            gc.enable()
+
+
+def own(objects: list[object]) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for obj in objects:
+        kind = type(obj)
+        if kind.__module__.split(".", 1)[0] in OWN_MODULES:
+            counts[f"{kind.__module__}.{kind.__qualname__}"] += 1
+    return counts
+
+
+def request(method: str, path: str, headers: dict[str, str], body: bytes = b"") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: gateway.test", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+@pytest.fixture
+def app(upstream: FakeUpstream) -> Iterator[GatewayApp]:
+    settings = load_settings(
+        {
+            "GATEWAY_UPSTREAM_URL": upstream.url,
+            "GATEWAY_UNKNOWN_SECRETS": "allow",
+            "GATEWAY_DEFAULT_MAX_REQUESTS_PER_1_MINUTE": "100000",
+            "GATEWAY_MAX_BODY_BYTES": str(BODY_LIMIT),
+        }
+    )
+    with collector_restored():
+        yield GatewayApp(settings)
+
+
+async def test_served_requests_leave_nothing_for_the_cyclic_collector(app: GatewayApp) -> None:
+    secret = {"Authorization": "Bearer ek_garbage_test"}
+    post = request("POST", "/v1/chatkit/conversation", secret, b'{"type":"threads.list"}')
+    get = request("GET", "/v1/chatkit/threads", {"Authorization": "Bearer sk-garbage-test"})
+    refused = request("POST", "/v1/chatkit/conversation", {}, b"{}")  # no secret: 401
+    too_large = request("POST", "/v1/chatkit/files", secret)  # head only, body streamed
+    too_large = too_large.replace(b"\r\n\r\n", b"\r\nContent-Length: %d\r\n\r\n" % (4 * BODY_LIMIT))
+    async with serving(app) as port:
+
+        async def one_of_each() -> list[bytes]:
+            replies = [
+                await raw_http("127.0.0.1", port, post, read_until_close=False),
+                await raw_http("127.0.0.1", port, get, read_until_close=False),
+                await raw_http("127.0.0.1", port, refused, read_until_close=False),
+            ]
+            reply, _ = await raw_upload(
+                "127.0.0.1", port, too_large, [os.urandom(BODY_LIMIT)] * 4, read_until_close=False
+            )
+            return [*replies, reply]
+
+        # Warm up (caches, pools and lazily built objects live for good).
+        for _ in range(5):
+            await one_of_each()
+        with garbage_saved() as found:
+            for _ in range(40):
+                statuses = [reply.split(b" ", 2)[1] for reply in await one_of_each()]
+                assert statuses == [b"200", b"200", b"401", b"413"]
+    left = own(found)
+    assert not left, f"request objects left in reference cycles: {left.most_common(10)}"
