@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import uvicorn
 
+from gateway import lifecycle
 from gateway.app import GatewayApp
 from gateway.protocol import GatewayHttpProtocol
 from gateway.settings import load_settings
@@ -60,6 +61,9 @@ async def serving(app: GatewayApp) -> AsyncIterator[int]:
     finally:
         server.should_exit = True
         await task
+        # Its shutdown marks the process as draining (a global, for every
+        # worker's connections); the next test's app must not inherit that.
+        lifecycle.draining.clear()
 
 
 @contextlib.contextmanager
