@@ -5,22 +5,28 @@ For fast tests of the components between the socket and the store
 the embedded store with a clock the test controls decides exactly as the
 contract suite proves Redis does, and an outage is a flag, not a paused process.
 For the app's own endpoints, ``started`` and ``asgi_get`` drive
-:class:`~gateway.app.GatewayApp` through its ASGI interface in the test's loop.
+:class:`~gateway.app.GatewayApp` through its ASGI interface in the test's loop;
+``serving_in_process`` puts it behind a real uvicorn server in that loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 from collections.abc import AsyncIterator, Collection, Iterator
 from typing import Any
 
+import uvicorn
+
+from gateway import lifecycle
 from gateway.app import GatewayApp
 from gateway.errors import StoreUnavailable
 from gateway.ratelimit import Decision
 from gateway.store.base import AdmitRequest, RevokeResult
 from gateway.store.memory import MemoryStore
 from gateway.types import ASGIApp, Message
+from tests.harness import eventually, free_port
 
 
 class FakeClock:
@@ -136,3 +142,32 @@ async def asgi_get(app: ASGIApp, path: str) -> tuple[int, bytes]:
     await app(scope, receive, send)
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return sent[0]["status"], body
+
+
+@contextlib.asynccontextmanager
+async def serving_in_process(app: GatewayApp, **config: Any) -> AsyncIterator[int]:
+    """``app`` under uvicorn on a free port, in this test's event loop; yields the port.
+
+    ``config`` goes to :class:`uvicorn.Config` (``http=GatewayHttpProtocol``
+    for the gateway's own connection handling). What start-up does to the
+    garbage collector, and the draining flag that stopping the gateway's
+    protocol sets for the whole process, are undone on exit.
+    """
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_config=None, **config)
+    )
+    with collector_restored():
+        task = asyncio.create_task(server.serve())
+        try:
+
+            def up() -> bool:
+                assert not task.done(), task
+                return bool(server.started)
+
+            await eventually(up, timeout=10, what="uvicorn to start")
+            yield port
+        finally:
+            server.should_exit = True
+            await task
+            lifecycle.draining.clear()

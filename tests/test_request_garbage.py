@@ -11,59 +11,24 @@ collector off, then collect with DEBUG_SAVEALL and look at what it found.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
-import uvicorn
 
-from gateway import lifecycle
 from gateway.app import GatewayApp
 from gateway.protocol import GatewayHttpProtocol
 from gateway.settings import load_settings
-from tests.doubles import collector_restored
+from tests.doubles import serving_in_process
 from tests.fake_upstream import FakeUpstream
-from tests.harness import eventually, free_port
 from tests.processes import raw_http, raw_upload
 
 #: Where the objects of a request come from: the gateway, its server, its client.
 OWN_MODULES = ("gateway", "uvicorn", "aiohttp", "httptools")
 BODY_LIMIT = 256 * 1024
-
-
-@contextlib.asynccontextmanager
-async def serving(app: GatewayApp) -> AsyncIterator[int]:
-    """The app under uvicorn with the gateway's HTTP protocol, in this loop."""
-    port = free_port()
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        lifespan="on",
-        log_config=None,
-        http=GatewayHttpProtocol,
-        access_log=False,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-
-        def up() -> bool:
-            assert not task.done(), task
-            return bool(server.started)
-
-        await eventually(up, timeout=10, what="uvicorn to start")
-        yield port
-    finally:
-        server.should_exit = True
-        await task
-        # Its shutdown marks the process as draining (a global, for every
-        # worker's connections); the next test's app must not inherit that.
-        lifecycle.draining.clear()
 
 
 @contextlib.contextmanager
@@ -103,7 +68,7 @@ def request(method: str, path: str, headers: dict[str, str], body: bytes = b"") 
 
 
 @pytest.fixture
-def app(upstream: FakeUpstream) -> Iterator[GatewayApp]:
+def app(upstream: FakeUpstream) -> GatewayApp:
     settings = load_settings(
         {
             "GATEWAY_UPSTREAM_URL": upstream.url,
@@ -112,8 +77,7 @@ def app(upstream: FakeUpstream) -> Iterator[GatewayApp]:
             "GATEWAY_MAX_BODY_BYTES": str(BODY_LIMIT),
         }
     )
-    with collector_restored():
-        yield GatewayApp(settings)
+    return GatewayApp(settings)
 
 
 async def test_served_requests_leave_nothing_for_the_cyclic_collector(app: GatewayApp) -> None:
@@ -123,7 +87,7 @@ async def test_served_requests_leave_nothing_for_the_cyclic_collector(app: Gatew
     refused = request("POST", "/v1/chatkit/conversation", {}, b"{}")  # no secret: 401
     too_large = request("POST", "/v1/chatkit/files", secret)  # head only, body streamed
     too_large = too_large.replace(b"\r\n\r\n", b"\r\nContent-Length: %d\r\n\r\n" % (4 * BODY_LIMIT))
-    async with serving(app) as port:
+    async with serving_in_process(app, http=GatewayHttpProtocol, access_log=False) as port:
 
         async def one_of_each() -> list[bytes]:
             replies = [

@@ -3,14 +3,12 @@ in the caller's trace."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-import uvicorn
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -20,9 +18,9 @@ from gateway.app import GatewayApp
 from gateway.errors import ConfigError
 from gateway.settings import load_settings, otel_traces_exporter
 from gateway.tracing import Tracing, configure
-from tests.doubles import collector_restored
+from tests.doubles import serving_in_process
 from tests.fake_upstream import FakeUpstream
-from tests.harness import GatewayProcess, eventually, free_port
+from tests.harness import GatewayProcess, eventually
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -32,24 +30,8 @@ CLIENT = {"Authorization": "Bearer ek_tracing", "traceparent": TRACEPARENT}
 
 @contextlib.asynccontextmanager
 async def serving(app: GatewayApp) -> AsyncIterator[str]:
-    """The app under uvicorn on a free port, in this test's event loop."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_config=None)
-    )
-    with collector_restored():
-        task = asyncio.create_task(server.serve())
-        try:
-
-            def up() -> bool:
-                assert not task.done(), task
-                return bool(server.started)
-
-            await eventually(up, timeout=10, what="uvicorn to start")
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            await task
+    async with serving_in_process(app) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture
