@@ -284,3 +284,34 @@ def test_a_full_redis_is_cleared_only_by_a_write_that_needed_room() -> None:
     assert availability.full
     availability.answered(wrote=True)
     assert not availability.full
+
+
+async def test_a_handshake_that_never_answers_leaves_no_socket_open() -> None:
+    """A server that accepts and then says nothing (a paused or wedged Redis):
+    the admission answers 503 once its deadline passes, and the connection's
+    socket is closed then, not whenever the garbage collector finds it."""
+    closed = asyncio.Event()
+    accepted = 0
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        while await reader.read(65536):
+            pass  # the handshake arrives and is never answered
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = connect(f"redis://127.0.0.1:{port}", cluster=False, timeout=0.3)
+    store = RedisStore(client, prefix="silent", pubsub_url="")
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.admit(AdmitRequest("a" * 64, True, 10, None))
+        assert accepted == 1
+        # The gateway closed its end: the server reads EOF at once.
+        await asyncio.wait_for(closed.wait(), 2)
+    finally:
+        await store.close()
+        server.close()
+        await server.wait_closed()

@@ -95,8 +95,15 @@ class ConnectionSender:
         # (send), and with a socket timeout redis-py wraps every send in
         # asyncio.wait_for, a task per batch.
         connection = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
-        async with asyncio.timeout(self._timeout):
-            await connection.connect()
+        try:
+            async with asyncio.timeout(self._timeout):
+                await connection.connect()
+        except BaseException:
+            # The deadline can fall anywhere in connect(); redis-py closes the
+            # socket when a read is cut short, not at every step, and a socket
+            # left open is a descriptor held until the collector finds it.
+            await connection.disconnect(nowait=True)
+            raise
         self._connection = connection
         self.connections += 1
         return connection
