@@ -111,7 +111,7 @@ class _Refused(Exception):
 
 
 class _CycleTransport:
-    """The transport as one request's cycle sees it.
+    """The transport as a connection's request cycles see it.
 
     uvicorn closes the connection as soon as a response ends while the request
     body is still arriving (an app's 413, 401 or 429 before the upload is
@@ -119,31 +119,27 @@ class _CycleTransport:
     destroy the answer before the client has read it. So that close lingers
     like the gateway's own refusals do: FIN after the answer, the rest of the
     body discarded, the socket closed when the client closes or a moment later.
-    Writes go straight to the real transport. The cycle holds this object, so
-    it holds the cycle and the protocol weakly: a reference cycle per request
-    would be garbage for the cyclic collector.
+
+    One per connection, handed to each cycle; writes go straight to the real
+    transport. Only the newest cycle can still be receiving a body (a
+    pipelined request is parsed after the body before it), so that is the one
+    looked at. The protocol is held weakly: it holds the cycles that hold this.
     """
 
-    __slots__ = ("_cycle", "_protocol", "_transport", "is_closing", "set_protocol", "write")
+    __slots__ = ("_protocol", "_transport", "is_closing", "set_protocol", "write")
 
-    def __init__(self, protocol: GatewayHttpProtocol, cycle: Any) -> None:
-        transport = protocol.transport
+    def __init__(self, protocol: GatewayHttpProtocol, transport: asyncio.Transport) -> None:
         self.write = transport.write
         self.is_closing = transport.is_closing
         self.set_protocol = transport.set_protocol
         self._transport = transport
         self._protocol = weakref.ref(protocol)
-        self._cycle = weakref.ref(cycle)
 
     def close(self) -> None:
-        cycle, protocol = self._cycle(), self._protocol()
-        if (
-            cycle is not None
-            and protocol is not None
-            and cycle.more_body
-            and not self._transport.is_closing()
-        ):
-            protocol._linger_after(cycle)
+        protocol = self._protocol()
+        cycle = protocol.cycle if protocol is not None else None
+        if cycle is not None and cycle.more_body and not self._transport.is_closing():
+            protocol._linger_after(cycle)  # type: ignore[union-attr]
         else:
             self._transport.close()
 
@@ -207,6 +203,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._cycle_transport = _CycleTransport(self, transport)
         limits = self.limits
         # Counted now, refused once the head is in: the answer is a 503 the
         # client can read, not a reset.
@@ -362,10 +359,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._stop(Overloaded("The gateway has too many open connections; retry shortly."))
         self._check_framing()
         super().on_headers_complete()
-        if self._codings is not None or (self._length is not None and self._length != b"0"):
-            # A body follows: the app may answer before it is in. uvicorn made
-            # the cycle with the raw transport; see _CycleTransport.
-            self.cycle.transport = _CycleTransport(self, self.cycle)  # type: ignore[assignment]
+        # uvicorn made the cycle with the raw transport; see _CycleTransport.
+        self.cycle.transport = self._cycle_transport  # type: ignore[assignment]
         if not self.url.startswith(b"/"):
             # uvicorn reduces ``GET http://host/path`` to its path; the app
             # refuses absolute-form targets (RFC 9112 3.2.1: those are for
@@ -552,9 +547,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         The app's receive() then reports a disconnect and its later sends are
         dropped, so it stops (and closes its upstream request) on its own.
         """
-        self._refused = True
-        cycle.disconnected = True
-        cycle.message_event.set()
+        self._stop_reading(cycle)
         if not cycle.response_started:
             cycle.response_started = True
             self._write_error(error)
@@ -564,10 +557,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _linger_after(self, cycle: Any) -> None:
         """The app answered before the request body was in: close, lingering."""
+        self._stop_reading(cycle)
+        self._close_after_answer()
+
+    def _stop_reading(self, cycle: Any) -> None:
+        """Nothing more is read for ``cycle``; its app sees a disconnect."""
         self._refused = True
         cycle.disconnected = True
         cycle.message_event.set()
-        self._close_after_answer()
 
     def _close_after_answer(self) -> None:
         """Close so that the client can read the answer: closing a socket with

@@ -533,7 +533,7 @@ def load_settings(
         if not upper.startswith(ENV_PREFIX) or upper == f"{ENV_PREFIX}CONFIG_FILE":
             continue
         name = upper.removeprefix(ENV_PREFIX).lower()
-        if is_service_link(upper.removeprefix(ENV_PREFIX), value):
+        if is_service_link(name, value):
             service_links.append(upper)
             continue
         if name not in Settings.model_fields:
