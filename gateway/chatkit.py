@@ -125,3 +125,27 @@ def parse_envelope(body: bytes, *, max_bytes: int, max_transcribe_bytes: int) ->
     return Envelope(
         request_type, classify(request_type), params if isinstance(params, dict) else {}
     )
+
+
+def check_model(envelope: Envelope, models: tuple[str, ...] | None) -> None:
+    """Refuse a turn that asks for a model the workflow does not allow.
+
+    A turn naming no model gets the server's default, which the operator chose.
+    """
+    if models is None or envelope.cls is not RequestClass.TURN:
+        return
+    model = envelope.model
+    if model is not None and model not in models:
+        raise BadRequest(
+            f"The model '{model[:64]}' is not allowed for this workflow; "
+            f"allowed: {', '.join(models)}.",
+            param="params.input.inference_options.model",
+            code="model_not_allowed",
+        )
+
+
+def error_event(message: str) -> bytes:
+    """One ChatKit stream ``error`` event, as a ChatKit server would send it:
+    the widget shows ``message`` in the conversation and offers to retry."""
+    event = {"type": "error", "code": "custom", "message": message, "allow_retry": True}
+    return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
