@@ -64,11 +64,15 @@ class Gatekeeper:
         self._window = window_seconds
         self._enforce = enforce
 
-    async def check(self, headers: Headers, cls: str = "") -> Admission:
+    async def check(
+        self, headers: Headers, cls: str = "", need: str = "", declared_size: int = 0
+    ) -> Admission:
         """Decide; raise the rejecting error, or return what the request carries on.
 
         ``cls`` is the request's class (``gateway.chatkit.RequestClass``), ""
-        for requests without one (counted by the session's limit only).
+        for requests without one (counted by the session's limit only);
+        ``need`` and ``declared_size`` what the session's configuration is
+        asked for (:class:`~gateway.store.base.AdmitRequest`).
         """
         try:
             secret_hash = self._hash(bearer_secret(headers))
@@ -86,6 +90,8 @@ class Gatekeeper:
                         self._default_limit,
                         self._user_limit,
                         cls,
+                        need,
+                        declared_size,
                     )
                 )
             except StoreUnavailable as exc:

@@ -13,7 +13,7 @@ import functools
 import math
 from typing import NamedTuple
 
-from gateway.errors import AuthError, GatewayError, RateLimited
+from gateway.errors import AuthError, BadRequest, GatewayError, RateLimited
 from gateway.types import Headers
 
 
@@ -27,6 +27,11 @@ class Outcome(enum.IntEnum):
     EXPIRED = 4
     UNKNOWN = 5
     CLASS_RATE_LIMITED = 6  # a window of the request's class (policy)
+    # The session's chatkit_configuration refuses the request:
+    HISTORY_DISABLED = 7  # threads.list with history.enabled false
+    UPLOADS_DISABLED = 8  # an upload with file_upload.enabled false
+    FILE_TOO_LARGE = 9  # attachments.create declaring more than max_file_size
+    TOO_MANY_FILES = 10  # attachments.create past max_files
 
 
 class Window(NamedTuple):
@@ -57,6 +62,10 @@ class Identity(NamedTuple):
     workflow_id: str
     workflow_version: str
     expires_at: int  # unix seconds
+    #: file_upload.max_file_size in bytes, 0 for none: uploads are cut there.
+    max_file_bytes: int = 0
+    #: The session's chatkit_configuration (JSON), "" for none.
+    configuration: str = ""
 
 
 class ClassWindow(NamedTuple):
@@ -172,6 +181,32 @@ def rate_limit_headers(decision: Decision, *, window_seconds: int) -> Headers:
     ]
 
 
+_CONFIGURATION_REFUSALS: dict[Outcome, tuple[str, str, str | None]] = {
+    Outcome.HISTORY_DISABLED: (
+        "Thread history is disabled for this session (chatkit_configuration.history.enabled).",
+        "history_disabled",
+        "type",
+    ),
+    Outcome.UPLOADS_DISABLED: (
+        "File uploads are disabled for this session (chatkit_configuration.file_upload.enabled).",
+        "file_upload_disabled",
+        None,
+    ),
+    Outcome.FILE_TOO_LARGE: (
+        "The file is larger than this session allows "
+        "(chatkit_configuration.file_upload.max_file_size).",
+        "file_too_large",
+        "params.size",
+    ),
+    Outcome.TOO_MANY_FILES: (
+        "This session has attached as many files as it may "
+        "(chatkit_configuration.file_upload.max_files).",
+        "too_many_files",
+        None,
+    ),
+}
+
+
 def rejection(decision: Decision, *, window_seconds: int) -> GatewayError | None:
     """The error that rejects this decision, or None when it admits."""
     outcome = decision.outcome
@@ -183,6 +218,10 @@ def rejection(decision: Decision, *, window_seconds: int) -> GatewayError | None
         return AuthError("This client secret has expired.", code="client_secret_expired")
     if outcome is Outcome.UNKNOWN:
         return AuthError("Unknown client secret.", code="invalid_client_secret")
+    configured = _CONFIGURATION_REFUSALS.get(outcome)
+    if configured is not None:
+        message, code, param = configured
+        return BadRequest(message, code=code, param=param)
     binding = _binding(decision)
     wait_ms = max(binding.wait_ms if binding else window_seconds * 1000, 1)
     scope = "user" if outcome is Outcome.USER_RATE_LIMITED else "session"
