@@ -100,7 +100,10 @@ class Gatekeeper:
                 logger.debug("Admission refused: %s", exc)
                 return Admission(secret_hash, self._report_only(exc, "store_unavailable"))
             self._metrics.decision_seconds.observe(time.perf_counter() - started)
-        self._metrics.decision_by_outcome[decision.outcome].inc()
+        identity = decision.identity
+        self._metrics.count_decision(
+            decision.outcome, identity.workflow_id if identity is not None else "", cls
+        )
         error = rejection(decision, window_seconds=self._window)
         if error is not None:
             if self._enforce:

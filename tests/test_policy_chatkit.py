@@ -440,3 +440,25 @@ async def test_the_whole_configuration_reaches_the_server_as_header_and_claim(
         assertion, SIGNING_KEY, algorithms=["HS256"], audience="wf_p", issuer="chatkit-gateway"
     )
     assert claims["cfg"] == stated
+
+
+async def test_admissions_are_counted_by_workflow_and_class(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    http: aiohttp.ClientSession,
+) -> None:
+    session = await create(replicas[0], "metered", rate_limits={"max_requests_per_1_minute": 1})
+    await send(http, replicas[0], session.client_secret, turn("one"))
+    await send(http, replicas[0], session.client_secret, turn("two"))
+    await send(http, replicas[0], session.client_secret, LIST)
+    async with http.get(f"{replicas[0].url}/metrics") as response:
+        text = await response.text()
+    samples = {
+        line.split("{", 1)[1].split("}", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("chatkit_gateway_admission_decisions_total{")
+    }
+    assert samples['class="turn",outcome="admitted",workflow="wf_p"'] >= 1
+    assert samples['class="turn",outcome="rate_limited",workflow="wf_p"'] >= 1
+    assert samples['class="read",outcome="admitted",workflow="wf_p"'] >= 1
+    # Unknown secrets name no workflow: "other", never the client's word.
+    assert all('workflow="wf_' in k or 'workflow="other"' in k for k in samples)
