@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +176,24 @@ def test_an_invalid_policy_stops_start_up_naming_the_workflow_and_field(
         load_settings(env)
     [line] = str(caught.value).splitlines()
     assert line.startswith(named)
+
+
+def test_the_documented_policies_load() -> None:
+    # docs/policy.md shows a policy as JSON and as TOML: both must be valid as written.
+    page = (Path(__file__).parent.parent / "docs" / "policy.md").read_text()
+    json_block = page.split("```json\n", 1)[1].split("```", 1)[0]
+    toml_block = page.split("```toml\n", 1)[1].split("```", 1)[0]
+    base = {"GATEWAY_UPSTREAM_URL": "none", "GATEWAY_ISSUER_API_KEYS": "k" * 24}
+    from_json = load_settings({**base, "GATEWAY_WORKFLOWS": json_block})
+    policy = from_json.workflows["wf_support"].policy
+    assert policy.windows()["turn"] == "u86400:200"
+    assert policy.models == ("gpt-5-mini",)
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as fh:
+        fh.write(toml_block)
+    try:
+        from_toml = load_settings({**base, "GATEWAY_CONFIG_FILE": fh.name})
+    finally:
+        os.unlink(fh.name)
+    toml_policy = from_toml.workflows["wf_support"].policy
+    assert toml_policy.windows() == {**policy.windows(), "transcribe": "s60:10"}
+    assert toml_policy.limit_answer == "chatkit"
