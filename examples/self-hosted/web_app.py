@@ -17,8 +17,9 @@ Environment:
 - ``OPENAI_API_KEY``: a key listed in the gateway's ``GATEWAY_ISSUER_API_KEYS``.
 - ``EXAMPLE_WORKFLOW_ID`` (``wf_self_hosted_example``), ``EXAMPLE_SESSION_SECONDS``
   (600), ``EXAMPLE_MAX_REQUESTS_PER_1_MINUTE`` (30: the gateway's policy
-  counts model turns against it; reads have their own window), ``EXAMPLE_DOMAIN_KEY`` (ChatKit JS wants one; any
-  placeholder works on localhost).
+  counts model turns against it; reads have their own window),
+  ``EXAMPLE_DOMAIN_KEY`` (ChatKit JS wants one; any placeholder works on
+  localhost).
 
 There is no login in this example: a cookie with a random name stands in for
 the app's own user, so two browsers are two users. A real app passes its
