@@ -197,3 +197,17 @@ def test_the_documented_policies_load() -> None:
     toml_policy = from_toml.workflows["wf_support"].policy
     assert toml_policy.windows() == {**policy.windows(), "transcribe": "s60:10"}
     assert toml_policy.limit_answer == "chatkit"
+
+
+# chatkit.types warns on import about its own widget classes.
+@pytest.mark.filterwarnings("ignore:Direct usage of named widget classes:DeprecationWarning")
+def test_a_repeated_type_is_classed_as_the_chatkit_sdk_reads_it() -> None:
+    # A client must not be counted as a read while the server runs a turn: both
+    # parsers keep the last of repeated keys, so the classes agree.
+    from chatkit.types import ChatKitReq
+    from pydantic import TypeAdapter
+
+    body = b'{"type": "threads.list", "params": {}, "type": "threads.create", "params": {"input":'
+    body += b' {"content": [], "attachments": [], "inference_options": {}}}}'
+    assert parse_envelope(body, **BOUNDS).cls is RequestClass.TURN
+    assert TypeAdapter(ChatKitReq).validate_json(body).type == "threads.create"
