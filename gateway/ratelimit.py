@@ -82,6 +82,7 @@ class ClassWindow(NamedTuple):
         return f"{self.cls}-{self.scope}-{_window_name(self.seconds)}"
 
 
+@functools.lru_cache(maxsize=64)
 def _window_name(seconds: int) -> str:
     if seconds % 86400 == 0:
         return f"{seconds // 86400}d"
@@ -147,17 +148,23 @@ def rate_limit_headers(decision: Decision, *, window_seconds: int) -> Headers:
     user = decision.user
     session = decision.session
     cw = decision.class_window
-    if user is None and cw is None:
-        if session is None:
+    if user is None and (cw is None or session is None):
+        # The common cases, kept short: they run for every admitted request.
+        # One window: the session's, or (a class the session limit does not
+        # count, such as an issued read) the class's.
+        if cw is not None:
+            name, seconds, window = cw.name, cw.seconds, cw.window
+        elif session is not None:
+            name, seconds, window = "session", window_seconds, session
+        else:
             return []
-        # The common case, kept short: it runs for every admitted request.
-        wait_s = -(-session.wait_ms // 1000)
+        wait_s = -(-window.wait_ms // 1000)
         return [
-            (b"x-ratelimit-limit-requests", str(session.limit).encode()),
-            (b"x-ratelimit-remaining-requests", str(session.remaining).encode()),
-            (b"x-ratelimit-reset-requests", duration(session.reset_ms).encode()),
-            (b"ratelimit-policy", f'"session";q={session.limit};w={window_seconds}'.encode()),
-            (b"ratelimit", f'"session";r={session.remaining};t={wait_s}'.encode()),
+            (b"x-ratelimit-limit-requests", str(window.limit).encode()),
+            (b"x-ratelimit-remaining-requests", str(window.remaining).encode()),
+            (b"x-ratelimit-reset-requests", duration(window.reset_ms).encode()),
+            (b"ratelimit-policy", f'"{name}";q={window.limit};w={seconds}'.encode()),
+            (b"ratelimit", f'"{name}";r={window.remaining};t={wait_s}'.encode()),
         ]
     binding = _binding(decision)
     if binding is None:
@@ -167,11 +174,11 @@ def rate_limit_headers(decision: Decision, *, window_seconds: int) -> Headers:
     named = [("session", window_seconds, decision.session), ("user", window_seconds, user)]
     if cw is not None:
         named.append((cw.name, cw.seconds, cw.window))
-    for name, seconds, window in named:
-        if window is None:
+    for label, length, state in named:
+        if state is None:
             continue
-        policies.append(f'"{name}";q={window.limit};w={seconds}')
-        states.append(f'"{name}";r={window.remaining};t={math.ceil(window.wait_ms / 1000)}')
+        policies.append(f'"{label}";q={state.limit};w={length}')
+        states.append(f'"{label}";r={state.remaining};t={math.ceil(state.wait_ms / 1000)}')
     return [
         (b"x-ratelimit-limit-requests", str(binding.limit).encode()),
         (b"x-ratelimit-remaining-requests", str(binding.remaining).encode()),
