@@ -7,6 +7,7 @@ they were not regenerated.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import pytest
@@ -71,3 +72,24 @@ def test_a_stale_file_is_reported_with_the_command(
     assert docgen.main([]) == 0
     assert stale.read_text(encoding="utf-8") == "new\n"
     assert docgen.main(["--check"]) == 0
+
+
+# Markdown outside docs/ that mkdocs does not build, so does not check.
+_OUTSIDE_THE_SITE = ["README.md", "deploy/README.md"]
+
+
+@pytest.mark.parametrize("name", _OUTSIDE_THE_SITE)
+def test_links_outside_the_site_resolve(name: str) -> None:
+    toc = pytest.importorskip("markdown.extensions.toc")  # mkdocs's Markdown, dev only
+    source = docgen.ROOT / name
+    links = re.findall(r"\]\(([^)\s]+)\)", source.read_text(encoding="utf-8"))
+    local = [link for link in links if not re.match(r"[a-z]+://", link)]
+    assert local, f"{name} links to nothing in the repository"
+    for link in local:
+        path, _, anchor = link.partition("#")
+        target = (source.parent / path).resolve() if path else source
+        assert target.exists(), f"{name}: {link} names no file"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", target.read_text(encoding="utf-8"), re.M)
+            slugs = {toc.slugify(heading, "-") for heading in headings}
+            assert anchor in slugs, f"{name}: {link} names no heading of {path}"
