@@ -35,6 +35,7 @@ from pydantic_settings import (
 
 from gateway.errors import ConfigError
 from gateway.logs import LogFormat
+from gateway.routes import CONFIGURABLE_KINDS, METHODS
 from gateway.service_links import is_service_link
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class UnknownSecrets(StrEnum):
 
 
 _SEGMENT = re.compile(r"^([A-Za-z0-9._~-]+|\{[a-z_]{1,32}\})$")
-ROUTE_KINDS = ("server", "client", "session_create", "session_cancel")
+_ROUTE_KINDS = tuple(kind.value for kind in CONFIGURABLE_KINDS)
 
 
 def _http_url(value: str) -> str:
@@ -95,16 +96,15 @@ class RouteSetting(BaseModel):
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        allowed = {"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
-        if not value or not set(value) <= allowed:
-            raise ValueError(f"methods must be some of {sorted(allowed)}")
+        if not value or not set(value) <= METHODS:
+            raise ValueError(f"methods must be some of {sorted(METHODS)}")
         return value
 
     @field_validator("kind")
     @classmethod
     def _kind(cls, value: str) -> str:
-        if value not in ROUTE_KINDS:
-            raise ValueError(f"kind must be one of {', '.join(ROUTE_KINDS)}")
+        if value not in _ROUTE_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(_ROUTE_KINDS)}")
         return value
 
 
