@@ -19,6 +19,7 @@ from gateway.health import StoreMonitor
 from gateway.metrics import Metrics
 from gateway.settings import load_settings
 from gateway.store.memory import MemoryStore
+from gateway.types import Message
 from tests.doubles import asgi_get, collector_restored, started
 from tests.fake_upstream import FakeUpstream
 from tests.harness import GatewayProcess, RedisServer, eventually, metric_value, scrape
@@ -158,13 +159,13 @@ async def test_a_failed_start_up_logs_its_traceback_and_stops_what_started(
             }
         )
         app = GatewayApp(settings)
-        inbox: list[dict[str, Any]] = [{"type": "lifespan.startup"}]
-        sent: list[dict[str, Any]] = []
+        inbox: list[Message] = [{"type": "lifespan.startup"}]
+        sent: list[Message] = []
 
-        async def receive() -> dict[str, Any]:
+        async def receive() -> Message:
             return inbox.pop(0)
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: Message) -> None:
             sent.append(message)
 
         with collector_restored(), caplog.at_level(logging.CRITICAL, logger="gateway.app"):
