@@ -225,21 +225,34 @@ def _comment(text: str) -> list[str]:
 
 def _example_table(name: str, example: Any) -> list[str]:
     """A structured setting's example as commented-out TOML tables."""
-    lines: list[str] = []
     if isinstance(example, list):
-        for item in example:
-            lines.append(f"# [[{name}]]")
-            lines.extend(f"# {key} = {toml_value(value)}" for key, value in item.items())
-        return lines
-    plain = {key: value for key, value in example.items() if not isinstance(value, dict)}
-    if plain:
-        lines.append(f"# [{name}]")
+        return [line for item in example for line in _table(name, item, array=True)]
+    return _table(name, example, array=False)
+
+
+def _table(name: str, mapping: dict[str, Any], *, array: bool) -> list[str]:
+    """``[name]`` (or ``[[name]]``) with its plain keys, then its sub-tables."""
+    plain = {
+        key: value
+        for key, value in mapping.items()
+        if not isinstance(value, dict) and not _is_table_list(value)
+    }
+    lines: list[str] = []
+    if plain or array:
+        lines.append(f"# [[{name}]]" if array else f"# [{name}]")
         lines.extend(f"# {key} = {toml_value(value)}" for key, value in plain.items())
-    for key, value in example.items():
+    for key, value in mapping.items():
         if isinstance(value, dict):
-            lines.append(f"# [{name}.{key}]")
-            lines.extend(f"# {k} = {toml_value(v)}" for k, v in value.items())
+            lines.extend(_table(f"{name}.{key}", value, array=False))
+        elif _is_table_list(value):
+            lines.extend(
+                line for item in value for line in _table(f"{name}.{key}", item, array=True)
+            )
     return lines
+
+
+def _is_table_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 def example_toml() -> str:
