@@ -456,7 +456,7 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="Open client connections per worker (503 overloaded beyond); 0 derives "
-        "it from the file-descriptor limit: (limit - 128) / 2.",
+        "it from the file-descriptor limit: (limit - 128) / 2, at least 64.",
     )
     # Behind a load balancer every connection may come from one address.
     max_connections_per_client: int = Field(
