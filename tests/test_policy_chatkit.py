@@ -39,6 +39,14 @@ POLICIES: dict[str, dict[str, Any]] = {
     },
     # A refused turn answered as ChatKit would, in the conversation.
     "wf_c": {"limit_answer": "chatkit"},
+    # Small windows for every class but turn, to count each exactly.
+    "wf_k": {
+        "limits": {
+            "write": {"session": {"1m": 3}},
+            "upload": {"session": {"1m": 4}},
+            "transcribe": {"session": {"1m": 2}},
+        }
+    },
 }
 
 
@@ -462,3 +470,35 @@ async def test_admissions_are_counted_by_workflow_and_class(
     assert samples['class="read",outcome="admitted",workflow="wf_p"'] >= 1
     # Unknown secrets name no workflow: "other", never the client's word.
     assert all('workflow="wf_' in k or 'workflow="other"' in k for k in samples)
+
+
+@pytest.mark.parametrize(
+    ("envelope", "limit"),
+    [
+        ({"type": "items.feedback", "params": {"item_ids": ["x"], "kind": "positive"}}, 3),
+        ({"type": "threads.update", "params": {"thread_id": "x", "title": "t"}}, 3),
+        ({"type": "attachments.create", "params": {"name": "a", "size": 1, "mime_type": "t"}}, 4),
+        ({"type": "input.transcribe", "params": {"audio_base64": "AAAA", "mime_type": "a"}}, 2),
+    ],
+)
+async def test_each_class_limit_is_exact_across_replicas(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    server: ChatKitServerProcess,
+    http: aiohttp.ClientSession,
+    envelope: dict[str, Any],
+    limit: int,
+) -> None:
+    session = await create(
+        replicas[0],
+        f"class_user_{envelope['type']}",
+        "wf_k",
+        chatkit_configuration={"file_upload": {"enabled": True, "max_files": 100}},
+    )
+    results = await asyncio.gather(
+        *(send(http, replicas[i % 2], session.client_secret, envelope) for i in range(limit + 5))
+    )
+    refused = [json.loads(body)["error"]["message"] for status, body, _ in results if status == 429]
+    assert len(refused) == 5  # N admitted, not N + 1
+    assert all("per 1m" in message for message in refused)
+    await server.wait_for(lambda: len(seen_types(server, session.id)) == limit)
+    assert seen_types(server, session.id) == [envelope["type"]] * limit
