@@ -13,6 +13,7 @@ import enum
 import json
 import logging
 import math
+import re
 from typing import Any, NamedTuple
 
 from gateway.errors import BadRequest, PayloadTooLarge
@@ -126,6 +127,20 @@ def parse_envelope(body: bytes, *, max_bytes: int, max_transcribe_bytes: int) ->
     return Envelope(
         request_type, classify(request_type), params if isinstance(params, dict) else {}
     )
+
+
+_TRANSCRIBE_FIRST = re.compile(rb'\s*\{\s*"type"\s*:\s*"input\.transcribe"')
+
+
+def may_be_transcribe(head: bytes) -> bool:
+    """Whether a body's first bytes open an ``input.transcribe`` envelope.
+
+    Only such a body may be read past the ordinary envelope bound, before
+    admission; ChatKit clients write ``type`` first. A transcription whose
+    ``type`` comes later is held to the ordinary bound (a 413), never read
+    further: the safe side for a body held before its secret is checked.
+    """
+    return _TRANSCRIBE_FIRST.match(head) is not None
 
 
 def needs(envelope: Envelope) -> tuple[str, int]:

@@ -32,6 +32,7 @@ from gateway.chatkit import (
     RequestClass,
     check_model,
     error_event,
+    may_be_transcribe,
     needs,
     parse_envelope,
 )
@@ -404,10 +405,18 @@ class Proxy:
     async def _envelope_body(
         self, receive: Receive, exchange: _Exchange, length: int | None
     ) -> bytes:
-        """A ``POST /chatkit`` body (a ChatKit envelope), whole, within its bound."""
+        """A ``POST /chatkit`` body (a ChatKit envelope), whole, within its bound.
+
+        The body is held before the secret is known to be valid, so only an
+        envelope that opens as an ``input.transcribe`` may grow past the
+        ordinary bound to the transcribe one (see ``may_be_transcribe``).
+        """
         bound = self._envelope_bound
         if length is not None and length > bound:
             raise PayloadTooLarge(f"A ChatKit request body is at most {bound} bytes.")
+        small = self._max_envelope
+        head = b""
+        decided = bound <= small
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -418,6 +427,12 @@ class Proxy:
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
             exchange.tel.bytes_in = size
+            if not decided and len(head) < 256:
+                head += chunk[: 256 - len(head)]
+            if size > small and not decided:
+                decided = True  # once: the head says what this body may grow to
+                if not may_be_transcribe(head):
+                    bound = small
             if size > bound:
                 raise PayloadTooLarge(f"A ChatKit request body is at most {bound} bytes.")
             if not message.get("more_body", False):

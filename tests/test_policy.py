@@ -15,6 +15,7 @@ from gateway.chatkit import (
     check_model,
     classify,
     error_event,
+    may_be_transcribe,
     parse_envelope,
 )
 from gateway.errors import BadRequest, ConfigError, PayloadTooLarge
@@ -211,3 +212,17 @@ def test_a_repeated_type_is_classed_as_the_chatkit_sdk_reads_it() -> None:
     body += b' {"content": [], "attachments": [], "inference_options": {}}}}'
     assert parse_envelope(body, **BOUNDS).cls is RequestClass.TURN
     assert TypeAdapter(ChatKitReq).validate_json(body).type == "threads.create"
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b'{"type":"input.transcribe","params":{"audio_base64":"', True),
+        (b' {\n  "type" : "input.transcribe", ', True),  # whitespace anywhere JSON allows
+        (b'{"params":{"audio_base64":"AAAA', False),  # type later: held to the small bound
+        (b'{"type":"threads.list"', False),
+        (b'{"type":"input.transcribe_v2"', False),  # another type: the ordinary bound
+    ],
+)
+def test_which_bodies_may_grow_past_the_envelope_bound(head: bytes, expected: bool) -> None:
+    assert may_be_transcribe(head) is expected

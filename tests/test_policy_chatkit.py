@@ -502,3 +502,22 @@ async def test_each_class_limit_is_exact_across_replicas(
     assert all("per 1m" in message for message in refused)
     await server.wait_for(lambda: len(seen_types(server, session.id)) == limit)
     assert seen_types(server, session.id) == [envelope["type"]] * limit
+
+
+async def test_only_a_transcription_may_exceed_the_envelope_bound(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    server: ChatKitServerProcess,
+    http: aiohttp.ClientSession,
+) -> None:
+    session = await create(replicas[0], "speaker", "wf_k")
+    audio = "A" * (2 * MIB)  # past the 1 MiB envelope bound, within the transcribe one
+    transcribe = {"type": "input.transcribe", "params": {"audio_base64": audio, "mime_type": "a"}}
+    status, _, _ = await send(http, replicas[1], session.client_secret, transcribe)
+    assert status != 413
+    await server.wait_for(lambda: seen_types(server, session.id) == ["input.transcribe"])
+    # The body is held before the secret is checked: one whose type comes
+    # after 2 MiB is held to the ordinary bound.
+    late = json.dumps({"params": {"audio_base64": audio}, "type": "input.transcribe"}).encode()
+    status, body, _ = await send(http, replicas[1], session.client_secret, late)
+    assert (status, error_of(body)[0]) == (413, "request_too_large")
+    assert seen_types(server, session.id) == ["input.transcribe"]
