@@ -17,8 +17,16 @@ before the application sees a request, the way nginx and Envoy do:
   (RFC 9112 6.1: others are 501); an Upgrade is ignored and the request served
   as HTTP/1.1 (RFC 9110 7.8), except that one with a body is refused (400):
   llhttp would not read that body, so the request would wait for it forever;
+- a chunked body's trailer fields are read and dropped, never added to the
+  request's headers (RFC 9110 6.5.1): llhttp reports them like header fields,
+  after the body, so they would change what the app sees depending on where
+  the packets happened to break; their size counts against
+  ``max_header_bytes`` (431);
 - a response that starts before its request body was read ends the connection
   (``connection: close``): a refused body (413, 401...) is never read;
+- a refusal of a pipelined request waits for the answers owed before it (RFC
+  9112 9.3.2: in order), and nothing after it is read, so a request the client
+  is told was refused is never handed to the app;
 - over ``max_connections`` (per worker) or ``max_connections_per_client``, a
   request is answered 503;
 - on shutdown, requests in flight get ``shutdown_grace_seconds``, then their
@@ -174,6 +182,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._refused = False
         self._discarded = 0
         self._refusal: GatewayError | None = None
+        # A refusal that waits for the answers owed to earlier requests.
+        self._deferred: GatewayError | None = None
         self._draining = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -194,6 +204,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # The request body being read.
         self._body_bytes = 0
         self._body_clock = False
+        # A chunk header was read and no data since: what follows is either
+        # that chunk's data or, after the last chunk, the trailer section.
+        self._chunk_empty = False
+        self._trailer_bytes = 0
+        self._trailer_fields = 0
         self._body_bytes_at_tick = 0
         self._body_quiet_since = 0.0
         self._body_time = 0.0
@@ -254,6 +269,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 if len(view) > budget:
                     piece = memoryview(view)[:budget]
                 self._head_bytes += len(piece)
+            trailing = not self._in_head and self._chunk_empty
             try:
                 self.parser.feed_data(piece)
             except httptools.HttpParserUpgrade as upgrade:
@@ -263,13 +279,22 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 view = memoryview(view)[offset:]
                 continue
             except httptools.HttpParserError:
-                if self._refusal is not None:
-                    self._refuse(self._refusal)
-                else:
+                error = self._refusal
+                if error is None:
                     self.logger.warning("Invalid HTTP request received.")
-                    self.send_400_response("Invalid HTTP request received.")
-                    self._refused = True
+                    error = BadRequest("Invalid HTTP request received.")
+                if self._in_head:
+                    self._refuse(error)
+                else:  # the framing of the body being read is broken
+                    self._end_body(error)
                 return
+            if trailing and self._chunk_empty and not self._in_head:
+                # A whole read of nothing but trailer: counted, so that one
+                # endless trailer field is refused instead of joined on and on.
+                self._trailer_bytes += len(piece)
+                if self._trailer_bytes > self.limits.max_header_bytes:
+                    self._end_body(HeadersTooLarge(self._trailers_message()))
+                    return
             if piece is view:
                 break
             view = memoryview(view)[len(piece) :]
@@ -322,6 +347,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._codings = None
         self._length = None
         self._upgrade = False
+        self._chunk_empty = False
+        self._trailer_bytes = 0
+        self._trailer_fields = 0
 
     def on_url(self, url: bytes) -> None:
         self._url_bytes += len(url)
@@ -332,6 +360,21 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            # A trailer field: llhttp reports it after the body. It must never
+            # become a header (RFC 9110 6.5.1): the app may already have read
+            # the header list, or may read it only later, so a trailer's
+            # Authorization would count or not by where the packets broke.
+            # Nothing here needs one, so it is dropped, not merged.
+            self._trailer_fields += 1
+            self._trailer_bytes += len(name) + len(value) + 4
+            limits = self.limits
+            if (
+                self._trailer_fields > limits.max_headers
+                or self._trailer_bytes > limits.max_header_bytes
+            ):
+                self._stop(HeadersTooLarge(self._trailers_message()))
+            return
         self._header_count += 1
         self._header_bytes += len(name) + len(value) + 4
         limits = self.limits
@@ -352,12 +395,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._head_deadline = None
-        self._head_bytes = 0
         if self._over_capacity:
             self._stop(Overloaded("The gateway has too many open connections; retry shortly."))
         self._check_framing()
+        # Only now: a refusal above is of a head, which no cycle was made for.
+        self._in_head = False
+        self._head_deadline = None
+        self._head_bytes = 0
         super().on_headers_complete()
         # uvicorn made the cycle with the raw transport; see _CycleTransport.
         self.cycle.transport = self._cycle_transport  # type: ignore[assignment]
@@ -376,7 +420,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
+        self._chunk_empty = False
         super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        self._chunk_empty = True
+
+    def on_chunk_complete(self) -> None:
+        self._chunk_empty = False
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -386,11 +437,20 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        error = self._deferred
+        if error is not None and self.cycle.response_complete and not self.transport.is_closing():
+            # Every answer owed before the refused request has gone out.
+            self._deferred = None
+            self._unset_keepalive_if_required()
+            self._write_error(error)
+            self._close_after_answer()
+
     def send_400_response(self, msg: str) -> None:
-        # The parser refused the request before the app saw it (raw control or
-        # non-ASCII bytes in the target, broken framing).
-        self._write_error(BadRequest(msg))
-        self._close_after_answer()
+        # uvicorn's answer to a request the parser refused; ours is in order
+        # and in the OpenAI shape.
+        self._refuse(BadRequest(msg))
 
     # -- checks ------------------------------------------------------------------------
 
@@ -435,6 +495,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 f"The request target exceeds {self.limits.max_target_bytes} bytes."
             )
         return HeadersTooLarge(self._headers_message())
+
+    def _trailers_message(self) -> str:
+        limits = self.limits
+        return (
+            f"Request trailer fields exceed {limits.max_header_bytes} bytes "
+            f"or {limits.max_headers} fields."
+        )
 
     def _headers_message(self) -> str:
         limits = self.limits
@@ -525,16 +592,21 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         raise _Refused(error.message)
 
     def _refuse(self, error: GatewayError) -> None:
-        """Answer (when no earlier response is owed) and close; read nothing more."""
+        """Refuse the request head being read: read nothing more, answer, close.
+
+        Answers go out in the order of the requests (RFC 9112 9.3.2): while an
+        earlier request's answer is owed (in progress, or pipelined behind
+        another), the refusal waits for it (``on_response_complete``). Written
+        now, it would be taken for that earlier answer, which would then
+        find the connection half closed.
+        """
         self._refused = True
         cycle = self.cycle
         if cycle is None or cycle.response_complete:
             self._write_error(error)
             self._close_after_answer()
-            return
-        # Otherwise a pipelined request's answer would be taken for the
-        # earlier one's: the connection just closes.
-        self.transport.close()
+        else:
+            self._deferred = error
 
     def _end_body(self, error: GatewayError) -> None:
         cycle = self.cycle

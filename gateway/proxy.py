@@ -611,12 +611,15 @@ def _outbound_to(
     query = scope.get("query_string", b"")
     if query:
         target += "?" + query.decode("latin-1")
-    return Outbound(
-        scope["method"],
-        URL(target, encoded=True),
-        [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers],
-        body,
-    )
+    try:
+        # aiohttp writes header strings as UTF-8, so a value goes out as the
+        # bytes that came in only if it is UTF-8 (ASCII included). Any other
+        # bytes (obs-text, RFC 9110 5.5) would reach the upstream changed:
+        # refused instead. Names are tokens, so ASCII (the parser ensures it).
+        out_headers = [(n.decode("ascii"), v.decode("utf-8")) for n, v in headers]
+    except UnicodeDecodeError:
+        raise BadRequest("A request header value is neither ASCII nor UTF-8.") from None
+    return Outbound(scope["method"], URL(target, encoded=True), out_headers, body)
 
 
 def _not_for_this_route() -> AuthError:
