@@ -51,7 +51,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from gateway import lifecycle
+from gateway import head, lifecycle
 from gateway.errors import (
     BadRequest,
     CodingNotImplemented,
@@ -169,9 +169,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if isinstance(config, lifecycle.GatewayConfig):
             self.limits: HttpLimits = config.limits
             self._clients: Counter[str] = config.connections_by_client
+            # The app's own settings: the head it gets was held to its limits.
+            self._settings_limits = True
         else:  # served by plain uvicorn (``--http gateway.protocol:...``)
             self.limits = HttpLimits()
             self._clients = Counter()
+            self._settings_limits = False
         # Our own cap answers in the OpenAI shape; uvicorn's would not.
         self.limit_concurrency = None
         limits = self.limits
@@ -199,6 +202,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._codings: bytes | None = None
         self._length: bytes | None = None
         self._upgrade = False
+        # The rest of what the request head hands the app (gateway/head.py).
+        self._found: dict[int, bytes] = {}
+        self._authorizations = 0
+        self._connection: bytes | None = None
         self._valid_host: bytes | None = None
         self._keep_alive = True
         # The request body being read.
@@ -347,6 +354,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._codings = None
         self._length = None
         self._upgrade = False
+        self._found = {}
+        self._authorizations = 0
+        self._connection = None
         self._chunk_empty = False
         self._trailer_bytes = 0
         self._trailer_fields = 0
@@ -381,18 +391,34 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._header_count > limits.max_headers or self._header_bytes > limits.max_header_bytes:
             self._stop(HeadersTooLarge(self._headers_message()))
         name = name.lower()
-        if name == b"host":
+        slot = head.ACTED_ON.get(name)
+        if slot is not None:
+            self._note(slot, value)
+        self.headers.append((name, value))
+
+    def _note(self, slot: int, value: bytes) -> None:
+        """Keep a field the gateway acts on, for the checks and the request head."""
+        if slot == head.HOST:
             self._host_count += 1
             self._host = value
-        elif name == b"transfer-encoding":
+        elif slot == head.TRANSFER_ENCODING:
             self._codings = value if self._codings is None else self._codings + b"," + value
-        elif name == b"content-length":
+        elif slot == head.CONTENT_LENGTH:
             self._length = value
-        elif name == b"upgrade":
+        elif slot == head.UPGRADE:
             self._upgrade = True
-        elif name == b"expect" and value.lower() == b"100-continue":
-            self.expect_100_continue = True
-        self.headers.append((name, value))
+        elif slot == head.AUTHORIZATION:
+            self._authorizations += 1
+        elif slot == head.CONNECTION:
+            # Every Connection line nominates hop-by-hop fields.
+            self._connection = (
+                value if self._connection is None else self._connection + b"," + value
+            )
+        elif slot == head.EXPECT:
+            if value.lower() == b"100-continue":
+                self.expect_100_continue = True
+            return
+        self._found.setdefault(slot, value)
 
     def on_headers_complete(self) -> None:
         if self._over_capacity:
@@ -405,11 +431,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         # uvicorn made the cycle with the raw transport; see _CycleTransport.
         self.cycle.transport = self._cycle_transport  # type: ignore[assignment]
+        extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
+        extensions[head.EXTENSION] = self._request_head()
         if not self.url.startswith(b"/"):
             # uvicorn reduces ``GET http://host/path`` to its path; the app
             # refuses absolute-form targets (RFC 9112 3.2.1: those are for
             # proxies, which the gateway is not), so it must be told.
-            extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
             extensions["gateway.absolute_form"] = True
         # Until the body is complete, an answer closes the connection: reading
         # on to reach the next request would read a body nobody wants.
@@ -417,6 +444,33 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.cycle.keep_alive = False
         self._body_bytes = 0
         self._body_clock = False
+
+    def _request_head(self) -> head.RequestHead:
+        """What this head established, for the app (see gateway/head.py)."""
+        get = self._found.get
+        length = self._length
+        return head.RequestHead(
+            self.scope["method"],
+            self.url,
+            host=self._host if self._host_count else None,
+            # llhttp admits one Content-Length of digits, and not beside a
+            # Transfer-Encoding; _check_framing admits only chunked.
+            content_length=None if length is None else int(length),
+            chunked=self._codings is not None,
+            authorization=get(head.AUTHORIZATION),
+            authorizations=self._authorizations,
+            origin=get(head.ORIGIN),
+            preflight_method=get(head.PREFLIGHT_METHOD),
+            preflight_headers=get(head.PREFLIGHT_HEADERS),
+            connection=self._connection,
+            upgrade=get(head.UPGRADE),
+            request_id=get(head.REQUEST_ID),
+            traceparent=get(head.TRACEPARENT),
+            tracestate=get(head.TRACESTATE),
+            fields=self._header_count,
+            size=self._header_bytes,
+            checked=self._settings_limits,
+        )
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
