@@ -64,6 +64,31 @@ def nominated_by(connection: bytes | None) -> frozenset[bytes]:
     return HOP_BY_HOP | {token.strip().lower() for token in connection.split(b",")}
 
 
+#: (Connection, ``without``) -> (names dropped, names looked at): clients send
+#: one of a few Connection values (none, keep-alive, close), so the sets are
+#: made once. Bounded in count and value length, so a spray of made-up values
+#: cannot grow it.
+_DROPPED: dict[tuple[bytes | None, frozenset[bytes]], tuple[frozenset[bytes], frozenset[bytes]]]
+_DROPPED = {}
+_DROPPED_SIZE = 256
+_DROPPED_VALUE_BYTES = 64
+
+
+def _dropped(
+    connection: bytes | None, without: frozenset[bytes]
+) -> tuple[frozenset[bytes], frozenset[bytes]]:
+    key = (connection, without)
+    sets = _DROPPED.get(key)
+    if sets is None:
+        drop = nominated_by(connection) | without
+        sets = (drop, drop | _REPLACED | _FORWARDED)
+        if connection is None or len(connection) <= _DROPPED_VALUE_BYTES:
+            if len(_DROPPED) >= _DROPPED_SIZE:
+                _DROPPED.clear()
+            _DROPPED[key] = sets
+    return sets
+
+
 def check_limits(head: RequestHead, *, max_bytes: int, max_count: int) -> None:
     """The header limits, for a head the gateway's protocol did not hold to them."""
     if head.fields > max_count:
@@ -111,28 +136,28 @@ def upstream_request_headers(
     is stated as X-Forwarded-Host unless a trusted proxy's stands. Host is
     left to the HTTP client, which sets it from the upstream URL.
     """
-    drop = nominated_by(connection) | without if without else nominated_by(connection)
+    drop, special = _dropped(connection, without)
     out: Headers = []
     forwarded_for: list[bytes] = []
     via: list[bytes] = []
     has_proto = has_host = False
     for name, value in headers:
-        if b"_" in name and _is_twin(name, drop):
-            continue
-        if name in drop or name in _REPLACED:
-            if name == b"via":
-                via.append(value)
-            continue
-        if without_prefix is not None and name.replace(b"_", b"-").startswith(without_prefix):
-            continue
-        if name in _FORWARDED:
-            if trust_forwarded:
+        # One set probe passes the common header; the rest is sorted out here.
+        if name in special:
+            if name in drop or name in _REPLACED:
+                if name == b"via":
+                    via.append(value)
+            elif trust_forwarded:  # one of _FORWARDED
                 if name == b"x-forwarded-for":
                     forwarded_for.append(value)
                 else:
                     has_proto = has_proto or name == b"x-forwarded-proto"
                     has_host = has_host or name == b"x-forwarded-host"
                     out.append((name, value))
+            continue
+        if b"_" in name and _is_twin(name, drop):
+            continue
+        if without_prefix is not None and name.replace(b"_", b"-").startswith(without_prefix):
             continue
         out.append((name, value))
     via.append(VIA)

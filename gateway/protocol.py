@@ -77,6 +77,11 @@ _LINGER = 1.0
 _LINGER_BYTES = 64 * 1024
 #: Descriptors kept back from the connection cap: Redis, logs, the admin API.
 _RESERVED_FDS = 128
+_ACTED_ON = head.ACTED_ON
+#: Fields whose repeated lines form one list; of the others, the first counts.
+_LISTS = frozenset({head.TRANSFER_ENCODING, head.CONNECTION})
+_HOST_BIT = 1 << head.HOST
+_AUTHORIZATION_BIT = 1 << head.AUTHORIZATION
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,15 +202,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._url_bytes = 0
         self._header_count = 0
         self._header_bytes = 0
-        self._host_count = 0
-        self._host = b""
-        self._codings: bytes | None = None
-        self._length: bytes | None = None
-        self._upgrade = False
-        # The rest of what the request head hands the app (gateway/head.py).
+        # The fields the gateway acts on (gateway/head.py), by slot: the first
+        # value, or for a list-valued field every line joined; and a bit per
+        # slot seen more than once.
         self._found: dict[int, bytes] = {}
-        self._authorizations = 0
-        self._connection: bytes | None = None
+        self._repeated = 0
         self._valid_host: bytes | None = None
         self._keep_alive = True
         # The request body being read.
@@ -349,14 +350,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._url_bytes = 0
         self._header_count = 0
         self._header_bytes = 0
-        self._host_count = 0
-        self._host = b""
-        self._codings = None
-        self._length = None
-        self._upgrade = False
         self._found = {}
-        self._authorizations = 0
-        self._connection = None
+        self._repeated = 0
         self._chunk_empty = False
         self._trailer_bytes = 0
         self._trailer_fields = 0
@@ -391,34 +386,22 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._header_count > limits.max_headers or self._header_bytes > limits.max_header_bytes:
             self._stop(HeadersTooLarge(self._headers_message()))
         name = name.lower()
-        slot = head.ACTED_ON.get(name)
+        # Inline, not a method per field: this runs for every header of every
+        # request, and one dict probe settles most of them.
+        slot = _ACTED_ON.get(name)
         if slot is not None:
-            self._note(slot, value)
-        self.headers.append((name, value))
-
-    def _note(self, slot: int, value: bytes) -> None:
-        """Keep a field the gateway acts on, for the checks and the request head."""
-        if slot == head.HOST:
-            self._host_count += 1
-            self._host = value
-        elif slot == head.TRANSFER_ENCODING:
-            self._codings = value if self._codings is None else self._codings + b"," + value
-        elif slot == head.CONTENT_LENGTH:
-            self._length = value
-        elif slot == head.UPGRADE:
-            self._upgrade = True
-        elif slot == head.AUTHORIZATION:
-            self._authorizations += 1
-        elif slot == head.CONNECTION:
-            # Every Connection line nominates hop-by-hop fields.
-            self._connection = (
-                value if self._connection is None else self._connection + b"," + value
-            )
-        elif slot == head.EXPECT:
-            if value.lower() == b"100-continue":
+            found = self._found
+            prior = found.get(slot)
+            if prior is None:
+                found[slot] = value
+            elif slot in _LISTS:
+                # Lines of a list-valued field are one list (RFC 9110 5.3).
+                found[slot] = prior + b"," + value
+            else:
+                self._repeated |= 1 << slot
+            if slot == head.EXPECT and value.lower() == b"100-continue":
                 self.expect_100_continue = True
-            return
-        self._found.setdefault(slot, value)
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self._over_capacity:
@@ -447,29 +430,34 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _request_head(self) -> head.RequestHead:
         """What this head established, for the app (see gateway/head.py)."""
-        get = self._found.get
-        length = self._length
+        found = self._found
+        get = found.get
+        length = get(head.CONTENT_LENGTH)
+        authorization = get(head.AUTHORIZATION)
+        # Positional (in RequestHead's field order): keywords cost three times
+        # as much, once per request; a test compares it field by field.
         return head.RequestHead(
             self.scope["method"],
             self.url,
-            host=self._host if self._host_count else None,
+            get(head.HOST),
             # llhttp admits one Content-Length of digits, and not beside a
             # Transfer-Encoding; _check_framing admits only chunked.
-            content_length=None if length is None else int(length),
-            chunked=self._codings is not None,
-            authorization=get(head.AUTHORIZATION),
-            authorizations=self._authorizations,
-            origin=get(head.ORIGIN),
-            preflight_method=get(head.PREFLIGHT_METHOD),
-            preflight_headers=get(head.PREFLIGHT_HEADERS),
-            connection=self._connection,
-            upgrade=get(head.UPGRADE),
-            request_id=get(head.REQUEST_ID),
-            traceparent=get(head.TRACEPARENT),
-            tracestate=get(head.TRACESTATE),
-            fields=self._header_count,
-            size=self._header_bytes,
-            checked=self._settings_limits,
+            None if length is None else int(length),
+            head.TRANSFER_ENCODING in found,
+            authorization,
+            0 if authorization is None else 2 if self._repeated & _AUTHORIZATION_BIT else 1,
+            get(head.ORIGIN),
+            get(head.PREFLIGHT_METHOD),
+            get(head.PREFLIGHT_HEADERS),
+            get(head.CONNECTION),
+            get(head.UPGRADE),
+            get(head.REQUEST_ID),
+            get(head.TRACEPARENT),
+            get(head.TRACESTATE),
+            self._header_count,
+            self._header_bytes,
+            None,
+            self._settings_limits,
         )
 
     def on_body(self, body: bytes) -> None:
@@ -510,8 +498,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _check_framing(self) -> None:
         """Host and Transfer-Encoding, which the app must be able to trust."""
-        if self._host_count == 1:
-            host = self._host
+        found = self._found
+        host = found.get(head.HOST)
+        if self._repeated & _HOST_BIT:
+            self._stop(BadRequest("More than one Host header."))
+        elif host is not None:
             # Checked once per connection while it keeps sending the same Host.
             if host != self._valid_host:
                 if not _HOST.fullmatch(host):
@@ -522,21 +513,20 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 authority = target.host + (b":%d" % target.port if target.port else b"")
                 if authority.lower() != host.lower():
                     self._stop(BadRequest("The Host header differs from the request target."))
-        elif self._host_count > 1:
-            self._stop(BadRequest("More than one Host header."))
         elif self.parser.get_http_version() == "1.1":
             self._stop(BadRequest("Missing Host header."))
-        if self._codings is not None:
+        codings = found.get(head.TRANSFER_ENCODING)
+        if codings is not None:
             if self.parser.get_http_version() != "1.1":
                 # RFC 9112 6.1: framing an HTTP/1.0 message this way is faulty.
                 self._stop(BadRequest("Transfer-Encoding is not allowed in HTTP/1.0."))
-            codings = [c.strip().lower() for c in self._codings.split(b",") if c.strip()]
-            if codings != [b"chunked"]:
+            listed = [c.strip().lower() for c in codings.split(b",") if c.strip()]
+            if listed != [b"chunked"]:
                 self._stop(CodingNotImplemented("The only transfer coding accepted is chunked."))
         if (
-            self._upgrade
+            head.UPGRADE in found
             and self.parser.should_upgrade()
-            and (self._codings is not None or self._length not in (None, b"0"))
+            and (codings is not None or found.get(head.CONTENT_LENGTH) not in (None, b"0"))
         ):
             # llhttp takes whatever follows an upgrade request's head for the
             # new protocol, so its body would never be read as one and the

@@ -411,3 +411,23 @@ def test_forwarded_host_is_stated_unless_a_trusted_proxy_did(
         forwarded_host=b"gw.example",
     )
     assert values(out, b"x-forwarded-host") == expected
+
+
+@pytest.mark.parametrize(
+    "connection",
+    [
+        b"x-a",
+        # Too long to be remembered between requests: still obeyed.
+        b"x-a, " + b", ".join(b"x-pad-%d" % i for i in range(20)),
+    ],
+)
+def test_nominated_headers_are_dropped_request_after_request(connection: bytes) -> None:
+    incoming = [(b"connection", connection), (b"x-a", b"1"), (b"x-b", b"2")]
+    for _ in range(3):
+        assert names(upstream(incoming)) == [
+            b"x-b",
+            b"via",
+            b"x-request-id",
+            b"x-forwarded-for",
+            b"x-forwarded-proto",
+        ]
