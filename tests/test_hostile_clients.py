@@ -403,6 +403,24 @@ async def test_a_refusal_after_pipelined_requests_comes_after_their_answers(
     assert "write_eof" not in logged, logged
 
 
+async def test_a_refusal_while_the_earlier_answer_is_in_flight_waits_for_it(
+    gateway: GatewayProcess, fake: FakeUpstream
+) -> None:
+    # The garbage arrives while the upstream still holds the first request:
+    # the refusal used to cut that answer off (or come first).
+    fake.inject("delay", path_prefix="/v1/chatkit/threads", seconds=3)
+    reply = bytearray()
+    async with connection(gateway.host, gateway.port) as (reader, writer), asyncio.timeout(15):
+        writer.write(PIPELINED_GET)
+        await fake.wait_for(lambda: fake.count() == 1, timeout=10)
+        writer.write(b"XXXX\r\n\r\n")
+        while chunk := await reader.read(65536):
+            reply += chunk
+    statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", reply)]
+    assert statuses == [200, 400], bytes(reply)
+    assert fake.count() == 1
+
+
 # -- header values beyond ASCII -------------------------------------------------------
 
 
