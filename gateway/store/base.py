@@ -163,6 +163,8 @@ class Store(abc.ABC):
 
     #: Shown in the start-up log and /readyz.
     name: str
+    #: The sliding windows' length (GATEWAY_WINDOW_SECONDS).
+    window_seconds: int = 60
 
     @abc.abstractmethod
     async def admit(self, request: AdmitRequest) -> Decision:

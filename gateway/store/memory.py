@@ -74,6 +74,7 @@ class MemoryStore(Store):
         revocation_ttl_seconds: int = 86400,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.window_seconds = window_seconds
         self._window = window_seconds * 1_000_000
         self._retention = retention_seconds
         self._revocation_ttl = revocation_ttl_seconds

@@ -68,6 +68,7 @@ class RedisStore(Store):
         self._client = client
         self._cluster = isinstance(client, RedisCluster)
         self.keys = KeyLayout(prefix)
+        self.window_seconds = window_seconds
         self._window_us = window_seconds * 1_000_000
         self._retention = retention_seconds
         self._revocation_ttl = revocation_ttl_seconds

@@ -164,12 +164,13 @@ class Tenancy:
 
         async def read() -> list[Any]:
             pipe = self._client.pipeline(transaction=False)
-            pipe.time()
             pipe.hgetall(user_keys.entries)
             pipe.pttl(user_keys.ban)
             return await pipe.execute()
 
-        (seconds, _), entries, ban = await self._availability.call(read)
+        # TIME apart: a cluster pipeline refuses a command without a key.
+        seconds, _ = await self._availability.call(lambda: self._client.time())
+        entries, ban = await self._availability.call(read)
         sessions = [
             s
             for s in (_entry(sid, raw) for sid, raw in (entries or {}).items())
