@@ -295,6 +295,13 @@ class MemoryStore(Store):
         count, _, _ = window.state(int(self._clock() * 1_000_000), self._window)
         return window, count
 
+    def _app_sessions(self, app: str) -> dict[str, int]:
+        sessions = self._app_active.setdefault(app, {})
+        now = self._clock()
+        for sid in [sid for sid, expires_at in sessions.items() if expires_at <= now]:
+            del sessions[sid]
+        return sessions
+
     def _unindex(self, record: SessionRecord) -> None:
         self._user_index.get(record.user, {}).pop(record.session_id, None)
         self._app_active.get(record.app, {}).pop(record.session_id, None)
@@ -334,7 +341,9 @@ class MemoryStore(Store):
         if window is not None:
             window.times.append(now_us)
             self._opened_at[slot.session_id] = now_us
-            self._app_active.setdefault(slot.app, {})[slot.session_id] = slot.expires_at
+            # Pruned here, as the app's sorted set is in Redis: an app's
+            # sessions are bounded by its unexpired ones.
+            self._app_sessions(slot.app)[slot.session_id] = slot.expires_at
         return SlotDecision(SlotOutcome.OPENED, 0, evicted)
 
     async def close_session(self, slot: SessionSlot) -> None:
@@ -371,9 +380,7 @@ class MemoryStore(Store):
 
     async def app_stats(self, app: str) -> AppStats:
         _, count = self._app_window(app)
-        now = self._clock()
-        active = sum(1 for exp in self._app_active.get(app, {}).values() if exp > now)
-        return AppStats(count, self._window // 1_000_000, active)
+        return AppStats(count, self.window_seconds, len(self._app_sessions(app)))
 
     async def ping(self) -> None:
         return None
@@ -394,3 +401,11 @@ class MemoryStore(Store):
                 k for k, w in self._windows.items() if w.state(now_us, self._window)[0] == 0
             ]:
                 del self._windows[key]
+        if len(self._bans) > 1024:
+            for user in [u for u, ban in self._bans.items() if ban.until <= now]:
+                del self._bans[user]
+        # Users whose sessions have all expired are dropped from the index.
+        if len(self._user_index) > 1024:
+            for user in list(self._user_index):
+                if not self._live_index(user):
+                    del self._user_index[user]
