@@ -5,6 +5,7 @@
     GET  /admin/sessions/{session_id} status, limit, remaining quota, expiry, user, app
     GET  /admin/revocations?tail=N    the audit log, newest last
     GET  /admin/users/{user}          the user's active sessions, and a ban
+    DELETE /admin/bans/{user}         end a user's ban early
     GET  /admin/apps/{name}           an issuer app's limits, creates and sessions
 
 Every call needs ``Authorization: Bearer <GATEWAY_ADMIN_TOKEN>``, compared in
@@ -60,6 +61,7 @@ class AdminAPI:
                 Route("/admin/sessions/{session_id}", self.session, methods=["GET"]),
                 Route("/admin/revocations", self.revocations, methods=["GET"]),
                 Route("/admin/users/{user:path}", self.user, methods=["GET"]),
+                Route("/admin/bans/{user:path}", self.lift_ban, methods=["DELETE"]),
                 Route("/admin/apps/{name}", self.app_info, methods=["GET"]),
             ]
         )
@@ -165,6 +167,14 @@ class AdminAPI:
         except StoreUnavailable as exc:
             return _error(503, str(exc), code="store_unavailable", type="api_error")
         return JSONResponse(view)
+
+    async def lift_ban(self, request: Request) -> Response:
+        user = request.path_params["user"]
+        try:
+            lifted = await self._c.store.lift_ban(user)
+        except StoreUnavailable as exc:
+            return _error(503, str(exc), code="store_unavailable", type="api_error")
+        return JSONResponse({"user": user, "lifted": lifted})
 
     async def app_info(self, request: Request) -> Response:
         name = request.path_params["name"]

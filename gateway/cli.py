@@ -1,4 +1,4 @@
-"""``chatkit-gateway`` commands: serve, revoke, revocations, user, app, new-api-key.
+"""``chatkit-gateway`` commands: serve, revoke, revocations, user, unban, app, new-api-key.
 
 Exit status: 0 success, 1 the operation failed (store unreachable...),
 2 bad configuration or usage.
@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="with --user: also refuse the user's new sessions this long (90s, 15m, 2h, 7d)",
     )
+    unban = commands.add_parser("unban", help="end a user's ban early")
+    unban.add_argument("--user", required=True, help="the user id")
     user = commands.add_parser("user", help="show a user's active sessions and any ban")
     user.add_argument("user", help="the user id, as in the session's 'user'")
     app = commands.add_parser("app", help="show an issuer app's limits and current use")
@@ -103,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     if args.command == "user":
         return asyncio.run(_user(settings, args.user))
+    if args.command == "unban":
+        return asyncio.run(_unban(settings, args.user))
     if args.command == "app":
         return asyncio.run(_app(settings, args.name))
     if args.command == "revoke":
@@ -222,6 +226,21 @@ async def _user(settings: Settings, user: str) -> int:
             f"{s['session_id']}  app={s['app'] or '-'} workflow={s['workflow_id'] or '-'} "
             f"expires={expires} remaining {windows}"
         )
+    return 0
+
+
+async def _unban(settings: Settings, user: str) -> int:
+    from gateway.app import build_store
+
+    store = build_store(settings)
+    try:
+        lifted = await store.lift_ban(user)
+    except StoreUnavailable as exc:
+        print(f"chatkit-gateway: the ban was not lifted: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        await store.close()
+    print(f"user {user}: " + ("ban lifted" if lifted else "was not banned"))
     return 0
 
 

@@ -192,6 +192,16 @@ async def test_a_ban_empties_the_users_index_and_refuses_new_sessions(store: Sto
     ]
 
 
+async def test_a_lifted_ban_lets_the_user_back_in(store: Store) -> None:
+    user = _user()
+    await store.ban_user(user, for_seconds=600)
+    assert (await store.open_session(_slot(user))).outcome is SlotOutcome.BANNED
+    assert await store.lift_ban(user) is True
+    assert await store.lift_ban(user) is False  # nothing left to lift
+    assert await store.banned_for(user) is None
+    assert await _hand_out(store, _slot(user)) is SlotOutcome.OPENED
+
+
 async def test_a_ban_without_a_duration_revokes_what_is_active_and_no_more(store: Store) -> None:
     user = _user()
     assert await _hand_out(store, _slot(user)) is SlotOutcome.OPENED

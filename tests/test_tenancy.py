@@ -62,6 +62,9 @@ SIGNING_KEY = "tenancy-test-signing-key-0123456789abcdef"
 ADMIN_TOKEN = "tenancy-admin-token-0123456789"
 CLI = Path(sys.executable).parent / "chatkit-gateway"
 SECRETS: list[str] = []
+#: Seconds a server may take to answer its health check: four Python servers
+#: start at once here, and on a busy shared machine 20 s has not always been enough.
+STARTUP = 60.0
 
 
 def digest(key: str) -> str:
@@ -100,8 +103,12 @@ class Replica:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def servers() -> AsyncIterator[tuple[ChatKitServerProcess, ChatKitServerProcess]]:
-    a = ChatKitServerProcess(signing_key=SIGNING_KEY, workflow_ids=["wf_a"])
-    b = ChatKitServerProcess(signing_key=SIGNING_KEY, workflow_ids=["wf_b"])
+    a = ChatKitServerProcess(
+        signing_key=SIGNING_KEY, workflow_ids=["wf_a"], startup_timeout=STARTUP
+    )
+    b = ChatKitServerProcess(
+        signing_key=SIGNING_KEY, workflow_ids=["wf_b"], startup_timeout=STARTUP
+    )
     async with running((a, b)) as started:
         yield started
 
@@ -136,7 +143,9 @@ async def replicas(
         }
         made.append(
             Replica(
-                GatewayProcess(fake.url, redis_url=module_redis.url, env=env),
+                GatewayProcess(
+                    fake.url, redis_url=module_redis.url, env=env, startup_timeout=STARTUP
+                ),
                 f"http://127.0.0.1:{admin_port}",
             )
         )
@@ -435,6 +444,13 @@ async def test_a_ban_cuts_a_live_stream_on_the_other_replica_and_refuses_the_nex
     assert view["sessions"] == []
     assert 100 < view["banned_for_seconds"] <= 120
 
+    # Lifted early, the user gets sessions again; the revoked ones stay revoked.
+    status, lifted = await admin(http, a, "DELETE", f"/admin/bans/{user}")
+    assert (status, lifted) == (200, {"user": user, "lifted": True})
+    again = await create(b, SUPPORT_KEYS[0], user)
+    assert await status_of(http, a, again.client_secret) == 200
+    assert await status_of(http, a, issued[0].client_secret) == 401
+
 
 def result_ids(result: dict[str, Any]) -> set[str]:
     return {s["session_id"] for s in result["sessions"]}
@@ -500,5 +516,7 @@ async def test_the_cli_bans_a_user_and_shows_an_app(
     assert "max_active_sessions_per_user: 2" in app.stdout
     missing = await asyncio.to_thread(run, "app", "nobody")
     assert missing.returncode == 2
+    unbanned = await asyncio.to_thread(run, "unban", "--user", user)
+    assert (unbanned.returncode, unbanned.stdout) == (0, f"user {user}: ban lifted\n")
     bad = await asyncio.to_thread(run, "revoke", "--user", user, "--for", "soon")
     assert (bad.returncode, "--for" in bad.stderr) == (2, True)

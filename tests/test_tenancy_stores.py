@@ -28,6 +28,7 @@ from tests.test_tenancy import (
     BURST_KEY,
     LEGACY_KEY,
     SIGNING_KEY,
+    STARTUP,
     SUPPORT_KEYS,
     Replica,
     admin,
@@ -50,7 +51,9 @@ def cluster() -> Iterator[RedisCluster]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server() -> AsyncIterator[ChatKitServerProcess]:
-    process = ChatKitServerProcess(signing_key=SIGNING_KEY, workflow_ids=["wf_a", "wf_b"])
+    process = ChatKitServerProcess(
+        signing_key=SIGNING_KEY, workflow_ids=["wf_a", "wf_b"], startup_timeout=STARTUP
+    )
     async with running((process,)):
         yield process
 
@@ -78,7 +81,7 @@ async def on_cluster(
         env = {**env_for(server, admin_port), "GATEWAY_REDIS_CLUSTER": "true"}
         made.append(
             Replica(
-                GatewayProcess(fake.url, redis_url=cluster.url, env=env),
+                GatewayProcess(fake.url, redis_url=cluster.url, env=env, startup_timeout=STARTUP),
                 f"http://127.0.0.1:{admin_port}",
             )
         )
@@ -89,7 +92,7 @@ async def on_cluster(
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def embedded(server: ChatKitServerProcess) -> AsyncIterator[Replica]:
     admin_port = free_port()
-    process = GatewayProcess("none", env=env_for(server, admin_port))
+    process = GatewayProcess("none", env=env_for(server, admin_port), startup_timeout=STARTUP)
     async with running((process,)):
         yield Replica(process, f"http://127.0.0.1:{admin_port}")
 

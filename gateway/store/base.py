@@ -237,6 +237,10 @@ class Store(abc.ABC):
         with ``for_seconds`` > 0, refuse the user's new sessions that long."""
 
     @abc.abstractmethod
+    async def lift_ban(self, user: str) -> bool:
+        """End the user's ban now; whether there was one."""
+
+    @abc.abstractmethod
     async def banned_for(self, user: str) -> float | None:
         """Seconds left of the user's ban, or None."""
 

@@ -359,6 +359,11 @@ class MemoryStore(Store):
             self._app_active.get(session.app, {}).pop(session.session_id, None)
         return sessions
 
+    async def lift_ban(self, user: str) -> bool:
+        active = await self.banned_for(user) is not None  # an expired one is not lifted
+        self._bans.pop(user, None)
+        return active
+
     async def banned_for(self, user: str) -> float | None:
         entry = self._bans.get(user)
         if entry is None:

@@ -430,6 +430,9 @@ class RedisStore(Store):
     async def ban_user(self, user: str, *, for_seconds: int) -> list[IndexedSession]:
         return await self._tenancy.ban_user(user, for_seconds=for_seconds)
 
+    async def lift_ban(self, user: str) -> bool:
+        return await self._tenancy.lift_ban(user)
+
     async def banned_for(self, user: str) -> float | None:
         return await self._tenancy.banned_for(user)
 

@@ -154,6 +154,13 @@ class Tenancy:
                 logger.warning("Banned sessions still counted as their apps' active: %s", exc)
         return sessions
 
+    async def lift_ban(self, user: str) -> bool:
+        ban_key = self._keys.user(user).ban
+        deleted = await self._availability.idempotent(
+            lambda: self._client.delete(ban_key), proves_room=False
+        )
+        return bool(deleted)
+
     async def banned_for(self, user: str) -> float | None:
         ban_key = self._keys.user(user).ban
         left = await self._availability.call(lambda: self._client.pttl(ban_key))
