@@ -42,8 +42,9 @@ def serve(settings: Settings) -> None:
     safe = budget(fd_limit).safe_max_connections
     if limits.max_connections > safe:
         logger.warning(
-            "GATEWAY_MAX_CONNECTIONS=%d is more than %d descriptors (limit %d) leave room for: "
-            "a connection flood can then make accept() fail before connections are shed",
+            "GATEWAY_MAX_CONNECTIONS=%d is more than the %d connections that %d descriptors "
+            "leave room for: in a connection flood accept() may fail before connections "
+            "are shed (raise the descriptor limit, or unset the setting)",
             limits.max_connections,
             safe,
             fd_limit,
