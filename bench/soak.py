@@ -96,6 +96,7 @@ class Soak:
         self.retired: list[Session] = []
         self.stream_sessions: dict[str, Session] = {}
         self.keeper: StreamKeeper | None = None
+        self.fd_limit = 0  # the replicas' soft RLIMIT_NOFILE
         self.report = Report()
         self.deadline = 0.0
 
@@ -118,6 +119,7 @@ class Soak:
                     for _ in range(self.args.replicas)
                 ]
                 await asyncio.gather(*(r.astart() for r in replicas))
+                self.fd_limit = _fd_limit(replicas[0].proc.pid)
                 try:
                     await self._soak(redis, fake, tuple(replicas))
                 finally:
@@ -392,8 +394,12 @@ class Soak:
             statuses[stream.status] += 1
         held = sum(s.held for s in streams)
         print(
-            f"streams: {self.args.streams} held open through {self.args.replicas} replicas, "
-            f"{len(streams)} opened in all, by status: {dict(sorted(statuses.items()))}; "
+            f"streams: {self.args.streams} held open through {self.args.replicas} replicas "
+            f"(an event every {self.args.stream_interval:g} s, a stream session cancelled "
+            f"every {self.args.stream_cancel_every:g} s), descriptor limit {self.fd_limit}"
+        )
+        print(
+            f"streams opened in all: {len(streams)}, by status: {dict(sorted(statuses.items()))}; "
             f"open at the end: {held}"
         )
         cancels = self.report.cancels
@@ -419,6 +425,12 @@ class Soak:
             )
         print(f"streams that ended without a cancel of their session: {found.unexplained}")
         return not found.late and not found.open_at_end and bool(found.delays)
+
+
+def _fd_limit(pid: int) -> int:
+    with open(f"/proc/{pid}/limits", encoding="ascii") as limits:
+        row = next(row for row in limits if row.startswith("Max open files"))
+    return int(row.split()[3])
 
 
 def _growth(series: list[int]) -> int:
