@@ -52,6 +52,8 @@ API_KEY = "sk-soak"
 #: Descriptors the soak's process needs per stream: its client socket and the
 #: fake upstream's end of the replica's upstream connection.
 FDS_PER_STREAM = 2
+#: Seconds between samples of the replicas' RSS and descriptors.
+WATCH_SECONDS = 10
 
 
 @dataclass
@@ -314,7 +316,7 @@ class Soak:
                 self.report.fds[gateway.url].append(fds)
             if time.monotonic() >= self.deadline:
                 return
-            await asyncio.sleep(min(10, max(self.deadline - time.monotonic(), 0.1)))
+            await asyncio.sleep(min(WATCH_SECONDS, max(self.deadline - time.monotonic(), 0.1)))
 
     # -- the verdict -----------------------------------------------------------------
 
@@ -371,6 +373,11 @@ class Soak:
                 f"{url}: RSS {series[0] / 1024:.1f} -> {series[-1] / 1024:.1f} MiB "
                 f"(max {max(series) / 1024:.1f}), fds{besides} {fds[0]} -> {fds[-1]} "
                 f"(max {max(fds)})"
+            )
+            # The trend, a sample a minute: a plateau and a leak end alike.
+            print(
+                "  RSS MiB by minute: "
+                + " ".join(f"{kb / 1024:.1f}" for kb in series[:: 60 // WATCH_SECONDS])
             )
             # Flat: after warm-up, no more than 10 MiB (or 5 %) of growth, and
             # descriptors back near the start.

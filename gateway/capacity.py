@@ -45,9 +45,9 @@ SHED_COUNTER = "chatkit_gateway.count_shed_connection"
 
 #: The most the listen backlog is ever set to (uvicorn's own default).
 MAX_BACKLOG = 2048
-#: Descriptors the process keeps for itself (at most this, or an eighth of
-#: the limit): the Redis connections, log files, the listening, admin and
-#: metrics sockets, the event loop's own.
+#: Descriptors the process keeps for itself (an eighth of the limit, at most
+#: this): the Redis connections, log files, the listening, admin and metrics
+#: sockets, the event loop's own.
 MAX_RESERVED = 128
 
 

@@ -421,13 +421,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._table.in_request(self)
         self._in_head = False
         self._head_deadline = None
         self._head_bytes = 0
         if self._over_capacity:
             self._stop(Overloaded("The gateway has too many open connections; retry shortly."))
         self._check_framing()
+        # A head refused above stays sheddable while its refusal lingers.
+        self._table.in_request(self)
         super().on_headers_complete()
         # uvicorn made the cycle with the raw transport; see _CycleTransport.
         self.cycle.transport = self._cycle_transport  # type: ignore[assignment]
