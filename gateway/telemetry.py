@@ -24,6 +24,8 @@ from gateway.types import Scope
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
+    from gateway.head import RequestHead
+
 T = TypeVar("T")
 
 
@@ -35,8 +37,8 @@ class Telemetry:
         self.tracing = tracing
         self.access_log = access_log
 
-    def begin(self, scope: Scope, request_id: bytes) -> RequestTelemetry:
-        return RequestTelemetry(self, scope, request_id)
+    def begin(self, scope: Scope, request_id: bytes, head: RequestHead) -> RequestTelemetry:
+        return RequestTelemetry(self, scope, request_id, head)
 
 
 class RequestTelemetry:
@@ -50,6 +52,7 @@ class RequestTelemetry:
         "_span",
         "_stream",
         "_upstream_span",
+        "app",
         "bytes_in",
         "bytes_out",
         "outcome",
@@ -58,7 +61,9 @@ class RequestTelemetry:
         "upstream_seconds",
     )
 
-    def __init__(self, owner: Telemetry, scope: Scope, request_id: bytes) -> None:
+    def __init__(
+        self, owner: Telemetry, scope: Scope, request_id: bytes, head: RequestHead
+    ) -> None:
         self._owner = owner
         self._scope = scope
         self.started = owner.metrics.request_started()
@@ -67,6 +72,8 @@ class RequestTelemetry:
         self.bytes_out = 0
         #: The error code the gateway answered with, if it did.
         self.outcome: str | None = None
+        #: The issuer app a session call came from, if it was one.
+        self.app: str | None = None
         self._admitting = False
         self.upstream_request_id: str | None = None
         self.upstream_seconds: float | None = None
@@ -75,7 +82,7 @@ class RequestTelemetry:
         self._span: Span | None = None
         self._upstream_span: Span | None = None
         if owner.tracing is not None:
-            self._span = owner.tracing.request(scope["method"], "rejected", scope["headers"])
+            self._span = owner.tracing.request(head.method, "rejected", head)
 
     def admission(self, check: Awaitable[T]) -> Awaitable[T]:
         """The admission decision, in a span of its own when tracing (else as is)."""
@@ -128,6 +135,8 @@ class RequestTelemetry:
         """The gateway answered with ``error`` (or, once ``started``, cut the
         response off because of it)."""
         self.outcome = error.code or type(error).__name__
+        if error.app is not None:
+            self.app = error.app
         if isinstance(error, UpstreamError):
             self._owner.metrics.upstream_failed(None if started else error)
 
@@ -163,6 +172,7 @@ class RequestTelemetry:
             "path": scope["path"],
             "status": status,
             "kind": kind,
+            "app": self.app,
             "outcome": self.outcome or ("admitted" if self._admitting else "-"),
             "client": f"{client[0]}:{client[1]}" if client else "-",
             "bytes_in": self.bytes_in,
