@@ -2,7 +2,9 @@
 
 Connections that hold a slot and ask for nothing, each reconnected as soon as
 the server closes it: ``--silent`` ones send nothing, ``--dripping`` ones send
-a byte of a request head that never ends every ``--interval`` seconds.
+a byte of a request head that never ends every ``--interval`` seconds. With
+``--rate``, connections are opened at most that many a second in all (a
+Slowloris tool's connection rate); without it, as fast as they can be.
 
 A process of its own, like a real attacker's machine: in the test's process
 its reconnect loop would also delay the legitimate client it is measured
@@ -28,11 +30,13 @@ _CODE = re.compile(rb'"code":"([a-z_]+)"')
 
 
 class Flood:
-    def __init__(self, host: str, port: int, *, interval: float, report: int) -> None:
+    def __init__(self, host: str, port: int, *, interval: float, report: int, rate: float) -> None:
         self.host = host
         self.port = port
         self.interval = interval
         self.report = report
+        self.rate = rate
+        self._next_slot = 0.0
         self.connects = 0
         self.failed_connects = 0
         self.closes: Counter[str] = Counter()
@@ -41,6 +45,7 @@ class Flood:
     async def attacker(self, drip: bool) -> None:
         kind = "dripping" if drip else "silent"
         while True:
+            await self._pace()
             try:
                 reader, writer = await asyncio.open_connection(self.host, self.port)
             except OSError:
@@ -57,6 +62,14 @@ class Flood:
             self.closes[f"{kind} {status}"] += 1
             for code in _CODE.findall(reply):
                 self.codes[code.decode()] += 1
+
+    async def _pace(self) -> None:
+        """Wait for this connection's slot under ``rate`` (the attack's pace)."""
+        if self.rate:
+            loop = asyncio.get_running_loop()
+            slot = max(self._next_slot, loop.time())
+            self._next_slot = slot + 1 / self.rate
+            await asyncio.sleep(slot - loop.time())
 
     async def _hold(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, drip: bool
@@ -96,8 +109,9 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dripping", type=int, default=0)
     parser.add_argument("--interval", type=float, default=5.0)
     parser.add_argument("--report", type=int, default=100)
+    parser.add_argument("--rate", type=float, default=0.0, help="connections a second at most")
     args = parser.parse_args(argv)
-    flood = Flood(args.host, args.port, interval=args.interval, report=args.report)
+    flood = Flood(args.host, args.port, interval=args.interval, report=args.report, rate=args.rate)
     kinds = [False] * args.silent + [True] * args.dripping
     tasks = [asyncio.create_task(flood.attacker(drip)) for drip in kinds]
     # Runs until standard input closes.
