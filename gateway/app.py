@@ -119,6 +119,7 @@ def build_issuer(
         default_expires_seconds=settings.session_default_expires_seconds,
         max_expires_seconds=settings.session_max_expires_seconds,
         serves_every_create=not settings.has_upstream,
+        policies={wf: w.policy for wf, w in settings.workflows.items()},
     )
 
 
@@ -202,6 +203,7 @@ class GatewayApp:
                 "so limits and revocations are not shared between replicas or workers."
             )
         metrics = Metrics(workers=settings.workers)
+        metrics.workflows = frozenset(settings.workflows)
         if self._tracing is None:
             self._tracing = configure(otel_traces_exporter())
         metrics.store_full.set_function(lambda: 1.0 if store.full else 0.0)

@@ -36,6 +36,7 @@ from pydantic_settings import (
 from gateway.apps import APP_NAME, DEFAULT_APP, AppSetting
 from gateway.errors import ConfigError
 from gateway.logs import LogFormat
+from gateway.policy import Policy
 from gateway.routes import CONFIGURABLE_KINDS, METHODS
 from gateway.service_links import is_service_link
 
@@ -117,6 +118,9 @@ class WorkflowSetting(BaseModel):
     #: The URL of this workflow's ChatKit endpoint (its ``POST /chatkit``):
     #: client requests to ``/chatkit/<rest>`` go to ``<upstream>/<rest>``.
     upstream: str
+    #: What this workflow's sessions may do (gateway/policy.py); the defaults
+    #: count turns against the session limit and give other classes their own.
+    policy: Policy = Field(default_factory=Policy)
 
     @field_validator("upstream")
     @classmethod
@@ -367,9 +371,24 @@ class Settings(BaseSettings):
     workflows: dict[str, WorkflowSetting] = Field(
         default_factory=dict,
         description="Issuer mode: workflow id -> {upstream: the URL of its ChatKit "
-        "endpoint}; requests to /chatkit/<rest> go to <upstream>/<rest>. JSON in the "
-        "environment, tables in the TOML file.",
-        examples=[{"wf_support": {"upstream": "http://chatkit-server:8001/chatkit"}}],
+        "endpoint, policy: what its sessions may do (docs/policy.md)}; requests to "
+        "/chatkit/<rest> go to <upstream>/<rest>. JSON in the environment, tables in the "
+        "TOML file.",
+        examples=[
+            {
+                "wf_support": {
+                    "upstream": "http://chatkit-server:8001/chatkit",
+                    "policy": {
+                        "session_limit_counts": "turn",
+                        "limits": {
+                            "turn": {"user": {"1d": 200}},
+                            "read": {"session": {"1m": 120}},
+                        },
+                        "limit_answer": "chatkit",
+                    },
+                }
+            }
+        ],
     )
     issuer_api_keys: SecretStr | None = Field(
         None,
@@ -408,6 +427,19 @@ class Settings(BaseSettings):
         ge=1,
         le=7 * 86400,
         description="The longest expiry a create may ask for (OpenAI's own maximum by default).",
+    )
+    # The JSON envelope of a POST /chatkit is read whole before admission (its
+    # type decides what the request counts against).
+    chatkit_max_envelope_bytes: int = Field(
+        MIB,
+        ge=1024,
+        description="The largest POST /chatkit envelope (read before admission: its type "
+        "decides what the request counts against); larger: 413.",
+    )
+    chatkit_max_transcribe_bytes: int = Field(
+        16 * MIB,
+        ge=1024,
+        description="The largest input.transcribe envelope, which carries base64 audio.",
     )
     identity_signing_key: SecretStr | None = Field(
         None,

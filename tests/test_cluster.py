@@ -9,6 +9,7 @@ with GATEWAY_REDIS_CLUSTER=true.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import cast
@@ -17,6 +18,7 @@ import aiohttp
 import pytest
 import redis
 
+from gateway.auth import SecretHasher
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.ratelimit import Outcome
 from gateway.settings import load_settings
@@ -31,8 +33,11 @@ from tests.harness import (
     collecting,
     create_session,
     eventually,
+    sdk_create,
     subscribed,
 )
+
+ISSUER_KEY = "ckgk_cluster-issuer-key-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +166,56 @@ async def test_revocation_by_session_id_and_its_announcement(
     assert info.status == "revoked"
 
 
+async def test_a_users_class_windows_span_sessions_on_every_primary(
+    store: RedisStore, cluster: RedisCluster
+) -> None:
+    # An issued secret carries its user's slot tag, so its keys and its user's
+    # windows share one slot: one script decides both, on a cluster too.
+    hasher = SecretHasher(b"cluster-pepper")
+    expires = int(time.time()) + 600
+    users = [f"user_{n}" for n in range(8)]
+    client = cluster.client()
+    try:
+        owners = set()
+        for user in users:
+            for n in range(2):
+                secret = f"ek_{hasher.user_tag(user)}_{user}-{n}-secret-bytes"
+                record = SessionRecord(
+                    hasher(secret.encode()),
+                    f"cksess_{user}_{n}",
+                    user,
+                    expires,
+                    50,
+                    issued=True,
+                    counts="turn",
+                    windows={"turn": "u86400:3,s60:2"},
+                )
+                await store.register(record)
+                keys = store.keys.secret(record.secret_hash)
+                user_key = store.keys.class_user_prefix(record.secret_hash) + "x:turn:86400"
+                slots = {await client.cluster_keyslot(key) for key in (*keys, user_key)}
+                assert len(slots) == 1, keys
+                node = client.get_node_from_key(keys[0])
+                assert node is not None
+                owners.add(node.name)
+        assert len(owners) > 1  # the users spread over the primaries
+    finally:
+        await client.aclose()
+    for user in users:
+        hashes = [
+            hasher(f"ek_{hasher.user_tag(user)}_{user}-{n}-secret-bytes".encode()) for n in (0, 1)
+        ]
+        decisions = [
+            await store.admit(AdmitRequest(hashes[n % 2], False, 10, None, "turn"))
+            for n in range(5)
+        ]
+        outcomes = [d.outcome for d in decisions]
+        assert outcomes == [Outcome.ADMITTED] * 3 + [Outcome.CLASS_RATE_LIMITED] * 2, user
+        refused = decisions[-1].class_window
+        assert refused is not None
+        assert refused.name == "turn-user-1d"
+
+
 def test_user_limits_are_refused_on_a_cluster_at_start_up() -> None:
     with pytest.raises(ConfigError, match="GATEWAY_USER_MAX_REQUESTS_PER_1_MINUTE"):
         load_settings(
@@ -202,6 +257,49 @@ async def test_gateway_on_a_cluster_admits_exactly_the_limit_and_honours_cancel(
             assert response.status == 401
             assert (await response.json())["error"]["code"] == "client_secret_revoked"
         assert upstream.count("/v1/chatkit/conversation") == 4
+
+
+async def test_two_gateways_on_a_cluster_hold_a_users_daily_turns_across_sessions(
+    cluster: RedisCluster, upstream: FakeUpstream
+) -> None:
+    # Issued sessions end to end: minted by the gateways, each stored in its
+    # user's slot, so the per-user window holds on the cluster.
+    env = {
+        "GATEWAY_REDIS_CLUSTER": "true",
+        "GATEWAY_ISSUER_API_KEYS": ISSUER_KEY,
+        "GATEWAY_WORKFLOWS": json.dumps(
+            {
+                "wf_c": {
+                    "upstream": f"{upstream.url}/v1/chatkit/server",
+                    "policy": {"limits": {"turn": {"user": {"1d": 3}}}},
+                }
+            }
+        ),
+    }
+    async with (
+        GatewayProcess("none", redis_url=cluster.url, env=env) as a,
+        GatewayProcess("none", redis_url=cluster.url, env=env) as b,
+        aiohttp.ClientSession() as http,
+    ):
+        sessions = [
+            await sdk_create(g, ISSUER_KEY, user="erin", workflow={"id": "wf_c"}) for g in (a, b, a)
+        ]
+        other = await sdk_create(b, ISSUER_KEY, user="frank", workflow={"id": "wf_c"})
+        turn = {"type": "threads.add_user_message", "params": {"input": {}}}
+
+        async def send(gateway: GatewayProcess, secret: str) -> int:
+            async with http.post(
+                f"{gateway.url}/chatkit",
+                json=turn,
+                headers={"Authorization": f"Bearer {secret}"},
+            ) as response:
+                await response.read()
+                return response.status
+
+        statuses = [await send((a, b)[n % 2], sessions[n % 3].client_secret) for n in range(5)]
+        assert statuses == [200, 200, 200, 429, 429]
+        assert await send(a, other.client_secret) == 200
+        assert upstream.count("/v1/chatkit/server") == 4
 
 
 # -- failover: 3 primaries, 3 replicas, one primary killed -------------------------------
