@@ -208,11 +208,11 @@ async def test_a_users_class_windows_span_sessions_on_every_primary(
         ]
         # Models the workflow does not list are refused in the same step,
         # before any window counts: they leave the user all 3 turns.
-        refused = [
+        models = [
             await store.admit(AdmitRequest(hashes[n % 2], False, 10, None, "turn", model="x"))
             for n in range(2)
         ]
-        assert [d.outcome for d in refused] == [Outcome.MODEL_NOT_ALLOWED] * 2
+        assert [d.outcome for d in models] == [Outcome.MODEL_NOT_ALLOWED] * 2
         decisions = [
             await store.admit(
                 AdmitRequest(hashes[n % 2], False, 10, None, "turn", model="gpt-allowed")
