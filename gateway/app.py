@@ -33,6 +33,8 @@ from gateway.health import StoreMonitor
 from gateway.issuer import Issuer, SessionIds
 from gateway.lifecycle import draining
 from gateway.metrics import Metrics
+from gateway.model.routes import ModelUpstream
+from gateway.model.tokens import ModelTokens
 from gateway.proxy import Proxy
 from gateway.revocation import Revoker
 from gateway.routes import Kind, Route, table_with
@@ -63,6 +65,7 @@ class Components:
     session: aiohttp.ClientSession
     proxy: Proxy
     monitor: StoreMonitor
+    model: ModelUpstream | None = None
 
 
 def build_store(settings: Settings, *, serving: bool = False) -> Store:
@@ -117,6 +120,25 @@ def build_issuer(
         default_expires_seconds=settings.session_default_expires_seconds,
         max_expires_seconds=settings.session_max_expires_seconds,
         serves_every_create=not settings.has_upstream,
+    )
+
+
+def build_model_upstream(
+    settings: Settings, store: Store, revoker: Revoker, hasher: SecretHasher
+) -> ModelUpstream | None:
+    """The model routes' upstream and tokens, when a model key is configured."""
+    if settings.model_api_key is None:
+        return None
+    return ModelUpstream(
+        origin=settings.model_upstream,
+        api_key=settings.model_api_key.get_secret_value(),
+        tokens=ModelTokens(
+            store,
+            hasher=hasher,
+            revoker=revoker,
+            grace_seconds=settings.model_token_grace_seconds,
+        ),
+        max_body=settings.model_max_body_bytes,
     )
 
 
@@ -216,7 +238,9 @@ class GatewayApp:
             ),
             issued=bool(settings.workflows),
             hosted=settings.has_upstream,
+            model=settings.serves_model,
         )
+        model = build_model_upstream(settings, store, revoker, hasher)
         sessions = SessionControl(
             store=store,
             revoker=revoker,
@@ -235,6 +259,7 @@ class GatewayApp:
             sessions=sessions,
             metrics=metrics,
             telemetry=Telemetry(metrics, tracing=self._tracing, access_log=settings.access_log),
+            model=model,
         )
         revoker.start()
         monitor = StoreMonitor(
@@ -245,7 +270,7 @@ class GatewayApp:
         )
         monitor.start()
         self.components = Components(
-            settings, store, revoker, hasher, metrics, session, proxy, monitor
+            settings, store, revoker, hasher, metrics, session, proxy, monitor, model
         )
         if settings.admin_token is not None:
             self._admin = AdminServer(self.components)
@@ -271,6 +296,8 @@ class GatewayApp:
                 await listener.stop()
         await components.monitor.stop()
         await components.revoker.stop()
+        if components.model is not None:
+            await components.model.tokens.close()
         await components.session.close()
         await components.store.close()
         if self._tracing is not None:

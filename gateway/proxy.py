@@ -52,6 +52,10 @@ from gateway.headers import (
 )
 from gateway.identity import IdentityHeaders, strip_client_identity
 from gateway.metrics import Metrics
+from gateway.model.routes import ModelUpstream, prepare, token_kinds
+from gateway.model.tokens import HEADER as MODEL_TOKEN_HEADER
+from gateway.model.tokens import envelope_is_turn
+from gateway.model.usage import StreamMeter, Usage, body_usage
 from gateway.ratelimit import Identity
 from gateway.revocation import Revoker
 from gateway.routes import ISSUED_PREFIX, Kind, Match, RouteTable, check_raw_path
@@ -193,8 +197,10 @@ class Proxy:
         metrics: Metrics,
         routes: RouteTable | None = None,
         telemetry: Telemetry | None = None,
+        model: ModelUpstream | None = None,
     ) -> None:
         self._session = session
+        self._model = model
         self._gatekeeper = gatekeeper
         self._revoker = revoker
         self._sessions = sessions
@@ -300,6 +306,9 @@ class Proxy:
             length is None and header_value(headers, b"transfer-encoding") is not None
         )
         kind = match.route.kind
+        if kind is Kind.MODEL and self._model is not None:
+            await self._model_call(scope, receive, exchange, headers, length, self._model)
+            return
         if kind is Kind.SESSION_CREATE or kind is Kind.SESSION_CANCEL:
             await self._session_call(scope, receive, exchange, match, headers, has_body, length)
             return
@@ -338,12 +347,27 @@ class Proxy:
         # exchange: with a 401 while the upstream has not answered yet, by
         # cutting the stream off once it has.
         self._revoker.track(secret_hash, exchange.close_revoked)
+        token: str | None = None
         try:
             if has_body:
                 outbound.body = await self._request_body(receive, exchange)
+            if (
+                self._model is not None
+                and kind is Kind.ISSUED
+                and admission.identity is not None
+                and scope["path"] == ISSUED_PREFIX
+                and isinstance(outbound.body, bytes)
+                and envelope_is_turn(outbound.body)
+            ):
+                token = await self._model.tokens.issue(
+                    secret_hash, admission.identity, request_id=exchange.request_id.decode()
+                )
+                outbound.headers.append((MODEL_TOKEN_HEADER.decode(), token))
             await self._forward(receive, exchange, outbound, kind, admission.headers)
         finally:
             self._revoker.untrack(secret_hash, exchange.close_revoked)
+            if token is not None and self._model is not None:
+                self._model.tokens.end(token)
 
     async def _preflight(
         self,
@@ -451,6 +475,78 @@ class Proxy:
                 await exchange.body(b"", False)
         self._metrics.count_request(kind.value, response.status)
 
+    # -- model calls ----------------------------------------------------------------
+
+    async def _model_call(
+        self,
+        scope: Scope,
+        receive: Receive,
+        exchange: _Exchange,
+        headers: Headers,
+        length: int | None,
+        model: ModelUpstream,
+    ) -> None:
+        """A ChatKit server's call to the model, with the turn's model token.
+
+        Refused (401) before anything is read or forwarded unless the token
+        is valid; tracked under the session's secret from then on, so a
+        revocation anywhere cuts it like the turn itself.
+        """
+        grant = await model.tokens.check(headers)
+        if length is not None and length > model.max_body:
+            raise PayloadTooLarge(f"A model request body is at most {model.max_body} bytes.")
+        self._revoker.track(grant.secret_hash, exchange.close_revoked)
+        try:
+            body = await self._read_body(receive, limit=model.max_body)
+            exchange.tel.bytes_in = len(body)
+            request = prepare(scope["path"], body)
+            exchange.watch_disconnect(receive)
+            out_headers = self._upstream_headers(scope, exchange, strip_client_identity(headers))
+            outbound = _outbound_to(scope, model.origin + request.route, out_headers, request.body)
+            outbound.headers = model.request_headers(outbound.headers)
+            usage = await self._forward_model(exchange, outbound, request.route, request.hide_usage)
+        finally:
+            self._revoker.untrack(grant.secret_hash, exchange.close_revoked)
+        if usage is not None:
+            label = model.labels(request.model)
+            for kind, count in token_kinds(usage):
+                if count:
+                    self._metrics.model_tokens.labels(grant.workflow_id, label, kind).inc(count)
+
+    async def _forward_model(
+        self, exchange: _Exchange, outbound: Outbound, route: str, hide_usage: bool
+    ) -> Usage | None:
+        """Forward a model call and stream its answer back, reading its usage
+        on the way: None when the answer carried none (an error, a cut stream)."""
+        usage: Usage | None = None
+        with translate_errors():
+            async with self._request(outbound, exchange.tel) as response:
+                exchange.tel.answered(Kind.MODEL.value, response)
+                headers = client_response_headers(
+                    response.raw_headers, request_id=exchange.request_id
+                )
+                await exchange.start(response.status, headers)
+                ok = 200 <= response.status < 300
+                if ok and response.content_type == "text/event-stream":
+                    meter = StreamMeter(route, hide_usage=hide_usage)
+                    async for chunk in response.content.iter_any():
+                        passed = meter.feed(chunk)
+                        if passed:
+                            await exchange.body(passed, True)
+                    await exchange.body(meter.rest(), False)
+                    usage = meter.usage
+                else:
+                    kept: list[bytes] = []
+                    async for chunk in response.content.iter_any():
+                        if ok:
+                            kept.append(chunk)
+                        await exchange.body(chunk, True)
+                    await exchange.body(b"", False)
+                    if ok:
+                        usage = body_usage(route, b"".join(kept))
+        self._metrics.count_request(Kind.MODEL.value, response.status)
+        return usage
+
     # -- session create and cancel -------------------------------------------------
 
     async def _session_call(
@@ -531,8 +627,8 @@ class Proxy:
             release=response.close,
         )
 
-    async def _read_body(self, receive: Receive) -> bytes:
-        """A session call's whole (small) request body."""
+    async def _read_body(self, receive: Receive, *, limit: int = MAX_CONTROL_BODY) -> bytes:
+        """A session call's (or a model call's) whole request body, at most ``limit`` bytes."""
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -541,10 +637,9 @@ class Proxy:
                 raise ClientDisconnected("client disconnected during the request body")
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
-            if size > MAX_CONTROL_BODY:
-                raise PayloadTooLarge(
-                    f"A session request body is at most {MAX_CONTROL_BODY} bytes."
-                )
+            if size > limit:
+                what = "session" if limit == MAX_CONTROL_BODY else "model"
+                raise PayloadTooLarge(f"A {what} request body is at most {limit} bytes.")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)

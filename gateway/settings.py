@@ -230,6 +230,19 @@ class Settings(BaseSettings):
     # or "*". Set, the gateway owns CORS on client routes.
     cors_origins: str = ""
 
+    # The model, for self-hosted ChatKit servers: with a key, each admitted
+    # turn carries X-ChatKit-Model-Token, which the ChatKit server presents
+    # (as its OpenAI key) on POST /v1/responses and /v1/chat/completions
+    # here; the gateway forwards those to GATEWAY_MODEL_UPSTREAM (an origin:
+    # the route's path is appended) with this key, which so never leaves it.
+    model_api_key: SecretStr | None = None
+    model_upstream: str = "https://api.openai.com"
+    # How long a model token outlives the end of its turn's response (never
+    # its session): an agent may still finish a call as the stream closes.
+    model_token_grace_seconds: int = Field(30, ge=0, le=3600)
+    # Model request bodies are read whole (to count and reserve): this bounds them.
+    model_max_body_bytes: int = Field(32 * MIB, ge=1024)
+
     # Admin listener: off unless a token is configured.
     admin_token: SecretStr | None = None
     admin_host: str = "127.0.0.1"
@@ -281,6 +294,28 @@ class Settings(BaseSettings):
         # load_settings() merges the environment over the TOML file and hands
         # the result in as init values, so tests never touch os.environ.
         return (init_settings,)
+
+    @field_validator("model_upstream")
+    @classmethod
+    def _model_upstream_is_origin(cls, value: str) -> str:
+        value = _http_url(value)
+        if urlsplit(value).path:
+            raise ValueError(
+                "must be an origin (scheme://host[:port]): the route's path is appended"
+            )
+        return value
+
+    @field_validator("model_api_key")
+    @classmethod
+    def _model_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        return value
+
+    @property
+    def serves_model(self) -> bool:
+        """Model tokens and model routes: on only with a model key."""
+        return self.model_api_key is not None
 
     @field_validator("upstream_url")
     @classmethod
@@ -454,6 +489,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "GATEWAY_SESSION_DEFAULT_EXPIRES_SECONDS exceeds "
                 "GATEWAY_SESSION_MAX_EXPIRES_SECONDS"
+            )
+        if self.model_api_key is not None and not self.workflows:
+            raise ValueError(
+                "GATEWAY_MODEL_API_KEY needs GATEWAY_WORKFLOWS: model tokens are given "
+                "to the turns of issued sessions only"
             )
         if not self.has_upstream and not self.workflows:
             raise ValueError("GATEWAY_UPSTREAM_URL=none needs GATEWAY_WORKFLOWS")

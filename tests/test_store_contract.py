@@ -25,7 +25,7 @@ from gateway.auth import SecretHasher
 from gateway.errors import StoreUnavailable
 from gateway.ratelimit import Decision, Identity, Outcome
 from gateway.registry import session_from_response
-from gateway.store.base import AdmitRequest, IssuedSession, SessionRecord, Store
+from gateway.store.base import AdmitRequest, IssuedSession, ModelGrant, SessionRecord, Store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore, connect
 from tests.doubles import FakeClock
@@ -625,3 +625,60 @@ async def test_redis_holds_no_secret_and_every_key_expires(redis_url: str) -> No
         # The audit stream too: capped by length (XADD MAXLEN) and given the
         # revocation TTL at every append.
         assert ttl > 0, f"{key!r} has no TTL"
+
+
+# -- model tokens ---------------------------------------------------------------------
+
+
+def _grant(record: SessionRecord) -> ModelGrant:
+    return ModelGrant(
+        secret_hash=record.secret_hash,
+        session_id=record.session_id,
+        user=record.user,
+        workflow_id="wf_x",
+        request_id="req-1",
+        expires_at=record.expires_at,
+    )
+
+
+async def test_a_model_token_lives_until_its_grace_ends(backend: Backend) -> None:
+    store = backend.store()
+    record = _record(backend)
+    await store.register(record)
+    token = HASHER(b"ckmt_grace")
+    await store.grant_model_token(token, _grant(record))
+    assert await store.model_grant(token) == _grant(record)
+    assert await store.model_grant(HASHER(b"ckmt_other")) is None
+    ended_at = backend.now()
+    await store.end_model_token(token, grace_seconds=1)
+    assert await store.model_grant(token) == _grant(record)  # within the grace
+    await backend.reach(ended_at + 1.2)
+    assert await store.model_grant(token) is None
+
+
+async def test_a_model_token_never_outlives_its_session(backend: Backend) -> None:
+    store = backend.store()
+    record = _record(backend, ttl=2)
+    await store.register(record)
+    token = HASHER(b"ckmt_expiry")
+    await store.grant_model_token(token, _grant(record))
+    await store.end_model_token(token, grace_seconds=3600)  # the grace cannot extend it
+    assert await store.model_grant(token) is not None
+    await backend.reach(record.expires_at + 0.2)
+    assert await store.model_grant(token) is None
+
+
+@pytest.mark.parametrize("by", ["secret", "session_id"])
+async def test_revoking_a_session_ends_its_model_tokens(backend: Backend, by: str) -> None:
+    store = backend.store()
+    record = _record(backend)
+    await store.register(record)
+    token = HASHER(f"ckmt_revoke_{by}".encode())
+    await store.grant_model_token(token, _grant(record))
+    await store.revoke(
+        secret_hash=record.secret_hash if by == "secret" else None,
+        session_id=record.session_id if by == "session_id" else None,
+        reason="test",
+        replica="r",
+    )
+    assert await store.model_grant(token) is None

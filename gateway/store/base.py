@@ -64,6 +64,22 @@ class AdmitRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelGrant:
+    """What a model token stands for: the admitted turn that was given it.
+
+    Kept under the token's hash, never the token. ``expires_at`` is the
+    session's expiry, the latest a token can live whatever else happens.
+    """
+
+    secret_hash: str
+    session_id: str
+    user: str
+    workflow_id: str
+    request_id: str
+    expires_at: int  # unix seconds
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEntry:
     id: str
     session_id: str | None
@@ -147,6 +163,22 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def revoked_among(self, secret_hashes: Collection[str]) -> set[str]:
         """Those of ``secret_hashes`` that are revoked."""
+
+    # -- model tokens (issued for admitted turns, see gateway.model) ---------------
+
+    @abc.abstractmethod
+    async def grant_model_token(self, token_hash: str, grant: ModelGrant) -> None:
+        """Record a model token, valid until the session expires or it is ended."""
+
+    @abc.abstractmethod
+    async def end_model_token(self, token_hash: str, *, grace_seconds: int) -> None:
+        """The turn's response ended: the token lives ``grace_seconds`` more
+        (by the store's clock), never past its session's expiry."""
+
+    @abc.abstractmethod
+    async def model_grant(self, token_hash: str) -> ModelGrant | None:
+        """The token's grant, or None if it is unknown, has expired, or its
+        session was revoked (its secret or its id)."""
 
     @abc.abstractmethod
     async def now(self) -> float:

@@ -13,13 +13,14 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from gateway.ratelimit import Decision, Identity, Outcome, Window
 from gateway.store.base import (
     AdmitRequest,
     AuditEntry,
     IssuedSession,
+    ModelGrant,
     RevokeResult,
     SessionInfo,
     SessionRecord,
@@ -78,6 +79,7 @@ class MemoryStore(Store):
         self._sid_hash: dict[str, _Expiring[str]] = {}  # sid -> hash
         self._sid_revoked: dict[str, _Expiring[bool]] = {}
         self._windows: dict[str, _SlidingWindow] = {}  # "s:" + hash | "u:" + user
+        self._model_tokens: dict[str, _Expiring[ModelGrant]] = {}  # by token hash
         self._audit: list[AuditEntry] = []
         self._audit_seq = 0
         self._listeners: set[asyncio.Queue[str]] = set()
@@ -262,6 +264,25 @@ class MemoryStore(Store):
         finally:
             self._listeners.discard(queue)
 
+    async def grant_model_token(self, token_hash: str, grant: ModelGrant) -> None:
+        self._model_tokens[token_hash] = _Expiring(grant, float(grant.expires_at))
+
+    async def end_model_token(self, token_hash: str, *, grace_seconds: int) -> None:
+        entry = self._model_tokens.get(token_hash)
+        if entry is not None:
+            entry.until = min(entry.until, self._clock() + grace_seconds)
+
+    async def model_grant(self, token_hash: str) -> ModelGrant | None:
+        grant = self._get(self._model_tokens, token_hash)
+        if grant is None:
+            return None
+        if (
+            self._get(self._revoked, grant.secret_hash) is not None
+            or self._get(self._sid_revoked, grant.session_id) is not None
+        ):
+            return None
+        return grant
+
     async def ping(self) -> None:
         return None
 
@@ -271,7 +292,14 @@ class MemoryStore(Store):
     def _sweep(self) -> None:
         """Drop expired entries now and then, so memory stays bounded."""
         now = self._clock()
-        for table in (self._sessions, self._revoked, self._sid_hash, self._sid_revoked):
+        tables: tuple[dict[str, _Expiring[Any]], ...] = (
+            self._sessions,
+            self._revoked,
+            self._sid_hash,
+            self._sid_revoked,
+            self._model_tokens,
+        )
+        for table in tables:
             if len(table) > 1024:
                 for key in [k for k, v in table.items() if v.until <= now]:
                     del table[key]

@@ -11,6 +11,8 @@ Key layout (``p`` is the configured prefix, ``h`` the secret's HMAC):
     p:{sid:S}:h   session id S -> h                             TTL exp + retention
     p:{sid:S}:r   session id S revoked (cancel before/without registration)
     p:{sid:S}:d   issued session S's ChatSession JSON, no secret  TTL exp + retention
+    p:{mt:T}      hash: a model token's grant (h, sid, user,    TTL the session's
+                  wf, rid, exp); T is the token's HMAC          expiry, then the grace
     p:audit       stream of revocations, capped
     p:revocations pub/sub channel of revoked hashes
 
@@ -60,6 +62,9 @@ class KeyLayout:
     def secret(self, secret_hash: str) -> SecretKeys:
         base = f"{self.prefix}:{{{secret_hash}}}"
         return SecretKeys(f"{base}:s", f"{base}:w", f"{base}:r")
+
+    def model_token(self, token_hash: str) -> str:
+        return f"{self.prefix}:{{mt:{token_hash}}}"
 
     def session_id(self, session_id: str) -> SessionIdKeys:
         base = f"{self.prefix}:{{sid:{session_id}}}"

@@ -20,6 +20,7 @@ from gateway.store.base import (
     AdmitRequest,
     AuditEntry,
     IssuedSession,
+    ModelGrant,
     RevokeResult,
     SessionInfo,
     SessionRecord,
@@ -293,6 +294,68 @@ class RedisStore(Store):
             await self.availability.idempotent(
                 lambda: self._client.publish(self.keys.channel, secret_hash), proves_room=False
             )
+
+    # -- model tokens -----------------------------------------------------------------
+
+    async def grant_model_token(self, token_hash: str, grant: ModelGrant) -> None:
+        key = self.keys.model_token(token_hash)
+        fields: dict[str, str | int] = {
+            "h": grant.secret_hash,
+            "sid": grant.session_id,
+            "user": grant.user,
+            "wf": grant.workflow_id,
+            "rid": grant.request_id,
+            "exp": grant.expires_at,
+        }
+
+        async def write() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+            # An absolute time: no replica's clock decides how long it lives.
+            pipe.pexpireat(key, grant.expires_at * 1000)
+            return await pipe.execute()
+
+        await self.availability.idempotent(write)
+
+    async def end_model_token(self, token_hash: str, *, grace_seconds: int) -> None:
+        key = self.keys.model_token(token_hash)
+        # LT: only ever shortens, so the session's expiry stays the bound;
+        # a relative TTL, counted by Redis's own clock.
+        await self.availability.idempotent(
+            lambda: self._client.pexpire(key, max(grace_seconds * 1000, 1), lt=True),
+            proves_room=False,
+        )
+
+    async def model_grant(self, token_hash: str) -> ModelGrant | None:
+        key = self.keys.model_token(token_hash)
+        raw = await self.availability.call(lambda: self._client.hgetall(key))
+        fields = {text(k): text(v) or "" for k, v in (raw or {}).items()}
+        secret_hash, session_id = fields.get("h"), fields.get("sid")
+        if not secret_hash or not session_id:
+            return None
+        revoked_keys = (
+            self.keys.secret(secret_hash).revoked,
+            self.keys.session_id(session_id).revoked,
+        )
+
+        async def revoked() -> list[Any]:
+            # Other hash slots than the token's: a second round trip, which a
+            # model call (hundreds of ms at least) does not notice.
+            pipe = self._client.pipeline(transaction=False)
+            for rkey in revoked_keys:
+                pipe.exists(rkey)
+            return await pipe.execute()
+
+        if any(await self.availability.call(revoked)):
+            return None
+        return ModelGrant(
+            secret_hash=secret_hash,
+            session_id=session_id,
+            user=fields.get("user", ""),
+            workflow_id=fields.get("wf", ""),
+            request_id=fields.get("rid", ""),
+            expires_at=int(fields.get("exp") or 0),
+        )
 
     # -- operator reads -----------------------------------------------------------
 
