@@ -23,6 +23,7 @@ import redis.asyncio
 
 from gateway.auth import SecretHasher
 from gateway.errors import StoreUnavailable
+from gateway.model.budgets import BudgetDecision, BudgetKey, BudgetLimit, Charge
 from gateway.ratelimit import Decision, Identity, Outcome
 from gateway.registry import session_from_response
 from gateway.store.base import AdmitRequest, IssuedSession, ModelGrant, SessionRecord, Store
@@ -682,3 +683,117 @@ async def test_revoking_a_session_ends_its_model_tokens(backend: Backend, by: st
         replica="r",
     )
     assert await store.model_grant(token) is None
+
+
+# -- budgets -----------------------------------------------------------------------------
+
+TOKENS_USER_1D = BudgetLimit("tokens", "user", 86400, 1000)
+TOKENS_SESSION_1M = BudgetLimit("tokens", "session", 60, 500)
+USD_USER_1D = BudgetLimit("usd", "user", 86400, 2_000_000)  # 2 USD in micro-dollars
+
+
+def _key(session: str = "cksess_a", user: str = "alice") -> BudgetKey:
+    return BudgetKey("wf_budget", user, session)
+
+
+def _charge(tokens: int, usd: float = 0.0) -> Charge:
+    return Charge(tokens // 2, 0, tokens - tokens // 2, usd)
+
+
+async def _reserve(store: Store, key: BudgetKey, call: str, tokens: int, *limits: BudgetLimit,
+                   usd: float = 0.0, lease: int = 600) -> BudgetDecision:  # fmt: skip
+    return await store.reserve_budget(
+        key, call, _charge(tokens, usd), limits, model="gpt-5-mini", lease_seconds=lease
+    )
+
+
+async def test_reservations_are_admitted_exactly_as_far_as_they_fit(backend: Backend) -> None:
+    store = backend.store()
+    key = _key()
+    assert (await _reserve(store, key, "c1", 400, TOKENS_USER_1D)).admitted
+    assert (await _reserve(store, key, "c2", 400, TOKENS_USER_1D)).admitted
+    refused = await _reserve(store, key, "c3", 400, TOKENS_USER_1D)
+    # Only calls in flight stand in the way: worth asking again soon.
+    assert refused == BudgetDecision(False, 0, 1000)
+    # Settled to what it really used, the first call frees the rest of its room.
+    await store.settle_budget(key, "c1", _charge(100), model="gpt-5-mini")
+    assert (await _reserve(store, key, "c3", 400, TOKENS_USER_1D)).admitted  # 100 + 400 + 400
+    assert not (await _reserve(store, key, "c4", 101, TOKENS_USER_1D)).admitted
+    assert (await _reserve(store, key, "c4", 100, TOKENS_USER_1D)).admitted  # exactly full
+
+
+async def test_a_call_that_could_never_fit_gets_no_retry_time(backend: Backend) -> None:
+    store = backend.store()
+    assert await _reserve(store, _key(), "c1", 1001, TOKENS_USER_1D) == BudgetDecision(
+        False, 0, None
+    )
+
+
+async def test_settling_charges_once_and_is_kept_for_reports(backend: Backend) -> None:
+    store = backend.store()
+    key = _key()
+    await _reserve(store, key, "c1", 400, TOKENS_USER_1D)
+    charge = Charge(300, 100, 50, 123.5)
+    await store.settle_budget(key, "c1", charge, model="gpt-5-mini")
+    await store.settle_budget(key, "c1", charge, model="gpt-5-mini")  # a retry
+    [record] = await store.budget_charges("wf_budget", "alice")
+    assert (record.session_id, record.model, record.charge) == ("cksess_a", "gpt-5-mini", charge)
+    assert await store.budget_charges("wf_other", "alice") == []
+
+
+async def test_a_spent_budget_refuses_a_turn_until_usage_leaves_the_window(
+    backend: Backend,
+) -> None:
+    store = backend.store()
+    key = _key()
+    assert (await store.budget_room(key, (TOKENS_SESSION_1M,))).admitted
+    await _reserve(store, key, "c1", 500, TOKENS_SESSION_1M)
+    await store.settle_budget(key, "c1", _charge(500), model="m")
+    room = await store.budget_room(key, (TOKENS_SESSION_1M,))
+    assert not room.admitted
+    assert room.retry_after_ms is not None
+    assert 50_000 < room.retry_after_ms <= 60_000  # when the charge leaves the 1m window
+    # Another session of the same user has its own session budget.
+    assert (await store.budget_room(_key("cksess_b"), (TOKENS_SESSION_1M,))).admitted
+    # ... but not its own user budget, which the first session's charge counts in.
+    assert not (
+        await store.budget_room(
+            _key("cksess_b"), (BudgetLimit("tokens", "user", 3600, 500), TOKENS_SESSION_1M)
+        )
+    ).admitted
+
+
+async def test_dollar_budgets_count_micro_dollars(backend: Backend) -> None:
+    store = backend.store()
+    key = _key()
+    assert (await _reserve(store, key, "c1", 10, USD_USER_1D, usd=1_500_000)).admitted
+    assert not (await _reserve(store, key, "c2", 10, USD_USER_1D, usd=600_000)).admitted
+    await store.settle_budget(key, "c1", _charge(10, 1_000_000.0), model="m")
+    assert (await _reserve(store, key, "c2", 10, USD_USER_1D, usd=1_000_000)).admitted
+
+
+async def test_a_lease_that_ends_unsettled_is_charged_its_reservation(backend: Backend) -> None:
+    store = backend.store()
+    key = _key()
+    start = backend.now()
+    await _reserve(store, key, "c1", 400, TOKENS_USER_1D, lease=1)
+    await backend.reach(start + 1.3)
+    # The next call finds the lease ended: charged, and no longer in flight.
+    assert (await _reserve(store, key, "c2", 600, TOKENS_USER_1D)).admitted
+    [record] = await store.budget_charges("wf_budget", "alice")
+    assert record.charge.tokens == 400
+    await store.settle_budget(key, "c1", _charge(5), model="m")  # too late: charged once
+    assert len(await store.budget_charges("wf_budget", "alice")) == 1
+
+
+async def test_budget_windows_slide(backend: Backend) -> None:
+    if backend.name == "redis":
+        pytest.skip("a minute of real time; the script's window arithmetic is shared above")
+    store = backend.store()
+    key = _key()
+    await _reserve(store, key, "c1", 500, TOKENS_SESSION_1M)
+    await store.settle_budget(key, "c1", _charge(500), model="m")
+    room = await store.budget_room(key, (TOKENS_SESSION_1M,))
+    assert room.retry_after_ms == 60_000
+    await backend.reach(backend.now() + 60)
+    assert (await store.budget_room(key, (TOKENS_SESSION_1M,))).admitted

@@ -6,6 +6,7 @@ import abc
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 
+from gateway.model.budgets import BudgetDecision, BudgetKey, BudgetLimit, Charge, ChargeRecord
 from gateway.ratelimit import Decision
 
 
@@ -179,6 +180,36 @@ class Store(abc.ABC):
     async def model_grant(self, token_hash: str) -> ModelGrant | None:
         """The token's grant, or None if it is unknown, has expired, or its
         session was revoked (its secret or its id)."""
+
+    # -- budgets (gateway.model.budgets) --------------------------------------------
+
+    @abc.abstractmethod
+    async def reserve_budget(
+        self,
+        key: BudgetKey,
+        call_id: str,
+        reservation: Charge,
+        limits: tuple[BudgetLimit, ...],
+        *,
+        model: str,
+        lease_seconds: int,
+    ) -> BudgetDecision:
+        """Reserve room for a call if every window holds it, atomically; else
+        change nothing (but charge leases that have ended)."""
+
+    @abc.abstractmethod
+    async def budget_room(self, key: BudgetKey, limits: tuple[BudgetLimit, ...]) -> BudgetDecision:
+        """Whether spent + reserved leaves any room in every window (a turn's admission)."""
+
+    @abc.abstractmethod
+    async def settle_budget(
+        self, key: BudgetKey, call_id: str, charge: Charge, *, model: str
+    ) -> None:
+        """Drop the call's reservation and record its charge (once)."""
+
+    @abc.abstractmethod
+    async def budget_charges(self, workflow_id: str, user: str) -> list[ChargeRecord]:
+        """The user's charges of the last day in a workflow, oldest first."""
 
     @abc.abstractmethod
     async def now(self) -> float:

@@ -13,6 +13,9 @@ Key layout (``p`` is the configured prefix, ``h`` the secret's HMAC):
     p:{sid:S}:d   issued session S's ChatSession JSON, no secret  TTL exp + retention
     p:{mt:T}      hash: a model token's grant (h, sid, user,    TTL the session's
                   wf, rid, exp); T is the token's HMAC          expiry, then the grace
+    p:{b:W:U}:c   zset: user U's model-call charges in          TTL a day + lease
+                  workflow W (gateway.model.budgets)
+    p:{b:W:U}:r   hash: their calls in flight (reservations)    TTL a day + lease
     p:audit       stream of revocations, capped
     p:revocations pub/sub channel of revoked hashes
 
@@ -65,6 +68,12 @@ class KeyLayout:
 
     def model_token(self, token_hash: str) -> str:
         return f"{self.prefix}:{{mt:{token_hash}}}"
+
+    def budget(self, workflow_id: str, user: str) -> tuple[str, str]:
+        """A user's budget keys in a workflow: one hash tag, so the budget
+        scripts run on one node of a cluster."""
+        base = f"{self.prefix}:{{b:{workflow_id}:{user_hash(user)}}}"
+        return f"{base}:c", f"{base}:r"
 
     def session_id(self, session_id: str) -> SessionIdKeys:
         base = f"{self.prefix}:{{sid:{session_id}}}"

@@ -15,6 +15,14 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 
 from gateway.errors import NotReplicated
+from gateway.model.budgets import (
+    LONGEST_WINDOW_SECONDS,
+    BudgetDecision,
+    BudgetKey,
+    BudgetLimit,
+    Charge,
+    ChargeRecord,
+)
 from gateway.ratelimit import Decision
 from gateway.store.base import (
     AdmitRequest,
@@ -93,6 +101,10 @@ class RedisStore(Store):
             else None
         )
         self._audit_script = client.register_script(_LUA.joinpath("audit.lua").read_text())
+        self._reserve_script = client.register_script(
+            _LUA.joinpath("budget_reserve.lua").read_text()
+        )
+        self._settle_script = client.register_script(_LUA.joinpath("budget_settle.lua").read_text())
         self._feed = RevocationFeed(
             pubsub_url, self.keys.channel, ping_seconds=ping_seconds, client=client
         )
@@ -357,6 +369,111 @@ class RedisStore(Store):
             expires_at=int(fields.get("exp") or 0),
         )
 
+    # -- budgets --------------------------------------------------------------------------
+
+    async def _budget_script(
+        self,
+        key: BudgetKey,
+        mode: str,
+        call_id: str,
+        need: Charge,
+        limits: tuple[BudgetLimit, ...],
+        *,
+        model: str,
+        lease_seconds: int,
+    ) -> BudgetDecision:
+        keys = list(self.keys.budget(key.workflow_id, key.user))
+        args: list[Any] = [
+            mode,
+            call_id,
+            key.session_id,
+            need.input_tokens,
+            need.output_tokens,
+            repr(float(need.usd_micros)),
+            lease_seconds * 1_000_000,
+            _field(model),
+            LONGEST_WINDOW_SECONDS * 1_000_000,
+        ]
+        for limit in limits:
+            args += [
+                "t" if limit.kind == "tokens" else "d",
+                limit.scope[0],
+                limit.seconds * 1_000_000,
+                repr(float(limit.limit)),
+            ]
+        reply = await self.availability.call(
+            lambda: self._reserve_script(keys=keys, args=args), write=True
+        )
+        if int(reply[0]) == 1:
+            return BudgetDecision(True)
+        wait = int(reply[2])
+        return BudgetDecision(False, int(reply[1]) - 1, None if wait < 0 else wait)
+
+    async def reserve_budget(
+        self,
+        key: BudgetKey,
+        call_id: str,
+        reservation: Charge,
+        limits: tuple[BudgetLimit, ...],
+        *,
+        model: str,
+        lease_seconds: int,
+    ) -> BudgetDecision:
+        # Not retried: a reservation that was written but whose answer was
+        # lost would be held twice. The call is refused (503) instead.
+        return await self._budget_script(
+            key, "reserve", call_id, reservation, limits, model=model, lease_seconds=lease_seconds
+        )
+
+    async def budget_room(self, key: BudgetKey, limits: tuple[BudgetLimit, ...]) -> BudgetDecision:
+        return await self._budget_script(
+            key, "check", "", Charge(0, 0, 0, 0.0), limits, model="", lease_seconds=0
+        )
+
+    async def settle_budget(
+        self, key: BudgetKey, call_id: str, charge: Charge, *, model: str
+    ) -> None:
+        keys = list(self.keys.budget(key.workflow_id, key.user))
+        args: list[str | int] = [
+            call_id,
+            key.session_id,
+            charge.input_tokens,
+            charge.cached_input_tokens,
+            charge.output_tokens,
+            repr(float(charge.usd_micros)),
+            _field(model),
+            LONGEST_WINDOW_SECONDS * 1000 + 60_000,
+        ]
+        # Idempotent: a repeat finds the reservation gone and charges nothing.
+        await self.availability.idempotent(
+            lambda: self._settle_script(keys=keys, args=args), proves_room=False
+        )
+
+    async def budget_charges(self, workflow_id: str, user: str) -> list[ChargeRecord]:
+        charges_key, _ = self.keys.budget(workflow_id, user)
+        seconds, micros = await self.availability.call(lambda: self._client.time())
+        since = int(seconds) * 1_000_000 + int(micros) - LONGEST_WINDOW_SECONDS * 1_000_000
+        rows = await self.availability.call(
+            lambda: self._client.zrangebyscore(charges_key, f"({since}", "+inf", withscores=True)
+        )
+        records = []
+        row: Any
+        for row in rows:
+            member, score = row
+            parts = (text(member) or "").split("|")
+            if len(parts) != 7:
+                continue
+            _, sid, input_tokens, cached, output, usd, model = parts
+            records.append(
+                ChargeRecord(
+                    float(score) / 1_000_000,
+                    sid,
+                    model,
+                    Charge(int(input_tokens), int(cached), int(output), float(usd)),
+                )
+            )
+        return records
+
     # -- operator reads -----------------------------------------------------------
 
     async def lookup(self, session_id: str) -> SessionInfo | None:
@@ -453,6 +570,11 @@ class RedisStore(Store):
             await self._replicated.close()
         await self._batcher.close()
         await self._client.aclose()
+
+
+def _field(value: str) -> str:
+    """A value stored inside a "|"-separated record."""
+    return value.replace("|", "/")
 
 
 def _entry_time(written: str | None, entry_id: str) -> float:
