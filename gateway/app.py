@@ -33,7 +33,9 @@ from gateway.health import StoreMonitor
 from gateway.issuer import Issuer, SessionIds
 from gateway.lifecycle import draining
 from gateway.metrics import Metrics
-from gateway.model.routes import ModelUpstream
+from gateway.model.metering import Metering
+from gateway.model.prices import Prices
+from gateway.model.routes import ModelLabels, ModelUpstream
 from gateway.model.tokens import ModelTokens
 from gateway.proxy import Proxy
 from gateway.revocation import Revoker
@@ -124,11 +126,18 @@ def build_issuer(
 
 
 def build_model_upstream(
-    settings: Settings, store: Store, revoker: Revoker, hasher: SecretHasher
+    settings: Settings, store: Store, revoker: Revoker, hasher: SecretHasher, metrics: Metrics
 ) -> ModelUpstream | None:
-    """The model routes' upstream and tokens, when a model key is configured."""
+    """The model routes' upstream, tokens and metering, when a model key is configured."""
     if settings.model_api_key is None:
         return None
+    metering = Metering(
+        store,
+        metrics=metrics,
+        prices=Prices.load(settings.model_prices),
+        policies={name: workflow.policy for name, workflow in settings.workflows.items()},
+        labels=ModelLabels(),
+    )
     return ModelUpstream(
         origin=settings.model_upstream,
         api_key=settings.model_api_key.get_secret_value(),
@@ -138,6 +147,7 @@ def build_model_upstream(
             revoker=revoker,
             grace_seconds=settings.model_token_grace_seconds,
         ),
+        metering=metering,
         max_body=settings.model_max_body_bytes,
     )
 
@@ -240,7 +250,7 @@ class GatewayApp:
             hosted=settings.has_upstream,
             model=settings.serves_model,
         )
-        model = build_model_upstream(settings, store, revoker, hasher)
+        model = build_model_upstream(settings, store, revoker, hasher, metrics)
         sessions = SessionControl(
             store=store,
             revoker=revoker,
@@ -298,6 +308,7 @@ class GatewayApp:
         await components.revoker.stop()
         if components.model is not None:
             await components.model.tokens.close()
+            await components.model.metering.close()
         await components.session.close()
         await components.store.close()
         if self._tracing is not None:

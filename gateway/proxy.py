@@ -52,7 +52,8 @@ from gateway.headers import (
 )
 from gateway.identity import IdentityHeaders, strip_client_identity
 from gateway.metrics import Metrics
-from gateway.model.routes import ModelUpstream, prepare, token_kinds
+from gateway.model.budgets import BudgetKey
+from gateway.model.routes import ModelRequest, ModelUpstream, prepare
 from gateway.model.tokens import HEADER as MODEL_TOKEN_HEADER
 from gateway.model.tokens import envelope_is_turn
 from gateway.model.usage import StreamMeter, Usage, body_usage
@@ -171,6 +172,13 @@ class _Exchange:
         headers.append((b"x-request-id", self.request_id))
         await self.start(exc.status, headers)
         await self.body(body, False)
+
+
+@dataclass(slots=True)
+class _Reading:
+    """What a model call's answer reported, as far as it got."""
+
+    usage: Usage | None = None
 
 
 @dataclass(slots=True)
@@ -359,6 +367,11 @@ class Proxy:
                 and isinstance(outbound.body, bytes)
                 and envelope_is_turn(outbound.body)
             ):
+                identity = admission.identity
+                # A turn is refused while a budget of its session or user is spent.
+                await self._model.metering.turn_room(
+                    BudgetKey(identity.workflow_id, identity.user, identity.session_id)
+                )
                 token = await self._model.tokens.issue(
                     secret_hash, admission.identity, request_id=exchange.request_id.decode()
                 )
@@ -500,25 +513,30 @@ class Proxy:
             body = await self._read_body(receive, limit=model.max_body)
             exchange.tel.bytes_in = len(body)
             request = prepare(scope["path"], body)
+            call = await model.metering.open(grant, request, body)
             exchange.watch_disconnect(receive)
             out_headers = self._upstream_headers(scope, exchange, strip_client_identity(headers))
             outbound = _outbound_to(scope, model.origin + request.route, out_headers, request.body)
             outbound.headers = model.request_headers(outbound.headers)
-            usage = await self._forward_model(exchange, outbound, request.route, request.hide_usage)
+            reading = _Reading()
+            try:
+                await self._forward_model(exchange, outbound, request.route, request, reading)
+            finally:
+                # Cut or not: the usage seen, else a 2xx charges its reservation.
+                call.finish(reading.usage, answered=200 <= exchange.status < 300)
         finally:
             self._revoker.untrack(grant.secret_hash, exchange.close_revoked)
-        if usage is not None:
-            label = model.labels(request.model)
-            for kind, count in token_kinds(usage):
-                if count:
-                    self._metrics.model_tokens.labels(grant.workflow_id, label, kind).inc(count)
 
     async def _forward_model(
-        self, exchange: _Exchange, outbound: Outbound, route: str, hide_usage: bool
-    ) -> Usage | None:
+        self,
+        exchange: _Exchange,
+        outbound: Outbound,
+        route: str,
+        request: ModelRequest,
+        reading: _Reading,
+    ) -> None:
         """Forward a model call and stream its answer back, reading its usage
-        on the way: None when the answer carried none (an error, a cut stream)."""
-        usage: Usage | None = None
+        on the way into ``reading`` (none from an error answer or a cut stream)."""
         with translate_errors():
             async with self._request(outbound, exchange.tel) as response:
                 exchange.tel.answered(Kind.MODEL.value, response)
@@ -528,24 +546,25 @@ class Proxy:
                 await exchange.start(response.status, headers)
                 ok = 200 <= response.status < 300
                 if ok and response.content_type == "text/event-stream":
-                    meter = StreamMeter(route, hide_usage=hide_usage)
+                    meter = StreamMeter(route, hide_usage=request.hide_usage)
                     async for chunk in response.content.iter_any():
                         passed = meter.feed(chunk)
+                        reading.usage = meter.usage
                         if passed:
                             await exchange.body(passed, True)
-                    await exchange.body(meter.rest(), False)
-                    usage = meter.usage
+                    rest = meter.rest()
+                    reading.usage = meter.usage
+                    await exchange.body(rest, False)
                 else:
                     kept: list[bytes] = []
                     async for chunk in response.content.iter_any():
                         if ok:
                             kept.append(chunk)
                         await exchange.body(chunk, True)
-                    await exchange.body(b"", False)
                     if ok:
-                        usage = body_usage(route, b"".join(kept))
+                        reading.usage = body_usage(route, b"".join(kept))
+                    await exchange.body(b"", False)
         self._metrics.count_request(Kind.MODEL.value, response.status)
-        return usage
 
     # -- session create and cancel -------------------------------------------------
 

@@ -35,6 +35,7 @@ from pydantic_settings import (
 
 from gateway.errors import ConfigError
 from gateway.logs import LogFormat
+from gateway.model.budgets import BudgetFields
 from gateway.service_links import is_service_link
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ class WorkflowSetting(BaseModel):
     #: The URL of this workflow's ChatKit endpoint (its ``POST /chatkit``):
     #: client requests to ``/chatkit/<rest>`` go to ``<upstream>/<rest>``.
     upstream: str
+    #: Token and dollar budgets of its model calls (gateway/model/budgets.py).
+    policy: BudgetFields = Field(default_factory=BudgetFields)
 
     @field_validator("upstream")
     @classmethod
@@ -242,6 +245,8 @@ class Settings(BaseSettings):
     model_token_grace_seconds: int = Field(30, ge=0, le=3600)
     # Model request bodies are read whole (to count and reserve): this bounds them.
     model_max_body_bytes: int = Field(32 * MIB, ge=1024)
+    # A price table (JSON, see gateway/model/prices.py) replacing the shipped one.
+    model_prices: str | None = None
 
     # Admin listener: off unless a token is configured.
     admin_token: SecretStr | None = None
@@ -490,6 +495,12 @@ class Settings(BaseSettings):
                 "GATEWAY_SESSION_DEFAULT_EXPIRES_SECONDS exceeds "
                 "GATEWAY_SESSION_MAX_EXPIRES_SECONDS"
             )
+        for workflow_id, workflow in self.workflows.items():
+            if workflow.policy.has_budgets and self.model_api_key is None:
+                raise ValueError(
+                    f"workflow {workflow_id!r} has tokens/usd budgets, which need "
+                    "GATEWAY_MODEL_API_KEY: only model calls through the gateway are counted"
+                )
         if self.model_api_key is not None and not self.workflows:
             raise ValueError(
                 "GATEWAY_MODEL_API_KEY needs GATEWAY_WORKFLOWS: model tokens are given "

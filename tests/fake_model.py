@@ -48,6 +48,7 @@ class ModelCall:
     authorization: str | None
     headers: dict[str, str]
     body: dict[str, Any]
+    raw_bytes: int = 0  # the request body's length as received
     usage: dict[str, int] | None = None  # what the fake reported, if it did
     finished: bool = False  # the answer went out whole
 
@@ -121,6 +122,7 @@ class FakeModel:
             request.headers.get("Authorization"),
             dict(request.headers),
             body if isinstance(body, dict) else {},
+            len(raw),
         )
         self.calls.append(call)
         if call.authorization != f"Bearer {self.api_key}":

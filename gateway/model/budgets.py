@@ -47,7 +47,7 @@ class BudgetFields(BaseModel):
     tokens: dict[BudgetScope, dict[BudgetWindow, int]] = Field(default_factory=dict)
     usd: dict[BudgetScope, dict[BudgetWindow, float]] = Field(default_factory=dict)
     #: A call's output reservation when its request sets no cap.
-    reserve_output_tokens: int = Field(DEFAULT_RESERVE_OUTPUT_TOKENS, ge=1, le=10_000_000)
+    reserve_output_tokens: int = Field(default=DEFAULT_RESERVE_OUTPUT_TOKENS, ge=1, le=10_000_000)
 
     @field_validator("tokens", "usd")
     @classmethod
@@ -108,6 +108,10 @@ class Charge:
     @property
     def tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+
+#: What a call that used nothing (the model answered an error) is charged.
+NO_CHARGE = Charge(0, 0, 0, 0.0)
 
 
 def output_reservation(route: str, body: dict[str, object], default: int) -> int:

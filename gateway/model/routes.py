@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import BadRequest
 from gateway.model.tokens import ModelTokens
+
+if TYPE_CHECKING:
+    from gateway.model.metering import Metering
 from gateway.model.usage import CHAT, RESPONSES, Usage
 
 PATHS = (RESPONSES, CHAT)
@@ -97,14 +100,22 @@ class ModelUpstream:
     """Where model calls go and the key they carry, which nothing prints:
     no repr, no log line and no error message holds it."""
 
-    __slots__ = ("_authorization", "labels", "max_body", "origin", "tokens")
+    __slots__ = ("_authorization", "max_body", "metering", "origin", "tokens")
 
-    def __init__(self, *, origin: str, api_key: str, tokens: ModelTokens, max_body: int) -> None:
+    def __init__(
+        self,
+        *,
+        origin: str,
+        api_key: str,
+        tokens: ModelTokens,
+        metering: Metering,
+        max_body: int,
+    ) -> None:
         self.origin = origin
         self._authorization = "Bearer " + api_key
         self.tokens = tokens
+        self.metering = metering
         self.max_body = max_body
-        self.labels = ModelLabels()
 
     def __repr__(self) -> str:
         return f"ModelUpstream({self.origin!r})"

@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 
 from gateway.model.budgets import (
     LONGEST_WINDOW_SECONDS,
+    NO_CHARGE,
     BudgetDecision,
     BudgetKey,
     BudgetLimit,
@@ -385,7 +386,7 @@ class MemoryStore(Store):
         self, key: BudgetKey, call_id: str, charge: Charge, *, model: str
     ) -> None:
         budget = self._budget(key.workflow_id, key.user)
-        if budget.flight.pop(call_id, None) is not None:
+        if budget.flight.pop(call_id, None) is not None and charge != NO_CHARGE:
             budget.charges.append(ChargeRecord(self._clock(), key.session_id, model, charge))
 
     async def budget_charges(self, workflow_id: str, user: str) -> list[ChargeRecord]:

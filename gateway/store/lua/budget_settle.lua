@@ -16,6 +16,10 @@
 if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then
   return 0
 end
+-- Nothing used (the model answered an error): the room is freed, no charge kept.
+if ARGV[3] == '0' and ARGV[5] == '0' and tonumber(ARGV[6]) == 0 then
+  return 1
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 redis.call('ZADD', KEYS[1], now, table.concat(

@@ -1,0 +1,191 @@
+"""One model call's accounting: admitted against its budgets, then charged.
+
+:meth:`Metering.open` runs before anything is forwarded: it prices the call
+(a model without a price under a dollar budget is refused), reserves its room
+in the store (refused with 429 and the wait when a window cannot hold it),
+and returns the :class:`MeteredCall` that :meth:`MeteredCall.finish` settles
+with what the model reported. Settling runs on in the background: the
+request's task may be ending by cancellation (a cut stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Mapping
+
+from gateway.errors import BadRequest, RateLimited, StoreUnavailable
+from gateway.metrics import Metrics
+from gateway.model.budgets import (
+    NO_CHARGE,
+    RESERVATION_LEASE_SECONDS,
+    BudgetDecision,
+    BudgetFields,
+    BudgetKey,
+    BudgetLimit,
+    Charge,
+    input_estimate,
+    output_reservation,
+    parse_body,
+)
+from gateway.model.prices import Price, Prices
+from gateway.model.routes import ModelLabels, ModelRequest, token_kinds
+from gateway.model.usage import Usage
+from gateway.store.base import ModelGrant, Store
+
+logger = logging.getLogger(__name__)
+
+
+class BudgetExceeded(RateLimited):
+    code = "budget_exceeded"
+
+
+def refusal(limit: BudgetLimit, decision: BudgetDecision, *, what: str) -> BudgetExceeded:
+    """The 429 for a refused call or turn: which budget, and when it frees."""
+    headers: list[tuple[bytes, bytes]] = []
+    if decision.retry_after_ms is None:
+        when = "this request could never fit in it"
+    else:
+        seconds = max(1, -(-decision.retry_after_ms // 1000))
+        headers.append((b"retry-after", str(seconds).encode()))
+        when = f"retry after {seconds} s"
+    return BudgetExceeded(f"{what} would exceed {limit.describe()}: {when}.", headers=headers)
+
+
+class MeteredCall:
+    __slots__ = ("_metering", "call_id", "grant", "key", "model", "price", "reservation")
+
+    def __init__(
+        self,
+        metering: Metering,
+        grant: ModelGrant,
+        model: str,
+        *,
+        price: Price | None,
+        key: BudgetKey | None,
+        call_id: str,
+        reservation: Charge,
+    ) -> None:
+        self._metering = metering
+        self.grant = grant
+        self.model = model
+        self.price = price
+        self.key = key
+        self.call_id = call_id
+        self.reservation = reservation
+
+    def finish(self, usage: Usage | None, *, answered: bool) -> None:
+        """Settle: the usage reported, else (``answered``: a 2xx that ended
+        without usage) the reservation, else (an error answer) nothing."""
+        self._metering.finish(self, usage, answered=answered)
+
+
+class Metering:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        metrics: Metrics,
+        prices: Prices | None,
+        policies: Mapping[str, BudgetFields],
+        labels: ModelLabels,
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._prices = prices
+        self._policies = {wf: p for wf, p in policies.items() if p.has_budgets}
+        self._limits = {wf: p.limits() for wf, p in self._policies.items()}
+        self._labels = labels
+        self._settling: set[asyncio.Task[None]] = set()
+
+    async def open(
+        self, grant: ModelGrant, request: ModelRequest, caller_body: bytes
+    ) -> MeteredCall:
+        """Admit the call against its workflow's budgets; raise the refusal."""
+        policy = self._policies.get(grant.workflow_id)
+        price = self._prices(request.model) if self._prices is not None else None
+        call_id = secrets.token_hex(12)
+        if policy is None:
+            return MeteredCall(
+                self, grant, request.model, price=price, key=None, call_id=call_id,
+                reservation=NO_CHARGE,
+            )  # fmt: skip
+        if policy.usd and price is None:
+            raise BadRequest(
+                f"The model {request.model!r} has no price, and this workflow has a "
+                "dollar budget: it cannot be counted.",
+                code="model_not_priced",
+                param="model",
+            )
+        input_tokens = input_estimate(caller_body)
+        output_tokens = output_reservation(
+            request.route, parse_body(request.body), policy.reserve_output_tokens
+        )
+        reservation = Charge(
+            input_tokens,
+            0,
+            output_tokens,
+            price.estimate(input_tokens, output_tokens) if price is not None else 0.0,
+        )
+        key = BudgetKey(grant.workflow_id, grant.user, grant.session_id)
+        limits = self._limits[grant.workflow_id]
+        decision = await self._store.reserve_budget(
+            key,
+            call_id,
+            reservation,
+            limits,
+            model=request.model,
+            lease_seconds=RESERVATION_LEASE_SECONDS,
+        )
+        if not decision.admitted and decision.refused is not None:
+            raise refusal(limits[decision.refused], decision, what="This model call")
+        return MeteredCall(
+            self, grant, request.model, price=price, key=key, call_id=call_id,
+            reservation=reservation,
+        )  # fmt: skip
+
+    async def turn_room(self, key: BudgetKey) -> None:
+        """Refuse a turn (429) when a budget of its session or user is spent."""
+        limits = self._limits.get(key.workflow_id)
+        if not limits:
+            return
+        decision = await self._store.budget_room(key, limits)
+        if not decision.admitted and decision.refused is not None:
+            raise refusal(limits[decision.refused], decision, what="A new turn")
+
+    def finish(self, call: MeteredCall, usage: Usage | None, *, answered: bool) -> None:
+        if usage is not None:
+            label = self._labels(call.model)
+            for kind, count in token_kinds(usage):
+                if count:
+                    self._metrics.model_tokens.labels(call.grant.workflow_id, label, kind).inc(
+                        count
+                    )
+        elif answered:
+            self._metrics.model_calls_unmetered.labels(call.grant.workflow_id).inc()
+        if call.key is None:
+            return
+        if usage is not None:
+            cost = call.price.cost(usage) if call.price is not None else 0.0
+            charge = Charge(
+                usage.input_tokens, usage.cached_input_tokens, usage.output_tokens, cost
+            )
+        elif answered:
+            charge = call.reservation  # nothing invented: the most it could have used
+        else:
+            charge = NO_CHARGE
+        task = asyncio.ensure_future(self._settle(call, call.key, charge))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, call: MeteredCall, key: BudgetKey, charge: Charge) -> None:
+        try:
+            await self._store.settle_budget(key, call.call_id, charge, model=call.model)
+        except StoreUnavailable as exc:
+            # The reservation stays and is charged when its lease ends.
+            logger.warning("A model call's charge was not settled: %s", exc)
+
+    async def close(self) -> None:
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
