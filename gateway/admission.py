@@ -12,7 +12,7 @@ import time
 from typing import NamedTuple
 
 from gateway.auth import SecretHasher, bearer_secret
-from gateway.errors import AuthError, GatewayError, StoreUnavailable
+from gateway.errors import AuthError, GatewayError, RateLimited, StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.ratelimit import Decision, Identity, Outcome, rate_limit_headers, rejection
 from gateway.revocation import Revoker
@@ -64,8 +64,12 @@ class Gatekeeper:
         self._window = window_seconds
         self._enforce = enforce
 
-    async def check(self, headers: Headers) -> Admission:
-        """Decide; raise the rejecting error, or return what the request carries on."""
+    async def check(self, headers: Headers, cls: str = "") -> Admission:
+        """Decide; raise the rejecting error, or return what the request carries on.
+
+        ``cls`` is the request's class (``gateway.chatkit.RequestClass``), ""
+        for requests without one (counted by the session's limit only).
+        """
         try:
             secret_hash = self._hash(bearer_secret(headers))
         except AuthError as exc:
@@ -77,7 +81,11 @@ class Gatekeeper:
             try:
                 decision = await self._store.admit(
                     AdmitRequest(
-                        secret_hash, self._allow_unknown, self._default_limit, self._user_limit
+                        secret_hash,
+                        self._allow_unknown,
+                        self._default_limit,
+                        self._user_limit,
+                        cls,
                     )
                 )
             except StoreUnavailable as exc:
@@ -90,6 +98,8 @@ class Gatekeeper:
         error = rejection(decision, window_seconds=self._window)
         if error is not None:
             if self._enforce:
+                if decision.identity is not None and isinstance(error, RateLimited):
+                    error.workflow_id = decision.identity.workflow_id
                 raise error  # a 429 carries its own rate-limit headers
             self._metrics.would_reject_by_outcome[decision.outcome].inc()
             logger.info("Report-only: would reject (%s)", decision.outcome.name.lower())
@@ -98,6 +108,15 @@ class Gatekeeper:
             rate_limit_headers(decision, window_seconds=self._window),
             decision.identity,
         )
+
+    def well_formed(self, headers: Headers) -> bool:
+        """Whether the request carries a well-formed secret (and so may have
+        its body read before admission)."""
+        try:
+            bearer_secret(headers)
+        except AuthError:
+            return False
+        return True
 
     def _report_only(self, error: GatewayError, what: str) -> Headers:
         if self._enforce:

@@ -122,6 +122,7 @@ def build_issuer(
         default_expires_seconds=settings.session_default_expires_seconds,
         max_expires_seconds=settings.session_max_expires_seconds,
         serves_every_create=not settings.has_upstream,
+        policies={wf: w.policy for wf, w in settings.workflows.items()},
     )
 
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gateway.auth import ApiKeys, SecretHasher
 from gateway.errors import BadRequest, InvalidApiKey, SessionNotFound
 from gateway.metrics import Metrics
+from gateway.policy import Policy
 from gateway.revocation import Revoker
 from gateway.sessions import Answer
 from gateway.store.base import SessionRecord, Store
@@ -191,9 +192,11 @@ class SessionIds:
         return hmac.compare_digest(self._tag(body[:32]), body[32:])
 
 
-def new_client_secret() -> str:
-    """``ek_`` + 256 random bits, URL-safe (RFC 4648 section 5)."""
-    return _SECRET_PREFIX + secrets.token_urlsafe(32)
+def new_client_secret(tag: str = "") -> str:
+    """``ek_`` + the user's slot tag and ``_`` if given + 256 random bits,
+    URL-safe (RFC 4648 section 5)."""
+    prefix = f"{_SECRET_PREFIX}{tag}_" if tag else _SECRET_PREFIX
+    return prefix + secrets.token_urlsafe(32)
 
 
 def session_document(
@@ -261,8 +264,15 @@ class Issuer:
         default_expires_seconds: int,
         max_expires_seconds: int,
         serves_every_create: bool = False,
+        policies: Mapping[str, Policy] | None = None,
     ) -> None:
         self._workflows = workflows
+        # Compiled once: every session of a workflow carries the same windows.
+        policies = policies or {}
+        self._policies = {
+            wf: (policy.session_limit_counts, policy.windows())
+            for wf, policy in ((wf, policies.get(wf, Policy())) for wf in workflows)
+        }
         self._keys = api_keys
         self._store = store
         self._revoker = revoker
@@ -309,11 +319,14 @@ class Issuer:
                     param="expires_after.seconds",
                     code="invalid_value",
                 )
+        counts, windows = self._policies[request.workflow.id]
         limit = self._default_limit
         if request.rate_limits is not None and request.rate_limits.max_requests_per_1_minute:
             limit = request.rate_limits.max_requests_per_1_minute
         session_id = self._ids.mint()
-        secret = new_client_secret()
+        # The secret names its user's slot tag: its state is stored beside the
+        # user's windows (see gateway.store.redis.keys).
+        secret = new_client_secret(self._hasher.user_tag(request.user))
         # Expiry is checked against the store's clock (Redis TIME), so it is
         # set from that clock too: a replica whose clock runs fast or slow
         # must not issue sessions that live longer or shorter than asked.
@@ -331,6 +344,8 @@ class Issuer:
             workflow_version=request.workflow.version or "",
             document=json.dumps(document, separators=(",", ":")).encode(),
             issued=True,
+            counts=counts,
+            windows=windows,
         )
         # Registered on the shared store before anyone sees the secret; a
         # StoreUnavailable here is the caller's 503, with nothing handed out.

@@ -27,6 +27,7 @@ import aiohttp
 from yarl import URL
 
 from gateway.admission import Admission, Gatekeeper
+from gateway.chatkit import Envelope, RequestClass, check_model, error_event, parse_envelope
 from gateway.cors import CorsPolicy
 from gateway.errors import (
     AuthError,
@@ -34,6 +35,7 @@ from gateway.errors import (
     ClientDisconnected,
     GatewayError,
     PayloadTooLarge,
+    RateLimited,
     StreamAborted,
     UpstreamTimeout,
     error_response_headers,
@@ -53,9 +55,9 @@ from gateway.headers import (
 from gateway.identity import IdentityHeaders, strip_client_identity
 from gateway.metrics import Metrics
 from gateway.model.budgets import BudgetKey
+from gateway.model.metering import BudgetExceeded
 from gateway.model.routes import ModelRequest, ModelUpstream, prepare
 from gateway.model.tokens import HEADER as MODEL_TOKEN_HEADER
-from gateway.model.tokens import envelope_is_turn
 from gateway.model.usage import StreamMeter, Usage, body_usage
 from gateway.ratelimit import Identity
 from gateway.revocation import Revoker
@@ -226,6 +228,10 @@ class Proxy:
             metrics, tracing=None, access_log=settings.access_log
         )
         self._workflows = {name: w.upstream for name, w in settings.workflows.items()}
+        self._policies = {name: w.policy for name, w in settings.workflows.items()}
+        self._max_envelope = settings.chatkit_max_envelope_bytes
+        self._max_transcribe = settings.chatkit_max_transcribe_bytes
+        self._envelope_bound = max(self._max_envelope, self._max_transcribe)
         key = settings.identity_signing_key
         self._identity = IdentityHeaders(
             signing_key=key.get_secret_value().encode() if key else None,
@@ -337,15 +343,47 @@ class Proxy:
             return
         if cors is not None:
             exchange.always = cors.response_headers(origin)
-        admission = await exchange.tel.admission(self._gatekeeper.check(headers))
+        envelope: Envelope | None = None
+        body: bytes | None = None
+        cls = ""
+        if kind is Kind.ISSUED and self._gatekeeper.well_formed(headers):
+            # What an issued request counts against depends on what it is.
+            if match.route.pattern == ISSUED_PREFIX and scope["method"] == "POST":
+                body = await self._envelope_body(receive, exchange, length)
+                envelope = parse_envelope(
+                    body, max_bytes=self._max_envelope, max_transcribe_bytes=self._max_transcribe
+                )
+                cls = envelope.cls.value
+                exchange.tel.cls = cls
+            else:
+                cls = exchange.tel.cls = RequestClass.UPLOAD.value
+        try:
+            admission = await exchange.tel.admission(self._gatekeeper.check(headers, cls))
+        except RateLimited as exc:
+            policy = self._policies.get(exc.workflow_id)
+            exchange.tel.workflow = exc.workflow_id
+            if policy is None or policy.limit_answer != "chatkit" or cls != RequestClass.TURN:
+                raise
+            await self._limit_event(exchange, exc, kind)
+            return
         if kind is Kind.ISSUED:
             outbound = self._issued_outbound(scope, exchange, headers, admission, None)
+            if admission.identity is not None:
+                exchange.tel.workflow = admission.identity.workflow_id
+            if envelope is not None and admission.identity is not None:
+                policy = self._policies.get(admission.identity.workflow_id)
+                if policy is not None:
+                    check_model(envelope, policy.models)
         else:
             if admission.identity is not None and admission.identity.workflow_id in self._workflows:
                 # An issued secret is for its workflow's server, never the hosted API.
                 raise _not_for_this_route()
             outbound = self._outbound(scope, exchange, match, headers, None)
         secret_hash = admission.secret_hash
+        if body is not None:  # the envelope, read before admission: sent as it came
+            outbound.body = body
+            has_body = False
+            exchange.watch_disconnect(receive)
         if secret_hash is None:  # report-only mode let a malformed secret through
             if has_body:
                 outbound.body = await self._request_body(receive, exchange)
@@ -361,17 +399,22 @@ class Proxy:
                 outbound.body = await self._request_body(receive, exchange)
             if (
                 self._model is not None
-                and kind is Kind.ISSUED
+                and envelope is not None
+                and envelope.cls is RequestClass.TURN
                 and admission.identity is not None
-                and scope["path"] == ISSUED_PREFIX
-                and isinstance(outbound.body, bytes)
-                and envelope_is_turn(outbound.body)
             ):
                 identity = admission.identity
                 # A turn is refused while a budget of its session or user is spent.
-                await self._model.metering.turn_room(
-                    BudgetKey(identity.workflow_id, identity.user, identity.session_id)
-                )
+                try:
+                    await self._model.metering.turn_room(
+                        BudgetKey(identity.workflow_id, identity.user, identity.session_id)
+                    )
+                except BudgetExceeded as exc:
+                    policy = self._policies.get(identity.workflow_id)
+                    if policy is None or policy.limit_answer != "chatkit":
+                        raise
+                    await self._limit_event(exchange, exc, kind)
+                    return
                 token = await self._model.tokens.issue(
                     secret_hash, admission.identity, request_id=exchange.request_id.decode()
                 )
@@ -381,6 +424,49 @@ class Proxy:
             self._revoker.untrack(secret_hash, exchange.close_revoked)
             if token is not None and self._model is not None:
                 self._model.tokens.end(token)
+
+    async def _envelope_body(
+        self, receive: Receive, exchange: _Exchange, length: int | None
+    ) -> bytes:
+        """A ``POST /chatkit`` body (a ChatKit envelope), whole, within its bound."""
+        bound = self._envelope_bound
+        if length is not None and length > bound:
+            raise PayloadTooLarge(f"A ChatKit request body is at most {bound} bytes.")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                exchange.aborted = "disconnect"
+                raise ClientDisconnected("client disconnected during the request body")
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            exchange.tel.bytes_in = size
+            if size > bound:
+                raise PayloadTooLarge(f"A ChatKit request body is at most {bound} bytes.")
+            if not message.get("more_body", False):
+                if not chunks:
+                    return chunk  # the common case: the whole envelope in one message
+                chunks.append(chunk)
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    async def _limit_event(self, exchange: _Exchange, exc: RateLimited, kind: Kind) -> None:
+        """Refuse a turn as a ChatKit server would: 200 and one ``error`` event,
+        which the widget shows in the conversation (with a retry). Still a
+        rejection: the rate-limit headers, the outcome in logs and metrics."""
+        exchange.tel.failed(exc, started=False)
+        body = error_event(exc.message)
+        headers: Headers = [
+            (b"content-type", b"text/event-stream"),
+            (b"cache-control", b"no-store"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", exchange.request_id),
+            *exc.headers,
+        ]
+        await exchange.start(200, headers)
+        await exchange.body(body, False)
+        self._metrics.count_request(kind.value, 200)
 
     async def _preflight(
         self,

@@ -26,6 +26,7 @@ class Outcome(enum.IntEnum):
     REVOKED = 3
     EXPIRED = 4
     UNKNOWN = 5
+    CLASS_RATE_LIMITED = 6  # a window of the request's class (policy)
 
 
 class Window(NamedTuple):
@@ -58,13 +59,41 @@ class Identity(NamedTuple):
     expires_at: int  # unix seconds
 
 
+class ClassWindow(NamedTuple):
+    """A policy window of the request's class: which one, and its state."""
+
+    cls: str  # "turn", "read", ...
+    scope: str  # "session" | "user"
+    seconds: int
+    window: Window
+
+    @property
+    def name(self) -> str:
+        """``turn-user-1d``: how headers and messages name this window."""
+        return f"{self.cls}-{self.scope}-{_window_name(self.seconds)}"
+
+
+def _window_name(seconds: int) -> str:
+    if seconds % 86400 == 0:
+        return f"{seconds // 86400}d"
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"
+
+
 class Decision(NamedTuple):
     outcome: Outcome
+    #: The session's limit; None when it does not count the request's class.
     session: Window | None = None
     user: Window | None = None
     #: Set on admissions of a registered session; None otherwise (and for
     #: unknown secrets admitted under the default limit).
     identity: Identity | None = None
+    #: The class window that refused the request, or when admitted the one
+    #: with the fewest requests left; None when the class has none.
+    class_window: ClassWindow | None = None
 
     @property
     def admitted(self) -> bool:
@@ -89,13 +118,18 @@ def duration(ms: int) -> str:
 
 
 def _binding(decision: Decision) -> Window | None:
+    cw = decision.class_window
     windows = [w for w in (decision.session, decision.user) if w is not None]
+    if cw is not None:
+        windows.append(cw.window)
     if not windows:
         return None
     if decision.outcome is Outcome.USER_RATE_LIMITED and decision.user is not None:
         return decision.user
     if decision.outcome is Outcome.RATE_LIMITED and decision.session is not None:
         return decision.session
+    if decision.outcome is Outcome.CLASS_RATE_LIMITED and cw is not None:
+        return cw.window
     return min(windows, key=lambda w: (w.remaining, -w.wait_ms))
 
 
@@ -103,7 +137,8 @@ def rate_limit_headers(decision: Decision, *, window_seconds: int) -> Headers:
     """Headers for a response to a request that went through the limiter."""
     user = decision.user
     session = decision.session
-    if user is None:
+    cw = decision.class_window
+    if user is None and cw is None:
         if session is None:
             return []
         # The common case, kept short: it runs for every admitted request.
@@ -120,10 +155,13 @@ def rate_limit_headers(decision: Decision, *, window_seconds: int) -> Headers:
         return []
     policies = []
     states = []
-    for name, window in (("session", decision.session), ("user", decision.user)):
+    named = [("session", window_seconds, decision.session), ("user", window_seconds, user)]
+    if cw is not None:
+        named.append((cw.name, cw.seconds, cw.window))
+    for name, seconds, window in named:
         if window is None:
             continue
-        policies.append(f'"{name}";q={window.limit};w={window_seconds}')
+        policies.append(f'"{name}";q={window.limit};w={seconds}')
         states.append(f'"{name}";r={window.remaining};t={math.ceil(window.wait_ms / 1000)}')
     return [
         (b"x-ratelimit-limit-requests", str(binding.limit).encode()),
@@ -154,6 +192,14 @@ def rejection(decision: Decision, *, window_seconds: int) -> GatewayError | None
         *rate_limit_headers(decision, window_seconds=window_seconds),
     ]
     limit = binding.limit if binding else 0
+    cw = decision.class_window
+    if outcome is Outcome.CLASS_RATE_LIMITED and cw is not None:
+        whose = "this user's sessions allow" if cw.scope == "user" else "this session allows"
+        return RateLimited(
+            f"Rate limit reached for '{cw.cls}' requests: {whose} {limit} per "
+            f"{_window_name(cw.seconds)}. Retry after {wait_ms / 1000:.3f} s.",
+            headers=headers,
+        )
     return RateLimited(
         f"Rate limit reached: this {scope} allows {limit} requests per "
         f"{window_seconds} s. Retry after {wait_ms / 1000:.3f} s.",

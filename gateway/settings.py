@@ -35,7 +35,7 @@ from pydantic_settings import (
 
 from gateway.errors import ConfigError
 from gateway.logs import LogFormat
-from gateway.model.budgets import BudgetFields
+from gateway.policy import Policy
 from gateway.service_links import is_service_link
 
 logger = logging.getLogger(__name__)
@@ -117,8 +117,9 @@ class WorkflowSetting(BaseModel):
     #: The URL of this workflow's ChatKit endpoint (its ``POST /chatkit``):
     #: client requests to ``/chatkit/<rest>`` go to ``<upstream>/<rest>``.
     upstream: str
-    #: Token and dollar budgets of its model calls (gateway/model/budgets.py).
-    policy: BudgetFields = Field(default_factory=BudgetFields)
+    #: What this workflow's sessions may do (gateway/policy.py); the defaults
+    #: count turns against the session limit and give other classes their own.
+    policy: Policy = Field(default_factory=Policy)
 
     @field_validator("upstream")
     @classmethod
@@ -225,6 +226,11 @@ class Settings(BaseSettings):
     session_default_expires_seconds: int = Field(600, ge=1)
     # OpenAI's maximum; may be raised, as custom mode has no refresh hook.
     session_max_expires_seconds: int = Field(600, ge=1, le=7 * 86400)
+    # The JSON envelope of a POST /chatkit is read whole before admission (its
+    # type decides what the request counts against): its largest size, and
+    # that of input.transcribe, whose envelope carries base64 audio.
+    chatkit_max_envelope_bytes: int = Field(MIB, ge=1024)
+    chatkit_max_transcribe_bytes: int = Field(16 * MIB, ge=1024)
     # Signs X-ChatKit-Assertion (HS256) for ChatKit servers reachable by other paths.
     identity_signing_key: SecretStr | None = None
     identity_issuer: str = Field("chatkit-gateway", min_length=1, max_length=256)
@@ -498,7 +504,7 @@ class Settings(BaseSettings):
         for workflow_id, workflow in self.workflows.items():
             if workflow.policy.has_budgets and self.model_api_key is None:
                 raise ValueError(
-                    f"workflow {workflow_id!r} has tokens/usd budgets, which need "
+                    f"GATEWAY_WORKFLOWS.{workflow_id}.policy has tokens/usd budgets, which need "
                     "GATEWAY_MODEL_API_KEY: only model calls through the gateway are counted"
                 )
         if self.model_api_key is not None and not self.workflows:

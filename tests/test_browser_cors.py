@@ -46,7 +46,10 @@ async def stack(redis_url: str, app_env: Mapping[str, str] | None = None) -> Asy
     origin = f"http://127.0.0.1:{app_port}"
     async with ChatKitServerProcess(workflow_ids=[WORKFLOW]) as chatkit:
         env = {
-            "GATEWAY_WORKFLOWS": json.dumps({WORKFLOW: {"upstream": chatkit.url}}),
+            # The page's requests are reads; this session limit counts them all.
+            "GATEWAY_WORKFLOWS": json.dumps(
+                {WORKFLOW: {"upstream": chatkit.url, "policy": {"session_limit_counts": "all"}}}
+            ),
             "GATEWAY_ISSUER_API_KEYS": "sha256:" + hashlib.sha256(API_KEY.encode()).hexdigest(),
             "GATEWAY_CORS_ORIGINS": origin,
         }

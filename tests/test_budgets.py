@@ -49,6 +49,11 @@ WORKFLOWS = {
     # Spent by one long answer (an output beyond its reservation is charged in full).
     "wf_tokens": {"tokens": {"user": {"1d": 300}}, "reserve_output_tokens": 10},
     "wf_usd": {"usd": {"user": {"1d": 0.001}}, "reserve_output_tokens": 10},
+    "wf_chatkit": {
+        "tokens": {"user": {"1d": 300}},
+        "reserve_output_tokens": 10,
+        "limit_answer": "chatkit",
+    },
 }
 
 
@@ -265,10 +270,39 @@ async def test_a_spent_daily_budget_stops_the_users_next_turn(
         assert error["code"] == "budget_exceeded"
         assert "user's 1d budget" in error["message"]
         assert 0 < int(headers["Retry-After"]) <= 86400
+    # Reads are never refused for a spent budget.
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{a.url}/chatkit",
+            json={"type": "threads.list", "params": {"limit": 5}},
+            headers={"Authorization": f"Bearer {second.client_secret}"},
+        ) as response,
+    ):
+        assert response.status == 200
     # Another user of the workflow is not affected.
     other = await sdk_create(a, API_KEY, user=f"grace-{workflow}", workflow={"id": workflow})
     model.answer = "short"
     assert (await post_turn(a, other.client_secret, "hello"))[0] == 200
+
+
+async def test_a_spent_budget_is_told_in_the_conversation_when_the_workflow_asks(
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    model: FakeModel,
+    store: RedisStore,
+) -> None:
+    a, _, _ = stack
+    session = await sdk_create(a, API_KEY, user="ivan", workflow={"id": "wf_chatkit"})
+    model.answer = LONG_ANSWER
+    assert (await post_turn(a, session.client_secret, "spend it"))[0] == 200
+    await charges(store, "wf_chatkit", "ivan", 1)
+    status, headers, raw = await post_turn(a, session.client_secret, "more")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/event-stream")
+    [event] = sse_events(raw)
+    assert event["type"] == "error"
+    assert "user's 1d budget" in event["message"]
+    assert int(headers["Retry-After"]) > 0
 
 
 async def test_an_unpriced_model_is_refused_under_a_dollar_budget(

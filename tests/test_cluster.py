@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 import redis
 
+from gateway.auth import SecretHasher
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.ratelimit import Outcome
 from gateway.settings import load_settings
@@ -159,6 +160,56 @@ async def test_revocation_by_session_id_and_its_announcement(
     info = await store.lookup("cksess_r")
     assert info is not None
     assert info.status == "revoked"
+
+
+async def test_a_users_class_windows_span_sessions_on_every_primary(
+    store: RedisStore, cluster: RedisCluster
+) -> None:
+    # An issued secret carries its user's slot tag, so its keys and its user's
+    # windows share one slot: one script decides both, on a cluster too.
+    hasher = SecretHasher(b"cluster-pepper")
+    expires = int(time.time()) + 600
+    users = [f"user_{n}" for n in range(8)]
+    client = cluster.client()
+    try:
+        owners = set()
+        for user in users:
+            for n in range(2):
+                secret = f"ek_{hasher.user_tag(user)}_{user}-{n}-secret-bytes"
+                record = SessionRecord(
+                    hasher(secret.encode()),
+                    f"cksess_{user}_{n}",
+                    user,
+                    expires,
+                    50,
+                    issued=True,
+                    counts="turn",
+                    windows={"turn": "u86400:3,s60:2"},
+                )
+                await store.register(record)
+                keys = store.keys.secret(record.secret_hash)
+                user_key = store.keys.class_user_prefix(record.secret_hash) + "x:turn:86400"
+                slots = {await client.cluster_keyslot(key) for key in (*keys, user_key)}
+                assert len(slots) == 1, keys
+                node = client.get_node_from_key(keys[0])
+                assert node is not None
+                owners.add(node.name)
+        assert len(owners) > 1  # the users spread over the primaries
+    finally:
+        await client.aclose()
+    for user in users:
+        hashes = [
+            hasher(f"ek_{hasher.user_tag(user)}_{user}-{n}-secret-bytes".encode()) for n in (0, 1)
+        ]
+        decisions = [
+            await store.admit(AdmitRequest(hashes[n % 2], False, 10, None, "turn"))
+            for n in range(5)
+        ]
+        outcomes = [d.outcome for d in decisions]
+        assert outcomes == [Outcome.ADMITTED] * 3 + [Outcome.CLASS_RATE_LIMITED] * 2, user
+        refused = decisions[-1].class_window
+        assert refused is not None
+        assert refused.name == "turn-user-1d"
 
 
 def test_user_limits_are_refused_on_a_cluster_at_start_up() -> None:

@@ -68,7 +68,10 @@ def redis_keys(server: RedisServer) -> set[bytes | str]:
 def issuer_env(fake: FakeUpstream, **extra: str) -> dict[str, str]:
     return {
         "GATEWAY_WORKFLOWS": (
-            f'{{"wf_a": {{"upstream": "{fake.url}/v1/chatkit/server-a"}},'
+            # wf_a's session limit counts every request, as before request
+            # classes (the default counts turns only; tests/test_policy.py).
+            f'{{"wf_a": {{"upstream": "{fake.url}/v1/chatkit/server-a",'
+            f' "policy": {{"session_limit_counts": "all"}}}},'
             f' "wf_b": {{"upstream": "{fake.url}/v1/chatkit/server-b/"}}}}'
         ),
         "GATEWAY_ISSUER_API_KEYS": f"{_sha256_entry(API_KEY)},another-plain-key-0123456789",
@@ -368,7 +371,10 @@ async def test_client_routes_refuse_missing_unknown_and_malformed_secrets(
         ({"Authorization": "Basic Zm9vOmJhcg=="}, "invalid_authorization"),
     ]
     for headers, code in cases:
-        async with http.post(f"{replicas[0].url}/chatkit", json={}, headers=headers) as response:
+        envelope = {"type": "threads.list", "params": {}}
+        async with http.post(
+            f"{replicas[0].url}/chatkit", json=envelope, headers=headers
+        ) as response:
             body = await response.json()
         assert (response.status, body["error"]["code"]) == (401, code)
     assert fake.count() == 0
@@ -428,7 +434,7 @@ async def test_one_set_of_rate_limit_headers_and_the_gateways_cors(
     session = await create(replicas[0], rate_limits={"max_requests_per_1_minute": 3})
     async with http.post(
         f"{replicas[0].url}/chatkit",
-        json={},
+        json={"type": "threads.add_user_message", "params": {}},
         headers={"Authorization": f"Bearer {session.client_secret}", "Origin": PAGE_ORIGIN},
     ) as response:
         assert response.status == 200
@@ -442,7 +448,7 @@ async def test_one_set_of_rate_limit_headers_and_the_gateways_cors(
         await chatkit(http, replicas[1], session.client_secret)
     async with http.post(
         f"{replicas[1].url}/chatkit",
-        json={},
+        json={"type": "threads.list", "params": {}},
         headers={"Authorization": f"Bearer {session.client_secret}", "Origin": PAGE_ORIGIN},
     ) as response:
         assert response.status == 429
@@ -518,7 +524,7 @@ async def test_cancel_cuts_a_live_stream_on_the_other_replica(
     events = []
     async with http.post(
         f"{a.url}/chatkit?events=100&interval=0.1",
-        json={},
+        json={"type": "threads.add_user_message", "params": {}},
         headers={"Authorization": f"Bearer {session.client_secret}", "Accept": "text/event-stream"},
     ) as response:
         assert response.status == 200

@@ -538,7 +538,11 @@ async def test_learned_sessions_have_an_identity_without_a_workflow(backend: Bac
     assert decision.identity == Identity(record.session_id, "user_bob", "", "", record.expires_at)
 
 
-async def test_only_admitted_registered_sessions_carry_an_identity(backend: Backend) -> None:
+async def test_registered_sessions_carry_an_identity_admitted_or_limited(
+    backend: Backend,
+) -> None:
+    # A refusal by a window names the session too: its workflow decides how
+    # the refusal is answered (limit_answer) and labels the metrics.
     store = backend.store()
     unknown = await store.admit(_ask(HASHER(b"nobody"), allow_unknown=True))
     assert unknown.admitted
@@ -550,7 +554,9 @@ async def test_only_admitted_registered_sessions_carry_an_identity(backend: Back
     assert admitted.identity.workflow_version == ""  # a workflow without versions
     refused = await store.admit(_ask(record.secret_hash))
     assert refused.outcome is Outcome.RATE_LIMITED
-    assert refused.identity is None
+    assert refused.identity == admitted.identity
+    await store.revoke(secret_hash=record.secret_hash, session_id=None, reason="t", replica="r")
+    assert (await store.admit(_ask(record.secret_hash))).identity is None  # revoked: not read
 
 
 async def test_redis_ping_reports_an_unreachable_redis_as_store_unavailable() -> None:
@@ -797,3 +803,135 @@ async def test_budget_windows_slide(backend: Backend) -> None:
     assert room.retry_after_ms == 60_000
     await backend.reach(backend.now() + 60)
     assert (await store.budget_room(key, (TOKENS_SESSION_1M,))).admitted
+
+
+# -- request classes and their windows (a workflow's policy) ---------------------
+
+
+def _policed(
+    backend: Backend,
+    *,
+    user: str = "user_alice",
+    limit: int = 2,
+    counts: str = "turn",
+    windows: dict[str, str] | None = None,
+) -> SessionRecord:
+    """An issued session with class windows, its secret tagged with its user's slot."""
+    secret = f"ek_{HASHER.user_tag(user)}_{secrets.token_urlsafe(24)}"
+    return dataclasses.replace(
+        _record(backend, limit=limit, user=user),
+        secret_hash=HASHER(secret.encode()),
+        issued=True,
+        counts=counts,
+        windows=windows or {},
+    )
+
+
+def _class(secret_hash: str, cls: str) -> AdmitRequest:
+    return AdmitRequest(secret_hash, False, 10, None, cls)
+
+
+async def test_reads_do_not_consume_turns_and_have_their_own_window(backend: Backend) -> None:
+    store = backend.store()
+    record = _policed(backend, limit=2, windows={"read": "s60:3"})
+    await store.register(record)
+    reads = await _admit_many(store, _class(record.secret_hash, "read"), 4)
+    assert [d.outcome for d in reads] == [Outcome.ADMITTED] * 3 + [Outcome.CLASS_RATE_LIMITED]
+    assert all(d.session is None for d in reads)  # the session limit counts turns only
+    assert [d.class_window.window.remaining for d in reads if d.class_window] == [2, 1, 0, 0]
+    refused = reads[-1].class_window
+    assert refused is not None
+    assert (refused.cls, refused.scope, refused.seconds, refused.name) == (
+        "read",
+        "session",
+        60,
+        "read-session-1m",
+    )
+    turns = await _admit_many(store, _class(record.secret_hash, "turn"), 3)
+    assert [d.outcome for d in turns] == [Outcome.ADMITTED] * 2 + [Outcome.RATE_LIMITED]
+    assert turns[0].session is not None
+    assert turns[0].session.remaining == 1
+
+
+async def test_session_limit_counting_all_counts_every_class(backend: Backend) -> None:
+    store = backend.store()
+    record = _policed(backend, limit=2, counts="all", windows={"read": "s60:5"})
+    await store.register(record)
+    read = await store.admit(_class(record.secret_hash, "read"))
+    turn = await store.admit(_class(record.secret_hash, "turn"))
+    refused = await store.admit(_class(record.secret_hash, "read"))
+    assert (read.outcome, turn.outcome) == (Outcome.ADMITTED, Outcome.ADMITTED)
+    assert refused.outcome is Outcome.RATE_LIMITED  # the session's own limit, 2 of any class
+    assert refused.class_window is not None
+    assert refused.class_window.window.remaining == 4
+
+
+async def test_a_users_window_spans_the_users_sessions(backend: Backend) -> None:
+    store = backend.store()
+    windows = {"turn": "u86400:3"}
+    first, second = (_policed(backend, limit=10, windows=windows) for _ in range(2))
+    other = _policed(backend, user="user_bob", limit=10, windows=windows)
+    for record in (first, second, other):
+        await store.register(record)
+    outcomes = [
+        (await store.admit(_class(record.secret_hash, "turn"))).outcome
+        for record in (first, second, first, second)
+    ]
+    assert outcomes == [Outcome.ADMITTED] * 3 + [Outcome.CLASS_RATE_LIMITED]
+    refused = await store.admit(_class(first.secret_hash, "turn"))
+    assert refused.class_window is not None
+    assert refused.class_window.name == "turn-user-1d"
+    assert 86_000_000 < refused.class_window.window.wait_ms <= 86_400_000
+    # The refusals took nothing from the sessions' own limits, nor from another user.
+    assert (await store.admit(_class(other.secret_hash, "turn"))).admitted
+    lookup = await store.lookup(second.session_id)
+    assert lookup is not None
+    assert lookup.remaining == 9
+
+
+async def test_a_refusal_reports_the_longest_wait_of_the_windows_that_refuse(
+    backend: Backend,
+) -> None:
+    store = backend.store()
+    record = _policed(backend, windows={"read": "s60:1,s3600:1"})
+    await store.register(record)
+    assert (await store.admit(_class(record.secret_hash, "read"))).admitted
+    refused = await store.admit(_class(record.secret_hash, "read"))
+    assert refused.outcome is Outcome.CLASS_RATE_LIMITED
+    assert refused.class_window is not None
+    assert refused.class_window.seconds == 3600  # the hour, not the minute, is the real wait
+    assert refused.class_window.window.wait_ms > 3_500_000
+
+
+async def test_a_class_limit_is_exact_under_concurrency(backend: Backend) -> None:
+    store = backend.store()
+    record = _policed(backend, windows={"upload": "s60:5,u3600:7"})
+    await store.register(record)
+    decisions = await asyncio.gather(
+        *(store.admit(_class(record.secret_hash, "upload")) for _ in range(20))
+    )
+    assert sum(d.admitted for d in decisions) == 5
+
+
+async def test_class_windows_slide(backend: Backend) -> None:
+    store = backend.store()
+    record = _policed(backend, windows={"write": "s60:1"})
+    await store.register(record)
+    start = backend.now()
+    assert (await store.admit(_class(record.secret_hash, "write"))).admitted
+    assert not (await store.admit(_class(record.secret_hash, "write"))).admitted
+    if backend.name == "redis":
+        return  # a minute of real time is too long for a test; the memory clock moves
+    await backend.reach(start + 61)
+    assert (await store.admit(_class(record.secret_hash, "write"))).admitted
+
+
+async def test_a_forged_slot_tag_is_an_unknown_secret(backend: Backend) -> None:
+    store = backend.store()
+    secret = f"ek_{HASHER.user_tag('user_alice')}_{secrets.token_urlsafe(24)}"
+    record = dataclasses.replace(_record(backend), secret_hash=HASHER(secret.encode()))
+    await store.register(record)
+    forged = "ek_" + ("0000" if secret[3:7] != "0000" else "ffff") + secret[7:]
+    decision = await store.admit(_ask(HASHER(forged.encode())))
+    assert decision.outcome is Outcome.UNKNOWN
+    assert (await store.admit(_ask(record.secret_hash))).admitted

@@ -51,7 +51,7 @@ class BudgetFields(BaseModel):
 
     @field_validator("tokens", "usd")
     @classmethod
-    def _positive(
+    def _positive_budgets(
         cls, value: dict[BudgetScope, dict[BudgetWindow, float]]
     ) -> dict[BudgetScope, dict[BudgetWindow, float]]:
         for scope, windows in value.items():
@@ -64,7 +64,7 @@ class BudgetFields(BaseModel):
     def has_budgets(self) -> bool:
         return bool(self.tokens or self.usd)
 
-    def limits(self) -> tuple[BudgetLimit, ...]:
+    def budget_limits(self) -> tuple[BudgetLimit, ...]:
         """Every window, in the form the store checks."""
         out = [
             BudgetLimit("tokens", scope, BUDGET_WINDOW_SECONDS[window], amount)

@@ -95,7 +95,7 @@ class Metering:
         self._metrics = metrics
         self._prices = prices
         self._policies = {wf: p for wf, p in policies.items() if p.has_budgets}
-        self._limits = {wf: p.limits() for wf, p in self._policies.items()}
+        self._limits = {wf: p.budget_limits() for wf, p in self._policies.items()}
         self._labels = labels
         self._settling: set[asyncio.Task[None]] = set()
 

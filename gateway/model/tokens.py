@@ -14,7 +14,6 @@ secret, like the turn itself).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 
@@ -29,35 +28,6 @@ logger = logging.getLogger(__name__)
 
 HEADER = b"x-chatkit-model-token"
 PREFIX = "ckmt_"
-
-
-#: The ChatKit envelope types that run a turn (the ChatKit server may call the
-#: model): only these get a token. A type this list does not know counts as
-#: a turn, as a newer ChatKit's would.
-NOT_TURNS = frozenset(
-    {
-        "threads.get_by_id",
-        "threads.list",
-        "items.list",
-        "threads.update",
-        "threads.delete",
-        "items.feedback",
-        "attachments.delete",
-        "threads.sync_custom_action",
-        "attachments.create",
-        "input.transcribe",
-    }
-)
-
-
-def envelope_is_turn(body: bytes) -> bool:
-    """Whether a ``POST /chatkit`` body is a turn's envelope."""
-    try:
-        envelope = json.loads(body)
-    except ValueError:
-        return False
-    kind = envelope.get("type") if isinstance(envelope, dict) else None
-    return isinstance(kind, str) and kind not in NOT_TURNS
 
 
 def _refused(message: str) -> AuthError:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Collection
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Collection, Mapping
+from dataclasses import dataclass, field
 
 from gateway.model.budgets import BudgetDecision, BudgetKey, BudgetLimit, Charge, ChargeRecord
 from gateway.ratelimit import Decision
@@ -29,6 +29,12 @@ class SessionRecord:
     workflow_version: str = ""
     document: bytes = b""
     issued: bool = False
+    #: The class the session's ``limit`` counts (``gateway.policy``): "all",
+    #: or one class, whose other classes then count only in ``windows``.
+    counts: str = "all"
+    #: The workflow policy's windows by class, compiled
+    #: (:meth:`gateway.policy.Policy.windows`).
+    windows: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +68,8 @@ class AdmitRequest:
     allow_unknown: bool
     default_limit: int
     user_limit: int | None
+    #: The request's class (``gateway.chatkit.RequestClass``), "" for none.
+    cls: str = ""
 
 
 @dataclass(frozen=True, slots=True)

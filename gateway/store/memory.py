@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from gateway.auth import split_tag
 from gateway.model.budgets import (
     LONGEST_WINDOW_SECONDS,
     NO_CHARGE,
@@ -26,7 +27,8 @@ from gateway.model.budgets import (
     Spent,
     decide,
 )
-from gateway.ratelimit import Decision, Identity, Outcome, Window
+from gateway.policy import parse_spec
+from gateway.ratelimit import ClassWindow, Decision, Identity, Outcome, Window
 from gateway.store.base import (
     AdmitRequest,
     AuditEntry,
@@ -54,6 +56,7 @@ class _SlidingWindow:
     # µs, ascending. A deque: each admission is appended once and popped once,
     # so pruning costs O(1) amortised even for limits in the millions.
     times: deque[int] = field(default_factory=deque)
+    length: int = 0  # µs; 0: the store's session window
 
     def state(self, now: int, window: int) -> tuple[int, int, int]:
         """Prune and return (count, µs until oldest leaves, µs until newest leaves)."""
@@ -153,38 +156,88 @@ class MemoryStore(Store):
                 record.expires_at,
             )
 
-        session = self._windows.setdefault("s:" + request.secret_hash, _SlidingWindow())
-        count, wait, reset = session.state(now, self._window)
-        if count >= limit:
-            return Decision(Outcome.RATE_LIMITED, Window(limit, 0, _ms(wait), _ms(reset)))
-        user_window = None
-        if request.user_limit and user:  # no user, no user window (as in Redis)
-            user_window = self._windows.setdefault("u:" + user, _SlidingWindow())
-            ucount, uwait, ureset = user_window.state(now, self._window)
-            if ucount >= request.user_limit:
-                return Decision(
-                    Outcome.USER_RATE_LIMITED,
-                    Window(limit, limit - count, _ms(wait), _ms(reset)),
-                    Window(request.user_limit, 0, _ms(uwait), _ms(ureset)),
+        # The windows this request counts in, as admit.lua builds them:
+        # (window, length µs, limit, outcome, class window spec).
+        windows: list[tuple[_SlidingWindow, int, int, Outcome, str]] = []
+        cls = request.cls
+        counts = record.counts if record is not None else "all"
+        if not cls or counts in ("all", cls):
+            windows.append(
+                (
+                    self._window_at("s:" + request.secret_hash),
+                    self._window,
+                    limit,
+                    Outcome.RATE_LIMITED,
+                    "",
                 )
-        session.times.append(now)
-        admitted_session = Window(
-            limit, limit - count - 1, _ms(wait if count else self._window), _ms(self._window)
-        )
-        if user_window is None or request.user_limit is None:
-            return Decision(Outcome.ADMITTED, admitted_session, None, identity)
-        user_window.times.append(now)
-        return Decision(
-            Outcome.ADMITTED,
-            admitted_session,
-            Window(
-                request.user_limit,
-                request.user_limit - ucount - 1,
-                _ms(uwait if ucount else self._window),
-                _ms(self._window),
-            ),
-            identity,
-        )
+            )
+        if request.user_limit and user:  # no user, no user window (as in Redis)
+            windows.append(
+                (
+                    self._window_at("u:" + user),
+                    self._window,
+                    request.user_limit,
+                    Outcome.USER_RATE_LIMITED,
+                    "",
+                )
+            )
+        spec = record.windows.get(cls) if record is not None and cls else None
+        tag, _ = split_tag(request.secret_hash)
+        for policy_window in parse_spec(spec or ""):
+            if policy_window.scope == "session":
+                key = f"s:{request.secret_hash}:{cls}:{policy_window.seconds}"
+            elif tag and user:  # user windows of tagged (issued) secrets only, as in Redis
+                key = f"t:{user}:{cls}:{policy_window.seconds}"
+            else:
+                continue
+            windows.append(
+                (
+                    self._window_at(key, policy_window.seconds * 1_000_000),
+                    policy_window.seconds * 1_000_000,
+                    policy_window.limit,
+                    Outcome.CLASS_RATE_LIMITED,
+                    f"{policy_window.scope[0]}{policy_window.seconds}",
+                )
+            )
+        states = [w.state(now, length) for w, length, _, _, _ in windows]
+        refused = None
+        for i, ((_, _, lim, _, _), (count, wait, _)) in enumerate(
+            zip(windows, states, strict=True)
+        ):
+            if count >= lim and (refused is None or wait > states[refused][1]):
+                refused = i
+        session = user_window = class_window = None
+        for i, ((sliding, length, lim, outcome, name), (count, wait, reset)) in enumerate(
+            zip(windows, states, strict=True)
+        ):
+            if refused is None:
+                sliding.times.append(now)
+                state = Window(lim, lim - count - 1, _ms(wait if count else length), _ms(length))
+            else:
+                remaining = 0 if i == refused else max(lim - count, 0)
+                state = Window(lim, remaining, _ms(wait), _ms(reset))
+            if outcome is Outcome.RATE_LIMITED:
+                session = state
+            elif outcome is Outcome.USER_RATE_LIMITED:
+                user_window = state
+            else:
+                candidate = ClassWindow(
+                    cls, "user" if name[0] == "u" else "session", int(name[1:]), state
+                )
+                if refused is not None and windows[refused][3] is Outcome.CLASS_RATE_LIMITED:
+                    if i == refused:
+                        class_window = candidate
+                elif class_window is None or state.remaining < class_window.window.remaining:
+                    class_window = candidate
+        if refused is not None:
+            return Decision(windows[refused][3], session, user_window, identity, class_window)
+        return Decision(Outcome.ADMITTED, session, user_window, identity, class_window)
+
+    def _window_at(self, key: str, length: int = 0) -> _SlidingWindow:
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = _SlidingWindow(length=length)
+        return window
 
     async def register(self, record: SessionRecord) -> bool:
         until = self._keep_until(record.expires_at)
@@ -415,6 +468,8 @@ class MemoryStore(Store):
         if len(self._windows) > 1024:
             now_us = int(now * 1_000_000)
             for key in [
-                k for k, w in self._windows.items() if w.state(now_us, self._window)[0] == 0
+                k
+                for k, w in self._windows.items()
+                if w.state(now_us, w.length or self._window)[0] == 0
             ]:
                 del self._windows[key]

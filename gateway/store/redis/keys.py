@@ -7,6 +7,7 @@ Key layout (``p`` is the configured prefix, ``h`` the secret's HMAC):
                   iss (1 if the gateway issued the session)
     p:{h}:w       zset: the session's sliding window           TTL window
     p:{h}:r       revoked flag                                  TTL exp + retention
+    p:{h}:w:C:L   zset: the session's window of class C, L seconds  TTL L
     p:{u:U}:w     zset: user U's window (standalone Redis only) TTL window
     p:{sid:S}:h   session id S -> h                             TTL exp + retention
     p:{sid:S}:r   session id S revoked (cancel before/without registration)
@@ -21,12 +22,24 @@ Key layout (``p`` is the configured prefix, ``h`` the secret's HMAC):
 
 Every key of one secret shares the hash tag ``{h}``, so the admission script
 runs unchanged on Redis Cluster.
+
+A secret the gateway issued carries its user's slot tag T (``ek_T_...``,
+:meth:`gateway.auth.SecretHasher.user_tag`), kept in its hash as ``T_h``. Its
+keys take the tag instead, and so do its user's class windows::
+
+    p:{t:T}:h:s, p:{t:T}:h:w, ...   as above, for the secret T_h
+    p:{t:T}:u:U:C:L                 zset: user U's window of class C, L s
+
+so one script on one slot sees a session and its user's windows, on Cluster
+too. A forged tag finds no session in its slot: an unknown secret.
 """
 
 from __future__ import annotations
 
 import hashlib
 from typing import NamedTuple
+
+from gateway.auth import split_tag
 
 
 class SecretKeys(NamedTuple):
@@ -63,7 +76,8 @@ class KeyLayout:
         self.audit = f"{prefix}:audit"
 
     def secret(self, secret_hash: str) -> SecretKeys:
-        base = f"{self.prefix}:{{{secret_hash}}}"
+        tag, digest = split_tag(secret_hash)
+        base = f"{self.prefix}:{{t:{tag}}}:{digest}" if tag else f"{self.prefix}:{{{digest}}}"
         return SecretKeys(f"{base}:s", f"{base}:w", f"{base}:r")
 
     def model_token(self, token_hash: str) -> str:
@@ -74,6 +88,15 @@ class KeyLayout:
         scripts run on one node of a cluster."""
         base = f"{self.prefix}:{{b:{workflow_id}:{user_hash(user)}}}"
         return f"{base}:c", f"{base}:r"
+
+    def class_user_prefix(self, secret_hash: str) -> str:
+        """Where the user's class windows of this secret live ("" for none).
+
+        Only tagged secrets have them: their user's windows share their slot.
+        The admission script appends ``<user hash>:<class>:<seconds>``.
+        """
+        tag, _ = split_tag(secret_hash)
+        return f"{self.prefix}:{{t:{tag}}}:u:" if tag else ""
 
     def session_id(self, session_id: str) -> SessionIdKeys:
         base = f"{self.prefix}:{{sid:{session_id}}}"

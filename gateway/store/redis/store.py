@@ -140,6 +140,10 @@ class RedisStore(Store):
                 fields["wv"] = record.workflow_version
             if record.issued:
                 fields["iss"] = 1
+            if record.counts != "all":
+                fields["cnt"] = record.counts
+            for cls, spec in record.windows.items():
+                fields["c:" + cls] = spec
             pipe.hset(skey, mapping=fields)  # type: ignore[arg-type]
             pipe.pexpireat(skey, keep_until_ms)
             pipe.set(hkey, record.secret_hash, pxat=keep_until_ms)
