@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,6 +32,7 @@ from tests.harness import (
     RedisServer,
     eventually,
     free_port,
+    gateway_env,
     running,
     sdk_create,
 )
@@ -38,6 +40,8 @@ from tests.harness import (
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 API_KEY = "ckgk_budgets-test-0123456789"
+ADMIN_TOKEN = "budgets-admin-token-0123456789"
+ADMIN_PORT = free_port()
 MODEL_KEY = "sk-budgets-model-key-0123456789"
 MODEL = "gpt-5-mini"
 LONG_ANSWER = " ".join(["word"] * 600)
@@ -84,7 +88,8 @@ async def stack(
         "GATEWAY_MODEL_API_KEY": MODEL_KEY,
         "GATEWAY_MODEL_UPSTREAM": model.url,
     }
-    a = GatewayProcess("none", redis_url=module_redis.url, env=env)
+    admin = {"GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN, "GATEWAY_ADMIN_PORT": str(ADMIN_PORT)}
+    a = GatewayProcess("none", redis_url=module_redis.url, env={**env, **admin})
     b = GatewayProcess("none", redis_url=module_redis.url, env=env, port=port_b)
     async with running((chatkit, a, b)):
         yield a, b, chatkit
@@ -168,6 +173,58 @@ async def test_usage_charged_equals_usage_reported_across_replicas(
         assert record.charge.usd_micros == pytest.approx(
             price.cost(Usage(usage["input"], usage["cached"], usage["output"]))
         )
+
+
+async def test_where_the_money_went_by_admin_api_and_cli(
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    module_redis: RedisServer,
+    store: RedisStore,
+) -> None:
+    a, _, _ = stack
+    session = await sdk_create(a, API_KEY, user="judy", workflow={"id": "wf_count"})
+    for text in ("one", "two"):
+        assert (await post_turn(a, session.client_secret, text))[0] == 200
+    recorded = await charges(store, "wf_count", "judy", 2)
+    expected = {
+        "calls": 2,
+        "input_tokens": sum(r.charge.input_tokens for r in recorded),
+        "cached_input_tokens": sum(r.charge.cached_input_tokens for r in recorded),
+        "output_tokens": sum(r.charge.output_tokens for r in recorded),
+        "total_tokens": sum(r.charge.tokens for r in recorded),
+        "usd": round(sum(r.charge.usd_micros for r in recorded) / 1_000_000, 6),
+    }
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"http://127.0.0.1:{ADMIN_PORT}/admin/users/judy/usage",
+            params={"workflow": "wf_count"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        ) as response,
+    ):
+        assert response.status == 200
+        report = await response.json()
+    assert list(report["workflows"]) == ["wf_count"]
+    usage = report["workflows"]["wf_count"]
+    assert usage["windows"]["1d"] == expected
+    assert usage["windows"]["1m"] == expected  # all of it just now
+    assert usage["sessions"][session.id]["1d"] == expected
+    assert usage["models"][MODEL]["1d"] == expected
+    env = {
+        **gateway_env("none", port=free_port(), redis_url=module_redis.url),
+        "GATEWAY_WORKFLOWS": json.dumps(
+            {wf: {"upstream": "http://127.0.0.1:1/chatkit"} for wf in WORKFLOWS}
+        ),
+        "GATEWAY_ISSUER_API_KEYS": API_KEY,
+    }
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "usage", "--user", "judy",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await cli.communicate()
+    assert cli.returncode == 0, err
+    printed = json.loads(out)
+    assert sorted(printed["workflows"]) == sorted(WORKFLOWS)
+    assert printed["workflows"]["wf_count"]["windows"]["1d"] == expected
 
 
 async def test_twenty_concurrent_calls_are_admitted_exactly_as_far_as_they_fit(

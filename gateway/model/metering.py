@@ -94,7 +94,9 @@ class Metering:
         self._store = store
         self._metrics = metrics
         self._prices = prices
-        self._policies = {wf: p for wf, p in policies.items() if p.has_budgets}
+        # Every workflow's calls are recorded (where the money went), with or
+        # without budgets; only those with budgets can be refused.
+        self._policies = dict(policies)
         self._limits = {wf: p.budget_limits() for wf, p in self._policies.items()}
         self._labels = labels
         self._settling: set[asyncio.Task[None]] = set()
@@ -111,6 +113,7 @@ class Metering:
                 self, grant, request.model, price=price, key=None, call_id=call_id,
                 reservation=NO_CHARGE,
             )  # fmt: skip
+        limits = self._limits[grant.workflow_id]
         if policy.usd and price is None:
             raise BadRequest(
                 f"The model {request.model!r} has no price, and this workflow has a "
@@ -129,7 +132,6 @@ class Metering:
             price.estimate(input_tokens, output_tokens) if price is not None else 0.0,
         )
         key = BudgetKey(grant.workflow_id, grant.user, grant.session_id)
-        limits = self._limits[grant.workflow_id]
         decision = await self._store.reserve_budget(
             key,
             call_id,
