@@ -54,7 +54,7 @@ class ModelCall:
 
 
 class FakeModel:
-    def __init__(self, *, api_key: str = "sk-fake-model-key-0123456789") -> None:
+    def __init__(self, *, api_key: str = "sk-fake-model-key-0123456789", port: int = 0) -> None:
         self.api_key = api_key
         self.answer = "The quick brown fox jumps over the lazy dog"
         self.ending: Ending = "completed"
@@ -64,7 +64,7 @@ class FakeModel:
         self.calls: list[ModelCall] = []
         self.streams_open = 0
         self._runner: web.AppRunner | None = None
-        self._port = 0
+        self._port = port
         self._counter = 0
 
     @property
@@ -82,7 +82,7 @@ class FakeModel:
             app, handle_signals=False, access_log=None, handler_cancellation=True
         )
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        await web.TCPSite(self._runner, "127.0.0.1", self._port).start()
         self._port = self._runner.addresses[0][1]
         return self
 
@@ -340,3 +340,27 @@ def _error(status: int, message: str, type_: str, code: str | None = None) -> we
         {"error": {"message": message, "type": type_, "param": None, "code": code}},
         status=status,
     )
+
+
+async def _serve(port: int, api_key: str) -> None:
+    model = FakeModel(api_key=api_key, port=port)
+    async with model:
+        print(f"fake model on {model.url}", flush=True)
+        await asyncio.Event().wait()  # until the process is stopped
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.fake_model --port 9002 --api-key sk-...`` (for scripts/bench)."""
+    import argparse
+    import contextlib
+
+    parser = argparse.ArgumentParser(description="A fake OpenAI model API over HTTP.")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--api-key", required=True)
+    args = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args.port, args.api_key))
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,7 @@ RESPONSES = "/v1/responses"
 CHAT = "/v1/chat/completions"
 #: The Responses stream events that carry the call's usage: its last.
 _FINAL_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_FINAL_MARKS = tuple(t.encode() for t in _FINAL_TYPES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +111,15 @@ class StreamMeter:
 
     def _read(self, event: bytes) -> bool:
         """Record the usage the event carries; True if it is the usage chunk."""
-        # Only the one event with usage is parsed: every other one is
-        # passed over by a substring test, the cost of a stream of deltas.
+        # Only the one event with usage is parsed: every other one is passed
+        # over by substring tests (a Responses stream's first events carry
+        # "usage": null inside a whole response object, so "usage" alone
+        # would parse them too).
         if b'"usage"' not in event:
+            return False
+        if self._route == RESPONSES and not any(t in event for t in _FINAL_MARKS):
+            return False
+        if self._route == CHAT and b'"choices":[]' not in event and b'"choices": []' not in event:
             return False
         data = event_data(event)
         if data is None:
