@@ -935,3 +935,31 @@ async def test_a_forged_slot_tag_is_an_unknown_secret(backend: Backend) -> None:
     decision = await store.admit(_ask(HASHER(forged.encode())))
     assert decision.outcome is Outcome.UNKNOWN
     assert (await store.admit(_ask(record.secret_hash))).admitted
+
+
+async def test_redis_budget_sums_let_a_charge_leave_its_window(redis_url: str) -> None:
+    """The running sums subtract a charge when it leaves a window. A minute of
+    real time is too long for a test, so the charge is moved 59.5 s back in
+    the charges set: what the script sees is then a charge about to leave."""
+    store = RedisStore(connect(redis_url, cluster=False, timeout=5.0), pubsub_url=redis_url)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        key = _key()
+        hour = BudgetLimit("tokens", "session", 3600, 500)
+        await _reserve(store, key, "c1", 500, TOKENS_SESSION_1M)
+        await store.settle_budget(key, "c1", _charge(500), model="m")
+        assert not (await store.budget_room(key, (TOKENS_SESSION_1M,))).admitted
+        charges_key = store.keys.budget("wf_budget", "alice")[0]
+        [member] = await client.zrange(charges_key, 0, -1)
+        assert isinstance(member, bytes)
+        leaves_at = time.time() + 0.5
+        await client.zadd(charges_key, {member: int((leaves_at - 60) * 1_000_000)}, xx=True)
+        assert not (await store.budget_room(key, (TOKENS_SESSION_1M,))).admitted
+        await wall_clock_reach(leaves_at + 0.05)
+        assert (await store.budget_room(key, (TOKENS_SESSION_1M,))).admitted
+        assert not (await store.budget_room(key, (hour,))).admitted  # still in the hour
+        # And a second session of the user was never charged in either.
+        assert (await store.budget_room(_key("cksess_b"), (hour,))).admitted
+    finally:
+        await client.aclose()
+        await store.close()

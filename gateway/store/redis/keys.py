@@ -17,6 +17,8 @@ Key layout (``p`` is the configured prefix, ``h`` the secret's HMAC):
     p:{b:W:U}:c   zset: user U's model-call charges in          TTL a day + lease
                   workflow W (gateway.model.budgets)
     p:{b:W:U}:r   hash: their calls in flight (reservations)    TTL a day + lease
+    p:{b:W:U}:t   hash: running sums per window, per user and   TTL a day + lease
+                  per session (see lua/budget.lua)
     p:audit       stream of revocations, capped
     p:revocations pub/sub channel of revoked hashes
 
@@ -83,11 +85,11 @@ class KeyLayout:
     def model_token(self, token_hash: str) -> str:
         return f"{self.prefix}:{{mt:{token_hash}}}"
 
-    def budget(self, workflow_id: str, user: str) -> tuple[str, str]:
-        """A user's budget keys in a workflow: one hash tag, so the budget
-        scripts run on one node of a cluster."""
+    def budget(self, workflow_id: str, user: str) -> tuple[str, str, str]:
+        """A user's budget keys in a workflow (charges, reservations, sums):
+        one hash tag, so the budget scripts run on one node of a cluster."""
         base = f"{self.prefix}:{{b:{workflow_id}:{user_hash(user)}}}"
-        return f"{base}:c", f"{base}:r"
+        return f"{base}:c", f"{base}:r", f"{base}:t"
 
     def class_user_prefix(self, secret_hash: str) -> str:
         """Where the user's class windows of this secret live ("" for none).

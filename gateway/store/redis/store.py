@@ -17,6 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 from gateway.errors import NotReplicated
 from gateway.model.budgets import (
     LONGEST_WINDOW_SECONDS,
+    RESERVATION_LEASE_SECONDS,
     BudgetDecision,
     BudgetKey,
     BudgetLimit,
@@ -45,6 +46,8 @@ AUDIT_MAXLEN = 10_000
 # much, so a secret cancelled at the last moment is not admitted as unknown.
 MIN_REVOCATION_TTL_MS = 60_000
 _LUA = resources.files("gateway.store").joinpath("lua")
+# A user's budget keys outlive the longest window and a reservation's lease.
+_BUDGET_KEEP_MS = (LONGEST_WINDOW_SECONDS + RESERVATION_LEASE_SECONDS) * 1000
 
 
 class RedisStore(Store):
@@ -101,9 +104,7 @@ class RedisStore(Store):
             else None
         )
         self._audit_script = client.register_script(_LUA.joinpath("audit.lua").read_text())
-        self._reserve_script = client.register_script(
-            _LUA.joinpath("budget_reserve.lua").read_text()
-        )
+        self._reserve_script = client.register_script(_LUA.joinpath("budget.lua").read_text())
         self._settle_script = client.register_script(_LUA.joinpath("budget_settle.lua").read_text())
         self._feed = RevocationFeed(
             pubsub_url, self.keys.channel, ping_seconds=ping_seconds, client=client
@@ -396,13 +397,13 @@ class RedisStore(Store):
             repr(float(need.usd_micros)),
             lease_seconds * 1_000_000,
             _field(model),
-            LONGEST_WINDOW_SECONDS * 1_000_000,
+            _BUDGET_KEEP_MS,
         ]
         for limit in limits:
             args += [
                 "t" if limit.kind == "tokens" else "d",
                 limit.scope[0],
-                limit.seconds * 1_000_000,
+                limit.seconds,
                 repr(float(limit.limit)),
             ]
         reply = await self.availability.call(
@@ -446,7 +447,7 @@ class RedisStore(Store):
             charge.output_tokens,
             repr(float(charge.usd_micros)),
             _field(model),
-            LONGEST_WINDOW_SECONDS * 1000 + 60_000,
+            _BUDGET_KEEP_MS,
         ]
         # Idempotent: a repeat finds the reservation gone and charges nothing.
         await self.availability.idempotent(
@@ -454,7 +455,7 @@ class RedisStore(Store):
         )
 
     async def budget_charges(self, workflow_id: str, user: str) -> list[ChargeRecord]:
-        charges_key, _ = self.keys.budget(workflow_id, user)
+        charges_key, _, _ = self.keys.budget(workflow_id, user)
         seconds, micros = await self.availability.call(lambda: self._client.time())
         since = int(seconds) * 1_000_000 + int(micros) - LONGEST_WINDOW_SECONDS * 1_000_000
         rows = await self.availability.call(
