@@ -19,9 +19,9 @@ import redis
 
 from gateway.auth import SecretHasher
 from gateway.errors import ConfigError, StoreUnavailable
+from gateway.model.budgets import BudgetKey, BudgetLimit, Charge
 from gateway.ratelimit import Outcome
 from gateway.settings import load_settings
-from gateway.model.budgets import BudgetKey, BudgetLimit, Charge
 from gateway.store.base import AdmitRequest, ModelGrant, SessionRecord
 from gateway.store.redis import RedisStore, connect
 from tests.fake_upstream import FakeUpstream
