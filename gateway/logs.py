@@ -147,11 +147,11 @@ def log_access(fields: Mapping[str, Any]) -> None:
     """One access-log line: readable in text, every field its own key in JSON.
 
     ``fields`` holds method, path, status, kind, outcome, client, bytes_in,
-    bytes_out, duration_ms, upstream_ms and, when set, aborted, and a ChatKit
-    request's workflow and class.
+    bytes_out, duration_ms, upstream_ms and, when set, aborted, a ChatKit
+    request's workflow and class, and app (the issuer app of a session call).
     """
     _access.info(
-        "%s %s %d %s outcome=%s client=%s in=%d out=%d %.1fms upstream=%s%s%s%s",
+        "%s %s %d %s outcome=%s client=%s in=%d out=%d %.1fms upstream=%s%s%s%s%s",
         fields["method"],
         fields["path"],
         fields["status"],
@@ -165,6 +165,7 @@ def log_access(fields: Mapping[str, Any]) -> None:
         f" aborted={fields['aborted']}" if fields.get("aborted") else "",
         f" workflow={fields['workflow']}" if fields.get("workflow") else "",
         f" class={fields['class']}" if fields.get("class") else "",
+        f" app={fields['app']}" if fields.get("app") else "",
         extra={"fields": fields},
     )
 

@@ -9,6 +9,11 @@ Key layout (``p`` is the configured prefix, ``h`` the secret's HMAC):
     p:{h}:r       revoked flag                                  TTL exp + retention
     p:{h}:w:C:L   zset: the session's window of class C, L seconds  TTL L
     p:{u:U}:w     zset: user U's window (standalone Redis only) TTL window
+    p:{u:U}:ix    zset: U's active sessions, sid -> expires_at  TTL last exp + retention
+    p:{u:U}:ie    hash: sid -> JSON {a app, w workflow, h hash, c created, e exp}
+    p:{u:U}:ban   U may not get sessions while it exists        TTL the ban
+    p:{app:A}:c   zset: app A's creates, sid -> µs              TTL window
+    p:{app:A}:a   zset: app A's sessions, sid -> expires_at     TTL last exp + retention
     p:{sid:S}:h   session id S -> h                             TTL exp + retention
     p:{sid:S}:r   session id S revoked (cancel before/without registration)
     p:{sid:S}:d   issued session S's ChatSession JSON, no secret  TTL exp + retention
@@ -34,6 +39,9 @@ keys take the tag instead, and so do its user's class windows::
 
 so one script on one slot sees a session and its user's windows, on Cluster
 too. A forged tag finds no session in its slot: an unknown secret.
+
+A user's keys share ``{u:U}`` (U the user hash) and an app's ``{app:A}``,
+so the create-time checks are one script per slot there too.
 """
 
 from __future__ import annotations
@@ -58,6 +66,21 @@ class SessionIdKeys(NamedTuple):
     secret_hash: str
     revoked: str
     document: str
+
+
+class UserKeys(NamedTuple):
+    """The keys of one user's session index; they share a hash slot."""
+
+    sessions: str
+    entries: str
+    ban: str
+
+
+class AppKeys(NamedTuple):
+    """The keys of one app; they share a hash slot."""
+
+    creates: str
+    active: str
 
 
 def user_hash(user: str) -> str:
@@ -99,6 +122,14 @@ class KeyLayout:
         """
         tag, _ = split_tag(secret_hash)
         return f"{self.prefix}:{{t:{tag}}}:u:" if tag else ""
+
+    def user(self, user: str) -> UserKeys:
+        base = f"{self.user_prefix}{user_hash(user)}}}"
+        return UserKeys(f"{base}:ix", f"{base}:ie", f"{base}:ban")
+
+    def app(self, name: str) -> AppKeys:
+        base = f"{self.prefix}:{{app:{name}}}"
+        return AppKeys(f"{base}:c", f"{base}:a")
 
     def session_id(self, session_id: str) -> SessionIdKeys:
         base = f"{self.prefix}:{{sid:{session_id}}}"
