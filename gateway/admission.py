@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from gateway.auth import SecretHasher, bearer_secret
 from gateway.errors import AuthError, GatewayError, RateLimited, StoreUnavailable
+from gateway.head import RequestHead
 from gateway.metrics import Metrics
 from gateway.ratelimit import Decision, Identity, Outcome, rate_limit_headers, rejection
 from gateway.revocation import Revoker
@@ -62,9 +63,10 @@ class Gatekeeper:
         self._window = window_seconds
         self._enforce = enforce
 
-    async def check(self, headers: Headers, cls: str = "") -> Admission:
+    async def check(self, headers: RequestHead | Headers, cls: str = "") -> Admission:
         """Decide; raise the rejecting error, or return what the request carries on.
 
+        ``headers``: the request's head, as the protocol read it (or its list).
         ``cls`` is the request's class (``gateway.chatkit.RequestClass``), ""
         for requests without one (counted by the session's limit only).
         """
@@ -107,7 +109,7 @@ class Gatekeeper:
             decision.identity,
         )
 
-    def well_formed(self, headers: Headers) -> bool:
+    def well_formed(self, headers: RequestHead | Headers) -> bool:
         """Whether the request carries a well-formed secret (and so may have
         its body read before admission)."""
         try:
