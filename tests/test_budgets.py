@@ -376,7 +376,18 @@ async def test_an_unpriced_model_is_refused_under_a_dollar_budget(
     async with client:
         with pytest.raises(openai.BadRequestError) as caught:
             await client.responses.create(model="made-up-model", input="hi")
-        # A dated snapshot of a priced model is priced.
+        # A dated snapshot of a priced model is priced; a whole (not streamed)
+        # answer is charged its body's usage.
         await client.responses.create(model=f"{MODEL}-2025-08-07", input="hi")
     assert caught.value.code == "model_not_priced"
     assert len(model.calls) == calls + 1
+    reported = model.calls[-1].usage
+    assert reported is not None
+    recorded = await charges(store, "wf_count", "heidi", 2)
+    whole = recorded[-1]
+    assert whole.model == f"{MODEL}-2025-08-07"
+    assert (whole.charge.input_tokens, whole.charge.output_tokens) == (
+        reported["input"],
+        reported["output"],
+    )
+    assert whole.charge.usd_micros > 0
