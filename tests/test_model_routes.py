@@ -274,3 +274,40 @@ async def test_cancelling_the_session_refuses_its_token_and_cuts_its_model_strea
     finally:
         model.hold.set()
         model.hold = None
+
+
+async def test_a_client_cannot_bring_its_own_model_token_nor_use_one_as_a_secret(
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
+) -> None:
+    a, _, chatkit = stack
+    session = await create(a)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{a.url}/chatkit",
+            data=threads_create_body("forged"),
+            headers={
+                "Authorization": f"Bearer {session.client_secret}",
+                "X-ChatKit-Model-Token": "ckmt_forged",
+            },
+        ) as response,
+    ):
+        assert response.status == 200
+        await response.read()
+    # The server got the gateway's token for this turn, and only that one.
+    [seen] = [
+        r for r in chatkit.seen() if r.context is not None and r.context.session_id == session.id
+    ]
+    tokens = [v for k, v in seen.chatkit_headers if k == "x-chatkit-model-token"]
+    assert len(tokens) == 1
+    assert tokens[0] != "ckmt_forged"
+    # A model token is no client secret: the ChatKit routes refuse it.
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{a.url}/chatkit",
+            json={"type": "threads.list", "params": {}},
+            headers={"Authorization": f"Bearer {tokens[0]}"},
+        ) as response,
+    ):
+        assert response.status == 401
