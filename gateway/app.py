@@ -139,6 +139,9 @@ def build_model_upstream(
         prices=Prices.load(settings.model_prices),
         policies={name: workflow.policy for name, workflow in settings.workflows.items()},
         labels=ModelLabels(),
+        audit=settings.audit_model_usage,
+        grace_seconds=settings.model_token_grace_seconds,
+        replica=settings.effective_replica_id,
     )
     return ModelUpstream(
         origin=settings.model_upstream,

@@ -439,6 +439,12 @@ class Proxy:
             self._revoker.untrack(secret_hash, exchange.close_revoked)
             if token is not None and self._model is not None:
                 self._model.tokens.end(token)
+                if admission.identity is not None:
+                    identity = admission.identity
+                    self._model.metering.audit_turn(
+                        BudgetKey(identity.workflow_id, identity.user, identity.session_id),
+                        exchange.request_id.decode(),
+                    )
 
     async def _envelope_body(
         self, receive: Receive, exchange: _Exchange, length: int | None

@@ -481,6 +481,12 @@ class Settings(BaseSettings):
         "cached_input and output tokens) replacing the shipped one wholesale.",
         examples=["/etc/chatkit-gateway/prices.json"],
     )
+    audit_model_usage: bool = Field(
+        False,
+        description="Append one entry per turn to the audit stream with its model usage "
+        "(reason model_usage), once its token's grace is over and its last model call "
+        "has settled.",
+    )
 
     # Admin listener: off unless a token is configured.
     admin_token: SecretStr | None = Field(

@@ -20,6 +20,8 @@ import pytest
 import pytest_asyncio
 from openai.types.beta.chatkit import ChatSession
 
+from gateway.store.base import AuditEntry
+from gateway.store.redis import RedisStore, connect
 from tests.chatkit_server import ChatKitServerProcess, SeenRequest, sse_events, threads_create_body
 from tests.fake_model import FakeModel
 from tests.harness import (
@@ -70,6 +72,7 @@ async def stack(
         "GATEWAY_MODEL_API_KEY": MODEL_KEY,
         "GATEWAY_MODEL_UPSTREAM": model.url,
         "GATEWAY_MODEL_TOKEN_GRACE_SECONDS": str(GRACE_SECONDS),
+        "GATEWAY_AUDIT_MODEL_USAGE": "true",
     }
     a = GatewayProcess("none", redis_url=module_redis.url, env=env)
     b = GatewayProcess("none", redis_url=module_redis.url, env=env, port=port_b)
@@ -311,3 +314,39 @@ async def test_a_client_cannot_bring_its_own_model_token_nor_use_one_as_a_secret
         ) as response,
     ):
         assert response.status == 401
+
+
+async def test_a_turns_usage_is_audited_once_its_last_call_has_settled(
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    model: FakeModel,
+    module_redis: RedisServer,
+) -> None:
+    a, _, _ = stack
+    session = await create(a)
+    first = len(model.calls)
+    await turn(a, session.client_secret, "audit me")
+    [call] = model.calls[first:]
+    assert call.usage is not None
+    store = RedisStore(
+        connect(module_redis.url, cluster=False, timeout=5.0), pubsub_url=module_redis.url
+    )
+    found: list[AuditEntry] = []
+
+    async def audited() -> bool:
+        found[:] = [
+            e
+            for e in await store.audit_tail(1000)
+            if e.reason == "model_usage" and e.session_id == session.id
+        ]
+        return bool(found)
+
+    try:
+        await eventually(audited, timeout=GRACE_SECONDS + 20, what="the turn's audit entry")
+    finally:
+        await store.close()
+    [entry] = found
+    assert entry.usage is not None
+    assert entry.usage["calls"] == 1
+    assert entry.usage["input_tokens"] == call.usage["input"]
+    assert entry.usage["output_tokens"] == call.usage["output"]
+    assert entry.usage["total_tokens"] == call.usage["input"] + call.usage["output"]

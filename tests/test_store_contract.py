@@ -963,3 +963,26 @@ async def test_redis_budget_sums_let_a_charge_leave_its_window(redis_url: str) -
     finally:
         await client.aclose()
         await store.close()
+
+
+async def test_a_turns_calls_are_found_by_their_ids_and_its_usage_audited(
+    backend: Backend,
+) -> None:
+    store = backend.store()
+    key = _key()
+    await _reserve(store, key, "req-1.a", 10, TOKENS_USER_1D)
+    await _reserve(store, key, "req-1.b", 10, TOKENS_USER_1D)
+    assert sorted(await store.calls_in_flight("wf_budget", "alice")) == ["req-1.a", "req-1.b"]
+    await store.settle_budget(key, "req-1.a", _charge(10), model="m")
+    assert await store.calls_in_flight("wf_budget", "alice") == ["req-1.b"]
+    [record] = await store.budget_charges("wf_budget", "alice")
+    assert record.call_id == "req-1.a"
+    usage = {"calls": 1.0, "input_tokens": 5.0, "output_tokens": 5.0, "usd": 0.25}
+    await store.audit_usage(session_id="cksess_a", replica="r1", usage=usage)
+    [entry] = await store.audit_tail(1)
+    assert (entry.reason, entry.session_id, entry.replica, entry.usage) == (
+        "model_usage",
+        "cksess_a",
+        "r1",
+        usage,
+    )

@@ -166,6 +166,7 @@ class ChargeRecord:
     session_id: str
     model: str
     charge: Charge
+    call_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

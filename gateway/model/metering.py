@@ -37,6 +37,10 @@ from gateway.store.base import ModelGrant, Store
 logger = logging.getLogger(__name__)
 
 
+#: How often a turn's audit looks whether its last model call has settled.
+AUDIT_POLL_SECONDS = 1.0
+
+
 class BudgetExceeded(RateLimited):
     code = "budget_exceeded"
 
@@ -90,8 +94,14 @@ class Metering:
         prices: Prices | None,
         policies: Mapping[str, BudgetFields],
         labels: ModelLabels,
+        audit: bool = False,
+        grace_seconds: int = 30,
+        replica: str = "",
     ) -> None:
         self._store = store
+        self._audit = audit
+        self._grace = grace_seconds
+        self._replica = replica
         self._metrics = metrics
         self._prices = prices
         # Every workflow's calls are recorded (where the money went), with or
@@ -100,6 +110,7 @@ class Metering:
         self._limits = {wf: p.budget_limits() for wf, p in self._policies.items()}
         self._labels = labels
         self._settling: set[asyncio.Task[None]] = set()
+        self._auditing: set[asyncio.Task[None]] = set()
 
     async def open(
         self, grant: ModelGrant, request: ModelRequest, caller_body: bytes
@@ -107,7 +118,8 @@ class Metering:
         """Admit the call against its workflow's budgets; raise the refusal."""
         policy = self._policies.get(grant.workflow_id)
         price = self._prices(request.model) if self._prices is not None else None
-        call_id = secrets.token_hex(12)
+        # The turn's request id first: a turn's calls are found by it (audit).
+        call_id = f"{grant.request_id}.{secrets.token_hex(8)}"
         if policy is None:
             return MeteredCall(
                 self, grant, request.model, price=price, key=None, call_id=call_id,
@@ -188,6 +200,55 @@ class Metering:
             # The reservation stays and is charged when its lease ends.
             logger.warning("A model call's charge was not settled: %s", exc)
 
+    def audit_turn(self, key: BudgetKey, request_id: str) -> None:
+        """With GATEWAY_AUDIT_MODEL_USAGE: once the turn's token has died (its
+        grace is over) and its last model call has settled, append its usage
+        to the audit stream. Runs on in the background."""
+        if not self._audit:
+            return
+        task = asyncio.ensure_future(self._audit_turn(key, request_id))
+        self._auditing.add(task)
+        task.add_done_callback(self._auditing.discard)
+
+    async def _audit_turn(self, key: BudgetKey, request_id: str) -> None:
+        prefix = request_id + "."
+        # No call can start after the grace; those in flight then settle
+        # (or their leases end, which charges them).
+        await asyncio.sleep(self._grace + 1)
+        try:
+            waited = 0.0
+            while waited < RESERVATION_LEASE_SECONDS:
+                flight = await self._store.calls_in_flight(key.workflow_id, key.user)
+                if not any(call.startswith(prefix) for call in flight):
+                    break
+                await asyncio.sleep(AUDIT_POLL_SECONDS)
+                waited += AUDIT_POLL_SECONDS
+            records = [
+                r
+                for r in await self._store.budget_charges(key.workflow_id, key.user)
+                if r.call_id.startswith(prefix)
+            ]
+            charges = [r.charge for r in records]
+            usage: dict[str, float] = {
+                "calls": len(charges),
+                "input_tokens": sum(c.input_tokens for c in charges),
+                "cached_input_tokens": sum(c.cached_input_tokens for c in charges),
+                "output_tokens": sum(c.output_tokens for c in charges),
+                "total_tokens": sum(c.tokens for c in charges),
+                "usd": round(sum(c.usd_micros for c in charges) / 1_000_000, 6),
+            }
+            await self._store.audit_usage(
+                session_id=key.session_id, replica=self._replica, usage=usage
+            )
+        except StoreUnavailable as exc:
+            logger.warning("A turn's model usage was not audited: %s", exc)
+
     async def close(self) -> None:
+        """Wait for charges being settled; audits still waiting out a grace
+        are dropped (a shutdown does not wait for them)."""
         if self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)
+        for task in self._auditing:
+            task.cancel()
+        if self._auditing:
+            await asyncio.gather(*self._auditing, return_exceptions=True)

@@ -103,6 +103,9 @@ class AuditEntry:
     replica: str
     at: float  # unix seconds
     app: str | None = None
+    #: A turn's model usage (reason "model_usage"): input_tokens,
+    #: cached_input_tokens, output_tokens, total_tokens, usd, calls.
+    usage: dict[str, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,6 +288,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def budget_charges(self, workflow_id: str, user: str) -> list[ChargeRecord]:
         """The user's charges of the last day in a workflow, oldest first."""
+
+    @abc.abstractmethod
+    async def calls_in_flight(self, workflow_id: str, user: str) -> list[str]:
+        """The call ids of the user's model calls still reserved (unsettled)."""
+
+    @abc.abstractmethod
+    async def audit_usage(self, *, session_id: str, replica: str, usage: dict[str, float]) -> None:
+        """Append a turn's model usage to the audit stream (reason "model_usage")."""
 
     # -- apps and users -------------------------------------------------------
 

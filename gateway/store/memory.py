@@ -393,6 +393,7 @@ class MemoryStore(Store):
                     reservation.session_id,
                     reservation.model,
                     reservation.charge,
+                    call_id,
                 )
                 budget.charges.append(record)
         if charged:  # at their leases' ends, maybe before charges already kept
@@ -454,10 +455,30 @@ class MemoryStore(Store):
     ) -> None:
         budget = self._budget(key.workflow_id, key.user)
         if budget.flight.pop(call_id, None) is not None and charge != NO_CHARGE:
-            budget.charges.append(ChargeRecord(self._clock(), key.session_id, model, charge))
+            budget.charges.append(
+                ChargeRecord(self._clock(), key.session_id, model, charge, call_id)
+            )
 
     async def budget_charges(self, workflow_id: str, user: str) -> list[ChargeRecord]:
         return list(self._budget(workflow_id, user).charges)
+
+    async def calls_in_flight(self, workflow_id: str, user: str) -> list[str]:
+        return list(self._budget(workflow_id, user).flight)
+
+    async def audit_usage(self, *, session_id: str, replica: str, usage: dict[str, float]) -> None:
+        self._audit_seq += 1
+        self._audit.append(
+            AuditEntry(
+                id=str(self._audit_seq),
+                session_id=session_id,
+                secret_hash_prefix=None,
+                reason="model_usage",
+                replica=replica,
+                at=self._clock(),
+                usage=dict(usage),
+            )
+        )
+        del self._audit[:-AUDIT_MAXLEN]
 
     # -- apps and users -------------------------------------------------------
 

@@ -511,16 +511,31 @@ class RedisStore(Store):
             parts = (text(member) or "").split("|")
             if len(parts) != 7:
                 continue
-            _, sid, input_tokens, cached, output, usd, model = parts
+            call_id, sid, input_tokens, cached, output, usd, model = parts
             records.append(
                 ChargeRecord(
                     float(score) / 1_000_000,
                     sid,
                     model,
                     Charge(int(input_tokens), int(cached), int(output), float(usd)),
+                    call_id,
                 )
             )
         return records
+
+    async def calls_in_flight(self, workflow_id: str, user: str) -> list[str]:
+        _, reservations, _ = self.keys.budget(workflow_id, user)
+        fields = await self.availability.call(lambda: self._client.hkeys(reservations))
+        return [text(f) or "" for f in fields or []]
+
+    async def audit_usage(self, *, session_id: str, replica: str, usage: dict[str, float]) -> None:
+        args: list[Any] = [AUDIT_MAXLEN, self._revocation_ttl]
+        fields = {"session_id": session_id, "reason": "model_usage", "replica": replica}
+        for name, value in [*fields.items(), *((f"usage.{k}", repr(v)) for k, v in usage.items())]:
+            args += [name, value]
+        await self.availability.idempotent(
+            lambda: self._audit_script(keys=[self.keys.audit], args=args), proves_room=False
+        )
 
     # -- operator reads -----------------------------------------------------------
 
@@ -583,6 +598,12 @@ class RedisStore(Store):
                     replica=values.get("replica") or "",
                     at=_entry_time(values.get("at"), text(entry_id) or "0"),
                     app=values.get("app") or None,
+                    usage={
+                        k.removeprefix("usage."): float(v)
+                        for k, v in values.items()
+                        if k is not None and k.startswith("usage.")
+                    }
+                    or None,
                 )
             )
         return entries
