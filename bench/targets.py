@@ -37,6 +37,8 @@ CONVERSATION_BODY = (
     b'{"type":"threads.create","params":{"input":{"content":'
     b'[{"type":"input_text","text":"Hello from scripts/bench"}]}}}'
 )
+#: An issued read: what a page load makes several of.
+READ_BODY = b'{"type":"threads.list","params":{"limit":20,"order":"desc"}}'
 INSTALL_HINT = "install it with: apt-get install wrk nginx-light"
 CONVERSATION = "/v1/chatkit/conversation?bench=1"
 # Issuer mode: the gateway sends it to <workflow upstream>?bench=1, which the
@@ -164,10 +166,13 @@ class Bench:
                 "GATEWAY_WORKERS": str(workers or self.args.workers),
                 "GATEWAY_LOG_LEVEL": "warning",
                 # Issuer mode beside the hosted upstream: the issued-session row.
+                # Its reads get a window too large to refuse during a run,
+                # like the sessions' own limit: measured is the deciding.
                 "GATEWAY_WORKFLOWS": json.dumps(
                     {
                         ISSUED_WORKFLOW: {
-                            "upstream": f"http://127.0.0.1:{upstream_port}/v1/chatkit"
+                            "upstream": f"http://127.0.0.1:{upstream_port}/v1/chatkit",
+                            "policy": {"limits": {"read": {"session": {"1m": HUGE_LIMIT}}}},
                         },
                         MODEL_WORKFLOW: {
                             "upstream": f"http://127.0.0.1:{upstream_port}/v1/chatkit",
@@ -431,8 +436,8 @@ class Bench:
             ("nginx", (o.nginx,)),
             ("minimal", (o.minimal, o.minimal_c1)),
             ("embedded", (o.embedded,)),
-            ("gateway", (o.passthrough, o.with_redis, o.decision_only, o.issued, o.gateway_c1,
-                         o.unauthorized, o.limited, o.under_flood)),
+            ("gateway", (o.passthrough, o.with_redis, o.decision_only, o.issued, o.issued_read,
+                         o.gateway_c1, o.unauthorized, o.limited, o.under_flood)),
             ("workers", (o.workers_one, o.workers_two)),
             ("streams", (o.streams_idle, o.streams_paced)),
             ("model", (o.model_minimal, o.model_gateway)),
@@ -488,9 +493,10 @@ class Bench:
         """A secret the gateway minted itself (issuer mode) for ``workflow``."""
         return self.client_secret(gateway_port, workflow=workflow, key=ISSUER_KEY)
 
-    def issued(self, gateway_port: int) -> Request:
+    def issued(self, gateway_port: int, body: bytes = CONVERSATION_BODY) -> Request:
+        """An issued request: a turn (threads.create) unless ``body`` says otherwise."""
         secret = self.issued_secret(gateway_port)
-        return Request("POST", ISSUED_PATH, f"Bearer {secret}", CONVERSATION_BODY)
+        return Request("POST", ISSUED_PATH, f"Bearer {secret}", body)
 
     def _direct(self, get_threads: Request, post: Request) -> None:
         # The fake as the system under test: its own instance, on the SUT side.
@@ -577,6 +583,7 @@ class Bench:
                 post = self.conversation(port)
                 get = Request("GET", CONVERSATION, post.authorization)
                 issued = self.issued(port)
+                issued_read = self.issued(port, READ_BODY)
                 measure = functools.partial(self.measure, port=port, sut=[gw], load=load)
                 self.attempt(
                     o.passthrough, measure, o.passthrough, request=get_threads, expect_header="via"
@@ -599,6 +606,13 @@ class Bench:
                 )
                 self.attempt(
                     o.issued, measure, o.issued, request=issued, expect_header="ratelimit-policy"
+                )
+                self.attempt(
+                    o.issued_read,
+                    measure,
+                    o.issued_read,
+                    request=issued_read,
+                    expect_header="ratelimit-policy",
                 )
                 self.sample_memory("gateway", gw, "loaded")
                 self.attempt(o.gateway_c1, measure, o.gateway_c1, request=post)
@@ -783,7 +797,8 @@ class Outcomes:
         # It splits the client route's cost: the same decision on a body-less
         # GET, whose upstream answer is the size of the pass-through's.
         self.decision_only = Outcome("gateway client GET (redis)", "GET", post_path)
-        self.issued = Outcome("gateway issued session", "POST", ISSUED_PATH)
+        self.issued = Outcome("gateway issued turn", "POST", ISSUED_PATH)
+        self.issued_read = Outcome("gateway issued read", "POST", ISSUED_PATH)
         self.upstream_c1 = Outcome("upstream direct c1", "POST", post_path, connections=1)
         self.minimal_c1 = Outcome("minimal proxy c1", "POST", post_path, connections=1)
         self.gateway_c1 = Outcome("gateway client (redis) c1", "POST", post_path, connections=1)

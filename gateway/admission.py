@@ -63,12 +63,20 @@ class Gatekeeper:
         self._window = window_seconds
         self._enforce = enforce
 
-    async def check(self, headers: RequestHead | Headers, cls: str = "") -> Admission:
+    async def check(
+        self,
+        headers: RequestHead | Headers,
+        cls: str = "",
+        need: str = "",
+        declared_size: int = 0,
+    ) -> Admission:
         """Decide; raise the rejecting error, or return what the request carries on.
 
         ``headers``: the request's head, as the protocol read it (or its list).
         ``cls`` is the request's class (``gateway.chatkit.RequestClass``), ""
-        for requests without one (counted by the session's limit only).
+        for requests without one (counted by the session's limit only);
+        ``need`` and ``declared_size`` what the session's configuration is
+        asked for (:class:`~gateway.store.base.AdmitRequest`).
         """
         try:
             secret_hash = self._hash(bearer_secret(headers))
@@ -86,6 +94,8 @@ class Gatekeeper:
                         self._default_limit,
                         self._user_limit,
                         cls,
+                        need,
+                        declared_size,
                     )
                 )
             except StoreUnavailable as exc:
@@ -94,7 +104,10 @@ class Gatekeeper:
                 logger.debug("Admission refused: %s", exc)
                 return Admission(secret_hash, self._report_only(exc, "store_unavailable"))
             self._metrics.decision_seconds.observe(time.perf_counter() - started)
-        self._metrics.decision_by_outcome[decision.outcome].inc()
+        identity = decision.identity
+        self._metrics.count_decision(
+            decision.outcome, identity.workflow_id if identity is not None else "", cls
+        )
         error = rejection(decision, window_seconds=self._window)
         if error is not None:
             if self._enforce:

@@ -232,6 +232,7 @@ class GatewayApp:
                 "so limits and revocations are not shared between replicas or workers."
             )
         metrics = Metrics(workers=settings.workers)
+        metrics.workflows = frozenset(settings.workflows)
         if self._tracing is None:
             self._tracing = configure(otel_traces_exporter())
         metrics.store_full.set_function(lambda: 1.0 if store.full else 0.0)

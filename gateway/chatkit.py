@@ -12,6 +12,8 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
+import re
 from typing import Any, NamedTuple
 
 from gateway.errors import BadRequest, PayloadTooLarge
@@ -125,6 +127,35 @@ def parse_envelope(body: bytes, *, max_bytes: int, max_transcribe_bytes: int) ->
     return Envelope(
         request_type, classify(request_type), params if isinstance(params, dict) else {}
     )
+
+
+_TRANSCRIBE_FIRST = re.compile(rb'\s*\{\s*"type"\s*:\s*"input\.transcribe"')
+
+
+def may_be_transcribe(head: bytes) -> bool:
+    """Whether a body's first bytes open an ``input.transcribe`` envelope.
+
+    Only such a body may be read past the ordinary envelope bound, before
+    admission; ChatKit clients write ``type`` first. A transcription whose
+    ``type`` comes later is held to the ordinary bound (a 413), never read
+    further: the safe side for a body held before its secret is checked.
+    """
+    return _TRANSCRIBE_FIRST.match(head) is not None
+
+
+def needs(envelope: Envelope) -> tuple[str, int]:
+    """What of the session's chatkit_configuration a request needs, and the
+    size it declares (see :class:`gateway.store.base.AdmitRequest`)."""
+    if envelope.type == "threads.list":
+        return "history", 0
+    if envelope.type == "attachments.create":
+        size = envelope.declared_size
+        if size is None or size <= 0:
+            return "attach", 0
+        if not math.isfinite(size):  # json reads Infinity and NaN
+            return "attach", 2**53
+        return "attach", min(math.ceil(size), 2**53)
+    return "", 0
 
 
 def check_model(envelope: Envelope, models: tuple[str, ...] | None) -> None:

@@ -51,6 +51,9 @@ from gateway.types import Headers
 MAX_USER_LENGTH = 512
 MAX_STATE_VARIABLES = 64  # the API's own limit
 MAX_UPLOAD_MB = 512  # the API's file_upload.max_file_size ceiling
+#: file_upload.max_file_size is in MB; read as MiB, the larger reading, so a
+#: file the client considers within the limit is never cut.
+MB = 1024 * 1024
 DEFAULT_MAX_FILES = 10
 
 _ID_PREFIX = "cksess_"
@@ -369,6 +372,7 @@ class Issuer:
                     code="invalid_value",
                 )
         counts, windows = self._policies[request.workflow.id]
+        config = request.chatkit_configuration
         limit = self._default_limit
         if request.rate_limits is not None and request.rate_limits.max_requests_per_1_minute:
             limit = request.rate_limits.max_requests_per_1_minute
@@ -395,6 +399,13 @@ class Issuer:
             issued=True,
             counts=counts,
             windows=windows,
+            # The session's own configuration, enforced by the gateway (it sees
+            # every request) and stated to the ChatKit server (for the rest).
+            history=config.history.enabled,
+            uploads=config.file_upload.enabled,
+            max_file_bytes=config.file_upload.max_file_size * MB,
+            max_files=config.file_upload.max_files,
+            configuration=json.dumps(document["chatkit_configuration"], separators=(",", ":")),
             app=app.name,
         )
         slot = SessionSlot(

@@ -27,7 +27,15 @@ import aiohttp
 from yarl import URL
 
 from gateway.admission import Admission, Gatekeeper
-from gateway.chatkit import Envelope, RequestClass, check_model, error_event, parse_envelope
+from gateway.chatkit import (
+    Envelope,
+    RequestClass,
+    check_model,
+    error_event,
+    may_be_transcribe,
+    needs,
+    parse_envelope,
+)
 from gateway.cors import CorsPolicy
 from gateway.errors import (
     AuthError,
@@ -79,6 +87,9 @@ WATCH_AFTER = 0.05
 #: Bounded in count and path length, so a spray of made-up paths cannot grow it.
 MATCH_CACHE_SIZE = 1024
 MATCH_CACHE_PATH_BYTES = 256
+#: An upload's body is the file in multipart framing (boundaries, part
+#: headers): this much beyond the session's max_file_size is framing.
+MULTIPART_SLACK = 16 * 1024
 
 
 class _Exchange:
@@ -360,7 +371,8 @@ class Proxy:
             exchange.always = cors.response_headers(origin)
         envelope: Envelope | None = None
         body: bytes | None = None
-        cls = ""
+        cls = need = ""
+        declared = upload_limit = 0
         if kind is Kind.ISSUED and self._gatekeeper.well_formed(head):
             # What an issued request counts against depends on what it is.
             if match.route.pattern == ISSUED_PREFIX and scope["method"] == "POST":
@@ -370,10 +382,14 @@ class Proxy:
                 )
                 cls = envelope.cls.value
                 exchange.tel.cls = cls
+                need, declared = needs(envelope)
             else:
                 cls = exchange.tel.cls = RequestClass.UPLOAD.value
+                need = "upload"
         try:
-            admission = await exchange.tel.admission(self._gatekeeper.check(head, cls))
+            admission = await exchange.tel.admission(
+                self._gatekeeper.check(head, cls, need, declared)
+            )
         except RateLimited as exc:
             policy = self._policies.get(exc.workflow_id)
             exchange.tel.workflow = exc.workflow_id
@@ -385,6 +401,11 @@ class Proxy:
             outbound = self._issued_outbound(scope, exchange, headers, head, admission)
             if admission.identity is not None:
                 exchange.tel.workflow = admission.identity.workflow_id
+                if need == "upload" and admission.identity.max_file_bytes:
+                    # The file's bytes, whatever its attachments.create declared.
+                    upload_limit = admission.identity.max_file_bytes + MULTIPART_SLACK
+                    if length is not None and length > upload_limit:
+                        raise _file_too_large(upload_limit)
             if envelope is not None and admission.identity is not None:
                 policy = self._policies.get(admission.identity.workflow_id)
                 if policy is not None:
@@ -411,7 +432,7 @@ class Proxy:
         token: str | None = None
         try:
             if has_body:
-                outbound.body = await self._request_body(receive, exchange)
+                outbound.body = await self._request_body(receive, exchange, upload_limit)
             if (
                 self._model is not None
                 and envelope is not None
@@ -449,10 +470,18 @@ class Proxy:
     async def _envelope_body(
         self, receive: Receive, exchange: _Exchange, length: int | None
     ) -> bytes:
-        """A ``POST /chatkit`` body (a ChatKit envelope), whole, within its bound."""
+        """A ``POST /chatkit`` body (a ChatKit envelope), whole, within its bound.
+
+        The body is held before the secret is known to be valid, so only an
+        envelope that opens as an ``input.transcribe`` may grow past the
+        ordinary bound to the transcribe one (see ``may_be_transcribe``).
+        """
         bound = self._envelope_bound
         if length is not None and length > bound:
             raise PayloadTooLarge(f"A ChatKit request body is at most {bound} bytes.")
+        small = self._max_envelope
+        head = b""
+        decided = bound <= small
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -463,6 +492,12 @@ class Proxy:
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
             exchange.tel.bytes_in = size
+            if not decided and len(head) < 256:
+                head += chunk[: 256 - len(head)]
+            if size > small and not decided:
+                decided = True  # once: the head says what this body may grow to
+                if not may_be_transcribe(head):
+                    bound = small
             if size > bound:
                 raise PayloadTooLarge(f"A ChatKit request body is at most {bound} bytes.")
             if not message.get("more_body", False):
@@ -806,7 +841,7 @@ class Proxy:
                 return b"".join(chunks)
 
     async def _request_body(
-        self, receive: Receive, exchange: _Exchange
+        self, receive: Receive, exchange: _Exchange, file_limit: int = 0
     ) -> AsyncIterator[bytes] | bytes:
         """The request body: whole when it came in one piece, as ChatKit's small
         JSON bodies do, else streamed as it arrives.
@@ -820,19 +855,22 @@ class Proxy:
             exchange.aborted = "disconnect"
             raise ClientDisconnected("client disconnected during the upload")
         if message.get("more_body", False):
-            return self._body(receive, exchange, message)
+            return self._body(receive, exchange, message, file_limit)
         chunk: bytes = message.get("body", b"")
         exchange.tel.bytes_in = len(chunk)
         if len(chunk) > self._max_body:
             raise PayloadTooLarge(f"The request body exceeds {self._max_body} bytes.")
+        if file_limit and len(chunk) > file_limit:
+            raise _file_too_large(file_limit)
         exchange.watch_disconnect(receive)
         return chunk
 
     async def _body(
-        self, receive: Receive, exchange: _Exchange, message: Message
+        self, receive: Receive, exchange: _Exchange, message: Message, file_limit: int = 0
     ) -> AsyncIterator[bytes]:
         """The request body as it arrives, from its first ``message`` on; raises
-        (never ends early) on a disconnect."""
+        (never ends early) on a disconnect, and past ``file_limit`` bytes (an
+        upload's file size; 0: none) before the read that crosses it is sent."""
         loop = asyncio.get_running_loop()
         received = 0
         while True:
@@ -844,6 +882,8 @@ class Proxy:
             exchange.tel.bytes_in = received
             if received > self._max_body:
                 raise PayloadTooLarge(f"The request body exceeds {self._max_body} bytes.")
+            if file_limit and received > file_limit:
+                raise _file_too_large(file_limit)
             more = message.get("more_body", False)
             if not more:
                 exchange.watch_disconnect(receive)
@@ -882,6 +922,14 @@ _ENCODING = frozenset({b"accept-encoding"})
 #: What the client sent that the issued route's upstream must not see: the
 #: secret is the gateway's business, the identity is stated by the gateway.
 _CLIENT_CREDENTIALS = frozenset({b"authorization"})
+
+
+def _file_too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"The upload exceeds this session's file size limit ({limit} bytes with "
+        "multipart framing; chatkit_configuration.file_upload.max_file_size).",
+        code="file_too_large",
+    )
 
 
 def _not_for_this_route() -> AuthError:

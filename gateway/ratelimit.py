@@ -13,7 +13,7 @@ import functools
 import math
 from typing import NamedTuple
 
-from gateway.errors import AuthError, GatewayError, RateLimited
+from gateway.errors import AuthError, BadRequest, GatewayError, RateLimited
 from gateway.types import Headers
 
 
@@ -27,6 +27,11 @@ class Outcome(enum.IntEnum):
     EXPIRED = 4
     UNKNOWN = 5
     CLASS_RATE_LIMITED = 6  # a window of the request's class (policy)
+    # The session's chatkit_configuration refuses the request:
+    HISTORY_DISABLED = 7  # threads.list with history.enabled false
+    UPLOADS_DISABLED = 8  # an upload with file_upload.enabled false
+    FILE_TOO_LARGE = 9  # attachments.create declaring more than max_file_size
+    TOO_MANY_FILES = 10  # attachments.create past max_files
 
 
 class Window(NamedTuple):
@@ -57,6 +62,10 @@ class Identity(NamedTuple):
     workflow_id: str
     workflow_version: str
     expires_at: int  # unix seconds
+    #: file_upload.max_file_size in bytes, 0 for none: uploads are cut there.
+    max_file_bytes: int = 0
+    #: The session's chatkit_configuration (JSON), "" for none.
+    configuration: str = ""
 
 
 class ClassWindow(NamedTuple):
@@ -73,6 +82,7 @@ class ClassWindow(NamedTuple):
         return f"{self.cls}-{self.scope}-{_window_name(self.seconds)}"
 
 
+@functools.lru_cache(maxsize=64)
 def _window_name(seconds: int) -> str:
     if seconds % 86400 == 0:
         return f"{seconds // 86400}d"
@@ -138,17 +148,23 @@ def rate_limit_headers(decision: Decision, *, window_seconds: int) -> Headers:
     user = decision.user
     session = decision.session
     cw = decision.class_window
-    if user is None and cw is None:
-        if session is None:
+    if user is None and (cw is None or session is None):
+        # The common cases, kept short: they run for every admitted request.
+        # One window: the session's, or (a class the session limit does not
+        # count, such as an issued read) the class's.
+        if cw is not None:
+            name, seconds, window = cw.name, cw.seconds, cw.window
+        elif session is not None:
+            name, seconds, window = "session", window_seconds, session
+        else:
             return []
-        # The common case, kept short: it runs for every admitted request.
-        wait_s = -(-session.wait_ms // 1000)
+        wait_s = -(-window.wait_ms // 1000)
         return [
-            (b"x-ratelimit-limit-requests", str(session.limit).encode()),
-            (b"x-ratelimit-remaining-requests", str(session.remaining).encode()),
-            (b"x-ratelimit-reset-requests", duration(session.reset_ms).encode()),
-            (b"ratelimit-policy", f'"session";q={session.limit};w={window_seconds}'.encode()),
-            (b"ratelimit", f'"session";r={session.remaining};t={wait_s}'.encode()),
+            (b"x-ratelimit-limit-requests", str(window.limit).encode()),
+            (b"x-ratelimit-remaining-requests", str(window.remaining).encode()),
+            (b"x-ratelimit-reset-requests", duration(window.reset_ms).encode()),
+            (b"ratelimit-policy", f'"{name}";q={window.limit};w={seconds}'.encode()),
+            (b"ratelimit", f'"{name}";r={window.remaining};t={wait_s}'.encode()),
         ]
     binding = _binding(decision)
     if binding is None:
@@ -158,11 +174,11 @@ def rate_limit_headers(decision: Decision, *, window_seconds: int) -> Headers:
     named = [("session", window_seconds, decision.session), ("user", window_seconds, user)]
     if cw is not None:
         named.append((cw.name, cw.seconds, cw.window))
-    for name, seconds, window in named:
-        if window is None:
+    for label, length, state in named:
+        if state is None:
             continue
-        policies.append(f'"{name}";q={window.limit};w={seconds}')
-        states.append(f'"{name}";r={window.remaining};t={math.ceil(window.wait_ms / 1000)}')
+        policies.append(f'"{label}";q={state.limit};w={length}')
+        states.append(f'"{label}";r={state.remaining};t={math.ceil(state.wait_ms / 1000)}')
     return [
         (b"x-ratelimit-limit-requests", str(binding.limit).encode()),
         (b"x-ratelimit-remaining-requests", str(binding.remaining).encode()),
@@ -170,6 +186,32 @@ def rate_limit_headers(decision: Decision, *, window_seconds: int) -> Headers:
         (b"ratelimit-policy", ", ".join(policies).encode()),
         (b"ratelimit", ", ".join(states).encode()),
     ]
+
+
+_CONFIGURATION_REFUSALS: dict[Outcome, tuple[str, str, str | None]] = {
+    Outcome.HISTORY_DISABLED: (
+        "Thread history is disabled for this session (chatkit_configuration.history.enabled).",
+        "history_disabled",
+        "type",
+    ),
+    Outcome.UPLOADS_DISABLED: (
+        "File uploads are disabled for this session (chatkit_configuration.file_upload.enabled).",
+        "file_upload_disabled",
+        None,
+    ),
+    Outcome.FILE_TOO_LARGE: (
+        "The file is larger than this session allows "
+        "(chatkit_configuration.file_upload.max_file_size).",
+        "file_too_large",
+        "params.size",
+    ),
+    Outcome.TOO_MANY_FILES: (
+        "This session has attached as many files as it may "
+        "(chatkit_configuration.file_upload.max_files).",
+        "too_many_files",
+        None,
+    ),
+}
 
 
 def rejection(decision: Decision, *, window_seconds: int) -> GatewayError | None:
@@ -183,6 +225,10 @@ def rejection(decision: Decision, *, window_seconds: int) -> GatewayError | None
         return AuthError("This client secret has expired.", code="client_secret_expired")
     if outcome is Outcome.UNKNOWN:
         return AuthError("Unknown client secret.", code="invalid_client_secret")
+    configured = _CONFIGURATION_REFUSALS.get(outcome)
+    if configured is not None:
+        message, code, param = configured
+        return BadRequest(message, code=code, param=param)
     binding = _binding(decision)
     wait_ms = max(binding.wait_ms if binding else window_seconds * 1000, 1)
     scope = "user" if outcome is Outcome.USER_RATE_LIMITED else "session"

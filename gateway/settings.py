@@ -371,9 +371,24 @@ class Settings(BaseSettings):
     workflows: dict[str, WorkflowSetting] = Field(
         default_factory=dict,
         description="Issuer mode: workflow id -> {upstream: the URL of its ChatKit "
-        "endpoint}; requests to /chatkit/<rest> go to <upstream>/<rest>. JSON in the "
-        "environment, tables in the TOML file.",
-        examples=[{"wf_support": {"upstream": "http://chatkit-server:8001/chatkit"}}],
+        "endpoint, policy: what its sessions may do (docs/policy.md)}; requests to "
+        "/chatkit/<rest> go to <upstream>/<rest>. JSON in the environment, tables in the "
+        "TOML file.",
+        examples=[
+            {
+                "wf_support": {
+                    "upstream": "http://chatkit-server:8001/chatkit",
+                    "policy": {
+                        "session_limit_counts": "turn",
+                        "limits": {
+                            "turn": {"user": {"1d": 200}},
+                            "read": {"session": {"1m": 120}},
+                        },
+                        "limit_answer": "chatkit",
+                    },
+                }
+            }
+        ],
     )
     issuer_api_keys: SecretStr | None = Field(
         None,
@@ -413,6 +428,19 @@ class Settings(BaseSettings):
         le=7 * 86400,
         description="The longest expiry a create may ask for (OpenAI's own maximum by default).",
     )
+    # The JSON envelope of a POST /chatkit is read whole before admission (its
+    # type decides what the request counts against).
+    chatkit_max_envelope_bytes: int = Field(
+        MIB,
+        ge=1024,
+        description="The largest POST /chatkit envelope (read before admission: its type "
+        "decides what the request counts against); larger: 413.",
+    )
+    chatkit_max_transcribe_bytes: int = Field(
+        16 * MIB,
+        ge=1024,
+        description="The largest input.transcribe envelope, which carries base64 audio.",
+    )
     identity_signing_key: SecretStr | None = Field(
         None,
         description="Signs X-ChatKit-Assertion (HS256, 32+ bytes) for ChatKit servers "
@@ -436,18 +464,6 @@ class Settings(BaseSettings):
         description="Origins allowed to call client routes from a browser, comma-separated, "
         'or "*". Set, the gateway owns CORS on client routes.',
     )
-    chatkit_max_envelope_bytes: int = Field(
-        MIB,
-        ge=1024,
-        description="The largest JSON envelope of a POST /chatkit, read whole before "
-        "admission (its type decides what the request counts against).",
-    )
-    chatkit_max_transcribe_bytes: int = Field(
-        16 * MIB,
-        ge=1024,
-        description="The same for input.transcribe, whose envelope carries base64 audio.",
-    )
-
     # The model, for self-hosted ChatKit servers (docs/budgets.md).
     model_api_key: SecretStr | None = Field(
         None,

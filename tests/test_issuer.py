@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -69,9 +70,11 @@ def issuer_env(fake: FakeUpstream, **extra: str) -> dict[str, str]:
     return {
         "GATEWAY_WORKFLOWS": (
             # wf_a's session limit counts every request, as before request
-            # classes (the default counts turns only; tests/test_policy.py).
+            # classes (the default counts turns only; tests/test_policy.py),
+            # and its reads have no window of their own to speak of.
             f'{{"wf_a": {{"upstream": "{fake.url}/v1/chatkit/server-a",'
-            f' "policy": {{"session_limit_counts": "all"}}}},'
+            f' "policy": {{"session_limit_counts": "all",'
+            f' "limits": {{"read": {{"session": {{"1m": 100000}}}}}}}}}},'
             f' "wf_b": {{"upstream": "{fake.url}/v1/chatkit/server-b/"}}}}'
         ),
         "GATEWAY_ISSUER_API_KEYS": f"{_sha256_entry(API_KEY)},another-plain-key-0123456789",
@@ -307,7 +310,13 @@ async def test_the_chatkit_server_gets_the_identity_never_the_secret(
     http: aiohttp.ClientSession,
 ) -> None:
     user = "Zoë Ünal/ops 1"  # UTF-8 and characters a header value cannot carry raw
-    session = await create(replicas[0], user=user, workflow={"id": "wf_a", "version": "3"})
+    session = await create(
+        replicas[0],
+        user=user,
+        workflow={"id": "wf_a", "version": "3"},
+        # Uploads are off unless the session enables them (file_upload.enabled).
+        chatkit_configuration={"file_upload": {"enabled": True}},
+    )
     status, echo, response_headers = await chatkit(
         http,
         replicas[1],
@@ -329,6 +338,7 @@ async def test_the_chatkit_server_gets_the_identity_never_the_secret(
     assert seen["x-chatkit-workflow-id"] == "wf_a"
     assert seen["x-chatkit-workflow-version"] == "3"
     assert seen["x-chatkit-expires-at"] == str(session.expires_at)
+    assert json.loads(seen["x-chatkit-configuration"]) == session.chatkit_configuration.model_dump()
     assert seen["x-forwarded-host"] == f"127.0.0.1:{replicas[1].port}"
     assert seen["x-forwarded-proto"] == "http"
     assert session.client_secret not in str(echo)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +15,7 @@ from gateway.chatkit import (
     check_model,
     classify,
     error_event,
+    may_be_transcribe,
     parse_envelope,
 )
 from gateway.errors import BadRequest, ConfigError, PayloadTooLarge
@@ -173,3 +177,52 @@ def test_an_invalid_policy_stops_start_up_naming_the_workflow_and_field(
         load_settings(env)
     [line] = str(caught.value).splitlines()
     assert line.startswith(named)
+
+
+def test_the_documented_policies_load() -> None:
+    # docs/policy.md shows a policy as JSON and as TOML: both must be valid as written.
+    page = (Path(__file__).parent.parent / "docs" / "policy.md").read_text()
+    json_block = page.split("```json\n", 1)[1].split("```", 1)[0]
+    toml_block = page.split("```toml\n", 1)[1].split("```", 1)[0]
+    base = {"GATEWAY_UPSTREAM_URL": "none", "GATEWAY_ISSUER_API_KEYS": "k" * 24}
+    from_json = load_settings({**base, "GATEWAY_WORKFLOWS": json_block})
+    policy = from_json.workflows["wf_support"].policy
+    assert policy.windows()["turn"] == "u86400:200"
+    assert policy.models == ("gpt-5-mini",)
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as fh:
+        fh.write(toml_block)
+    try:
+        from_toml = load_settings({**base, "GATEWAY_CONFIG_FILE": fh.name})
+    finally:
+        os.unlink(fh.name)
+    toml_policy = from_toml.workflows["wf_support"].policy
+    assert toml_policy.windows() == {**policy.windows(), "transcribe": "s60:10"}
+    assert toml_policy.limit_answer == "chatkit"
+
+
+# chatkit.types warns on import about its own widget classes.
+@pytest.mark.filterwarnings("ignore:Direct usage of named widget classes:DeprecationWarning")
+def test_a_repeated_type_is_classed_as_the_chatkit_sdk_reads_it() -> None:
+    # A client must not be counted as a read while the server runs a turn: both
+    # parsers keep the last of repeated keys, so the classes agree.
+    from chatkit.types import ChatKitReq
+    from pydantic import TypeAdapter
+
+    body = b'{"type": "threads.list", "params": {}, "type": "threads.create", "params": {"input":'
+    body += b' {"content": [], "attachments": [], "inference_options": {}}}}'
+    assert parse_envelope(body, **BOUNDS).cls is RequestClass.TURN
+    assert TypeAdapter(ChatKitReq).validate_json(body).type == "threads.create"
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b'{"type":"input.transcribe","params":{"audio_base64":"', True),
+        (b' {\n  "type" : "input.transcribe", ', True),  # whitespace anywhere JSON allows
+        (b'{"params":{"audio_base64":"AAAA', False),  # type later: held to the small bound
+        (b'{"type":"threads.list"', False),
+        (b'{"type":"input.transcribe_v2"', False),  # another type: the ordinary bound
+    ],
+)
+def test_which_bodies_may_grow_past_the_envelope_bound(head: bytes, expected: bool) -> None:
+    assert may_be_transcribe(head) is expected

@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
 import pytest_asyncio
 from openai.types.beta.chatkit import ChatSession
 
 from tests.chatkit_server import ChatKitServerProcess, sse_events, threads_create_body
-from tests.harness import GatewayProcess, RedisServer, running, sdk_create
+from tests.harness import GatewayProcess, RedisServer, eventually, running, sdk_create
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -38,6 +39,14 @@ POLICIES: dict[str, dict[str, Any]] = {
     },
     # A refused turn answered as ChatKit would, in the conversation.
     "wf_c": {"limit_answer": "chatkit"},
+    # Small windows for every class but turn, to count each exactly.
+    "wf_k": {
+        "limits": {
+            "write": {"session": {"1m": 3}},
+            "upload": {"session": {"1m": 4}},
+            "transcribe": {"session": {"1m": 2}},
+        }
+    },
 }
 
 
@@ -274,6 +283,241 @@ async def test_limit_answer_chatkit_refuses_a_turn_with_an_error_event(
     assert headers["x-ratelimit-remaining-requests"] == "0"
     await server.wait_for(lambda: len(seen_types(server, session.id)) == 1)
     # Counted as a rejection, in the access log with the workflow and class.
-    log = b.output()
-    assert "outcome=rate_limit_exceeded" in log
-    assert "workflow=wf_c class=turn" in log
+    # (The line is written once the answer is sent, so it may trail the answer.)
+    await eventually(
+        lambda: (
+            "outcome=rate_limit_exceeded" in b.output() and "workflow=wf_c class=turn" in b.output()
+        ),
+        what="the access-log line of the refusal",
+    )
+
+
+# -- the session's chatkit_configuration, enforced ------------------------------------
+
+MIB = 1024 * 1024
+UPLOADS = {"file_upload": {"enabled": True, "max_file_size": 1, "max_files": 2}}
+
+
+def attach(size: float) -> dict[str, Any]:
+    return {
+        "type": "attachments.create",
+        "params": {"name": "a.png", "size": size, "mime_type": "image/png"},
+    }
+
+
+async def upload(
+    http: aiohttp.ClientSession, gateway: GatewayProcess, secret: str, path: str, size: int
+) -> int | None:
+    """Stream ``size`` bytes in 64 KiB reads to an upload URL (no Content-Length:
+    the gateway can judge only the bytes). The answer's status, or None when the
+    gateway closed the connection before the client could read one."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, size, 65536):
+            yield b"x" * min(65536, size - start)
+
+    try:
+        async with http.post(
+            f"{gateway.url}/chatkit/upload/{path}",
+            data=chunks(),
+            headers={"Authorization": f"Bearer {secret}"},
+        ) as response:
+            await response.read()
+            return response.status
+    except aiohttp.ClientError:
+        return None
+
+
+def error_of(raw: bytes) -> tuple[str, str | None]:
+    error = json.loads(raw)["error"]
+    return error["code"], error["param"]
+
+
+async def test_uploads_are_refused_when_the_session_disables_them(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    server: ChatKitServerProcess,
+    http: aiohttp.ClientSession,
+) -> None:
+    session = await create(replicas[0], "no_files_user")  # file_upload.enabled: false by default
+    status, raw, _ = await send(http, replicas[1], session.client_secret, attach(10))
+    assert (status, error_of(raw)[0]) == (400, "file_upload_disabled")
+    async with http.post(
+        f"{replicas[0].url}/chatkit/upload/f1",
+        data=b"x" * 100,
+        headers={"Authorization": f"Bearer {session.client_secret}"},
+    ) as response:
+        assert (response.status, error_of(await response.read())[0]) == (
+            400,
+            "file_upload_disabled",
+        )
+    assert seen_types(server, session.id) == []
+    assert not [u for u in server.uploads() if u[0].endswith("/f1")]
+
+
+async def test_a_declared_size_over_max_file_size_is_refused(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    server: ChatKitServerProcess,
+    http: aiohttp.ClientSession,
+) -> None:
+    session = await create(replicas[0], "big_file_user", chatkit_configuration=UPLOADS)
+    status, raw, _ = await send(http, replicas[0], session.client_secret, attach(MIB + 1))
+    assert (status, *error_of(raw)) == (400, "file_too_large", "params.size")
+    status, raw, _ = await send(http, replicas[0], session.client_secret, attach(float("inf")))
+    assert (status, *error_of(raw)) == (400, "file_too_large", "params.size")
+    assert seen_types(server, session.id) == []
+
+
+async def test_max_files_is_exact_across_replicas(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    server: ChatKitServerProcess,
+    http: aiohttp.ClientSession,
+) -> None:
+    session = await create(replicas[0], "many_files_user", chatkit_configuration=UPLOADS)
+    results = await asyncio.gather(
+        *(send(http, replicas[i % 2], session.client_secret, attach(1000)) for i in range(6))
+    )
+    refused = [error_of(raw) for status, raw, _ in results if status == 400]
+    assert refused == [("too_many_files", None)] * 4
+    await server.wait_for(lambda: len(seen_types(server, session.id)) == 2)
+    assert seen_types(server, session.id) == ["attachments.create"] * 2
+
+
+async def test_an_upload_whose_bytes_exceed_the_size_is_cut_whatever_was_declared(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    server: ChatKitServerProcess,
+    http: aiohttp.ClientSession,
+) -> None:
+    session = await create(replicas[0], "liar", chatkit_configuration=UPLOADS)
+    # The client declared a small file, then sends 3 MiB to the upload URL.
+    assert (await send(http, replicas[0], session.client_secret, attach(1000)))[0] != 400
+    status = await upload(http, replicas[1], session.client_secret, "lie", 3 * MIB)
+    assert status in (413, None)  # answered 413, or cut before the client read it
+    await server.wait_for(lambda: any(u[0].endswith("/lie") for u in server.uploads()))
+    [(_, received, complete)] = [u for u in server.uploads() if u[0].endswith("/lie")]
+    assert not complete
+    # The server never got more than the limit (with multipart framing) and one read.
+    assert received <= MIB + 16 * 1024 + 65536
+    # A file within the size goes through whole.
+    assert await upload(http, replicas[0], session.client_secret, "fine", MIB) == 200
+    await server.wait_for(lambda: any(u[0].endswith("/fine") for u in server.uploads()))
+    assert [u for u in server.uploads() if u[0].endswith("/fine")] == [
+        ("/chatkit/upload/fine", MIB, True)
+    ]
+    # A Content-Length over the size is refused before any byte is forwarded.
+    async with http.post(
+        f"{replicas[0].url}/chatkit/upload/declared",
+        data=io.BytesIO(b"x" * (2 * MIB)),
+        headers={"Authorization": f"Bearer {session.client_secret}"},
+    ) as response:
+        assert (response.status, error_of(await response.read())[0]) == (413, "file_too_large")
+    assert not [u for u in server.uploads() if u[0].endswith("/declared")]
+
+
+async def test_history_disabled_refuses_the_thread_list_only(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    server: ChatKitServerProcess,
+    http: aiohttp.ClientSession,
+) -> None:
+    configuration = {"history": {"enabled": False}}
+    session = await create(replicas[0], "no_history", chatkit_configuration=configuration)
+    status, raw, _ = await send(http, replicas[1], session.client_secret, LIST)
+    assert (status, error_of(raw)[0]) == (400, "history_disabled")
+    assert (await send(http, replicas[1], session.client_secret, turn("still talking")))[0] == 200
+    await server.wait_for(lambda: len(seen_types(server, session.id)) == 1)
+    assert seen_types(server, session.id) == ["threads.create"]
+
+
+async def test_the_whole_configuration_reaches_the_server_as_header_and_claim(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    server: ChatKitServerProcess,
+    http: aiohttp.ClientSession,
+) -> None:
+    configuration = {"history": {"enabled": True, "recent_threads": 7}, **UPLOADS}
+    session = await create(replicas[0], "configured", chatkit_configuration=configuration)
+    assert (await send(http, replicas[1], session.client_secret, LIST))[0] == 200
+    await server.wait_for(lambda: len(seen_types(server, session.id)) == 1)
+    [request] = [
+        r for r in server.seen() if r.context is not None and r.context.session_id == session.id
+    ]
+    stated = json.loads(request.header("x-chatkit-configuration") or "null")
+    assert stated == session.chatkit_configuration.model_dump()
+    assert stated["history"]["recent_threads"] == 7
+    assertion = request.header("x-chatkit-assertion")
+    assert assertion is not None
+    claims = jwt.decode(
+        assertion, SIGNING_KEY, algorithms=["HS256"], audience="wf_p", issuer="chatkit-gateway"
+    )
+    assert claims["cfg"] == stated
+
+
+async def test_admissions_are_counted_by_workflow_and_class(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    http: aiohttp.ClientSession,
+) -> None:
+    session = await create(replicas[0], "metered", rate_limits={"max_requests_per_1_minute": 1})
+    await send(http, replicas[0], session.client_secret, turn("one"))
+    await send(http, replicas[0], session.client_secret, turn("two"))
+    await send(http, replicas[0], session.client_secret, LIST)
+    async with http.get(f"{replicas[0].url}/metrics") as response:
+        text = await response.text()
+    samples = {
+        line.split("{", 1)[1].split("}", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("chatkit_gateway_admission_decisions_total{")
+    }
+    assert samples['class="turn",outcome="admitted",workflow="wf_p"'] >= 1
+    assert samples['class="turn",outcome="rate_limited",workflow="wf_p"'] >= 1
+    assert samples['class="read",outcome="admitted",workflow="wf_p"'] >= 1
+    # Unknown secrets name no workflow: "other", never the client's word.
+    assert all('workflow="wf_' in k or 'workflow="other"' in k for k in samples)
+
+
+@pytest.mark.parametrize(
+    ("envelope", "limit"),
+    [
+        ({"type": "items.feedback", "params": {"item_ids": ["x"], "kind": "positive"}}, 3),
+        ({"type": "threads.update", "params": {"thread_id": "x", "title": "t"}}, 3),
+        ({"type": "attachments.create", "params": {"name": "a", "size": 1, "mime_type": "t"}}, 4),
+        ({"type": "input.transcribe", "params": {"audio_base64": "AAAA", "mime_type": "a"}}, 2),
+    ],
+)
+async def test_each_class_limit_is_exact_across_replicas(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    server: ChatKitServerProcess,
+    http: aiohttp.ClientSession,
+    envelope: dict[str, Any],
+    limit: int,
+) -> None:
+    session = await create(
+        replicas[0],
+        f"class_user_{envelope['type']}",
+        "wf_k",
+        chatkit_configuration={"file_upload": {"enabled": True, "max_files": 100}},
+    )
+    results = await asyncio.gather(
+        *(send(http, replicas[i % 2], session.client_secret, envelope) for i in range(limit + 5))
+    )
+    refused = [json.loads(body)["error"]["message"] for status, body, _ in results if status == 429]
+    assert len(refused) == 5  # N admitted, not N + 1
+    assert all("per 1m" in message for message in refused)
+    await server.wait_for(lambda: len(seen_types(server, session.id)) == limit)
+    assert seen_types(server, session.id) == [envelope["type"]] * limit
+
+
+async def test_only_a_transcription_may_exceed_the_envelope_bound(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    server: ChatKitServerProcess,
+    http: aiohttp.ClientSession,
+) -> None:
+    session = await create(replicas[0], "speaker", "wf_k")
+    audio = "A" * (2 * MIB)  # past the 1 MiB envelope bound, within the transcribe one
+    transcribe = {"type": "input.transcribe", "params": {"audio_base64": audio, "mime_type": "a"}}
+    status, _, _ = await send(http, replicas[1], session.client_secret, transcribe)
+    assert status != 413
+    await server.wait_for(lambda: seen_types(server, session.id) == ["input.transcribe"])
+    # The body is held before the secret is checked: one whose type comes
+    # after 2 MiB is held to the ordinary bound.
+    late = json.dumps({"params": {"audio_base64": audio}, "type": "input.transcribe"}).encode()
+    status, body, _ = await send(http, replicas[1], session.client_secret, late)
+    assert (status, error_of(body)[0]) == (413, "request_too_large")
+    assert seen_types(server, session.id) == ["input.transcribe"]

@@ -986,3 +986,55 @@ async def test_a_turns_calls_are_found_by_their_ids_and_its_usage_audited(
         "r1",
         usage,
     )
+
+
+# -- the session's chatkit_configuration -------------------------------------------
+
+
+def _need(secret_hash: str, cls: str, need: str, declared: int = 0) -> AdmitRequest:
+    return AdmitRequest(secret_hash, False, 10, None, cls, need, declared)
+
+
+async def test_the_configuration_refuses_before_any_window_counts(backend: Backend) -> None:
+    store = backend.store()
+    record = dataclasses.replace(
+        _policed(backend, windows={"read": "s60:5", "upload": "s60:5"}),
+        history=False,
+        uploads=False,
+    )
+    await store.register(record)
+    refused = [
+        await store.admit(_need(record.secret_hash, "read", "history")),
+        await store.admit(_need(record.secret_hash, "upload", "attach", 10)),
+        await store.admit(_need(record.secret_hash, "upload", "upload")),
+    ]
+    assert [d.outcome for d in refused] == [
+        Outcome.HISTORY_DISABLED,
+        Outcome.UPLOADS_DISABLED,
+        Outcome.UPLOADS_DISABLED,
+    ]
+    read = await store.admit(_need(record.secret_hash, "read", ""))  # threads.get_by_id
+    assert read.class_window is not None
+    assert read.class_window.window.remaining == 4  # the refusals took nothing
+
+
+async def test_declared_sizes_and_the_number_of_files_are_bounded(backend: Backend) -> None:
+    store = backend.store()
+    record = dataclasses.replace(
+        _policed(backend), max_file_bytes=1000, max_files=2, configuration='{"x":1}'
+    )
+    await store.register(record)
+    too_large = await store.admit(_need(record.secret_hash, "upload", "attach", 1001))
+    assert too_large.outcome is Outcome.FILE_TOO_LARGE
+    decisions = await asyncio.gather(
+        *(store.admit(_need(record.secret_hash, "upload", "attach", 1000)) for _ in range(5))
+    )
+    assert (
+        sorted(d.outcome for d in decisions)
+        == [Outcome.ADMITTED] * 2 + [Outcome.TOO_MANY_FILES] * 3
+    )
+    # File bytes are no new file; the identity tells the proxy where to cut them.
+    upload = await store.admit(_need(record.secret_hash, "upload", "upload"))
+    assert upload.admitted
+    assert upload.identity is not None
+    assert (upload.identity.max_file_bytes, upload.identity.configuration) == (1000, '{"x":1}')

@@ -36,6 +36,16 @@ class SessionRecord:
     #: The workflow policy's windows by class, compiled
     #: (:meth:`gateway.policy.Policy.windows`).
     windows: Mapping[str, str] = field(default_factory=dict)
+    #: The session's chatkit_configuration, enforced at admission (issued
+    #: sessions; a learned session's own server enforces it): threads.list
+    #: allowed, uploads allowed, largest file (bytes, 0: no limit), most
+    #: attachments.create (0: no limit), and the whole of it as JSON for the
+    #: ChatKit server.
+    history: bool = True
+    uploads: bool = True
+    max_file_bytes: int = 0
+    max_files: int = 0
+    configuration: str = ""
     #: The app that created an issued session ("" for a learned one). Kept
     #: beside the ChatSession document, not in it: the SDK parses that.
     app: str = ""
@@ -76,6 +86,11 @@ class AdmitRequest:
     user_limit: int | None
     #: The request's class (``gateway.chatkit.RequestClass``), "" for none.
     cls: str = ""
+    #: What of the session's configuration the request needs: "history"
+    #: (threads.list), "attach" (attachments.create), "upload" (file bytes), "".
+    need: str = ""
+    #: The size an attachments.create declares, in bytes.
+    declared_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)

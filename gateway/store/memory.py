@@ -167,7 +167,21 @@ class MemoryStore(Store):
                 record.workflow_id,
                 record.workflow_version,
                 record.expires_at,
+                record.max_file_bytes,
+                record.configuration,
             )
+            need = request.need
+            if need:
+                if need == "history" and not record.history:
+                    return Decision(Outcome.HISTORY_DISABLED)
+                if need != "history" and not record.uploads:
+                    return Decision(Outcome.UPLOADS_DISABLED)
+                if (
+                    need == "attach"
+                    and record.max_file_bytes
+                    and request.declared_size > record.max_file_bytes
+                ):
+                    return Decision(Outcome.FILE_TOO_LARGE)
 
         # The windows this request counts in, as admit.lua builds them:
         # (window, length µs, limit, outcome, class window spec).
@@ -212,6 +226,18 @@ class MemoryStore(Store):
                     f"{policy_window.scope[0]}{policy_window.seconds}",
                 )
             )
+        if request.need == "attach" and record is not None and record.max_files:
+            # Longer than any session lives: nothing leaves it (as in admit.lua).
+            files = 8 * 86400 * 1_000_000
+            windows.append(
+                (
+                    self._window_at(f"f:{request.secret_hash}", files),
+                    files,
+                    record.max_files,
+                    Outcome.TOO_MANY_FILES,
+                    "",
+                )
+            )
         states = [w.state(now, length) for w, length, _, _, _ in windows]
         refused = None
         for i, ((_, _, lim, _, _), (count, wait, _)) in enumerate(
@@ -233,7 +259,7 @@ class MemoryStore(Store):
                 session = state
             elif outcome is Outcome.USER_RATE_LIMITED:
                 user_window = state
-            else:
+            elif outcome is Outcome.CLASS_RATE_LIMITED:
                 candidate = ClassWindow(
                     cls, "user" if name[0] == "u" else "session", int(name[1:]), state
                 )

@@ -13,7 +13,10 @@
 -- KEYS[1] session hash  {p}:{h}:s  fields lim, exp, uh, sid, user, wf, wv,
 --                                   cnt (the class lim counts, absent: all),
 --                                   c:<class> (that class's windows, a spec
---                                   "<s|u><seconds>:<limit>,...")
+--                                   "<s|u><seconds>:<limit>,..."), and the
+--                                   session's chatkit_configuration: hist,
+--                                   up ("0": disabled), mfs (largest file,
+--                                   bytes), mf (most files), cfg (its JSON)
 -- KEYS[2] window zset   {p}:{h}:w  one member per admitted request, score = µs;
 --                                   a class window C of L s is KEYS[2]:C:L
 -- KEYS[3] revoked flag  {p}:{h}:r
@@ -31,19 +34,25 @@
 -- ARGV[8] the request's class, "" when it has none (counted by lim only)
 -- ARGV[9] the user class window prefix, in KEYS[1]'s slot (a tagged secret);
 --         the user hash and ":<class>:<seconds>" complete it. "" for none.
+-- ARGV[10] what of the configuration the request needs: "history",
+--          "upload" (file bytes), "attach" (attachments.create), ""
+-- ARGV[11] the size an attachments.create declares, bytes
 --
 -- Returns {outcome} when no window was read (revoked, expired, unknown), else
 --   {outcome, s_limit, s_remaining, s_wait_ms, s_reset_ms,
 --    u_limit, u_remaining, u_wait_ms, u_reset_ms,
 --    c_window, c_limit, c_remaining, c_wait_ms, c_reset_ms,
---    sid, user, workflow_id, workflow_version, expires_at}
+--    sid, user, workflow_id, workflow_version, expires_at, max_file_bytes,
+--    configuration}
 -- s_limit 0: the session limit does not count this class; u_limit 0: no user
 -- cap; c_window "" : no class window, else "<s|u><seconds>", the window that
 -- refused or, when admitted, the class window with the fewest remaining.
 -- sid "" : an unknown secret admitted under the default limit.
 -- A refusal reports the refusing window with the longest wait: the real time
 -- until this request could be admitted. Rejected requests add nothing.
--- Outcome codes are gateway.ratelimit.Outcome.
+-- Outcome codes are gateway.ratelimit.Outcome. The configuration refuses
+-- before any window counts (7-9); max_files is a window over the session's
+-- whole life (10), so it is exact across replicas and costs nothing refused.
 --
 -- Time is the server's TIME, one clock for every replica. Redis 7 replicates
 -- scripts by effects, so reading TIME before writing is allowed.
@@ -61,7 +70,7 @@ end
 
 local class = ARGV[8]
 local s = redis.call('HMGET', KEYS[1], 'lim', 'exp', 'uh', 'sid', 'user', 'wf', 'wv',
-  'cnt', 'c:' .. class)
+  'cnt', 'c:' .. class, 'hist', 'up', 'mfs', 'mf', 'cfg')
 local limit = tonumber(s[1])
 if not limit then
   if ARGV[2] ~= '1' then
@@ -70,6 +79,19 @@ if not limit then
   limit = tonumber(ARGV[3])
 elseif tonumber(s[2]) * 1000000 <= now then
   return {4}
+end
+
+local need = ARGV[10]
+if need ~= '' then
+  if need == 'history' and s[10] == '0' then
+    return {7}
+  end
+  if need ~= 'history' and s[11] == '0' then
+    return {8}
+  end
+  if need == 'attach' and s[12] and tonumber(ARGV[11]) > tonumber(s[12]) then
+    return {9}
+  end
 end
 
 local function ms(us)
@@ -101,6 +123,11 @@ if s[9] then
   end
 end
 
+if need == 'attach' and s[13] then
+  -- Longer than any session lives (at most 7 days): nothing leaves it.
+  windows[#windows + 1] = {KEYS[2] .. ':files', 8 * 86400 * 1000000, tonumber(s[13]), 10, ''}
+end
+
 -- Prune what left each window; note count, µs until the oldest and newest leave.
 local refused = nil
 for _, w in ipairs(windows) do
@@ -119,7 +146,7 @@ for _, w in ipairs(windows) do
   end
 end
 
-local reply = {0, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0, 0, 0, '', '', '', '', 0}
+local reply = {0, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0, 0, 0, '', '', '', '', 0, 0, ''}
 if refused then
   reply[1] = refused[4]
   for _, w in ipairs(windows) do
@@ -143,7 +170,7 @@ for _, w in ipairs(windows) do
     reply[2], reply[3], reply[4], reply[5] = v[1], v[2], v[3], v[4]
   elseif w[4] == 2 then
     reply[6], reply[7], reply[8], reply[9] = v[1], v[2], v[3], v[4]
-  elseif class_window ~= refused or class_window == nil then
+  elseif w[4] == 6 and (class_window ~= refused or class_window == nil) then
     if class_window == nil or w[9] < class_window[9] then class_window = w end
   end
 end
@@ -159,5 +186,7 @@ if s[1] then
   reply[17] = s[6] or ''
   reply[18] = s[7] or ''
   reply[19] = tonumber(s[2])
+  reply[20] = tonumber(s[12]) or 0
+  reply[21] = s[14] or ''
 end
 return reply

@@ -9,6 +9,7 @@
 -- ARGV[3] "1" when user windows are in use (standalone Redis only)
 -- ARGV[4] the admission's class (admit.lua ARGV[8])
 -- ARGV[5] the user class window prefix (admit.lua ARGV[9])
+-- ARGV[6] what the admission needed (admit.lua ARGV[10])
 --
 -- Idempotent: removing a member that is not there changes nothing.
 -- allow-oom: it only frees memory.
@@ -27,5 +28,8 @@ if ARGV[4] ~= '' and s[2] then
       redis.call('ZREM', ARGV[5] .. uh .. ':' .. ARGV[4] .. ':' .. seconds, ARGV[1])
     end
   end
+end
+if ARGV[6] == 'attach' then
+  redis.call('ZREM', KEYS[2] .. ':files', ARGV[1])
 end
 return 1

@@ -79,7 +79,13 @@ def decode_decision(reply: list[Any], cls: str = "") -> Decision:
     sid: bytes = reply[14]
     if sid:
         identity = Identity(
-            sid.decode(), reply[15].decode(), reply[16].decode(), reply[17].decode(), reply[18]
+            sid.decode(),
+            reply[15].decode(),
+            reply[16].decode(),
+            reply[17].decode(),
+            reply[18],
+            reply[19],
+            reply[20].decode(),
         )
     return Decision(outcome, session, user, identity, class_window)
 
@@ -255,6 +261,8 @@ class AdmissionBatcher:
             member,
             request.cls,
             self._keys.class_user_prefix(request.secret_hash),
+            request.need,
+            request.declared_size,
         )
 
     def _void_command(self, request: AdmitRequest, member: str) -> Command:
@@ -271,6 +279,7 @@ class AdmissionBatcher:
             users,
             request.cls,
             self._keys.class_user_prefix(request.secret_hash),
+            request.need,
         )
 
     async def _run(self, lane: _Lane, batch: list[_Pending]) -> None:

@@ -28,7 +28,9 @@ Key layout (``p`` is the configured prefix, ``h`` the secret's HMAC):
     p:revocations pub/sub channel of revoked hashes
 
 Every key of one secret shares the hash tag ``{h}``, so the admission script
-runs unchanged on Redis Cluster.
+runs unchanged on Redis Cluster. A user's keys share ``{u:U}`` (U the user
+hash) and an app's ``{app:A}``, so the create-time checks are one script per
+slot there too.
 
 A secret the gateway issued carries its user's slot tag T (``ek_T_...``,
 :meth:`gateway.auth.SecretHasher.user_tag`), kept in its hash as ``T_h``. Its
@@ -39,9 +41,6 @@ keys take the tag instead, and so do its user's class windows::
 
 so one script on one slot sees a session and its user's windows, on Cluster
 too. A forged tag finds no session in its slot: an unknown secret.
-
-A user's keys share ``{u:U}`` (U the user hash) and an app's ``{app:A}``,
-so the create-time checks are one script per slot there too.
 """
 
 from __future__ import annotations

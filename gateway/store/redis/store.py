@@ -161,6 +161,16 @@ class RedisStore(Store):
                 fields["cnt"] = record.counts
             for cls, spec in record.windows.items():
                 fields["c:" + cls] = spec
+            if not record.history:
+                fields["hist"] = 0
+            if not record.uploads:
+                fields["up"] = 0
+            if record.max_file_bytes:
+                fields["mfs"] = record.max_file_bytes
+            if record.max_files:
+                fields["mf"] = record.max_files
+            if record.configuration:
+                fields["cfg"] = record.configuration
             if record.app:
                 fields["app"] = record.app
             pipe.hset(skey, mapping=fields)  # type: ignore[arg-type]
