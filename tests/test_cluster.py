@@ -9,6 +9,7 @@ with GATEWAY_REDIS_CLUSTER=true.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import cast
@@ -33,8 +34,11 @@ from tests.harness import (
     collecting,
     create_session,
     eventually,
+    sdk_create,
     subscribed,
 )
+
+ISSUER_KEY = "ckgk_cluster-issuer-key-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +290,49 @@ async def test_gateway_on_a_cluster_admits_exactly_the_limit_and_honours_cancel(
             assert response.status == 401
             assert (await response.json())["error"]["code"] == "client_secret_revoked"
         assert upstream.count("/v1/chatkit/conversation") == 4
+
+
+async def test_two_gateways_on_a_cluster_hold_a_users_daily_turns_across_sessions(
+    cluster: RedisCluster, upstream: FakeUpstream
+) -> None:
+    # Issued sessions end to end: minted by the gateways, each stored in its
+    # user's slot, so the per-user window holds on the cluster.
+    env = {
+        "GATEWAY_REDIS_CLUSTER": "true",
+        "GATEWAY_ISSUER_API_KEYS": ISSUER_KEY,
+        "GATEWAY_WORKFLOWS": json.dumps(
+            {
+                "wf_c": {
+                    "upstream": f"{upstream.url}/v1/chatkit/server",
+                    "policy": {"limits": {"turn": {"user": {"1d": 3}}}},
+                }
+            }
+        ),
+    }
+    async with (
+        GatewayProcess("none", redis_url=cluster.url, env=env) as a,
+        GatewayProcess("none", redis_url=cluster.url, env=env) as b,
+        aiohttp.ClientSession() as http,
+    ):
+        sessions = [
+            await sdk_create(g, ISSUER_KEY, user="erin", workflow={"id": "wf_c"}) for g in (a, b, a)
+        ]
+        other = await sdk_create(b, ISSUER_KEY, user="frank", workflow={"id": "wf_c"})
+        turn = {"type": "threads.add_user_message", "params": {"input": {}}}
+
+        async def send(gateway: GatewayProcess, secret: str) -> int:
+            async with http.post(
+                f"{gateway.url}/chatkit",
+                json=turn,
+                headers={"Authorization": f"Bearer {secret}"},
+            ) as response:
+                await response.read()
+                return response.status
+
+        statuses = [await send((a, b)[n % 2], sessions[n % 3].client_secret) for n in range(5)]
+        assert statuses == [200, 200, 200, 429, 429]
+        assert await send(a, other.client_secret) == 200
+        assert upstream.count("/v1/chatkit/server") == 4
 
 
 # -- failover: 3 primaries, 3 replicas, one primary killed -------------------------------
