@@ -35,6 +35,9 @@ class Admission(NamedTuple):
     secret_hash: str | None
     headers: Headers
     identity: Identity | None = None
+    #: What was admitted, and its window member: for :meth:`Gatekeeper.unadmit`.
+    request: AdmitRequest | None = None
+    member: str = ""
 
 
 class Gatekeeper:
@@ -84,23 +87,23 @@ class Gatekeeper:
             secret_hash = self._hash(bearer_secret(headers))
         except AuthError as exc:
             return Admission(None, self._report_only(exc, "malformed"))
+        request: AdmitRequest | None = None
         if self._revoker.is_revoked_locally(secret_hash):
             decision = _REVOKED
         else:
             started = time.perf_counter()
+            request = AdmitRequest(
+                secret_hash,
+                self._allow_unknown,
+                self._default_limit,
+                self._user_limit,
+                cls,
+                need,
+                declared_size,
+                model,
+            )
             try:
-                decision = await self._store.admit(
-                    AdmitRequest(
-                        secret_hash,
-                        self._allow_unknown,
-                        self._default_limit,
-                        self._user_limit,
-                        cls,
-                        need,
-                        declared_size,
-                        model,
-                    )
-                )
+                decision = await self._store.admit(request)
             except StoreUnavailable as exc:
                 self._metrics.store_errors.inc()
                 # The store logs an outage once and then once per interval.
@@ -123,7 +126,22 @@ class Gatekeeper:
             secret_hash,
             rate_limit_headers(decision, window_seconds=self._window),
             decision.identity,
+            request if decision.member else None,
+            decision.member,
         )
+
+    async def unadmit(self, admission: Admission) -> None:
+        """Undo an admission the gateway then refused (a turn whose budget is
+        spent), so that the refused request consumes no quota. A store that
+        cannot be reached leaves the windows as they are (the member leaves
+        with its window); the refusal goes out all the same."""
+        if admission.request is None or not admission.member:
+            return
+        try:
+            await self._store.unadmit(admission.request, admission.member)
+        except StoreUnavailable as exc:
+            self._metrics.store_errors.inc()
+            logger.debug("Undoing an admission failed: %s", exc)
 
     def well_formed(self, headers: RequestHead | Headers) -> bool:
         """Whether the request carries a well-formed secret (and so may have

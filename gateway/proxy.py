@@ -444,6 +444,10 @@ class Proxy:
                         BudgetKey(identity.workflow_id, identity.user, identity.session_id)
                     )
                 except BudgetExceeded as exc:
+                    # Refused after admission counted it: undone, so the
+                    # refused turn consumes no quota (a second round trip,
+                    # for refused turns only).
+                    await self._gatekeeper.unadmit(admission)
                     policy = self._policies.get(identity.workflow_id)
                     if policy is None or policy.limit_answer != "chatkit":
                         raise

@@ -214,6 +214,13 @@ async def test_a_users_class_windows_span_sessions_on_every_primary(
             for n in range(2)
         ]
         assert [d.outcome for d in models] == [Outcome.MODEL_NOT_ALLOWED] * 2
+        # Admissions undone (turns refused for a spent budget) give back
+        # every window they counted in, on the session's primary.
+        for n in range(2):
+            request = AdmitRequest(hashes[n], False, 10, None, "turn", model="gpt-allowed")
+            undone = await store.admit(request)
+            assert undone.admitted
+            await store.unadmit(request, undone.member)
         decisions = [
             await store.admit(
                 AdmitRequest(hashes[n % 2], False, 10, None, "turn", model="gpt-allowed")

@@ -1080,3 +1080,32 @@ async def test_a_refused_model_counts_in_no_window(backend: Backend) -> None:
     assert (
         await store.admit(AdmitRequest(free.secret_hash, False, 10, None, "turn", model="x"))
     ).admitted
+
+
+async def test_an_undone_admission_counts_in_no_window(backend: Backend) -> None:
+    """A turn admitted and then refused by the gateway (its budget is spent)
+    is undone: after K of them the session still has all N of its turns, in
+    the session's limit, the per-user cap and both class windows."""
+    store = backend.store()
+    record = _policed(backend, user="user_undo", limit=3, windows={"turn": "s60:3,u86400:3"})
+    await store.register(record)
+    turn = AdmitRequest(record.secret_hash, False, 10, 3, "turn")
+    for _ in range(5):
+        decision = await store.admit(turn)
+        assert decision.admitted
+        assert decision.member
+        await store.unadmit(turn, decision.member)
+        await store.unadmit(turn, decision.member)  # idempotent: nothing more goes
+    turns = await _admit_many(store, turn, 4)
+    assert [d.admitted for d in turns] == [True, True, True, False]
+    first = turns[0]
+    assert first.session is not None
+    assert first.user is not None
+    assert first.class_window is not None
+    remaining = (first.session.remaining, first.user.remaining, first.class_window.window.remaining)
+    assert remaining == (2, 2, 2)
+    assert turns[3].member == ""  # a refusal counted nowhere: nothing to undo
+    # Undoing one admitted turn gives exactly one back.
+    await store.unadmit(turn, turns[2].member)
+    again = await _admit_many(store, turn, 2)
+    assert [d.admitted for d in again] == [True, False]

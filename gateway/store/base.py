@@ -224,6 +224,13 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def unadmit(self, request: AdmitRequest, member: str) -> None:
+        """Undo an admission the gateway refused after all (a turn whose
+        budget is spent): remove its member (``Decision.member``) from every
+        window it counted in, so the refused request consumes nothing.
+        Idempotent."""
+
+    @abc.abstractmethod
     async def register(self, record: SessionRecord) -> bool:
         """Record a session. Returns True when its id was already revoked (born revoked)."""
 
