@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from gateway.auth import split_tag
+from gateway.chatkit import RequestClass
 from gateway.policy import parse_spec
 from gateway.ratelimit import ClassWindow, Decision, Identity, Outcome, Window
 from gateway.store.base import (
@@ -481,17 +482,17 @@ class MemoryStore(Store):
             record = entry.value
             tag, _ = split_tag(secret_hash)
             uses = []
-            for cls, spec in record.windows.items():
-                for w in parse_spec(spec):
+            for cls in RequestClass:  # the order the Redis store reads them in
+                for w in parse_spec(record.windows.get(cls.value, "")):
                     if w.scope == "session":
-                        key = f"s:{secret_hash}:{cls}:{w.seconds}"
+                        key = f"s:{secret_hash}:{cls.value}:{w.seconds}"
                     elif tag and record.user:  # as admit() keys them
-                        key = f"t:{record.user}:{cls}:{w.seconds}"
+                        key = f"t:{record.user}:{cls.value}:{w.seconds}"
                     else:
                         continue
                     window = self._windows.get(key)
                     used = window.live(now_us, w.seconds * 1_000_000) if window else 0
-                    uses.append(WindowUse(cls, w.scope, w.seconds, w.limit, used))
+                    uses.append(WindowUse(cls.value, w.scope, w.seconds, w.limit, used))
             found[secret_hash] = SessionWindows(record.counts, uses)
         return found
 
