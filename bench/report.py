@@ -153,6 +153,10 @@ def report(bench: Bench, layout: str) -> tuple[dict[str, Any], int]:
          "gateway pass-through", "cpu_us", None),
         ("client GET (redis) / pass-through, SUT CPU per request",
          "gateway client GET (redis)", "gateway pass-through", "cpu_us", None),
+        ("model route (redis) / minimal proxy, streamed Responses (req/s)",
+         "gateway model route (redis)", "minimal proxy, model stream", "rps", None),
+        ("model route (redis) / minimal proxy, SUT CPU per request",
+         "gateway model route (redis)", "minimal proxy, model stream", "cpu_us", None),
     ]  # fmt: skip
     print("\nRatios")
     out["ratios"] = {}
@@ -170,6 +174,13 @@ def report(bench: Bench, layout: str) -> tuple[dict[str, Any], int]:
         # Measured on the 2-core development VM: one round's req/s moved by up
         # to 15% between identical runs, with no other work on the machine.
         print("  (one round: repeat runs differ by up to ~15%; --rounds 3 before deciding)")
+
+    if bench.model_parser_us is not None:
+        out["model_usage_parser_us"] = bench.model_parser_us
+        print(
+            f"  usage parser: {bench.model_parser_us:.1f} us per streamed Responses answer "
+            "(framing every event, parsing the one with usage)"
+        )
 
     figures = bench.redis_figures
     if figures is not None:

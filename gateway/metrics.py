@@ -68,6 +68,20 @@ class Metrics:
             ["kind", "status"],
             registry=r,
         )
+        self.model_tokens = Counter(
+            "chatkit_gateway_model_tokens_total",
+            "Tokens the model reported for calls through the model routes, by "
+            "workflow, model and kind (input: uncached input; cached_input; "
+            "output, reasoning included): the three add up to the total.",
+            ["workflow", "model", "kind"],
+            registry=r,
+        )
+        self.model_calls_unmetered = Counter(
+            "chatkit_gateway_model_calls_unmetered_total",
+            "Model calls answered 2xx whose answer ended without usage (a cut stream).",
+            ["workflow"],
+            registry=r,
+        )
         self.request_seconds = Histogram(
             "chatkit_gateway_request_duration_seconds",
             "Time from the request's arrival to the end of its response.",

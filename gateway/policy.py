@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from gateway.chatkit import RequestClass
+from gateway.model.budgets import BudgetFields
 
 Scope = Literal["session", "user"]
 WindowName = Literal["1m", "1h", "1d"]
@@ -41,8 +42,12 @@ DEFAULT_LIMITS: dict[RequestClass, dict[Scope, dict[WindowName, int]]] = {
 ClassLimits = dict[Scope, dict[WindowName, int]]
 
 
-class Policy(BaseModel):
-    """One workflow's admission policy (the defaults are the issued default)."""
+class Policy(BudgetFields):
+    """One workflow's admission policy (the defaults are the issued default).
+
+    Its token and dollar budgets (``tokens``, ``usd``,
+    ``reserve_output_tokens``) are :class:`~gateway.model.budgets.BudgetFields`.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

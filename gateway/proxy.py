@@ -63,6 +63,11 @@ from gateway.headers import (
 from gateway.identity import PREFIX as IDENTITY_PREFIX
 from gateway.identity import IdentityHeaders
 from gateway.metrics import Metrics
+from gateway.model.budgets import BudgetKey
+from gateway.model.metering import BudgetExceeded
+from gateway.model.routes import ModelRequest, ModelUpstream, prepare
+from gateway.model.tokens import HEADER as MODEL_TOKEN_HEADER
+from gateway.model.usage import StreamMeter, Usage, body_usage
 from gateway.ratelimit import Identity
 from gateway.revocation import Revoker
 from gateway.routes import ISSUED_PREFIX, Kind, Match, RouteTable, check_raw_path
@@ -184,6 +189,13 @@ class _Exchange:
 
 
 @dataclass(slots=True)
+class _Reading:
+    """What a model call's answer reported, as far as it got."""
+
+    usage: Usage | None = None
+
+
+@dataclass(slots=True)
 class Outbound:
     """One request for the upstream, ready to send."""
 
@@ -207,8 +219,10 @@ class Proxy:
         metrics: Metrics,
         routes: RouteTable,
         telemetry: Telemetry,
+        model: ModelUpstream | None = None,
     ) -> None:
         self._session = session
+        self._model = model
         self._gatekeeper = gatekeeper
         self._revoker = revoker
         self._sessions = sessions
@@ -328,6 +342,9 @@ class Proxy:
             raise PayloadTooLarge(f"The request body exceeds {self._max_body} bytes.")
         has_body = (length or 0) > 0 or (length is None and head.chunked)
         kind = match.route.kind
+        if kind is Kind.MODEL and self._model is not None:
+            await self._model_call(scope, receive, exchange, headers, head, length, self._model)
+            return
         if kind is Kind.SESSION_CREATE or kind is Kind.SESSION_CANCEL:
             await self._session_call(
                 scope, receive, exchange, match, headers, head, has_body, length
@@ -412,12 +429,43 @@ class Proxy:
         # exchange: with a 401 while the upstream has not answered yet, by
         # cutting the stream off once it has.
         self._revoker.track(secret_hash, exchange.close_revoked)
+        token: str | None = None
         try:
             if has_body:
                 outbound.body = await self._request_body(receive, exchange, upload_limit)
+            if (
+                self._model is not None
+                and envelope is not None
+                and envelope.cls is RequestClass.TURN
+                and admission.identity is not None
+            ):
+                identity = admission.identity
+                # A turn is refused while a budget of its session or user is spent.
+                try:
+                    await self._model.metering.turn_room(
+                        BudgetKey(identity.workflow_id, identity.user, identity.session_id)
+                    )
+                except BudgetExceeded as exc:
+                    policy = self._policies.get(identity.workflow_id)
+                    if policy is None or policy.limit_answer != "chatkit":
+                        raise
+                    await self._limit_event(exchange, exc, kind)
+                    return
+                token = await self._model.tokens.issue(
+                    secret_hash, admission.identity, request_id=exchange.request_id.decode()
+                )
+                outbound.headers.append((MODEL_TOKEN_HEADER.decode(), token))
             await self._forward(receive, exchange, outbound, kind, admission.headers)
         finally:
             self._revoker.untrack(secret_hash, exchange.close_revoked)
+            if token is not None and self._model is not None:
+                self._model.tokens.end(token)
+                if admission.identity is not None:
+                    identity = admission.identity
+                    self._model.metering.audit_turn(
+                        BudgetKey(identity.workflow_id, identity.user, identity.session_id),
+                        exchange.request_id.decode(),
+                    )
 
     async def _envelope_body(
         self, receive: Receive, exchange: _Exchange, length: int | None
@@ -603,6 +651,94 @@ class Proxy:
                 await exchange.body(b"", False)
         self._metrics.count_request(kind.value, response.status)
 
+    # -- model calls ----------------------------------------------------------------
+
+    async def _model_call(
+        self,
+        scope: Scope,
+        receive: Receive,
+        exchange: _Exchange,
+        headers: Headers,
+        head: RequestHead,
+        length: int | None,
+        model: ModelUpstream,
+    ) -> None:
+        """A ChatKit server's call to the model, with the turn's model token.
+
+        Refused (401) before anything is read or forwarded unless the token
+        is valid; tracked under the session's secret from then on, so a
+        revocation anywhere cuts it like the turn itself.
+        """
+        grant = await model.tokens.check(headers)
+        if length is not None and length > model.max_body:
+            raise PayloadTooLarge(f"A model request body is at most {model.max_body} bytes.")
+        self._revoker.track(grant.secret_hash, exchange.close_revoked)
+        try:
+            body = await self._read_body(receive, limit=model.max_body)
+            exchange.tel.bytes_in = len(body)
+            request = prepare(scope["path"], body)
+            call = await model.metering.open(grant, request, body)
+            exchange.watch_disconnect(receive)
+            out_headers = self._upstream_headers(
+                scope,
+                exchange,
+                headers,
+                head,
+                # The model token goes (the real key replaces it), and so does
+                # any claim to an identity.
+                without=_CLIENT_CREDENTIALS,
+                without_prefix=IDENTITY_PREFIX,
+            )
+            outbound = _outbound_to(scope, model.origin + request.route, out_headers, request.body)
+            outbound.headers = model.request_headers(outbound.headers)
+            reading = _Reading()
+            try:
+                await self._forward_model(exchange, outbound, request.route, request, reading)
+            finally:
+                # Cut or not: the usage seen, else a 2xx charges its reservation.
+                call.finish(reading.usage, answered=200 <= exchange.status < 300)
+        finally:
+            self._revoker.untrack(grant.secret_hash, exchange.close_revoked)
+
+    async def _forward_model(
+        self,
+        exchange: _Exchange,
+        outbound: Outbound,
+        route: str,
+        request: ModelRequest,
+        reading: _Reading,
+    ) -> None:
+        """Forward a model call and stream its answer back, reading its usage
+        on the way into ``reading`` (none from an error answer or a cut stream)."""
+        with translate_errors():
+            async with self._request(outbound, exchange.tel) as response:
+                exchange.tel.answered(Kind.MODEL.value, response)
+                headers = client_response_headers(
+                    response.raw_headers, request_id=exchange.request_id
+                )
+                await exchange.start(response.status, headers)
+                ok = 200 <= response.status < 300
+                if ok and response.content_type == "text/event-stream":
+                    meter = StreamMeter(route, hide_usage=request.hide_usage)
+                    async for chunk in response.content.iter_any():
+                        passed = meter.feed(chunk)
+                        reading.usage = meter.usage
+                        if passed:
+                            await exchange.body(passed, True)
+                    rest = meter.rest()
+                    reading.usage = meter.usage
+                    await exchange.body(rest, False)
+                else:
+                    kept: list[bytes] = []
+                    async for chunk in response.content.iter_any():
+                        if ok:
+                            kept.append(chunk)
+                        await exchange.body(chunk, True)
+                    if ok:
+                        reading.usage = body_usage(route, b"".join(kept))
+                    await exchange.body(b"", False)
+        self._metrics.count_request(Kind.MODEL.value, response.status)
+
     # -- session create and cancel -------------------------------------------------
 
     async def _session_call(
@@ -687,8 +823,8 @@ class Proxy:
             release=response.close,
         )
 
-    async def _read_body(self, receive: Receive) -> bytes:
-        """A session call's whole (small) request body."""
+    async def _read_body(self, receive: Receive, *, limit: int = MAX_CONTROL_BODY) -> bytes:
+        """A session call's (or a model call's) whole request body, at most ``limit`` bytes."""
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -697,10 +833,9 @@ class Proxy:
                 raise ClientDisconnected("client disconnected during the request body")
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
-            if size > MAX_CONTROL_BODY:
-                raise PayloadTooLarge(
-                    f"A session request body is at most {MAX_CONTROL_BODY} bytes."
-                )
+            if size > limit:
+                what = "session" if limit == MAX_CONTROL_BODY else "model"
+                raise PayloadTooLarge(f"A {what} request body is at most {limit} bytes.")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)

@@ -20,9 +20,10 @@ import redis
 
 from gateway.auth import SecretHasher
 from gateway.errors import ConfigError, StoreUnavailable
+from gateway.model.budgets import BudgetKey, BudgetLimit, Charge
 from gateway.ratelimit import Outcome
 from gateway.settings import load_settings
-from gateway.store.base import AdmitRequest, SessionRecord
+from gateway.store.base import AdmitRequest, ModelGrant, SessionRecord
 from gateway.store.redis import RedisStore, connect
 from tests.fake_upstream import FakeUpstream
 from tests.harness import (
@@ -214,6 +215,38 @@ async def test_a_users_class_windows_span_sessions_on_every_primary(
         refused = decisions[-1].class_window
         assert refused is not None
         assert refused.name == "turn-user-1d"
+
+
+async def test_model_tokens_and_budgets_work_on_a_cluster(
+    store: RedisStore, cluster: RedisCluster
+) -> None:
+    """A user's budget keys share one hash tag (one script, one node); a
+    model token's check reads its own key, then its session's flags on theirs."""
+    record = SessionRecord(_hash(77), "cksess_model", "alice", int(time.time()) + 600, 10)
+    await store.register(record)
+    grant = ModelGrant(
+        record.secret_hash, record.session_id, "alice", "wf", "req", record.expires_at
+    )
+    await store.grant_model_token(_hash(78), grant)
+    assert await store.model_grant(_hash(78)) == grant
+    limit = BudgetLimit("tokens", "user", 86400, 1000)
+    keys = store.keys.budget("wf", "alice")
+    assert len({cluster.primary_of(k).port for k in keys}) == 1
+    for user in ("alice", "bob", "carol", "dave"):  # users spread over primaries
+        key = BudgetKey("wf", user, f"cksess_{user}")
+        assert (await store.reserve_budget(key, "c1", Charge(300, 0, 300, 0.0), (limit,),
+                                           model="m", lease_seconds=60)).admitted  # fmt: skip
+        refused = await store.reserve_budget(
+            key, "c2", Charge(300, 0, 300, 0.0), (limit,), model="m", lease_seconds=60
+        )
+        assert not refused.admitted
+        await store.settle_budget(key, "c1", Charge(100, 0, 100, 0.0), model="m")
+        assert (await store.reserve_budget(key, "c2", Charge(300, 0, 300, 0.0), (limit,),
+                                           model="m", lease_seconds=60)).admitted  # fmt: skip
+        [charged] = await store.budget_charges("wf", user)
+        assert charged.charge.tokens == 200
+    await store.revoke(secret_hash=None, session_id=record.session_id, reason="t", replica="r")
+    assert await store.model_grant(_hash(78)) is None
 
 
 def test_user_limits_are_refused_on_a_cluster_at_start_up() -> None:

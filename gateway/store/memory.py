@@ -13,10 +13,21 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from gateway.auth import split_tag
 from gateway.chatkit import RequestClass
+from gateway.model.budgets import (
+    LONGEST_WINDOW_SECONDS,
+    NO_CHARGE,
+    BudgetDecision,
+    BudgetKey,
+    BudgetLimit,
+    Charge,
+    ChargeRecord,
+    Spent,
+    decide,
+)
 from gateway.policy import parse_spec
 from gateway.ratelimit import ClassWindow, Decision, Identity, Outcome, Window
 from gateway.store.base import (
@@ -25,6 +36,7 @@ from gateway.store.base import (
     AuditEntry,
     IndexedSession,
     IssuedSession,
+    ModelGrant,
     RevokeResult,
     SessionInfo,
     SessionRecord,
@@ -75,6 +87,23 @@ class _SlidingWindow:
         return count
 
 
+@dataclass(slots=True)
+class _Reservation:
+    session_id: str
+    charge: Charge
+    model: str
+    lease_end: float  # clock seconds
+
+
+@dataclass(slots=True)
+class _Budget:
+    """One user's model calls in one workflow: charges oldest first, and
+    reservations of calls in flight by call id."""
+
+    charges: deque[ChargeRecord] = field(default_factory=deque)
+    flight: dict[str, _Reservation] = field(default_factory=dict)
+
+
 def _ms(us: int) -> int:
     return -(-us // 1000)
 
@@ -100,6 +129,8 @@ class MemoryStore(Store):
         self._sid_hash: dict[str, _Expiring[str]] = {}  # sid -> hash
         self._sid_revoked: dict[str, _Expiring[bool]] = {}
         self._windows: dict[str, _SlidingWindow] = {}  # "s:" + hash | "u:" + user
+        self._model_tokens: dict[str, _Expiring[ModelGrant]] = {}  # by token hash
+        self._budgets: dict[tuple[str, str], _Budget] = {}  # by (workflow, user)
         self._audit: list[AuditEntry] = []
         self._audit_seq = 0
         self._listeners: set[asyncio.Queue[str]] = set()
@@ -368,6 +399,126 @@ class MemoryStore(Store):
         finally:
             self._listeners.discard(queue)
 
+    async def grant_model_token(self, token_hash: str, grant: ModelGrant) -> None:
+        self._model_tokens[token_hash] = _Expiring(grant, float(grant.expires_at))
+
+    async def end_model_token(self, token_hash: str, *, grace_seconds: int) -> None:
+        entry = self._model_tokens.get(token_hash)
+        if entry is not None:
+            entry.until = min(entry.until, self._clock() + grace_seconds)
+
+    async def model_grant(self, token_hash: str) -> ModelGrant | None:
+        grant = self._get(self._model_tokens, token_hash)
+        if grant is None:
+            return None
+        if (
+            self._get(self._revoked, grant.secret_hash) is not None
+            or self._get(self._sid_revoked, grant.session_id) is not None
+        ):
+            return None
+        return grant
+
+    def _budget(self, workflow_id: str, user: str) -> _Budget:
+        """The user's budget, its ended leases charged and old charges dropped."""
+        budget = self._budgets.setdefault((workflow_id, user), _Budget())
+        now = self._clock()
+        charged = False
+        for call_id, reservation in list(budget.flight.items()):
+            if reservation.lease_end <= now:
+                charged = True
+                del budget.flight[call_id]
+                record = ChargeRecord(
+                    reservation.lease_end,
+                    reservation.session_id,
+                    reservation.model,
+                    reservation.charge,
+                    call_id,
+                )
+                budget.charges.append(record)
+        if charged:  # at their leases' ends, maybe before charges already kept
+            budget.charges = deque(sorted(budget.charges, key=lambda c: c.at))
+        while budget.charges and budget.charges[0].at <= now - LONGEST_WINDOW_SECONDS:
+            budget.charges.popleft()
+        return budget
+
+    def _decide(
+        self,
+        budget: _Budget,
+        key: BudgetKey,
+        limits: tuple[BudgetLimit, ...],
+        need: Charge,
+        *,
+        check: bool,
+    ) -> BudgetDecision:
+        return decide(
+            int(self._clock() * 1_000_000),
+            [
+                Spent(int(c.at * 1_000_000), c.session_id, c.charge.tokens, c.charge.usd_micros)
+                for c in budget.charges
+            ],
+            [
+                Spent(0, r.session_id, r.charge.tokens, r.charge.usd_micros)
+                for r in budget.flight.values()
+            ],
+            limits,
+            session_id=key.session_id,
+            need_tokens=need.tokens,
+            need_usd=need.usd_micros,
+            check=check,
+        )
+
+    async def reserve_budget(
+        self,
+        key: BudgetKey,
+        call_id: str,
+        reservation: Charge,
+        limits: tuple[BudgetLimit, ...],
+        *,
+        model: str,
+        lease_seconds: int,
+    ) -> BudgetDecision:
+        budget = self._budget(key.workflow_id, key.user)
+        decision = self._decide(budget, key, limits, reservation, check=False)
+        if decision.admitted:
+            budget.flight[call_id] = _Reservation(
+                key.session_id, reservation, model, self._clock() + lease_seconds
+            )
+        return decision
+
+    async def budget_room(self, key: BudgetKey, limits: tuple[BudgetLimit, ...]) -> BudgetDecision:
+        budget = self._budget(key.workflow_id, key.user)
+        return self._decide(budget, key, limits, Charge(0, 0, 0, 0.0), check=True)
+
+    async def settle_budget(
+        self, key: BudgetKey, call_id: str, charge: Charge, *, model: str
+    ) -> None:
+        budget = self._budget(key.workflow_id, key.user)
+        if budget.flight.pop(call_id, None) is not None and charge != NO_CHARGE:
+            budget.charges.append(
+                ChargeRecord(self._clock(), key.session_id, model, charge, call_id)
+            )
+
+    async def budget_charges(self, workflow_id: str, user: str) -> list[ChargeRecord]:
+        return list(self._budget(workflow_id, user).charges)
+
+    async def calls_in_flight(self, workflow_id: str, user: str) -> list[str]:
+        return list(self._budget(workflow_id, user).flight)
+
+    async def audit_usage(self, *, session_id: str, replica: str, usage: dict[str, float]) -> None:
+        self._audit_seq += 1
+        self._audit.append(
+            AuditEntry(
+                id=str(self._audit_seq),
+                session_id=session_id,
+                secret_hash_prefix=None,
+                reason="model_usage",
+                replica=replica,
+                at=self._clock(),
+                usage=dict(usage),
+            )
+        )
+        del self._audit[:-AUDIT_MAXLEN]
+
     # -- apps and users -------------------------------------------------------
 
     def _live_index(self, user: str) -> dict[str, IndexedSession]:
@@ -509,7 +660,14 @@ class MemoryStore(Store):
     def _sweep(self) -> None:
         """Drop expired entries now and then, so memory stays bounded."""
         now = self._clock()
-        for table in (self._sessions, self._revoked, self._sid_hash, self._sid_revoked):
+        tables: tuple[dict[str, _Expiring[Any]], ...] = (
+            self._sessions,
+            self._revoked,
+            self._sid_hash,
+            self._sid_revoked,
+            self._model_tokens,
+        )
+        for table in tables:
             if len(table) > 1024:
                 for key in [k for k, v in table.items() if v.until <= now]:
                     del table[key]

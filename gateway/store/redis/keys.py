@@ -17,6 +17,13 @@ Key layout (``p`` is the configured prefix, ``h`` the secret's HMAC):
     p:{sid:S}:h   session id S -> h                             TTL exp + retention
     p:{sid:S}:r   session id S revoked (cancel before/without registration)
     p:{sid:S}:d   issued session S's ChatSession JSON, no secret  TTL exp + retention
+    p:{mt:T}      hash: a model token's grant (h, sid, user,    TTL the session's
+                  wf, rid, exp); T is the token's HMAC          expiry, then the grace
+    p:{b:W:U}:c   zset: user U's model-call charges in          TTL a day + lease
+                  workflow W (gateway.model.budgets)
+    p:{b:W:U}:r   hash: their calls in flight (reservations)    TTL a day + lease
+    p:{b:W:U}:t   hash: running sums per window, per user and   TTL a day + lease
+                  per session (see lua/budget.lua)
     p:audit       stream of revocations, capped
     p:revocations pub/sub channel of revoked hashes
 
@@ -96,6 +103,15 @@ class KeyLayout:
         tag, digest = split_tag(secret_hash)
         base = f"{self.prefix}:{{t:{tag}}}:{digest}" if tag else f"{self.prefix}:{{{digest}}}"
         return SecretKeys(f"{base}:s", f"{base}:w", f"{base}:r")
+
+    def model_token(self, token_hash: str) -> str:
+        return f"{self.prefix}:{{mt:{token_hash}}}"
+
+    def budget(self, workflow_id: str, user: str) -> tuple[str, str, str]:
+        """A user's budget keys in a workflow (charges, reservations, sums):
+        one hash tag, so the budget scripts run on one node of a cluster."""
+        base = f"{self.prefix}:{{b:{workflow_id}:{user_hash(user)}}}"
+        return f"{base}:c", f"{base}:r", f"{base}:t"
 
     def class_user_prefix(self, secret_hash: str) -> str:
         """Where the user's class windows of this secret live ("" for none).
