@@ -69,6 +69,7 @@ class Gatekeeper:
         cls: str = "",
         need: str = "",
         declared_size: int = 0,
+        model: str | None = None,
     ) -> Admission:
         """Decide; raise the rejecting error, or return what the request carries on.
 
@@ -76,7 +77,8 @@ class Gatekeeper:
         ``cls`` is the request's class (``gateway.chatkit.RequestClass``), ""
         for requests without one (counted by the session's limit only);
         ``need`` and ``declared_size`` what the session's configuration is
-        asked for (:class:`~gateway.store.base.AdmitRequest`).
+        asked for (:class:`~gateway.store.base.AdmitRequest`), ``model`` the
+        model a turn names (refused by the session's policy before counting).
         """
         try:
             secret_hash = self._hash(bearer_secret(headers))
@@ -96,6 +98,7 @@ class Gatekeeper:
                         cls,
                         need,
                         declared_size,
+                        model,
                     )
                 )
             except StoreUnavailable as exc:

@@ -158,21 +158,13 @@ def needs(envelope: Envelope) -> tuple[str, int]:
     return "", 0
 
 
-def check_model(envelope: Envelope, models: tuple[str, ...] | None) -> None:
-    """Refuse a turn that asks for a model the workflow does not allow.
-
-    A turn naming no model gets the server's default, which the operator chose.
-    """
-    if models is None or envelope.cls is not RequestClass.TURN:
-        return
-    model = envelope.model
-    if model is not None and model not in models:
-        raise BadRequest(
-            f"The model '{model[:64]}' is not allowed for this workflow; "
-            f"allowed: {', '.join(models)}.",
-            param="params.input.inference_options.model",
-            code="model_not_allowed",
-        )
+def requested_model(envelope: Envelope) -> str | None:
+    """The model a turn names, which the session's policy may refuse; None for
+    other classes and for a turn naming none (it gets the server's default,
+    which the operator chose)."""
+    if envelope.cls is not RequestClass.TURN:
+        return None
+    return envelope.model
 
 
 def error_event(message: str) -> bytes:

@@ -305,7 +305,7 @@ class Issuer:
         # Compiled once: every session of a workflow carries the same windows.
         policies = policies or {}
         self._policies = {
-            wf: (policy.session_limit_counts, policy.windows())
+            wf: (policy.session_limit_counts, policy.windows(), policy.models or ())
             for wf, policy in ((wf, policies.get(wf, Policy())) for wf in workflows)
         }
         self._apps = apps
@@ -371,7 +371,7 @@ class Issuer:
                     param="expires_after.seconds",
                     code="invalid_value",
                 )
-        counts, windows = self._policies[request.workflow.id]
+        counts, windows, models = self._policies[request.workflow.id]
         config = request.chatkit_configuration
         limit = self._default_limit
         if request.rate_limits is not None and request.rate_limits.max_requests_per_1_minute:
@@ -399,6 +399,7 @@ class Issuer:
             issued=True,
             counts=counts,
             windows=windows,
+            models=models,
             # The session's own configuration, enforced by the gateway (it sees
             # every request) and stated to the ChatKit server (for the rest).
             history=config.history.enabled,

@@ -30,11 +30,11 @@ from gateway.admission import Admission, Gatekeeper
 from gateway.chatkit import (
     Envelope,
     RequestClass,
-    check_model,
     error_event,
     may_be_transcribe,
     needs,
     parse_envelope,
+    requested_model,
 )
 from gateway.cors import CorsPolicy
 from gateway.errors import (
@@ -373,6 +373,7 @@ class Proxy:
         body: bytes | None = None
         cls = need = ""
         declared = upload_limit = 0
+        model: str | None = None
         if kind is Kind.ISSUED and self._gatekeeper.well_formed(head):
             # What an issued request counts against depends on what it is.
             if match.route.pattern == ISSUED_PREFIX and scope["method"] == "POST":
@@ -383,12 +384,13 @@ class Proxy:
                 cls = envelope.cls.value
                 exchange.tel.cls = cls
                 need, declared = needs(envelope)
+                model = requested_model(envelope)
             else:
                 cls = exchange.tel.cls = RequestClass.UPLOAD.value
                 need = "upload"
         try:
             admission = await exchange.tel.admission(
-                self._gatekeeper.check(head, cls, need, declared)
+                self._gatekeeper.check(head, cls, need, declared, model)
             )
         except RateLimited as exc:
             policy = self._policies.get(exc.workflow_id)
@@ -406,10 +408,6 @@ class Proxy:
                     upload_limit = admission.identity.max_file_bytes + MULTIPART_SLACK
                     if length is not None and length > upload_limit:
                         raise _file_too_large(upload_limit)
-            if envelope is not None and admission.identity is not None:
-                policy = self._policies.get(admission.identity.workflow_id)
-                if policy is not None:
-                    check_model(envelope, policy.models)
         else:
             if admission.identity is not None and admission.identity.workflow_id in self._workflows:
                 # An issued secret is for its workflow's server, never the hosted API.

@@ -32,6 +32,7 @@ class Outcome(enum.IntEnum):
     UPLOADS_DISABLED = 8  # an upload with file_upload.enabled false
     FILE_TOO_LARGE = 9  # attachments.create declaring more than max_file_size
     TOO_MANY_FILES = 10  # attachments.create past max_files
+    MODEL_NOT_ALLOWED = 11  # a turn naming a model the workflow's policy does not list
 
 
 class Window(NamedTuple):
@@ -210,6 +211,11 @@ _CONFIGURATION_REFUSALS: dict[Outcome, tuple[str, str, str | None]] = {
         "(chatkit_configuration.file_upload.max_files).",
         "too_many_files",
         None,
+    ),
+    Outcome.MODEL_NOT_ALLOWED: (
+        "The model this turn asks for is not allowed for this session's workflow.",
+        "model_not_allowed",
+        "params.input.inference_options.model",
     ),
 }
 

@@ -190,6 +190,7 @@ async def test_a_users_class_windows_span_sessions_on_every_primary(
                     issued=True,
                     counts="turn",
                     windows={"turn": "u86400:3,s60:2"},
+                    models=("gpt-allowed",),
                 )
                 await store.register(record)
                 keys = store.keys.secret(record.secret_hash)
@@ -206,8 +207,17 @@ async def test_a_users_class_windows_span_sessions_on_every_primary(
         hashes = [
             hasher(f"ek_{hasher.user_tag(user)}_{user}-{n}-secret-bytes".encode()) for n in (0, 1)
         ]
+        # Models the workflow does not list are refused in the same step,
+        # before any window counts: they leave the user all 3 turns.
+        models = [
+            await store.admit(AdmitRequest(hashes[n % 2], False, 10, None, "turn", model="x"))
+            for n in range(2)
+        ]
+        assert [d.outcome for d in models] == [Outcome.MODEL_NOT_ALLOWED] * 2
         decisions = [
-            await store.admit(AdmitRequest(hashes[n % 2], False, 10, None, "turn"))
+            await store.admit(
+                AdmitRequest(hashes[n % 2], False, 10, None, "turn", model="gpt-allowed")
+            )
             for n in range(5)
         ]
         outcomes = [d.outcome for d in decisions]

@@ -12,14 +12,15 @@ import pytest
 from gateway.chatkit import (
     Envelope,
     RequestClass,
-    check_model,
     classify,
     error_event,
     may_be_transcribe,
     parse_envelope,
+    requested_model,
 )
 from gateway.errors import BadRequest, ConfigError, PayloadTooLarge
 from gateway.policy import DEFAULT_LIMITS, Policy, parse_spec
+from gateway.ratelimit import Decision, Outcome, rejection
 from gateway.settings import load_settings
 
 BOUNDS = {"max_bytes": 1024, "max_transcribe_bytes": 4096}
@@ -100,21 +101,29 @@ def test_a_declared_size_is_read_only_when_it_is_a_number() -> None:
     assert size("2048") is None
 
 
-def test_the_model_allow_list_applies_to_turns_naming_a_model() -> None:
-    def envelope(request_type: str, model: str | None) -> Envelope:
+def test_only_a_turn_names_a_model_for_the_allow_list() -> None:
+    def envelope(request_type: str, model: object) -> Envelope:
         options = {} if model is None else {"model": model}
         params = {"input": {"inference_options": options}}
         return parse_envelope(
             json.dumps({"type": request_type, "params": params}).encode(), **BOUNDS
         )
 
-    check_model(envelope("threads.create", "a"), ("a", "b"))
-    check_model(envelope("threads.create", None), ("a",))
-    check_model(envelope("threads.create", "z"), None)
-    check_model(envelope("threads.list", "z"), ("a",))
-    with pytest.raises(BadRequest) as caught:
-        check_model(envelope("threads.add_user_message", "z"), ("a",))
-    assert caught.value.param == "params.input.inference_options.model"
+    assert requested_model(envelope("threads.create", "a")) == "a"
+    assert requested_model(envelope("threads.add_user_message", "")) == ""
+    assert requested_model(envelope("threads.custom_something", "z")) == "z"  # unknown: a turn
+    assert requested_model(envelope("threads.create", None)) is None  # the server's default
+    assert requested_model(envelope("threads.list", "z")) is None  # a read runs no model
+
+
+def test_a_refused_model_answers_400_naming_the_field() -> None:
+    error = rejection(Decision(Outcome.MODEL_NOT_ALLOWED), window_seconds=60)
+    assert isinstance(error, BadRequest)
+    assert (error.status, error.code, error.param) == (
+        400,
+        "model_not_allowed",
+        "params.input.inference_options.model",
+    )
 
 
 def test_an_error_event_is_one_chatkit_stream_event() -> None:

@@ -21,7 +21,15 @@ import pytest_asyncio
 from openai.types.beta.chatkit import ChatSession
 
 from tests.chatkit_server import ChatKitServerProcess, sse_events, threads_create_body
-from tests.harness import GatewayProcess, RedisServer, eventually, running, sdk_create
+from tests.harness import (
+    GatewayProcess,
+    RedisServer,
+    eventually,
+    metric_value,
+    running,
+    scrape,
+    sdk_create,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -215,19 +223,44 @@ async def test_only_the_workflows_models_may_be_asked_for(
     server: ChatKitServerProcess,
     http: aiohttp.ClientSession,
 ) -> None:
-    session = await create(replicas[0], "model_user")
-    status, body, _ = await send(http, replicas[1], session.client_secret, turn("x", "gpt-dear"))
-    error = json.loads(body)["error"]
-    assert (status, error["code"], error["param"]) == (
-        400,
-        "model_not_allowed",
-        "params.input.inference_options.model",
-    )
-    assert (await send(http, replicas[1], session.client_secret, turn("y", "gpt-allowed")))[
-        0
-    ] == 200
-    assert (await send(http, replicas[0], session.client_secret, turn("z")))[0] == 200  # default
+    a, b = replicas
+    # N = 2 turns a minute; the user's daily turn window (4) is wider.
+    session = await create(a, "model_user", rate_limits={"max_requests_per_1_minute": 2})
+    before = await scrape(http, b.url)
+    # K = 3 refused models, on both replicas, before any turn was admitted.
+    for i, model in enumerate(["gpt-dear", "gpt-allowed-but-not-quite", ""]):
+        status, body, headers = await send(
+            http, (a, b)[i % 2], session.client_secret, turn("x", model)
+        )
+        error = json.loads(body)["error"]
+        assert (status, error["code"], error["param"]) == (
+            400,
+            "model_not_allowed",
+            "params.input.inference_options.model",
+        )
+        assert "ratelimit" not in headers  # decided before any window
+    # A refused model consumed nothing: the session still has all N turns.
+    statuses = [
+        (await send(http, b, session.client_secret, turn("y", "gpt-allowed")))[0],
+        (await send(http, a, session.client_secret, turn("z")))[0],  # the server's default
+        (await send(http, b, session.client_secret, turn("w", "gpt-allowed")))[0],
+    ]
+    assert statuses == [200, 200, 429]
+    # Only the two admitted turns reached the ChatKit server.
     await server.wait_for(lambda: len(seen_types(server, session.id)) == 2)
+    assert seen_types(server, session.id) == ["threads.create"] * 2
+    # Counted as rejections, not admissions.
+    after = await scrape(http, b.url)
+    decision = "chatkit_gateway_admission_decisions_total"
+    refused = {"outcome": "model_not_allowed", "workflow": "other", "class": "turn"}
+    gained = (metric_value(after, decision, **refused) or 0) - (
+        metric_value(before, decision, **refused) or 0
+    )
+    assert gained == 1  # the one of the three that b answered
+    await eventually(
+        lambda: "outcome=model_not_allowed" in b.output(),
+        what="the access-log line of the refusal",
+    )
 
 
 @pytest.mark.parametrize(

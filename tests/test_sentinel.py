@@ -126,8 +126,15 @@ async def test_a_users_class_windows_span_the_users_sessions_behind_sentinel(
                 issued=True,
                 counts="turn",
                 windows={"turn": "u86400:3"},
+                models=("gpt-allowed",),
             )
             await store.register(record)
+        # A model the workflow does not list is refused before any window counts.
+        refused = [
+            (await store.admit(AdmitRequest(hashes[n % 2], False, 10, None, "turn", model="x")))
+            for n in range(2)
+        ]
+        assert [d.outcome for d in refused] == [Outcome.MODEL_NOT_ALLOWED] * 2
         outcomes = [
             (await store.admit(AdmitRequest(hashes[n % 2], False, 10, None, "turn"))).outcome
             for n in range(5)

@@ -1068,3 +1068,45 @@ async def test_an_operators_count_of_a_class_window_slides_and_prunes_nothing(
     await backend.reach(admitted_by + 1.05)
     found = await store.class_windows([record.secret_hash])
     assert [(w.used, w.remaining) for w in found[record.secret_hash].windows] == [(0, 5)]
+
+
+async def test_a_refused_model_counts_in_no_window(backend: Backend) -> None:
+    """The allow-list is decided in the admission step, before any window:
+    after K refused models the session still has all N of its turns."""
+    store = backend.store()
+    record = dataclasses.replace(
+        _policed(backend, user="user_models", limit=3, windows={"turn": "s60:3,u86400:3"}),
+        models=("gpt-allowed", "gpt-other"),
+    )
+    await store.register(record)
+
+    def turn(model: str | None) -> AdmitRequest:
+        # The session's limit, the per-user cap, and the class's session and
+        # user windows: every window a turn counts in, each allowing 3.
+        return AdmitRequest(record.secret_hash, False, 10, 3, "turn", model=model)
+
+    # Exact names only: no case folding, no trimming, no list smuggled in a name.
+    names = ["gpt-dear", "", "GPT-ALLOWED", "gpt-allowed ", "gpt-allowed\ngpt-other", "mdl"]
+    refused = await asyncio.gather(*(store.admit(turn(name)) for name in names))
+    assert [d.outcome for d in refused] == [Outcome.MODEL_NOT_ALLOWED] * len(names)
+    assert all(d.identity is None for d in refused)
+    turns = [await store.admit(turn(m)) for m in ("gpt-allowed", None, "gpt-other", "gpt-allowed")]
+    assert [d.admitted for d in turns] == [True, True, True, False]
+    first = turns[0]
+    assert first.session is not None
+    assert first.user is not None
+    assert first.class_window is not None
+    remaining = (first.session.remaining, first.user.remaining, first.class_window.window.remaining)
+    assert remaining == (2, 2, 2)  # each window counted the admitted turn only
+    assert turns[3].outcome in (
+        Outcome.RATE_LIMITED,
+        Outcome.USER_RATE_LIMITED,
+        Outcome.CLASS_RATE_LIMITED,
+    )
+    # A read names no model; a session whose workflow lists none takes any.
+    assert (await store.admit(_class(record.secret_hash, "read"))).admitted
+    free = _policed(backend, user="user_free")
+    await store.register(free)
+    assert (
+        await store.admit(AdmitRequest(free.secret_hash, False, 10, None, "turn", model="x"))
+    ).admitted

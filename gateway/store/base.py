@@ -46,6 +46,9 @@ class SessionRecord:
     max_file_bytes: int = 0
     max_files: int = 0
     configuration: str = ""
+    #: The models a turn may name (the workflow policy's ``models``), () for
+    #: any: refused in the admission step, so a refused model counts nowhere.
+    models: tuple[str, ...] = ()
     #: The app that created an issued session ("" for a learned one). Kept
     #: beside the ChatSession document, not in it: the SDK parses that.
     app: str = ""
@@ -91,6 +94,9 @@ class AdmitRequest:
     need: str = ""
     #: The size an attachments.create declares, in bytes.
     declared_size: int = 0
+    #: The model a turn names (``params.input.inference_options.model``),
+    #: None when it names none (the server's default).
+    model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

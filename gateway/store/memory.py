@@ -195,6 +195,8 @@ class MemoryStore(Store):
                     and request.declared_size > record.max_file_bytes
                 ):
                     return Decision(Outcome.FILE_TOO_LARGE)
+            if request.model is not None and record.models and request.model not in record.models:
+                return Decision(Outcome.MODEL_NOT_ALLOWED)
 
         # The windows this request counts in, as admit.lua builds them:
         # (window, length µs, limit, outcome, class window spec).

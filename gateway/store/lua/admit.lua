@@ -16,7 +16,9 @@
 --                                   "<s|u><seconds>:<limit>,..."), and the
 --                                   session's chatkit_configuration: hist,
 --                                   up ("0": disabled), mfs (largest file,
---                                   bytes), mf (most files), cfg (its JSON)
+--                                   bytes), mf (most files), cfg (its JSON);
+--                                   mdl ("1": the workflow lists models) and
+--                                   m:<model> ("1") for each model listed
 -- KEYS[2] window zset   {p}:{h}:w  one member per admitted request, score = µs;
 --                                   a class window C of L s is KEYS[2]:C:L
 -- KEYS[3] revoked flag  {p}:{h}:r
@@ -37,6 +39,7 @@
 -- ARGV[10] what of the configuration the request needs: "history",
 --          "upload" (file bytes), "attach" (attachments.create), ""
 -- ARGV[11] the size an attachments.create declares, bytes
+-- ARGV[12] "m:" and the model a turn names, "" when it names none
 --
 -- Returns {outcome} when no window was read (revoked, expired, unknown), else
 --   {outcome, s_limit, s_remaining, s_wait_ms, s_reset_ms,
@@ -51,8 +54,11 @@
 -- A refusal reports the refusing window with the longest wait: the real time
 -- until this request could be admitted. Rejected requests add nothing.
 -- Outcome codes are gateway.ratelimit.Outcome. The configuration refuses
--- before any window counts (7-9); max_files is a window over the session's
--- whole life (10), so it is exact across replicas and costs nothing refused.
+-- before any window counts (7-9), and so does a model the workflow's policy
+-- does not list (11): the workflow is known only from the session's record,
+-- and a refused request must count nowhere. max_files is a window over the
+-- session's whole life (10), so it is exact across replicas and costs
+-- nothing refused.
 --
 -- Time is the server's TIME, one clock for every replica. Redis 7 replicates
 -- scripts by effects, so reading TIME before writing is allowed.
@@ -91,6 +97,15 @@ if need ~= '' then
   end
   if need == 'attach' and s[12] and tonumber(ARGV[11]) > tonumber(s[12]) then
     return {9}
+  end
+end
+
+-- A field lookup, not a scan: exact for any model name, and nothing read
+-- for turns that name no model.
+if ARGV[12] ~= '' and s[1] then
+  local m = redis.call('HMGET', KEYS[1], 'mdl', ARGV[12])
+  if m[1] and not m[2] then
+    return {11}
   end
 end
 

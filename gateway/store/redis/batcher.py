@@ -263,6 +263,7 @@ class AdmissionBatcher:
             self._keys.class_user_prefix(request.secret_hash),
             request.need,
             request.declared_size,
+            "" if request.model is None else "m:" + request.model,
         )
 
     def _void_command(self, request: AdmitRequest, member: str) -> Command:

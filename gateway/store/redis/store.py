@@ -172,6 +172,10 @@ class RedisStore(Store):
                 fields["mf"] = record.max_files
             if record.configuration:
                 fields["cfg"] = record.configuration
+            if record.models:
+                fields["mdl"] = 1
+                for model in record.models:
+                    fields["m:" + model] = 1
             if record.app:
                 fields["app"] = record.app
             pipe.hset(skey, mapping=fields)  # type: ignore[arg-type]
