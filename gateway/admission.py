@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
-from gateway.auth import SecretHasher, bearer_secret
+from gateway.auth import SecretHasher, bearer_secret, split_tag
 from gateway.errors import AuthError, GatewayError, RateLimited, StoreUnavailable
 from gateway.head import RequestHead
 from gateway.metrics import Metrics
@@ -38,6 +39,8 @@ class Admission(NamedTuple):
     #: What was admitted, and its window member: for :meth:`Gatekeeper.unadmit`.
     request: AdmitRequest | None = None
     member: str = ""
+    #: The turn's model token, granted by the admission step itself.
+    model_token: str | None = None
 
 
 class Gatekeeper:
@@ -73,6 +76,8 @@ class Gatekeeper:
         need: str = "",
         declared_size: int = 0,
         model: str | None = None,
+        mint: Callable[[str], tuple[str, str]] | None = None,
+        request_id: str = "",
     ) -> Admission:
         """Decide; raise the rejecting error, or return what the request carries on.
 
@@ -82,16 +87,24 @@ class Gatekeeper:
         ``need`` and ``declared_size`` what the session's configuration is
         asked for (:class:`~gateway.store.base.AdmitRequest`), ``model`` the
         model a turn names (refused by the session's policy before counting).
+        ``mint`` (a turn, with a model key) makes a model token for a tagged
+        secret's tag, which the admission step grants if it admits the turn
+        of a registered session (``Admission.model_token``).
         """
         try:
             secret_hash = self._hash(bearer_secret(headers))
         except AuthError as exc:
             return Admission(None, self._report_only(exc, "malformed"))
         request: AdmitRequest | None = None
+        token = token_hash = ""
         if self._revoker.is_revoked_locally(secret_hash):
             decision = _REVOKED
         else:
             started = time.perf_counter()
+            if mint is not None:
+                tag, _ = split_tag(secret_hash)
+                if tag:
+                    token, token_hash = mint(tag)
             request = AdmitRequest(
                 secret_hash,
                 self._allow_unknown,
@@ -101,6 +114,8 @@ class Gatekeeper:
                 need,
                 declared_size,
                 model,
+                token_hash,
+                request_id,
             )
             try:
                 decision = await self._store.admit(request)
@@ -128,6 +143,7 @@ class Gatekeeper:
             decision.identity,
             request if decision.member else None,
             decision.member,
+            token if token and decision.admitted and decision.identity is not None else None,
         )
 
     async def unadmit(self, admission: Admission) -> None:

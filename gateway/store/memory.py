@@ -231,6 +231,18 @@ class MemoryStore(Store):
                     class_window = candidate
         if refused is not None:
             return Decision(windows[refused][3], session, user_window, identity, class_window)
+        if request.token and record is not None:
+            self._model_tokens[request.token] = _Expiring(
+                ModelGrant(
+                    request.secret_hash,
+                    record.session_id,
+                    record.user,
+                    record.workflow_id,
+                    request.request_id,
+                    record.expires_at,
+                ),
+                float(record.expires_at),
+            )
         return Decision(Outcome.ADMITTED, session, user_window, identity, class_window, str(now))
 
     async def unadmit(self, request: AdmitRequest, member: str) -> None:
@@ -239,6 +251,8 @@ class MemoryStore(Store):
             limit, user = request.default_limit, None
         else:
             limit, user = record.limit, record.user
+        if request.token:
+            self._model_tokens.pop(request.token, None)
         at = int(member)
         for sliding, _, _, _, _ in self._windows_of(request, record, limit, user):
             # Another admission of the same µs counts the same: either goes.

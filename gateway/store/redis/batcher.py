@@ -267,7 +267,13 @@ class AdmissionBatcher:
             request.need,
             request.declared_size,
             "" if request.model is None else "m:" + request.model,
+            *self._grant_args(request),
         )
+
+    def _grant_args(self, request: AdmitRequest) -> tuple[str, str, str]:
+        if not request.token:
+            return ("", "", "")
+        return (self._keys.model_token(request.token), request.request_id, request.secret_hash)
 
     def void_command(self, request: AdmitRequest, member: str) -> Command:
         session, window, _ = self._keys.secret(request.secret_hash)
@@ -284,6 +290,7 @@ class AdmissionBatcher:
             request.cls,
             self._keys.class_user_prefix(request.secret_hash),
             request.need,
+            self._keys.model_token(request.token) if request.token else "",
         )
 
     async def _run(self, lane: _Lane, batch: list[_Pending]) -> None:
