@@ -40,7 +40,7 @@
 --          "upload" (file bytes), "attach" (attachments.create), ""
 -- ARGV[11] the size an attachments.create declares, bytes
 -- ARGV[12] "m:" and the model a turn names, "" when it names none
--- ARGV[13] a model token's grant key, in KEYS[1]'s slot, "" for none: when
+-- ARGV[13] a model token's grant key, in KEYS[1]'s slot (absent: none): when
 --          a registered session's request is admitted, the grant is written
 --          (fields h, sid, user, wf, rid, exp; it expires with the session)
 -- ARGV[14] the request id for the grant   ARGV[15] the secret's hash
@@ -179,7 +179,7 @@ else
     w[8] = w[2]
     w[9] = w[3] - w[6] - 1
   end
-  if ARGV[13] ~= '' and s[1] then
+  if ARGV[13] and s[1] then
     -- The turn's model token, in the same step: an absolute expiry, no
     -- replica's clock decides how long it lives.
     redis.call('HSET', ARGV[13], 'h', ARGV[15], 'sid', s[4] or '', 'user', s[5] or '',

@@ -248,7 +248,7 @@ class AdmissionBatcher:
 
     def _command(self, request: AdmitRequest, member: str, deadline: int) -> Command:
         session, window, revoked = self._keys.secret(request.secret_hash)
-        return (
+        command: Command = (
             "EVALSHA",
             ADMIT_SHA,
             3,
@@ -267,13 +267,16 @@ class AdmissionBatcher:
             request.need,
             request.declared_size,
             "" if request.model is None else "m:" + request.model,
-            *self._grant_args(request),
         )
-
-    def _grant_args(self, request: AdmitRequest) -> tuple[str, str, str]:
         if not request.token:
-            return ("", "", "")
-        return (self._keys.model_token(request.token), request.request_id, request.secret_hash)
+            return command
+        # A turn's model token, granted by the same script (admit.lua ARGV[13..15]).
+        return (
+            *command,
+            self._keys.model_token(request.token),
+            request.request_id,
+            request.secret_hash,
+        )
 
     def void_command(self, request: AdmitRequest, member: str) -> Command:
         session, window, _ = self._keys.secret(request.secret_hash)
