@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import socket
 from typing import TYPE_CHECKING, Any
@@ -23,8 +24,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.auth import constant_time_equal
-from gateway.errors import StoreUnavailable, error_body
+from gateway.auth import bearer_secret, constant_time_equal
+from gateway.errors import EXCEPTION_HANDLERS, AuthError, BadRequest, NotFound, error_response
+from gateway.jsonbody import is_text, request_object
 from gateway.registry import SESSION_ID
 
 if TYPE_CHECKING:
@@ -33,62 +35,51 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _error(
-    status: int, message: str, *, code: str, type: str = "invalid_request_error"
-) -> Response:
-    return Response(
-        error_body(message, type=type, code=code), status_code=status, media_type="application/json"
-    )
-
-
 class AdminAPI:
     def __init__(self, components: Components) -> None:
         self._c = components
         token = components.settings.admin_token
         if token is None:
             raise ValueError("the admin API needs GATEWAY_ADMIN_TOKEN")
-        self._expected = b"Bearer " + token.get_secret_value().encode()
+        # Compared as digests: equal length whatever is presented, so the
+        # comparison's time says nothing about the token's length either.
+        self._expected = hashlib.sha256(token.get_secret_value().encode()).digest()
         self.app = Starlette(
             routes=[
                 Route("/admin/revoke", self.revoke, methods=["POST"]),
                 Route("/admin/sessions/{session_id}", self.session, methods=["GET"]),
                 Route("/admin/revocations", self.revocations, methods=["GET"]),
-            ]
+            ],
+            exception_handlers=EXCEPTION_HANDLERS,
         )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not constant_time_equal(given, self._expected):
-                response = _error(
-                    401, "A valid admin token is required.", code="invalid_admin_token"
-                )
-                await response(scope, receive, send)
-                return
+        if scope["type"] == "http" and not self._authorized(scope["headers"]):
+            refusal = AuthError("A valid admin token is required.", code="invalid_admin_token")
+            await error_response(refusal)(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
-    async def revoke(self, request: Request) -> Response:
+    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
         try:
-            payload = await request.json()
-        except ValueError:
-            return _error(400, "The body must be JSON.", code="invalid_json")
-        if not isinstance(payload, dict):
-            return _error(400, "The body must be a JSON object.", code="invalid_json")
+            given = bearer_secret(headers)
+        except AuthError:
+            return False
+        return constant_time_equal(hashlib.sha256(given).digest(), self._expected)
+
+    async def revoke(self, request: Request) -> Response:
+        payload = request_object(await request.body())
         session_id = payload.get("session_id")
         secret = payload.get("client_secret")
         if (session_id is None) == (secret is None):
-            return _error(
-                400, "Give exactly one of session_id or client_secret.", code="invalid_request"
-            )
+            raise BadRequest("Give exactly one of session_id or client_secret.")
         secret_hash = None
         if secret is not None:
-            if not isinstance(secret, str) or not secret:
-                return _error(
-                    400, "client_secret must be a non-empty string.", code="invalid_request"
-                )
+            if not isinstance(secret, str) or not secret or not is_text(secret):
+                raise BadRequest("client_secret must be a non-empty string.", param="client_secret")
             secret_hash = self._c.hasher(secret.encode())
         elif not isinstance(session_id, str) or not SESSION_ID.match(session_id):
-            return _error(400, "session_id is malformed.", code="invalid_request")
+            raise BadRequest("session_id is malformed.", param="session_id")
         result = await self._c.revoker.revoke(
             secret_hash=secret_hash, session_id=session_id, reason="admin"
         )
@@ -116,26 +107,20 @@ class AdminAPI:
     async def session(self, request: Request) -> Response:
         session_id = request.path_params["session_id"]
         if not SESSION_ID.match(session_id):
-            return _error(400, "session_id is malformed.", code="invalid_request")
-        try:
-            info = await self._c.store.lookup(session_id)
-        except StoreUnavailable as exc:
-            return _error(503, str(exc), code="store_unavailable", type="api_error")
+            raise BadRequest("session_id is malformed.", param="session_id")
+        info = await self._c.store.lookup(session_id)
         if info is None:
-            return _error(404, f"No session with id '{session_id}' is known.", code="not_found")
+            raise NotFound(f"No session with id '{session_id}' is known.", code="not_found")
         return JSONResponse(dataclasses.asdict(info))
 
     async def revocations(self, request: Request) -> Response:
         try:
             tail = int(request.query_params.get("tail", "20"))
         except ValueError:
-            return _error(400, "tail must be an integer.", code="invalid_request")
+            raise BadRequest("tail must be an integer.", param="tail") from None
         if not 1 <= tail <= 10_000:
-            return _error(400, "tail must be between 1 and 10000.", code="invalid_request")
-        try:
-            entries = await self._c.store.audit_tail(tail)
-        except StoreUnavailable as exc:
-            return _error(503, str(exc), code="store_unavailable", type="api_error")
+            raise BadRequest("tail must be between 1 and 10000.", param="tail")
+        entries = await self._c.store.audit_tail(tail)
         return JSONResponse({"data": [dataclasses.asdict(e) for e in entries]})
 
 

@@ -28,7 +28,7 @@ from starlette.routing import Route as LocalRoute
 from gateway.admin import AdminServer, Listener
 from gateway.admission import Gatekeeper
 from gateway.auth import ApiKeys, SecretHasher
-from gateway.errors import ConfigError, StoreUnavailable, error_body
+from gateway.errors import EXCEPTION_HANDLERS, ConfigError, StoreUnavailable, error_body
 from gateway.health import StoreMonitor
 from gateway.issuer import Issuer, SessionIds
 from gateway.lifecycle import draining
@@ -142,7 +142,7 @@ class GatewayApp:
         else:
             # Off the client port: scrapes come from the metrics listener only.
             self._local_paths = LOCAL_PATHS - {"/metrics"}
-        self._local = Starlette(routes=routes)
+        self._local = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
         self._admin: AdminServer | None = None
         self._metrics_listener: Listener | None = None
 
@@ -252,7 +252,10 @@ class GatewayApp:
             await self._admin.start()
         if settings.metrics_port is not None:
             self._metrics_listener = Listener(
-                Starlette(routes=[LocalRoute("/metrics", self._metrics)]),
+                Starlette(
+                    routes=[LocalRoute("/metrics", self._metrics)],
+                    exception_handlers=EXCEPTION_HANDLERS,
+                ),
                 host=settings.metrics_host or settings.host,
                 port=settings.metrics_port,
                 name="Metrics",

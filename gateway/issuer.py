@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.auth import ApiKeys, SecretHasher
 from gateway.errors import BadRequest, InvalidApiKey, SessionNotFound
+from gateway.jsonbody import request_json, request_object
 from gateway.metrics import Metrics
 from gateway.revocation import Revoker
 from gateway.sessions import Answer
@@ -117,14 +118,7 @@ class CreateSessionBody(_Strict):
 
 def parse_create_body(body: bytes) -> CreateSessionBody:
     """The validated body; raises :class:`BadRequest` naming the parameter."""
-    try:
-        data = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest(
-            "We could not parse the JSON body of your request.", code="invalid_json"
-        ) from None
-    if not isinstance(data, dict):
-        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    data = request_object(body)
     try:
         return CreateSessionBody.model_validate(data)
     except ValidationError as exc:
@@ -151,11 +145,13 @@ def _as_bad_request(exc: ValidationError) -> BadRequest:
 
 
 def workflow_id_of(body: bytes) -> str | None:
-    """The create body's ``workflow.id`` if it has one, without validating the rest."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
+    """The create body's ``workflow.id`` if it has one, without validating the rest.
+
+    A body that is not JSON the gateway can read is refused (:class:`BadRequest`)
+    rather than forwarded: where a create goes is decided by what it names, and
+    a body read differently upstream (a repeated key, say) could name another.
+    """
+    data = request_json(body)
     workflow = data.get("workflow") if isinstance(data, dict) else None
     found = workflow.get("id") if isinstance(workflow, dict) else None
     return found if isinstance(found, str) else None

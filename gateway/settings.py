@@ -124,6 +124,8 @@ class WorkflowSetting(BaseModel):
 
 
 _WORKFLOW_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+#: RFC 6750 b64token: what an Authorization: Bearer value may hold.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]+")
 #: GATEWAY_UPSTREAM_URL's value for "no hosted upstream": issuer mode only.
 NO_UPSTREAM = "none"
 
@@ -419,6 +421,10 @@ class Settings(BaseSettings):
             return None
         if len(value.get_secret_value()) < 16:
             raise ValueError("must be at least 16 characters")
+        # Read with the client secret's parser (RFC 6750 b64token): a token
+        # outside it could never be presented, so say so at start-up.
+        if not _BEARER_TOKEN.fullmatch(value.get_secret_value()):
+            raise ValueError("may hold only letters, digits and -._~+/=")
         return value
 
     @model_validator(mode="after")
