@@ -148,7 +148,15 @@ def test_create_body_errors_name_the_parameter(body: bytes, param: str) -> None:
 def test_workflow_id_is_read_without_validating_the_rest() -> None:
     assert workflow_id_of(b'{"workflow": {"id": "wf_a"}, "user": 1}') == "wf_a"
     assert workflow_id_of(b'{"workflow": "wf_a"}') is None
-    assert workflow_id_of(b"\xff") is None
+    assert workflow_id_of(b"[]") is None
+
+
+@pytest.mark.parametrize("body", [b"\xff", b"{", b'{"workflow": {"id": "a", "id": "b"}}'])
+def test_a_create_body_that_cannot_be_read_cannot_be_routed(body: bytes) -> None:
+    # Mixed mode decides issuer or hosted API by workflow.id: unreadable is 400.
+    with pytest.raises(BadRequest) as caught:
+        workflow_id_of(body)
+    assert caught.value.code == "invalid_json"
 
 
 def test_cors_policy_echoes_listed_origins_and_refuses_others() -> None:

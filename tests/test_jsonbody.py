@@ -1,0 +1,38 @@
+"""Reading JSON from outside: every failure is one ValueError, no text that cannot be encoded."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.errors import ConfigError
+from gateway.jsonbody import Unreadable, is_text, loads
+from gateway.settings import load_settings
+
+DEEP = b"[" * 990 + b"]" * 990
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        DEEP,  # RecursionError inside json.loads
+        b"\xff",  # not UTF-8
+        b"{",  # not JSON
+        b"",
+        b'{"a": 1, "a": 2}',  # a repeated key
+        b'[{"a": {"b": 1, "b": 1}}]',
+    ],
+)
+def test_every_way_json_fails_is_one_value_error(data: bytes) -> None:
+    with pytest.raises(Unreadable):
+        loads(data)
+
+
+def test_lone_surrogates_are_not_text() -> None:
+    assert is_text("\N{GRINNING FACE}")
+    assert not is_text("\ud800")
+    assert not is_text("a\udfff")
+
+
+def test_an_admin_token_no_request_could_carry_stops_start_up() -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_ADMIN_TOKEN"):
+        load_settings({"GATEWAY_ADMIN_TOKEN": "a token with spaces in it"})
