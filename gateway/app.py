@@ -143,6 +143,7 @@ class GatewayApp:
             # Off the client port: scrapes come from the metrics listener only.
             self._local_paths = LOCAL_PATHS - {"/metrics"}
         self._local = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+        self._local.router.redirect_slashes = False  # /healthz/ is no route, not a redirect
         self._admin: AdminServer | None = None
         self._metrics_listener: Listener | None = None
 

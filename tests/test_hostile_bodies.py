@@ -300,6 +300,7 @@ async def test_a_repeated_key_is_refused_not_guessed_at(
         ("client", "DELETE", "/readyz", 405, "method_not_allowed", "GET, HEAD"),
         ("admin", "GET", "/admin/x", 404, "unknown_route", None),
         ("admin", "GET", "/", 404, "unknown_route", None),
+        ("admin", "GET", "/admin/sessions/cksess_x/", 404, "unknown_route", None),  # no redirect
         ("admin", "GET", "/admin/revoke", 405, "method_not_allowed", "POST"),
         ("admin", "TRACE", "/admin/revocations", 405, "method_not_allowed", "GET, HEAD"),
     ],
