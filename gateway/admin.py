@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.auth import bearer_secret, constant_time_equal
+from gateway.auth import FailedAttempts, bearer_secret, constant_time_equal
 from gateway.errors import EXCEPTION_HANDLERS, AuthError, BadRequest, NotFound, error_response
 from gateway.jsonbody import is_text, request_object
 from gateway.registry import SESSION_ID
@@ -44,6 +44,9 @@ class AdminAPI:
         # Compared as digests: equal length whatever is presented, so the
         # comparison's time says nothing about the token's length either.
         self._expected = hashlib.sha256(token.get_secret_value().encode()).digest()
+        self._failures = FailedAttempts(
+            components.metrics.auth_failures.labels("admin_token"), logger, "admin token"
+        )
         self.app = Starlette(
             routes=[
                 Route("/admin/revoke", self.revoke, methods=["POST"]),
@@ -52,9 +55,12 @@ class AdminAPI:
             ],
             exception_handlers=EXCEPTION_HANDLERS,
         )
+        # An API path is exact: /admin/sessions/x/ is no route, not a redirect.
+        self.app.router.redirect_slashes = False
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and not self._authorized(scope["headers"]):
+            self._failures.record()
             refusal = AuthError("A valid admin token is required.", code="invalid_admin_token")
             await error_response(refusal)(scope, receive, send)
             return

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 from collections.abc import Mapping
 from email.utils import formatdate
@@ -28,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gateway.auth import ApiKeys, SecretHasher
+from gateway.auth import ApiKeys, FailedAttempts, SecretHasher
 from gateway.errors import BadRequest, InvalidApiKey, SessionNotFound
 from gateway.jsonbody import request_json, request_object
 from gateway.metrics import Metrics
@@ -46,6 +47,8 @@ DEFAULT_MAX_FILES = 10
 _ID_PREFIX = "cksess_"
 _SECRET_PREFIX = "ek_"  # noqa: S105 - a prefix, not a secret
 _ID_TAG_KEY = b"chatkit-gateway/session-id/v1"
+
+logger = logging.getLogger(__name__)
 
 
 # -- the create body, as the API validates it -------------------------------------
@@ -264,6 +267,9 @@ class Issuer:
         self._revoker = revoker
         self._hasher = hasher
         self._metrics = metrics
+        self._failures = FailedAttempts(
+            metrics.auth_failures.labels("issuer_key"), logger, "issuer API key"
+        )
         self._ids = ids
         self._default_limit = default_limit
         self._default_expires = default_expires_seconds
@@ -280,6 +286,7 @@ class Issuer:
 
     def _authenticate(self, headers: Headers) -> None:
         if not self._keys.verify(headers):
+            self._failures.record()
             # Never echo the key, not even a prefix of it.
             raise InvalidApiKey(
                 "Incorrect or missing API key: this gateway issues ChatKit sessions only "

@@ -355,7 +355,8 @@ async def test_the_chatkit_server_gets_the_identity_never_the_secret(
     )
     assert claims["sub"] == user
     assert claims["sid"] == session.id
-    assert claims["jti"] == response_headers["x-request-id"]
+    assert claims["rid"] == response_headers["x-request-id"]
+    assert len(claims["jti"]) == 32  # the gateway's own, never the client's request id
     assert claims["iat"] <= claims["exp"] <= min(claims["iat"] + 60, session.expires_at)
 
 

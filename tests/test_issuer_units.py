@@ -187,6 +187,7 @@ def test_identity_headers_and_assertion() -> None:
     claims = jwt.decode(
         token, b"k" * 32, algorithms=["HS256"], audience="wf_a", options={"verify_exp": False}
     )
+    jti = claims.pop("jti")
     assert claims == {
         "iss": "gw",
         "aud": "wf_a",
@@ -194,8 +195,11 @@ def test_identity_headers_and_assertion() -> None:
         "sid": "cksess_1",
         "iat": 1_000,
         "exp": 1_060,
-        "jti": "rid1",
+        "rid": "rid1",
     }
+    # Unique per assertion, even for the same request id (a client can pick that).
+    again = dict(signed(identity, request_id=b"rid1", now=1_000))[b"x-chatkit-assertion"]
+    assert jwt.decode(again, options={"verify_signature": False})["jti"] != jti
 
 
 def test_client_identity_headers_and_credentials_are_stripped() -> None:
