@@ -39,7 +39,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def loads(data: bytes) -> Any:
     """``json.loads`` whose every failure is :class:`Unreadable` (a ``ValueError``)."""
     try:
-        return json.loads(data, object_pairs_hook=_no_duplicates)
+        # Decoded here, strictly: json.loads would take UTF-16 and UTF-8 with
+        # surrogates ("surrogatepass"), which RFC 8259 8.1 leaves out.
+        return json.loads(data.decode(), object_pairs_hook=_no_duplicates)
     except RecursionError:
         raise Unreadable("nested too deeply") from None
     except Unreadable:

@@ -16,6 +16,8 @@ DEEP = b"[" * 990 + b"]" * 990
     [
         DEEP,  # RecursionError inside json.loads
         b"\xff",  # not UTF-8
+        b'"\xed\xa0\x80"',  # a surrogate written as UTF-8 (json.loads would take it)
+        '"x"'.encode("utf-16"),  # JSON, but not in UTF-8
         b"{",  # not JSON
         b"",
         b'{"a": 1, "a": 2}',  # a repeated key
