@@ -97,7 +97,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 # functions) and the too-slow check would measure the machine, not the code.
 settings.register_profile(
     "ci",
-    max_examples=30,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
     database=None,  # the suite leaves no files behind; scripts/fuzz keeps failures
