@@ -46,8 +46,10 @@ def loads(data: bytes) -> Any:
         raise Unreadable("nested too deeply") from None
     except Unreadable:
         raise
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise Unreadable(type(exc).__name__) from None
+    except UnicodeDecodeError:
+        raise Unreadable("not UTF-8") from None
+    except ValueError as exc:  # JSONDecodeError: says where, never quotes the text
+        raise Unreadable(str(exc)) from None
 
 
 def request_json(body: bytes) -> Any:

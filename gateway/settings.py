@@ -7,7 +7,6 @@ wins over the file. The variable names are a public interface.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -33,6 +32,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from gateway import jsonbody
 from gateway.errors import ConfigError
 from gateway.logs import LogFormat
 from gateway.service_links import is_service_link
@@ -531,6 +531,10 @@ def load_settings(
                 values.update(tomllib.load(fh))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{ENV_PREFIX}CONFIG_FILE: cannot read {toml_file}: {exc}") from None
+        except RecursionError:  # tomllib recurses into nested arrays and tables
+            raise ConfigError(
+                f"{ENV_PREFIX}CONFIG_FILE: cannot read {toml_file}: nested too deeply"
+            ) from None
     service_links: list[str] = []
     from_files: dict[str, str] = {}
     given: set[str] = set()  # set by the environment itself
@@ -576,9 +580,11 @@ def load_settings(
 def _parse(name: str, variable: str, value: str) -> Any:
     if name in _STRUCTURED:
         try:
-            return json.loads(value)
-        except ValueError:
-            raise ConfigError(f"{variable}: must be JSON (or set it in the TOML file)") from None
+            return jsonbody.loads(value.encode())
+        except jsonbody.Unreadable as exc:
+            raise ConfigError(
+                f"{variable}: must be JSON (or set it in the TOML file): {exc}"
+            ) from None
     return value
 
 

@@ -728,6 +728,8 @@ env_values = st.one_of(
     st.integers(-(1 << 70), 1 << 70).map(str),
     st.floats().map(str),
     st.sampled_from(["", " ", "true", "none", "*", "{}", "[]", '{"a": {}}', "0", "-1", "1e999"]),
+    # JSON settings (workflows, routes, upstreams) nested past the parser, or read two ways.
+    st.sampled_from(["[" * 5000 + "]" * 5000, '{"a": "http://x", "a": "http://y"}']),
 )
 
 
