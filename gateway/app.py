@@ -163,7 +163,12 @@ class GatewayApp:
         try:
             await self.startup()
         except Exception as exc:
-            logger.critical("Start-up failed: %s", exc)
+            # The traceback says where (a port taken, a listener that would not
+            # start); uvicorn's own line has only the message.
+            logger.critical("Start-up failed: %s", exc, exc_info=True)
+            # Whatever had started (store checks, the revocation feed, the
+            # upstream pool) is stopped before the process exits.
+            await self.shutdown()
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
         await send({"type": "lifespan.startup.complete"})
@@ -279,16 +284,6 @@ class GatewayApp:
         await components.store.close()
         if self._tracing is not None:
             self._tracing.shutdown()
-
-    def begin_draining(self) -> None:
-        """From now on /readyz answers 503, so the load balancer stops sending
-        new requests while those in flight finish. The server calls this when
-        a shutdown begins."""
-        self._draining = True
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
 
     # -- the gateway's own endpoints ------------------------------------------------
 

@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatkit-gateway",
         description="Authenticating, rate-limiting reverse proxy for OpenAI ChatKit. "
-        "Configured by GATEWAY_* environment variables (see the README).",
+        "Configured by GATEWAY_* environment variables (see docs/configuration.md).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -119,12 +119,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def revoke(
-        self,
-        *,
-        secret_hash: str | None,
-        session_id: str | None,
-        reason: str,
-        replica: str,
+        self, *, secret_hash: str | None, session_id: str | None, reason: str, replica: str
     ) -> RevokeResult:
         """Revoke a secret and/or session id, idempotently, audit it and announce it."""
 

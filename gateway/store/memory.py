@@ -180,12 +180,7 @@ class MemoryStore(Store):
         return IssuedSession(record.document, secret_hash, record.expires_at, revoked)
 
     async def revoke(
-        self,
-        *,
-        secret_hash: str | None,
-        session_id: str | None,
-        reason: str,
-        replica: str,
+        self, *, secret_hash: str | None, session_id: str | None, reason: str, replica: str
     ) -> RevokeResult:
         already = True
         registered = False

@@ -231,12 +231,7 @@ class RedisStore(Store):
         return written.reply, None
 
     async def revoke(
-        self,
-        *,
-        secret_hash: str | None,
-        session_id: str | None,
-        reason: str,
-        replica: str,
+        self, *, secret_hash: str | None, session_id: str | None, reason: str, replica: str
     ) -> RevokeResult:
         already = True
         registered = False
