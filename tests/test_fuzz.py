@@ -277,8 +277,35 @@ values = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n
 odd_names = st.binary(min_size=1, max_size=12).map(
     lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b":", b"") or b"x"
 )
-header_names = st.one_of(tokens.map(str.encode), odd_names)
-headers = st.lists(st.tuples(header_names, values), max_size=6)
+#: Names the gateway acts on or passes on with care: codings, credentials, CORS,
+#: identity, forwarding, tracing (a second Authorization beside the test's own too).
+KNOWN_NAMES = [
+    b"Content-Encoding",
+    b"Accept-Encoding",
+    b"Content-Type",
+    b"Authorization",
+    b"Origin",
+    b"Access-Control-Request-Method",
+    b"Access-Control-Request-Headers",
+    b"Upgrade",
+    b"Te",
+    b"Trailer",
+    b"Keep-Alive",
+    b"Proxy-Authorization",
+    b"X-Request-Id",
+    b"X-ChatKit-User",
+    b"X_ChatKit_Session_Id",
+    b"X-Forwarded-For",
+    b"X-Forwarded-Host",
+    b"Forwarded",
+    b"Traceparent",
+    b"OpenAI-Beta",
+]
+header_names = st.one_of(st.sampled_from(KNOWN_NAMES), tokens.map(str.encode), odd_names)
+known_values = st.sampled_from(
+    [b"gzip", b"br, gzip;q=0.5", b"chunked", b"h2c", b"application/json; charset=utf-16", b"*"]
+)
+headers = st.lists(st.tuples(header_names, st.one_of(known_values, values)), max_size=6)
 #: Left to the framing strategies (or fixed), so a generated head always ends.
 _FRAMING_NAMES = frozenset(
     {b"content-length", b"transfer-encoding", b"host", b"connection", b"expect"}
