@@ -7,10 +7,10 @@ cannot be encoded), repeated keys, and methods or paths the gateway's own
 endpoints do not serve. The answer must be the gateway's OpenAI-style error,
 and nothing may reach the log as an error or a traceback.
 
-Two gateways for the module: ``mixed`` issues sessions for ``wf_a`` and
+Three gateways for the module: ``mixed`` issues sessions for ``wf_a`` and
 forwards every other workflow to the fake hosted API (learning those
 sessions), on a real Redis, with the admin API on; ``issuing`` has no hosted
-API at all.
+API at all; ``learning`` has no issuer.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ async def send(
 class Gateways:
     mixed: GatewayProcess
     issuing: GatewayProcess
+    learning: GatewayProcess  # no issuer at all: every create goes to the hosted API
     admin_port: int
 
 
@@ -111,14 +112,15 @@ async def gateways(module_redis: RedisServer, fake: FakeUpstream) -> AsyncIterat
     issuing = GatewayProcess(
         "none", env={"GATEWAY_WORKFLOWS": workflows, "GATEWAY_ISSUER_API_KEYS": keys}
     )
-    async with running((mixed, issuing)):
-        yield Gateways(mixed, issuing, admin_port)
+    learning = GatewayProcess(fake.url, redis_url=module_redis.url)
+    async with running((mixed, issuing, learning)):
+        yield Gateways(mixed, issuing, learning, admin_port)
 
 
 @pytest.fixture(autouse=True)
 def nothing_logged_as_an_error(gateways: Gateways) -> Iterator[None]:
     """Hostile input is the client's mistake: answered, never logged as the gateway's."""
-    before = {g: len(g.output()) for g in (gateways.mixed, gateways.issuing)}
+    before = {g: len(g.output()) for g in (gateways.mixed, gateways.issuing, gateways.learning)}
     yield
     for gateway, offset in before.items():
         new = gateway.output()[offset:]
@@ -172,6 +174,19 @@ async def test_deep_json_on_a_hosted_create_is_not_a_5xx(
         authorization=f"Bearer {HOSTED_KEY}",
     )
     assert (reply.status, reply.error_code()) == (400, "invalid_json")
+
+
+async def test_deep_json_in_learned_mode_is_forwarded_untouched_never_a_5xx(
+    gateways: Gateways, fake: FakeUpstream
+) -> None:
+    # Without an issuer the gateway does not read a create body: the hosted
+    # API answers it (here: its 401 for the missing key), the gateway passes it on.
+    fake.reset_records()
+    reply = await send(gateways.learning.port, "POST", "/v1/chatkit/sessions", DEEP)
+    assert reply.status == 401
+    assert "via" in reply.headers  # the upstream's answer
+    assert reply.error_code() is None  # OpenAI's own body for a missing key has no code
+    assert fake.count("/v1/chatkit/sessions") == 1
 
 
 # -- lone surrogates ----------------------------------------------------------------------
