@@ -140,6 +140,9 @@ class Listener:
         self._socket = reuse_port_socket(host, port)
         config = uvicorn.Config(
             app,
+            # The client port's protocol: its head limits and timeouts, and
+            # requests it cannot parse refused in OpenAI's shape, not uvicorn's text.
+            http="gateway.protocol:GatewayHttpProtocol",
             lifespan="off",
             access_log=False,
             log_config=None,

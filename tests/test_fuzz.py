@@ -440,6 +440,37 @@ def test_any_request_head_is_answered_in_shape(
 
 
 @given(
+    method=methods,
+    path=st.one_of(
+        st.sampled_from([b"/admin/revoke", b"/admin/sessions/cksess_x", b"/admin/revocations"]),
+        targets,
+    ),
+    fields=headers,
+    body=st.binary(max_size=64),
+    authorized=st.booleans(),
+)
+def test_any_request_head_to_the_admin_listener_is_answered_in_shape(
+    target: Target,
+    method: str,
+    path: bytes,
+    fields: list[tuple[bytes, bytes]],
+    body: bytes,
+    authorized: bool,
+) -> None:
+    extra = [n + b": " + v for n, v in fields if n.lower() not in _FRAMING_NAMES]
+    token = [b"Authorization: Bearer " + ADMIN_TOKEN.encode()] if authorized else []
+    framing = [b"Content-Length: " + str(len(body)).encode()] if body else []
+    request = request_bytes(method.encode(), path, [*token, *extra, *framing], body)
+    offset = target.log_length()
+
+    reply = exchange(target.admin_port, request)
+
+    assert not reply.forwarded  # the admin API forwards nothing
+    assert_well_behaved(reply, head=method == "HEAD")
+    target.assert_nothing_logged_since(offset)
+
+
+@given(
     data=st.data(),
     body=st.binary(max_size=256),
     fields=headers,

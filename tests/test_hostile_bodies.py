@@ -340,6 +340,23 @@ async def test_the_gateways_own_endpoints_refuse_in_openai_shape(
     )
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"XXXX\r\n\r\n",
+        b"GET /admin/revocations HTTP/1.1\r\nHost: x\r\nX: \x00\r\n\r\n",
+        b"POST /admin/revoke HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n",
+    ],
+)
+async def test_the_admin_listener_refuses_what_it_cannot_parse_in_openai_shape(
+    gateways: Gateways, request_bytes: bytes
+) -> None:
+    reply = parse_reply(await raw_http("127.0.0.1", gateways.admin_port, request_bytes))
+    assert reply.status == 400
+    assert reply.error_code() is not None
+
+
 # -- the admin API's Authorization, read like every other bearer token ---------------------
 
 
