@@ -5,8 +5,8 @@ whose "ChatKit servers" are paths on the fake upstream that echo what reached
 them; forwarding other workflows to the fake hosted API), signing identity
 assertions, with ``GATEWAY_CORS_ORIGINS=*`` and the admin API on.
 
-- a session-create body of many megabytes is refused 413 long before it has
-  been sent, declared or chunked;
+- a session-create body of 256 MB is refused 413 long before it has been
+  sent, declared or chunked;
 - nesting in metadata or state variables is refused naming the parameter;
 - a ``user`` holding control characters, bidi controls or anything else still
   reaches the ChatKit server as one well-formed ``X-ChatKit-User`` header
@@ -146,7 +146,7 @@ def _create_head(framing: str, *, authorization: str = "") -> bytes:
 async def test_a_create_body_of_many_megabytes_is_413_before_it_is_sent(
     gateway: Gateway, framing: str, keyed: bool
 ) -> None:
-    total = 64 * MB
+    total = 256 * MB
     piece = b"x" * (64 * 1024)
     if framing == "declared":
         head = _create_head(f"Content-Length: {total}\r\n")
@@ -163,8 +163,9 @@ async def test_a_create_body_of_many_megabytes_is_413_before_it_is_sent(
     assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
     assert b'"code":"request_too_large"' in reply
     # Refused after the first megabyte (the session body cap) at most, plus
-    # what the sockets' buffers took in meanwhile: never the 64 MB.
-    assert written < 16 * MB, written
+    # what the sockets' buffers took in meanwhile (a few MB here; loopback
+    # buffers may grow to tens of MB): never the 256 MB.
+    assert written < 48 * MB, written
     assert time.monotonic() - started < 10
 
 
