@@ -1,8 +1,12 @@
 """The operators' HTTP API, on its own listener and off unless a token is set.
 
-    POST /admin/revoke                {"session_id": ...} or {"client_secret": ...}
-    GET  /admin/sessions/{session_id} status, limit, remaining quota, expiry, user
+    POST /admin/revoke                {"session_id": ...} or {"client_secret": ...},
+                                      or {"user": ..., "for_seconds": N} (a ban)
+    GET  /admin/sessions/{session_id} status, limit, remaining quota, expiry, user, app
     GET  /admin/revocations?tail=N    the audit log, newest last
+    GET  /admin/users/{user}          the user's active sessions, and a ban
+    DELETE /admin/bans/{user}         end a user's ban early
+    GET  /admin/apps/{name}           an issuer app's limits, creates and sessions
 
 Every call needs ``Authorization: Bearer <GATEWAY_ADMIN_TOKEN>``, compared in
 constant time. The listener is separate so that it can be kept off the network
@@ -24,10 +28,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.apps import AppKeys, build_apps
 from gateway.auth import FailedAttempts, bearer_secret, constant_time_equal
 from gateway.errors import EXCEPTION_HANDLERS, AuthError, BadRequest, NotFound, error_response
 from gateway.jsonbody import is_text, request_object
 from gateway.registry import SESSION_ID
+from gateway.store.base import IndexedSession
+from gateway.users import MAX_BAN_SECONDS, app_view, ban, user_view
 
 if TYPE_CHECKING:
     from gateway.app import Components
@@ -52,11 +59,15 @@ class AdminAPI:
                 Route("/admin/revoke", self.revoke, methods=["POST"]),
                 Route("/admin/sessions/{session_id}", self.session, methods=["GET"]),
                 Route("/admin/revocations", self.revocations, methods=["GET"]),
+                Route("/admin/users/{user:path}", self.user, methods=["GET"]),
+                Route("/admin/bans/{user:path}", self.lift_ban, methods=["DELETE"]),
+                Route("/admin/apps/{name}", self.app_info, methods=["GET"]),
             ],
             exception_handlers=EXCEPTION_HANDLERS,
         )
         # An API path is exact: /admin/sessions/x/ is no route, not a redirect.
         self.app.router.redirect_slashes = False
+        self._apps = AppKeys(build_apps(components.settings))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and not self._authorized(scope["headers"]):
@@ -75,10 +86,14 @@ class AdminAPI:
 
     async def revoke(self, request: Request) -> Response:
         payload = request_object(await request.body())
+        if "user" in payload:
+            return await self._ban(payload)
+        if "for_seconds" in payload:
+            raise BadRequest("for_seconds goes with user.", param="for_seconds")
         session_id = payload.get("session_id")
         secret = payload.get("client_secret")
         if (session_id is None) == (secret is None):
-            raise BadRequest("Give exactly one of session_id or client_secret.")
+            raise BadRequest("Give exactly one of session_id, client_secret or user.")
         secret_hash = None
         if secret is not None:
             if not isinstance(secret, str) or not secret or not is_text(secret):
@@ -109,6 +124,49 @@ class AdminAPI:
                 "session_known": result.registered,
             }
         )
+
+    async def _ban(self, payload: dict[str, Any]) -> Response:
+        user = payload["user"]
+        for_seconds = payload.get("for_seconds", 0)
+        if set(payload) - {"user", "for_seconds"}:
+            raise BadRequest("A ban takes only user and for_seconds.")
+        if not isinstance(user, str) or not user or not is_text(user):
+            raise BadRequest("user must be a non-empty string.", param="user")
+        if (
+            not isinstance(for_seconds, int)
+            or isinstance(for_seconds, bool)
+            or not 0 <= for_seconds <= MAX_BAN_SECONDS
+        ):
+            raise BadRequest(
+                f"for_seconds must be an integer from 0 to {MAX_BAN_SECONDS}.", param="for_seconds"
+            )
+        revoker = self._c.revoker
+
+        async def revoke(session: IndexedSession) -> bool:
+            result = await revoker.revoke(
+                secret_hash=session.secret_hash, session_id=session.session_id, reason="ban"
+            )
+            return result is not None
+
+        result = await ban(self._c.store, revoke, user, for_seconds=for_seconds)
+        return JSONResponse(result.as_json())
+
+    async def user(self, request: Request) -> Response:
+        view = await user_view(self._c.store, request.path_params["user"])
+        return JSONResponse(view)
+
+    async def lift_ban(self, request: Request) -> Response:
+        user = request.path_params["user"]
+        lifted = await self._c.store.lift_ban(user)
+        return JSONResponse({"user": user, "lifted": lifted})
+
+    async def app_info(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        app = self._apps.app(name)
+        if app is None:
+            raise NotFound(f"No app named '{name}' is configured.", code="not_found")
+        stats = await self._c.store.app_stats(name)
+        return JSONResponse(app_view(app, stats))
 
     async def session(self, request: Request) -> Response:
         session_id = request.path_params["session_id"]

@@ -27,7 +27,8 @@ from starlette.routing import Route as LocalRoute
 
 from gateway.admin import AdminServer, Listener
 from gateway.admission import Gatekeeper
-from gateway.auth import ApiKeys, SecretHasher
+from gateway.apps import AppKeys, build_apps
+from gateway.auth import SecretHasher
 from gateway.errors import EXCEPTION_HANDLERS, ConfigError, StoreUnavailable, error_body
 from gateway.health import StoreMonitor
 from gateway.issuer import Issuer, SessionIds
@@ -102,12 +103,12 @@ def build_issuer(
     settings: Settings, store: Store, revoker: Revoker, hasher: SecretHasher, metrics: Metrics
 ) -> Issuer | None:
     """Issuer mode's session API, when workflows are configured."""
-    if not settings.workflows or settings.issuer_api_keys is None:
+    if not settings.workflows or (settings.issuer_api_keys is None and not settings.issuer_keys):
         return None
     pepper = settings.secret_pepper
     return Issuer(
         workflows=frozenset(settings.workflows),
-        api_keys=ApiKeys(settings.issuer_api_keys.get_secret_value()),
+        apps=AppKeys(build_apps(settings)),
         store=store,
         revoker=revoker,
         hasher=hasher,

@@ -480,6 +480,7 @@ class Proxy:
         else:
             call = self._sessions.cancel(match.params["session_id"], headers, forward)
         answer = await _to_completion(call)
+        exchange.tel.app = answer.app
         if header_value(answer.headers, b"x-request-id") is None:
             answer.headers.append((b"x-request-id", exchange.request_id))
         await exchange.start(answer.status, answer.headers)

@@ -33,6 +33,7 @@ from pydantic_settings import (
 )
 
 from gateway import jsonbody
+from gateway.apps import APP_NAME, DEFAULT_APP, AppSetting
 from gateway.errors import ConfigError
 from gateway.logs import LogFormat
 from gateway.routes import CONFIGURABLE_KINDS, METHODS
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "GATEWAY_"
 # Settings given as JSON in the environment (tables in the TOML file).
-_STRUCTURED = frozenset({"upstreams", "routes", "workflows"})
+_STRUCTURED = frozenset({"upstreams", "routes", "workflows", "issuer_keys"})
 MIB = 1024 * 1024
 
 
@@ -379,6 +380,27 @@ class Settings(BaseSettings):
         "characters), comma-separated.",
         examples=["sha256:" + "0" * 64],
     )
+    # The app model and its validation live in gateway/apps.py.
+    issuer_keys: dict[str, AppSetting] = Field(
+        default_factory=dict,
+        description="Apps by name, each with its own keys (sha256: digests only), the "
+        "workflows it may create sessions for, and limits: max_sessions_per_minute (an "
+        "exact window on its creates), max_active_sessions_per_user (per user and "
+        'workflow) and on_too_many_sessions ("revoke_oldest" or "refuse"). '
+        'GATEWAY_ISSUER_API_KEYS, if also set, is one more app named "default" that may '
+        "do everything. JSON in the environment, tables in the TOML file (docs/tenancy.md).",
+        examples=[
+            {
+                "support-app": {
+                    "keys": ["sha256:" + "0" * 64],
+                    "workflows": ["wf_support"],
+                    "max_sessions_per_minute": 600,
+                    "max_active_sessions_per_user": 5,
+                    "on_too_many_sessions": "revoke_oldest",
+                }
+            }
+        ],
+    )
     session_default_expires_seconds: int = Field(
         600, ge=1, description="An issued session's expiry when the create body names none."
     )
@@ -548,6 +570,19 @@ class Settings(BaseSettings):
                 raise ValueError("each key must be at least 16 characters (or a sha256: entry)")
         return value
 
+    @field_validator("issuer_keys")
+    @classmethod
+    def _app_names(cls, value: dict[str, AppSetting]) -> dict[str, AppSetting]:
+        seen: dict[str, str] = {}
+        for name, app in value.items():
+            if not APP_NAME.match(name):
+                raise ValueError(f"app name {name!r} must match {APP_NAME.pattern}")
+            for key in app.keys:
+                if key in seen:
+                    raise ValueError(f"app {name!r}: a key of app {seen[key]!r} is listed again")
+                seen[key] = name
+        return value
+
     @field_validator("identity_signing_key")
     @classmethod
     def _signing_key_strong(cls, value: SecretStr | None) -> SecretStr | None:
@@ -687,9 +722,24 @@ class Settings(BaseSettings):
                     f"route {route.pattern!r} names upstream {route.upstream!r}, "
                     "which GATEWAY_UPSTREAMS does not define"
                 )
-        if self.workflows and self.issuer_api_keys is None:
+        if self.workflows and self.issuer_api_keys is None and not self.issuer_keys:
             raise ValueError(
-                "GATEWAY_WORKFLOWS needs GATEWAY_ISSUER_API_KEYS: nobody could create a session"
+                "GATEWAY_WORKFLOWS needs GATEWAY_ISSUER_KEYS or GATEWAY_ISSUER_API_KEYS: "
+                "nobody could create a session"
+            )
+        if self.issuer_keys and not self.workflows:
+            raise ValueError("GATEWAY_ISSUER_KEYS needs GATEWAY_WORKFLOWS")
+        for name, app in self.issuer_keys.items():
+            for workflow_id in app.workflows:
+                if workflow_id not in self.workflows:
+                    raise ValueError(
+                        f"GATEWAY_ISSUER_KEYS.{name}.workflows: {workflow_id!r} is not "
+                        "in GATEWAY_WORKFLOWS"
+                    )
+        if DEFAULT_APP in self.issuer_keys and self.issuer_api_keys is not None:
+            raise ValueError(
+                f"GATEWAY_ISSUER_KEYS.{DEFAULT_APP}: the name is GATEWAY_ISSUER_API_KEYS's "
+                "app; name the app differently or drop GATEWAY_ISSUER_API_KEYS"
             )
         if self.session_default_expires_seconds > self.session_max_expires_seconds:
             raise ValueError(
@@ -729,6 +779,11 @@ class Settings(BaseSettings):
             if parts.port:
                 netloc += f":{parts.port}"
             out["redis_url"] = f"{parts.scheme}://{netloc}{parts.path}"
+        # Digests are not secrets, but nobody reading a log needs them.
+        out["issuer_keys"] = {
+            name: {**app, "keys": f"{len(app['keys'])} key(s)"}
+            for name, app in out.get("issuer_keys", {}).items()
+        }
         if self.upstream_proxy is not None:
             out["upstream_proxy"] = _without_credentials(self.upstream_proxy.get_secret_value())
         return out
@@ -830,7 +885,7 @@ def _parse(name: str, variable: str, value: str) -> Any:
 
 # Secrets held in types other than SecretStr (JSON maps of keys, for
 # instance); every SecretStr field is readable from a file without listing.
-_FILE_SETTINGS_EXTRA = frozenset({"issuer_api_keys", "identity_signing_key"})
+_FILE_SETTINGS_EXTRA = frozenset({"issuer_api_keys", "issuer_keys", "identity_signing_key"})
 
 
 def _holds_secret(annotation: Any) -> bool:
