@@ -66,7 +66,7 @@ def session_from_response(
     return SessionRecord(
         secret_hash=hasher(secret.encode()),
         session_id=session_id,
-        user=_as_text(user) if isinstance(user, str) else "",
+        user=user_text(user) if isinstance(user, str) else "",
         expires_at=expires_at,
         limit=_limit(data) or default_limit,
     )
@@ -94,7 +94,7 @@ def _secret(data: dict[str, Any]) -> str | None:
     return secret if isinstance(secret, str) and secret and is_text(secret) else None
 
 
-def _as_text(user: str) -> str:
+def user_text(user: str) -> str:
     """The user as storable text: a lone surrogate (valid JSON, not encodable) is
     kept as its escape, ``\\ud800``, so distinct users stay distinct and the
     session is learned (per-user limits included) instead of failing to register.
