@@ -511,11 +511,6 @@ def test_a_framing_that_reads_two_ways_is_never_forwarded(
     target.assert_nothing_logged_since(offset)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trailer fields are forwarded as headers until gateway/protocol.py drops or "
-    "refuses them (a fix on the protocol branch); remove this mark when it is merged",
-)
 @given(
     names=st.lists(
         st.sampled_from(["Authorization", "X-ChatKit-User", "Content-Length", "X-Anything"]),
