@@ -357,6 +357,25 @@ async def test_the_admin_listener_refuses_what_it_cannot_parse_in_openai_shape(
     assert reply.error_code() is not None
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        # httptools 0.6 (the lowest supported) refuses obs-text in a target
+        # inside uvicorn's on_headers_complete: that must still be answered.
+        b"GET /(\xb4 HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n",
+        b"HEAD /\xe9 HTTP/1.1\r\nHost: gateway\r\nContent-Length: 3\r\n\r\nabc",
+    ],
+)
+async def test_a_target_with_obs_text_is_answered_on_every_httptools(
+    gateways: Gateways, request_bytes: bytes
+) -> None:
+    raw = await raw_http("127.0.0.1", gateways.mixed.port, request_bytes, timeout=5)
+    reply = parse_reply(raw)
+    assert 400 <= reply.status < 500, raw
+    if not request_bytes.startswith(b"HEAD"):
+        assert reply.error_code() is not None
+
+
 # -- the admin API's Authorization, read like every other bearer token ---------------------
 
 
