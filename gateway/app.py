@@ -29,11 +29,16 @@ from gateway.admin import AdminServer, Listener
 from gateway.admission import Gatekeeper
 from gateway.apps import AppKeys, build_apps
 from gateway.auth import SecretHasher
+from gateway.capacity import SHED_COUNTER
 from gateway.errors import EXCEPTION_HANDLERS, ConfigError, StoreUnavailable, error_body
 from gateway.health import StoreMonitor
 from gateway.issuer import Issuer, SessionIds
 from gateway.lifecycle import draining
 from gateway.metrics import Metrics
+from gateway.model.metering import Metering
+from gateway.model.prices import Prices
+from gateway.model.routes import ModelLabels, ModelUpstream
+from gateway.model.tokens import ModelTokens
 from gateway.proxy import Proxy
 from gateway.revocation import Revoker
 from gateway.routes import Kind, Route, table_with
@@ -64,6 +69,7 @@ class Components:
     session: aiohttp.ClientSession
     proxy: Proxy
     monitor: StoreMonitor
+    model: ModelUpstream | None = None
 
 
 def build_store(settings: Settings, *, serving: bool = False) -> Store:
@@ -118,6 +124,37 @@ def build_issuer(
         default_expires_seconds=settings.session_default_expires_seconds,
         max_expires_seconds=settings.session_max_expires_seconds,
         serves_every_create=not settings.has_upstream,
+        policies={wf: w.policy for wf, w in settings.workflows.items()},
+    )
+
+
+def build_model_upstream(
+    settings: Settings, store: Store, revoker: Revoker, hasher: SecretHasher, metrics: Metrics
+) -> ModelUpstream | None:
+    """The model routes' upstream, tokens and metering, when a model key is configured."""
+    if settings.model_api_key is None:
+        return None
+    metering = Metering(
+        store,
+        metrics=metrics,
+        prices=Prices.load(settings.model_prices),
+        policies={name: workflow.policy for name, workflow in settings.workflows.items()},
+        labels=ModelLabels(),
+        audit=settings.audit_model_usage,
+        grace_seconds=settings.model_token_grace_seconds,
+        replica=settings.effective_replica_id,
+    )
+    return ModelUpstream(
+        origin=settings.model_upstream,
+        api_key=settings.model_api_key.get_secret_value(),
+        tokens=ModelTokens(
+            store,
+            hasher=hasher,
+            revoker=revoker,
+            grace_seconds=settings.model_token_grace_seconds,
+        ),
+        metering=metering,
+        max_body=settings.model_max_body_bytes,
     )
 
 
@@ -156,10 +193,10 @@ class GatewayApp:
             else:
                 await components.proxy(scope, receive, send)
         elif scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await self._lifespan(scope, receive, send)
         # websocket: not part of the ChatKit API; the server closes it.
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
         try:
             await self.startup()
@@ -172,6 +209,11 @@ class GatewayApp:
             await self.shutdown()
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
+        state = scope.get("state")
+        if state is not None and self.components is not None:
+            # The lifespan state is what uvicorn shares with its connections:
+            # the protocol counts the connections it sheds through this.
+            state[SHED_COUNTER] = self.components.metrics.count_shed_connection
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown
         try:
@@ -197,6 +239,7 @@ class GatewayApp:
                 "so limits and revocations are not shared between replicas or workers."
             )
         metrics = Metrics(workers=settings.workers)
+        metrics.workflows = frozenset(settings.workflows)
         if self._tracing is None:
             self._tracing = configure(otel_traces_exporter())
         metrics.store_full.set_function(lambda: 1.0 if store.full else 0.0)
@@ -223,7 +266,9 @@ class GatewayApp:
             ),
             issued=bool(settings.workflows),
             hosted=settings.has_upstream,
+            model=settings.serves_model,
         )
+        model = build_model_upstream(settings, store, revoker, hasher, metrics)
         sessions = SessionControl(
             store=store,
             revoker=revoker,
@@ -242,6 +287,7 @@ class GatewayApp:
             sessions=sessions,
             metrics=metrics,
             telemetry=Telemetry(metrics, tracing=self._tracing, access_log=settings.access_log),
+            model=model,
         )
         revoker.start()
         monitor = StoreMonitor(
@@ -252,7 +298,7 @@ class GatewayApp:
         )
         monitor.start()
         self.components = Components(
-            settings, store, revoker, hasher, metrics, session, proxy, monitor
+            settings, store, revoker, hasher, metrics, session, proxy, monitor, model
         )
         if settings.admin_token is not None:
             self._admin = AdminServer(self.components)
@@ -281,6 +327,9 @@ class GatewayApp:
                 await listener.stop()
         await components.monitor.stop()
         await components.revoker.stop()
+        if components.model is not None:
+            await components.model.tokens.close()
+            await components.model.metering.close()
         await components.session.close()
         await components.store.close()
         if self._tracing is not None:

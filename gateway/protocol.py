@@ -27,8 +27,11 @@ before the application sees a request, the way nginx and Envoy do:
 - a refusal of a pipelined request waits for the answers owed before it (RFC
   9112 9.3.2: in order), and nothing after it is read, so a request the client
   is told was refused is never handed to the app;
-- over ``max_connections`` (per worker) or ``max_connections_per_client``, a
-  request is answered 503;
+- at ``max_connections`` (per worker) a new connection makes room by closing
+  others: those without a complete request head first, then idle keep-alive
+  ones, never one in a request (:mod:`gateway.capacity`); the closed ones get
+  408 where a byte can still be written. Over ``max_connections_per_client``
+  a request is answered 503;
 - on shutdown, requests in flight get ``shutdown_grace_seconds``, then their
   connections close: the application sees a client disconnect, so an SSE
   stream ends without an error in the log.
@@ -52,6 +55,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from gateway import head, lifecycle
+from gateway.capacity import SHED_COUNTER, ConnectionTable, Shed, budget
 from gateway.errors import (
     BadRequest,
     CodingNotImplemented,
@@ -75,8 +79,14 @@ _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-
 #: Seconds a refused connection stays open, unread, for its answer to arrive.
 _LINGER = 1.0
 _LINGER_BYTES = 64 * 1024
-#: Descriptors kept back from the connection cap: Redis, logs, the admin API.
-_RESERVED_FDS = 128
+#: What a connection closed to make room is told (see gateway.capacity).
+_SHED_ANSWERS = {
+    Shed.NO_HEAD: RequestTimeout(
+        "The request head did not arrive in time: the connection was closed to make room."
+    ),
+    Shed.IDLE: RequestTimeout("The idle connection was closed to make room."),
+    Shed.NO_ROOM: Overloaded("The gateway has too many open connections; retry shortly."),
+}
 _ACTED_ON = head.ACTED_ON
 #: Fields whose repeated lines form one list; of the others, the first counts.
 _LISTS = frozenset({head.TRANSFER_ENCODING, head.CONNECTION})
@@ -98,13 +108,13 @@ class HttpLimits:
     max_connections: int = 10_000
     max_connections_per_client: int = 0
     shutdown_grace: float = 30.0
+    backlog: int = 2048
 
     @classmethod
     def from_settings(cls, settings: Settings, *, fd_limit: int) -> HttpLimits:
-        # Each proxied request holds two descriptors (client and upstream), so
-        # the automatic cap leaves room for the upstream side: past it, a
-        # request still gets a clear 503 instead of an accept() that fails.
-        max_connections = settings.max_connections or max(64, (fd_limit - _RESERVED_FDS) // 2)
+        # The automatic cap leaves room for the upstream side and for what
+        # accept() takes before the cap is applied (gateway.capacity.budget).
+        room = budget(fd_limit, settings.max_connections)
         return cls(
             max_target_bytes=settings.max_target_bytes,
             max_header_bytes=settings.max_header_bytes,
@@ -113,9 +123,10 @@ class HttpLimits:
             body_timeout=settings.client_body_timeout,
             body_min_rate=settings.client_body_min_rate,
             body_min_rate_grace=settings.client_body_min_rate_grace,
-            max_connections=max_connections,
+            max_connections=room.max_connections,
             max_connections_per_client=settings.max_connections_per_client,
             shutdown_grace=settings.shutdown_grace_seconds,
+            backlog=room.backlog,
         )
 
 
@@ -174,11 +185,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if isinstance(config, lifecycle.GatewayConfig):
             self.limits: HttpLimits = config.limits
             self._clients: Counter[str] = config.connections_by_client
+            self._table: ConnectionTable[GatewayHttpProtocol] = config.connection_table
             # The app's own settings: the head it gets was held to its limits.
             self._settings_limits = True
         else:  # served by plain uvicorn (``--http gateway.protocol:...``)
             self.limits = HttpLimits()
             self._clients = Counter()
+            self._table = ConnectionTable(self.limits.max_connections)
             self._settings_limits = False
         # Our own cap answers in the OpenAI shape; uvicorn's would not.
         self.limit_concurrency = None
@@ -187,6 +200,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._body_tick = min(1.0, limits.body_timeout / 2, limits.body_min_rate_grace / 2)
         self._client_key: str | None = None
         self._over_capacity = False
+        self._idle = False
+        self._lingering = False
         self._refused = False
         self._discarded = 0
         self._refusal: GatewayError | None = None
@@ -228,24 +243,63 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._cycle_transport = _CycleTransport(self, transport)
         limits = self.limits
-        # Counted now, refused once the head is in: the answer is a 503 the
-        # client can read, not a reset.
-        if len(self.connections) > limits.max_connections:
-            self._over_capacity = True
+        now = self.loop.time()
+        make_room = self._table.opened(self, now)
         if limits.max_connections_per_client and self.client is not None:
             key = self._client_key = self.client[0]
             self._clients[key] += 1
+            # Counted now, refused once the head is in: the answer is a 503
+            # the client can read, not a reset.
             if self._clients[key] > limits.max_connections_per_client:
                 self._over_capacity = True
-        self._head_deadline = self.loop.time() + limits.header_timeout
+        self._head_deadline = now + limits.header_timeout
         self._arm(self._head_deadline)
+        if make_room is not None:
+            victim, reason = make_room
+            victim.shed(reason)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._table.closed(self)
+        if self._lingering:
+            self._lingering = False
+            self._table.lingering -= 1
         self._release_client()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         super().connection_lost(exc)
+
+    def shed(self, reason: Shed) -> None:
+        """Close now, to make room for a new connection (see gateway.capacity).
+
+        Not a lingering close: the descriptor is what the new connection
+        needs. The answer goes first where a byte can still be written; the
+        client has sent nothing unread (or nothing at all), so the close
+        is a FIN after it, not a reset. A newcomer refused for want of room
+        (:attr:`Shed.NO_ROOM`) is the exception, see gateway.capacity.
+        """
+        transport = self.transport
+        if transport.is_closing():
+            return
+        count = self.app_state.get(SHED_COUNTER)
+        if count is not None:
+            count(reason.value)
+        table = self._table
+        if reason is Shed.NO_ROOM and table.lingering < table.max_lingering:
+            # The newcomer itself, whose request may be in already: closing
+            # on unread input would reset the answer away, so it lingers.
+            table.lingering += 1
+            self._lingering = True
+            self._refuse(_SHED_ANSWERS[reason])
+            return
+        if not self._refused and not transport.get_write_buffer_size():
+            self._write_error(_SHED_ANSWERS[reason])
+        self._refused = True
+        self._release_client()
+        if transport.get_write_buffer_size():
+            transport.abort()  # the client reads nothing: close() would wait on it
+        else:
+            transport.close()
 
     def _release_client(self) -> None:
         key = self._client_key
@@ -256,6 +310,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 del self._clients[key]
 
     def data_received(self, data: bytes) -> None:
+        if self._idle:
+            self._idle = False
+            self._table.head_started(self, self.loop.time())
         if self._refused:
             # Answered and closing: discard a little (to see the client's
             # FIN and close early), then stop reading altogether.
@@ -415,6 +472,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._head_deadline = None
         self._head_bytes = 0
+        self._table.in_request(self)
         # uvicorn made the cycle with the raw transport; see _CycleTransport.
         self.cycle.transport = self._cycle_transport  # type: ignore[assignment]
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
@@ -484,13 +542,24 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        cycle = self.cycle
         error = self._deferred
-        if error is not None and self.cycle.response_complete and not self.transport.is_closing():
+        if error is not None and cycle.response_complete and not self.transport.is_closing():
             # Every answer owed before the refused request has gone out.
             self._deferred = None
             self._unset_keepalive_if_required()
             self._write_error(error)
             self._close_after_answer()
+            return
+        if self._refused or self.transport.is_closing() or not cycle.response_complete:
+            return  # closing, or a pipelined request is in progress
+        # Kept alive: idle until the next head begins (see gateway.capacity).
+        if self._in_head and self._head_bytes:
+            # The next request's head has begun to arrive (pipelined).
+            self._table.head_started(self, self.loop.time())
+        else:
+            self._idle = True
+            self._table.idle(self, self.loop.time())
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's answer to a request the parser refused; ours is in order
