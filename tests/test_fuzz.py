@@ -634,7 +634,7 @@ def _client_status(target: Target, secret: str, *, issued: bool) -> int:
         "POST",
         path,
         {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
-        b"{}",
+        b'{"type": "threads.list", "params": {}}',  # a read: an envelope /chatkit admits
     )
     return status
 
