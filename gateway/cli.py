@@ -257,6 +257,9 @@ async def _user(settings: Settings, user: str) -> int:
             f"{s['session_id']}  app={s['app'] or '-'} workflow={s['workflow_id'] or '-'} "
             f"expires={expires} remaining {windows}"
         )
+    for workflow, mine in view["user_windows"].items():
+        windows = " ".join(f"{name}={w['remaining']}/{w['limit']}" for name, w in mine.items())
+        print(f"user windows  workflow={workflow or '-'} remaining {windows}")
     return 0
 
 

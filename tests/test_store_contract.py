@@ -1040,6 +1040,36 @@ async def test_declared_sizes_and_the_number_of_files_are_bounded(backend: Backe
     assert (upload.identity.max_file_bytes, upload.identity.configuration) == (1000, '{"x":1}')
 
 
+async def test_an_operators_count_of_a_class_window_slides_and_prunes_nothing(
+    backend: Backend, request: pytest.FixtureRequest
+) -> None:
+    store = backend.store()
+    # A one-second window (the spec allows any length; the policy names 1m, 1h, 1d).
+    record = _policed(backend, windows={"read": "s1:5"})
+    await store.register(record)
+    for _ in range(2):
+        assert (await store.admit(_class(record.secret_hash, "read"))).admitted
+    admitted_by = backend.now()
+    if backend.name == "redis":
+        # A member a minute old, which admission would prune: the view counts
+        # past it and leaves it where it is.
+        assert isinstance(store, RedisStore)
+        window = f"{store.keys.secret(record.secret_hash).window}:read:1"
+        raw = redis.asyncio.from_url(request.getfixturevalue("redis_url"))
+        try:
+            await raw.zadd(window, {"old": int((time.time() - 60) * 1_000_000)})
+            found = await store.class_windows([record.secret_hash])
+            assert await raw.zcard(window) == 3
+        finally:
+            await raw.aclose()
+    else:
+        found = await store.class_windows([record.secret_hash])
+    assert [(w.used, w.remaining) for w in found[record.secret_hash].windows] == [(2, 3)]
+    await backend.reach(admitted_by + 1.05)
+    found = await store.class_windows([record.secret_hash])
+    assert [(w.used, w.remaining) for w in found[record.secret_hash].windows] == [(0, 5)]
+
+
 async def test_a_refused_model_counts_in_no_window(backend: Backend) -> None:
     """The allow-list is decided in the admission step, before any window:
     after K refused models the session still has all N of its turns."""

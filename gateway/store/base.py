@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -97,6 +97,31 @@ class AdmitRequest:
     #: The model a turn names (``params.input.inference_options.model``),
     #: None when it names none (the server's default).
     model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUse:
+    """One of a session's class windows (its policy's), as counted now."""
+
+    cls: str  # "turn", "read", ...
+    scope: str  # "session": this session's; "user": every session of its user
+    seconds: int
+    limit: int
+    used: int  # requests admitted in the window's live range
+
+    @property
+    def remaining(self) -> int:
+        return max(self.limit - self.used, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionWindows:
+    """What a session's windows count, as an operator sees them."""
+
+    #: The class the session's own limit counts ("all": every request).
+    counts: str
+    #: Its policy's class windows, session and user scope.
+    windows: list[WindowUse]
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +375,17 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def user_sessions(self, user: str) -> tuple[list[IndexedSession], float | None]:
         """The user's indexed, unexpired sessions and the seconds left of a ban."""
+
+    @abc.abstractmethod
+    async def class_windows(self, secret_hashes: Sequence[str]) -> dict[str, SessionWindows]:
+        """Each registered session's class windows with what each counts now.
+
+        Read only, on the store's clock, exactly as admission would count
+        them (a request leaves a window once it is a full window old), but
+        nothing is pruned or written: looking never changes what is admitted.
+        A user window appears only where admission counts it (issued
+        sessions). Unregistered hashes are absent from the answer.
+        """
 
     @abc.abstractmethod
     async def app_stats(self, app: str) -> AppStats:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from gateway.auth import split_tag
+from gateway.chatkit import RequestClass
 from gateway.model.budgets import (
     LONGEST_WINDOW_SECONDS,
     NO_CHARGE,
@@ -40,9 +41,11 @@ from gateway.store.base import (
     SessionInfo,
     SessionRecord,
     SessionSlot,
+    SessionWindows,
     SlotDecision,
     SlotOutcome,
     Store,
+    WindowUse,
 )
 
 AUDIT_MAXLEN = 10_000
@@ -72,6 +75,16 @@ class _SlidingWindow:
         if not times:
             return 0, 0, 0
         return len(times), times[0] + window - now, times[-1] + window - now
+
+    def live(self, now: int, window: int) -> int:
+        """How many are in the window, without pruning: what an operator reads."""
+        cutoff = now - window
+        count = 0
+        for at in reversed(self.times):
+            if at <= cutoff:
+                break
+            count += 1
+        return count
 
 
 @dataclass(slots=True)
@@ -609,6 +622,32 @@ class MemoryStore(Store):
     async def user_sessions(self, user: str) -> tuple[list[IndexedSession], float | None]:
         sessions = sorted(self._live_index(user).values(), key=lambda s: s.created_at)
         return sessions, await self.banned_for(user)
+
+    async def class_windows(self, secret_hashes: Sequence[str]) -> dict[str, SessionWindows]:
+        now = self._clock()
+        now_us = int(now * 1_000_000)
+        found: dict[str, SessionWindows] = {}
+        for secret_hash in secret_hashes:
+            # Read without _get: a view evicts nothing.
+            entry = self._sessions.get(secret_hash)
+            if entry is None or entry.until <= now:
+                continue
+            record = entry.value
+            tag, _ = split_tag(secret_hash)
+            uses = []
+            for cls in RequestClass:  # the order the Redis store reads them in
+                for w in parse_spec(record.windows.get(cls.value, "")):
+                    if w.scope == "session":
+                        key = f"s:{secret_hash}:{cls.value}:{w.seconds}"
+                    elif tag and record.user:  # as admit() keys them
+                        key = f"t:{record.user}:{cls.value}:{w.seconds}"
+                    else:
+                        continue
+                    window = self._windows.get(key)
+                    used = window.live(now_us, w.seconds * 1_000_000) if window else 0
+                    uses.append(WindowUse(cls.value, w.scope, w.seconds, w.limit, used))
+            found[secret_hash] = SessionWindows(record.counts, uses)
+        return found
 
     async def app_stats(self, app: str) -> AppStats:
         _, count = self._app_window(app)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Sequence
 from importlib import resources
 from typing import Any
 
@@ -37,6 +37,7 @@ from gateway.store.base import (
     SessionInfo,
     SessionRecord,
     SessionSlot,
+    SessionWindows,
     SlotDecision,
     Store,
 )
@@ -658,6 +659,9 @@ class RedisStore(Store):
 
     async def user_sessions(self, user: str) -> tuple[list[IndexedSession], float | None]:
         return await self._tenancy.user_sessions(user)
+
+    async def class_windows(self, secret_hashes: Sequence[str]) -> dict[str, SessionWindows]:
+        return await self._tenancy.class_windows(secret_hashes)
 
     async def app_stats(self, app: str) -> AppStats:
         return await self._tenancy.app_stats(app)
