@@ -14,12 +14,14 @@ that runs in per-test loops defines its own ``http``.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
 import pytest_asyncio
+from hypothesis import HealthCheck, settings
 
 from tests.fake_upstream import FakeUpstream
 from tests.harness import RedisServer
@@ -87,3 +89,25 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """One HTTP client for a module's tests, in the module's event loop."""
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+# -- Hypothesis: bounded in the suite, long under scripts/fuzz --------------------------
+
+# Every example talks to a real process, so the deadline (meant for pure
+# functions) and the too-slow check would measure the machine, not the code.
+settings.register_profile(
+    "ci",
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=None,  # the suite leaves no files behind; scripts/fuzz keeps failures
+    print_blob=True,  # a failure prints the line that replays it
+)
+settings.register_profile(
+    "fuzz",
+    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "3000")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
