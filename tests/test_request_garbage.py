@@ -29,7 +29,7 @@ from gateway.logs import DropStreamAborted
 from gateway.protocol import GatewayHttpProtocol
 from gateway.settings import load_settings
 from tests.doubles import serving_in_process
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import FakeUpstream, FaultName
 from tests.harness import cancel_session, create_session, open_stream, until_closed
 from tests.processes import raw_http, raw_upload
 
@@ -184,3 +184,56 @@ async def test_streams_cut_by_a_revocation_leave_nothing_for_the_cyclic_collecto
     )
     assert not left, f"cut streams' objects left in reference cycles: {left.most_common(10)}"
     assert not frames, f"gateway frames left in reference cycles: {frames.most_common(10)}"
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        # The upstream goes silent mid-stream: the read timeout cuts the stream.
+        "stall_mid_stream",
+        # The upstream resets the connection mid-stream.
+        "reset_mid_stream",
+    ],
+)
+async def test_streams_cut_by_the_upstream_leave_nothing_for_the_cyclic_collector(
+    upstream: FakeUpstream, fault: FaultName
+) -> None:
+    # aiohttp keeps the error on the response's reader, and the error's
+    # traceback runs through the reader's frames and the gateway's: unless
+    # the gateway drops that traceback where it translates the error, the
+    # whole cut stream stays in a cycle.
+    app = GatewayApp(
+        load_settings(
+            {
+                "GATEWAY_UPSTREAM_URL": upstream.url,
+                "GATEWAY_UNKNOWN_SECRETS": "allow",
+                "GATEWAY_DEFAULT_MAX_REQUESTS_PER_1_MINUTE": "100000",
+                "GATEWAY_UPSTREAM_READ_TIMEOUT": "0.2",
+            }
+        )
+    )
+    headers = {"Authorization": "Bearer ek_cut_test", "Accept": "text/event-stream"}
+    async with (
+        serving_in_process(app, http=GatewayHttpProtocol, access_log=False) as port,
+        aiohttp.ClientSession() as http,
+    ):
+        gateway = Served(f"http://127.0.0.1:{port}")
+
+        async def cut_stream() -> None:
+            upstream.inject(fault, path_prefix="/v1/chatkit/conversation", after=1)
+            response = await http.post(
+                f"{gateway.url}/v1/chatkit/conversation?events=100&interval=0.01",
+                json={"type": "threads.create", "params": {}},
+                headers=headers,
+            )
+            assert response.status == 200, response.status
+            events, _ = await until_closed(response)
+            assert events <= 2  # cut after the upstream's first event
+
+        with cut_streams_not_logged():
+            await cut_stream()  # warm-up
+            with garbage_saved() as found:
+                for _ in range(10):
+                    await cut_stream()
+    left = own(found, SERVER_MODULES)
+    assert not left, f"cut streams' objects left in reference cycles: {left.most_common(10)}"
