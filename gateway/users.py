@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.apps import App
+from gateway.policy import window_name
 from gateway.store.base import AppStats, IndexedSession, Store
 
 #: The longest ban: long enough for any incident, short enough to end by itself.
@@ -70,16 +71,41 @@ async def ban(store: Store, revoke: Revoke, user: str, *, for_seconds: int = 0) 
 async def user_view(store: Store, user: str) -> dict[str, Any]:
     """The user's active sessions, each with what is left of its windows.
 
-    ``windows`` maps a window's name to its limit and what remains; today
-    each session has one (``"session"``: its max_requests_per_1_minute).
-    Windows added later (per request class, per user) go in beside it.
+    A session's ``windows`` maps a window's name to its limit, what remains
+    and its length: ``"session"`` is its max_requests_per_1_minute (with the
+    class it ``counts``), then each class window of its policy scoped to the
+    session, named as the rate-limit headers name them (``read-session-1m``).
+    ``user_windows`` holds the user's own class windows, shared by all the
+    user's sessions, under each workflow whose policy sets them (the newest
+    session's policy of that workflow: a changed policy applies to new
+    sessions). Everything is read on the store's clock without writing.
     """
     indexed, ban_left = await store.user_sessions(user)
-    sessions = []
+    active = []
     for entry in indexed:
         info = await store.lookup(entry.session_id)
-        if info is None or info.status != "active":
-            continue
+        if info is not None and info.status == "active":
+            active.append((entry, info))
+    found = await store.class_windows([entry.secret_hash for entry, _ in active])
+    sessions = []
+    user_windows: dict[str, dict[str, dict[str, int]]] = {}
+    for entry, info in active:
+        counted = found.get(entry.secret_hash)
+        windows: dict[str, dict[str, Any]] = {
+            "session": {
+                "limit": info.limit,
+                "remaining": info.remaining,
+                "window_seconds": store.window_seconds,
+                "counts": counted.counts if counted is not None else "all",
+            }
+        }
+        mine: dict[str, dict[str, int]] = {}
+        for use in counted.windows if counted is not None else []:
+            name = f"{use.cls}-{use.scope}-{window_name(use.seconds)}"
+            state = {"limit": use.limit, "remaining": use.remaining, "window_seconds": use.seconds}
+            (windows if use.scope == "session" else mine)[name] = state
+        if mine:
+            user_windows[entry.workflow_id] = mine  # sorted by age: the newest wins
         sessions.append(
             {
                 "session_id": entry.session_id,
@@ -89,19 +115,14 @@ async def user_view(store: Store, user: str) -> dict[str, Any]:
                 "created_at": entry.created_at,
                 "expires_at": entry.expires_at,
                 "secret_hash_prefix": entry.secret_hash[:12],
-                "windows": {
-                    "session": {
-                        "limit": info.limit,
-                        "remaining": info.remaining,
-                        "window_seconds": store.window_seconds,
-                    }
-                },
+                "windows": windows,
             }
         )
     return {
         "user": user,
         "banned_for_seconds": round(ban_left, 3) if ban_left is not None else None,
         "sessions": sessions,
+        "user_windows": user_windows,
     }
 
 

@@ -9,6 +9,7 @@ user's index, and the counts an operator reads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -16,9 +17,19 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from gateway.auth import SecretHasher
-from gateway.store.base import SessionRecord, SessionSlot, SlotOutcome, Store
+from gateway.ratelimit import Outcome
+from gateway.store.base import (
+    AdmitRequest,
+    SessionRecord,
+    SessionSlot,
+    SessionWindows,
+    SlotOutcome,
+    Store,
+    WindowUse,
+)
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore, connect
+from gateway.users import user_view
 from tests.harness import RedisCluster
 
 HASHER = SecretHasher(b"tenancy-pepper")
@@ -221,3 +232,98 @@ async def test_closing_an_unregistered_session_gives_its_create_back(store: Stor
     assert await _hand_out(store, _slot(user, app=app, app_rate=1, max_active=1, refuse=True)) is (
         SlotOutcome.OPENED
     )
+
+
+# -- what an operator reads: each class's windows, counted without writing -----------
+
+
+def _policed(slot: SessionSlot) -> tuple[SessionSlot, SessionRecord]:
+    """An issued session whose policy counts turns in its limit and sets
+    class windows per session and per user; its secret carries its user's
+    slot tag, as the issuer mints them."""
+    secret = f"ek_{HASHER.user_tag(slot.user)}_{secrets.token_urlsafe(24)}"
+    slot = dataclasses.replace(slot, secret_hash=HASHER(secret.encode()))
+    record = dataclasses.replace(
+        _record(slot),
+        counts="turn",
+        windows={"turn": "s60:5,u86400:4", "read": "s60:6,u3600:9"},
+    )
+    return slot, record
+
+
+def _ask(record: SessionRecord, cls: str) -> AdmitRequest:
+    return AdmitRequest(record.secret_hash, False, 10, None, cls)
+
+
+async def test_a_users_view_counts_each_class_window_exactly_and_writes_nothing(
+    store: Store,
+) -> None:
+    user = _user()
+    (first_slot, first), (second_slot, second) = (_policed(_slot(user)) for _ in range(2))
+    learned = _slot(user, app="")  # a hosted session: its own limit, no class windows
+    for slot, record in ((first_slot, first), (second_slot, second), (learned, _record(learned))):
+        assert (await store.open_session(slot)).outcome is SlotOutcome.OPENED
+        await store.register(record)
+    # Another user's turns count apart.
+    stranger_slot, stranger = _policed(_slot(_user()))
+    await _hand_out(store, stranger_slot)
+    await store.register(stranger)
+    for record, cls, times in (
+        (first, "turn", 2),
+        (first, "read", 3),
+        (second, "turn", 1),
+        (second, "read", 1),
+        (stranger, "turn", 3),
+    ):
+        for _ in range(times):
+            assert (await store.admit(_ask(record, cls))).admitted
+    assert (await store.admit(AdmitRequest(learned.secret_hash, False, 10, None, "read"))).admitted
+
+    unknown = HASHER(b"never registered")
+    asked = [first.secret_hash, second.secret_hash, learned.secret_hash, unknown]
+    found = await store.class_windows(asked)
+    assert set(found) == {first.secret_hash, second.secret_hash, learned.secret_hash}
+    assert found[first.secret_hash] == SessionWindows(
+        "turn",
+        [
+            WindowUse("turn", "session", 60, 5, 2),
+            WindowUse("turn", "user", 86400, 4, 3),  # both sessions' turns
+            WindowUse("read", "session", 60, 6, 3),
+            WindowUse("read", "user", 3600, 9, 4),
+        ],
+    )
+    assert [(w.cls, w.scope, w.remaining) for w in found[second.secret_hash].windows] == [
+        ("turn", "session", 4),
+        ("turn", "user", 1),
+        ("read", "session", 5),
+        ("read", "user", 5),
+    ]
+    assert found[learned.secret_hash] == SessionWindows("all", [])
+    # Reading changed nothing: read again, the same; and admission still sees
+    # exactly one turn left for the user, whichever session asks.
+    assert await store.class_windows(asked) == found
+    assert (await store.admit(_ask(second, "turn"))).admitted
+    refused = await store.admit(_ask(first, "turn"))
+    assert refused.outcome is Outcome.CLASS_RATE_LIMITED
+    assert refused.class_window is not None
+    assert refused.class_window.name == "turn-user-1d"
+
+    view = await user_view(store, user)
+    rows = {s["session_id"]: s for s in view["sessions"]}
+    assert set(rows) == {first.session_id, second.session_id, learned.session_id}
+    assert rows[first.session_id]["windows"] == {
+        # The session limit counts turns only: two of ten (a refusal takes none).
+        "session": {"limit": 10, "remaining": 8, "window_seconds": 60, "counts": "turn"},
+        "turn-session-1m": {"limit": 5, "remaining": 3, "window_seconds": 60},
+        "read-session-1m": {"limit": 6, "remaining": 3, "window_seconds": 60},
+    }
+    assert rows[second.session_id]["windows"]["turn-session-1m"]["remaining"] == 3
+    assert rows[learned.session_id]["windows"] == {
+        "session": {"limit": 10, "remaining": 9, "window_seconds": 60, "counts": "all"}
+    }
+    assert view["user_windows"] == {
+        "wf_a": {
+            "turn-user-1d": {"limit": 4, "remaining": 0, "window_seconds": 86400},
+            "read-user-1h": {"limit": 9, "remaining": 5, "window_seconds": 3600},
+        }
+    }

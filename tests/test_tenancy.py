@@ -91,6 +91,15 @@ APPS = {
 }
 
 
+#: Windows per session and per user, so a user's view has each kind to show.
+WF_A_POLICY = {
+    "limits": {
+        "turn": {"session": {"1m": 20}, "user": {"1d": 50}},
+        "read": {"session": {"1m": 30}, "user": {"1h": 100}},
+    }
+}
+
+
 @dataclass(frozen=True)
 class Replica:
     process: GatewayProcess
@@ -117,7 +126,10 @@ def replica_env(redis_url: str, servers: tuple[ChatKitServerProcess, ...]) -> di
     return {
         "GATEWAY_REDIS_URL": redis_url,
         "GATEWAY_WORKFLOWS": json.dumps(
-            {"wf_a": {"upstream": servers[0].url}, "wf_b": {"upstream": servers[1].url}}
+            {
+                "wf_a": {"upstream": servers[0].url, "policy": WF_A_POLICY},
+                "wf_b": {"upstream": servers[1].url},
+            }
         ),
         "GATEWAY_ISSUER_KEYS": json.dumps(APPS),
         "GATEWAY_ISSUER_API_KEYS": digest(LEGACY_KEY),
@@ -198,6 +210,18 @@ def post_message(http: aiohttp.ClientSession, replica: Replica, secret: str, tex
 
 async def status_of(http: aiohttp.ClientSession, replica: Replica, secret: str) -> int:
     async with post_message(http, replica, secret, "hello") as response:
+        await response.read()
+        status: int = response.status
+        return status
+
+
+async def read_status(http: aiohttp.ClientSession, replica: Replica, secret: str) -> int:
+    """A ``threads.list``, as ChatKit JS sends it to show the history."""
+    async with http.post(
+        f"{replica.url}/chatkit",
+        json={"type": "threads.list", "params": {"limit": 20, "order": "desc"}},
+        headers={"Authorization": f"Bearer {secret}"},
+    ) as response:
         await response.read()
         status: int = response.status
         return status
@@ -457,7 +481,10 @@ def result_ids(result: dict[str, Any]) -> set[str]:
 
 
 async def test_a_users_view_lists_active_sessions_with_what_remains(
-    replicas: tuple[Replica, Replica], http: aiohttp.ClientSession
+    replicas: tuple[Replica, Replica],
+    http: aiohttp.ClientSession,
+    module_redis: RedisServer,
+    servers: tuple[ChatKitServerProcess, ChatKitServerProcess],
 ) -> None:
     user = user_name("viewed")
     first = await sdk_create(
@@ -468,21 +495,71 @@ async def test_a_users_view_lists_active_sessions_with_what_remains(
         rate_limits={"max_requests_per_1_minute": 4},
     )
     SECRETS.append(first.client_secret)
+    other = await create(replicas[1], SUPPORT_KEYS[1], user)
     second = await create(replicas[1], LEGACY_KEY, user, workflow="wf_b")
-    assert await status_of(http, replicas[1], first.client_secret) == 200
+    # Turns and reads through both replicas: first 2 turns and 3 reads, other
+    # 1 turn and 1 read, second (wf_b, the default policy) 1 read.
+    for replica, secret, requests in (
+        (replicas[1], first.client_secret, ("turn", "read", "read")),
+        (replicas[0], first.client_secret, ("turn", "read")),
+        (replicas[0], other.client_secret, ("turn", "read")),
+        (replicas[1], second.client_secret, ("read",)),
+    ):
+        for cls in requests:
+            if cls == "turn":
+                assert await status_of(http, replica, secret) == 200
+            else:
+                assert await read_status(http, replica, secret) == 200
     status, view = await admin(http, replicas[0], "GET", f"/admin/users/{user}")
     assert status == 200
     assert view["banned_for_seconds"] is None
     rows = {s["session_id"]: s for s in view["sessions"]}
-    assert set(rows) == {first.id, second.id}
+    assert set(rows) == {first.id, other.id, second.id}
     assert rows[first.id]["app"] == "support"
     assert rows[first.id]["workflow_id"] == "wf_a"
-    assert rows[first.id]["windows"]["session"] == {
-        "limit": 4,
-        "remaining": 3,
+    assert rows[first.id]["windows"] == {
+        # An issued session's own limit counts its turns.
+        "session": {"limit": 4, "remaining": 2, "window_seconds": 60, "counts": "turn"},
+        "turn-session-1m": {"limit": 20, "remaining": 18, "window_seconds": 60},
+        "read-session-1m": {"limit": 30, "remaining": 27, "window_seconds": 60},
+        # The classes the policy does not name keep their defaults.
+        "write-session-1m": {"limit": 60, "remaining": 60, "window_seconds": 60},
+        "upload-session-1m": {"limit": 10, "remaining": 10, "window_seconds": 60},
+        "transcribe-session-1m": {"limit": 10, "remaining": 10, "window_seconds": 60},
+    }
+    assert rows[other.id]["windows"]["turn-session-1m"]["remaining"] == 19
+    assert rows[other.id]["windows"]["read-session-1m"]["remaining"] == 29
+    assert rows[second.id]["app"] == "default"
+    assert rows[second.id]["windows"]["read-session-1m"] == {
+        "limit": 120,
+        "remaining": 119,
         "window_seconds": 60,
     }
-    assert rows[second.id]["app"] == "default"
+    # The user's own windows, across both wf_a sessions; wf_b's policy sets none.
+    assert view["user_windows"] == {
+        "wf_a": {
+            "turn-user-1d": {"limit": 50, "remaining": 47, "window_seconds": 86400},
+            "read-user-1h": {"limit": 100, "remaining": 96, "window_seconds": 3600},
+        }
+    }
+    # The other replica sees the same, and looking twice changes nothing.
+    status, again = await admin(http, replicas[1], "GET", f"/admin/users/{user}")
+    assert (status, again) == (200, view)
+    # The CLI shows the same windows.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env |= replica_env(module_redis.url, servers)
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        [str(CLI), "user", user],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "session=2/4 turn-session-1m=18/20 read-session-1m=27/30" in shown.stdout
+    assert "workflow=wf_a remaining turn-user-1d=47/50 read-user-1h=96/100" in shown.stdout
 
 
 async def test_the_cli_bans_a_user_and_shows_an_app(

@@ -9,18 +9,24 @@ user's script refuses.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
+from gateway.chatkit import RequestClass
 from gateway.errors import StoreUnavailable
+from gateway.policy import ClassWindow, parse_spec
 from gateway.store.base import (
     AppStats,
     IndexedSession,
     SessionSlot,
+    SessionWindows,
     SlotDecision,
     SlotOutcome,
+    WindowUse,
 )
 from gateway.store.redis.client import Availability, Client, text
 from gateway.store.redis.keys import KeyLayout
@@ -185,6 +191,56 @@ class Tenancy:
         ]
         sessions.sort(key=lambda s: s.created_at)
         return sessions, int(ban) / 1000 if int(ban) > 0 else None
+
+    async def class_windows(self, secret_hashes: Sequence[str]) -> dict[str, SessionWindows]:
+        if not secret_hashes:
+            return {}
+        # TIME apart: a cluster pipeline refuses a command without a key.
+        seconds, micros = await self._availability.call(lambda: self._client.time())
+        now_us = int(seconds) * 1_000_000 + int(micros)
+        fields = ["sid", "uh", "cnt", *(f"c:{cls.value}" for cls in RequestClass)]
+        found: dict[str, SessionWindows] = {}
+        # One session at a time: its hash, its class windows and (issued
+        # sessions) its user's class windows share one slot, so on a Cluster
+        # each read is one pipeline to one node. ZCOUNT over the live range
+        # counts what admission would, without its pruning write.
+        for secret_hash in secret_hashes:
+            keys = self._keys.secret(secret_hash)
+            sid, uh, counts, *specs = await self._availability.call(
+                functools.partial(self._fields, keys.session, fields)
+            )
+            if sid is None:
+                continue  # not registered (or gone)
+            user_prefix = self._keys.class_user_prefix(secret_hash)
+            planned: list[tuple[str, str, ClassWindow]] = []
+            for cls, spec in zip(RequestClass, specs, strict=True):
+                for w in parse_spec(text(spec) or ""):
+                    if w.scope == "session":
+                        key = f"{keys.window}:{cls.value}:{w.seconds}"
+                    elif user_prefix and uh is not None:  # as admit.lua keys them
+                        key = f"{user_prefix}{text(uh)}:{cls.value}:{w.seconds}"
+                    else:
+                        continue
+                    planned.append((key, cls.value, w))
+
+            async def count(planned: list[tuple[str, str, ClassWindow]] = planned) -> list[Any]:
+                pipe = self._client.pipeline(transaction=False)
+                for key, _, w in planned:
+                    pipe.zcount(key, f"({now_us - w.seconds * 1_000_000}", "+inf")
+                return await pipe.execute()
+
+            used = await self._availability.call(count) if planned else []
+            found[secret_hash] = SessionWindows(
+                text(counts) or "all",
+                [
+                    WindowUse(cls, w.scope, w.seconds, w.limit, int(n))
+                    for (_, cls, w), n in zip(planned, used, strict=True)
+                ],
+            )
+        return found
+
+    async def _fields(self, key: str, fields: list[str]) -> list[Any]:
+        return await self._client.hmget(key, fields)
 
     async def app_stats(self, app: str) -> AppStats:
         app_keys = self._keys.app(app)
