@@ -103,7 +103,9 @@ def _starts_process(obj: Any, seen: set[int]) -> bool:
             target = scope.get(name)
             if target is None:
                 continue
-            module = target.__name__ if inspect.ismodule(target) else getattr(target, "__module__", "")
+            module = (
+                target.__name__ if inspect.ismodule(target) else getattr(target, "__module__", "")
+            )
             if str(module).partition(".")[0] in _SPAWNING_MODULES:
                 return True
             if _ours(str(module)) and _starts_process(target, seen):

@@ -27,6 +27,11 @@ from typing import IO, Self
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 POLL_SECONDS = 0.01  # readiness poll interval
+#: How long a started server may take to answer its first probe. A bound on a
+#: hang, not a synchronisation (a process that exits fails the wait at once):
+#: on two cores shared by parallel workers and other jobs, the ChatKit server
+#: alone took 30 s to import its SDKs.
+STARTUP_TIMEOUT = 90.0
 
 
 def free_port() -> int:
@@ -213,7 +218,7 @@ class ServerProcess:
         *,
         env: Mapping[str, str],
         port: int,
-        startup_timeout: float = 20.0,
+        startup_timeout: float = STARTUP_TIMEOUT,
     ) -> None:
         self.host = "127.0.0.1"
         self.port = port
