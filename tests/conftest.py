@@ -20,6 +20,7 @@ missed fails, so it cannot slow the fast tier unnoticed.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import shutil
 import sys
@@ -187,6 +188,16 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
                 "did not classify it as a process test: teach _starts_process the way it does",
                 pytrace=False,
             )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collect_after_module() -> Iterator[None]:
+    """A socket or Redis connection a module's tests left open is finalised
+    here, once the module's fixtures are closed: its "unclosed" warning then
+    fails that module (warnings are errors), not whichever later test the
+    collector would happen to run in."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
