@@ -103,7 +103,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated parts to run, of: {', '.join(PARTS)} (default: all)",
     )
     parser.add_argument(
-        "--markdown", type=Path, metavar="PATH", help="also write the README's tables here"
+        "--markdown", type=Path, metavar="PATH", help="also write docs/performance.md's tables here"
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--keep-temp", action="store_true", help="keep logs and configs")

@@ -405,7 +405,7 @@ def print_targets(bench: Bench, medians: dict[str, Run]) -> dict[str, Any]:
 
 
 def markdown(bench: Bench, data: dict[str, Any]) -> str:
-    """The README's tables, from one run's figures."""
+    """docs/performance.md's tables, from one run's figures."""
     lines = [
         "| target | req/s | p50 ms | p99 ms | SUT CPU µs/request |",
         "|---|---|---|---|---|",

@@ -1,8 +1,12 @@
 """The operators' HTTP API, on its own listener and off unless a token is set.
 
-    POST /admin/revoke                {"session_id": ...} or {"client_secret": ...}
-    GET  /admin/sessions/{session_id} status, limit, remaining quota, expiry, user
+    POST /admin/revoke                {"session_id": ...} or {"client_secret": ...},
+                                      or {"user": ..., "for_seconds": N} (a ban)
+    GET  /admin/sessions/{session_id} status, limit, remaining quota, expiry, user, app
     GET  /admin/revocations?tail=N    the audit log, newest last
+    GET  /admin/users/{user}          the user's active sessions, and a ban
+    DELETE /admin/bans/{user}         end a user's ban early
+    GET  /admin/apps/{name}           an issuer app's limits, creates and sessions
 
 Every call needs ``Authorization: Bearer <GATEWAY_ADMIN_TOKEN>``, compared in
 constant time. The listener is separate so that it can be kept off the network
@@ -23,9 +27,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.apps import AppKeys, build_apps
 from gateway.auth import constant_time_equal
 from gateway.errors import StoreUnavailable, error_body
 from gateway.registry import SESSION_ID
+from gateway.store.base import IndexedSession
+from gateway.users import MAX_BAN_SECONDS, app_view, ban, user_view
 
 if TYPE_CHECKING:
     from gateway.app import Components
@@ -53,8 +60,12 @@ class AdminAPI:
                 Route("/admin/revoke", self.revoke, methods=["POST"]),
                 Route("/admin/sessions/{session_id}", self.session, methods=["GET"]),
                 Route("/admin/revocations", self.revocations, methods=["GET"]),
+                Route("/admin/users/{user:path}", self.user, methods=["GET"]),
+                Route("/admin/bans/{user:path}", self.lift_ban, methods=["DELETE"]),
+                Route("/admin/apps/{name}", self.app_info, methods=["GET"]),
             ]
         )
+        self._apps = AppKeys(build_apps(components.settings))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -74,11 +85,17 @@ class AdminAPI:
             return _error(400, "The body must be JSON.", code="invalid_json")
         if not isinstance(payload, dict):
             return _error(400, "The body must be a JSON object.", code="invalid_json")
+        if "user" in payload:
+            return await self._ban(payload)
+        if "for_seconds" in payload:
+            return _error(400, "for_seconds goes with user.", code="invalid_request")
         session_id = payload.get("session_id")
         secret = payload.get("client_secret")
         if (session_id is None) == (secret is None):
             return _error(
-                400, "Give exactly one of session_id or client_secret.", code="invalid_request"
+                400,
+                "Give exactly one of session_id, client_secret or user.",
+                code="invalid_request",
             )
         secret_hash = None
         if secret is not None:
@@ -112,6 +129,63 @@ class AdminAPI:
                 "session_known": result.registered,
             }
         )
+
+    async def _ban(self, payload: dict[str, Any]) -> Response:
+        user = payload["user"]
+        for_seconds = payload.get("for_seconds", 0)
+        if set(payload) - {"user", "for_seconds"}:
+            return _error(400, "A ban takes only user and for_seconds.", code="invalid_request")
+        if not isinstance(user, str) or not user:
+            return _error(400, "user must be a non-empty string.", code="invalid_request")
+        if (
+            not isinstance(for_seconds, int)
+            or isinstance(for_seconds, bool)
+            or not 0 <= for_seconds <= MAX_BAN_SECONDS
+        ):
+            return _error(
+                400,
+                f"for_seconds must be an integer from 0 to {MAX_BAN_SECONDS}.",
+                code="invalid_request",
+            )
+        revoker = self._c.revoker
+
+        async def revoke(session: IndexedSession) -> bool:
+            result = await revoker.revoke(
+                secret_hash=session.secret_hash, session_id=session.session_id, reason="ban"
+            )
+            return result is not None
+
+        try:
+            result = await ban(self._c.store, revoke, user, for_seconds=for_seconds)
+        except StoreUnavailable as exc:
+            return _error(503, str(exc), code="store_unavailable", type="api_error")
+        return JSONResponse(result.as_json())
+
+    async def user(self, request: Request) -> Response:
+        try:
+            view = await user_view(self._c.store, request.path_params["user"])
+        except StoreUnavailable as exc:
+            return _error(503, str(exc), code="store_unavailable", type="api_error")
+        return JSONResponse(view)
+
+    async def lift_ban(self, request: Request) -> Response:
+        user = request.path_params["user"]
+        try:
+            lifted = await self._c.store.lift_ban(user)
+        except StoreUnavailable as exc:
+            return _error(503, str(exc), code="store_unavailable", type="api_error")
+        return JSONResponse({"user": user, "lifted": lifted})
+
+    async def app_info(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        app = self._apps.app(name)
+        if app is None:
+            return _error(404, f"No app named '{name}' is configured.", code="not_found")
+        try:
+            stats = await self._c.store.app_stats(name)
+        except StoreUnavailable as exc:
+            return _error(503, str(exc), code="store_unavailable", type="api_error")
+        return JSONResponse(app_view(app, stats))
 
     async def session(self, request: Request) -> Response:
         session_id = request.path_params["session_id"]
@@ -192,10 +266,14 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     """A listening socket several worker processes can share."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if hasattr(socket, "SO_REUSEPORT"):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(128)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()  # a port taken fails start-up; the socket must not outlive it
+        raise
     sock.setblocking(False)
     return sock

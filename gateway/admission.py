@@ -20,8 +20,6 @@ from gateway.store.base import AdmitRequest, Store
 from gateway.types import Headers
 
 logger = logging.getLogger(__name__)
-#: While the store is down every client request fails the same way: one line
-#: per interval (with a count), not one per request.
 
 _REVOKED = Decision(Outcome.REVOKED)
 

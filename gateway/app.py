@@ -27,7 +27,8 @@ from starlette.routing import Route as LocalRoute
 
 from gateway.admin import AdminServer, Listener
 from gateway.admission import Gatekeeper
-from gateway.auth import ApiKeys, SecretHasher
+from gateway.apps import AppKeys, build_apps
+from gateway.auth import SecretHasher
 from gateway.errors import ConfigError, StoreUnavailable, error_body
 from gateway.health import StoreMonitor
 from gateway.issuer import Issuer, SessionIds
@@ -102,12 +103,12 @@ def build_issuer(
     settings: Settings, store: Store, revoker: Revoker, hasher: SecretHasher, metrics: Metrics
 ) -> Issuer | None:
     """Issuer mode's session API, when workflows are configured."""
-    if not settings.workflows or settings.issuer_api_keys is None:
+    if not settings.workflows or (settings.issuer_api_keys is None and not settings.issuer_keys):
         return None
     pepper = settings.secret_pepper
     return Issuer(
         workflows=frozenset(settings.workflows),
-        api_keys=ApiKeys(settings.issuer_api_keys.get_secret_value()),
+        apps=AppKeys(build_apps(settings)),
         store=store,
         revoker=revoker,
         hasher=hasher,
@@ -162,7 +163,12 @@ class GatewayApp:
         try:
             await self.startup()
         except Exception as exc:
-            logger.critical("Start-up failed: %s", exc)
+            # The traceback says where (a port taken, a listener that would not
+            # start); uvicorn's own line has only the message.
+            logger.critical("Start-up failed: %s", exc, exc_info=True)
+            # Whatever had started (store checks, the revocation feed, the
+            # upstream pool) is stopped before the process exits.
+            await self.shutdown()
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
         await send({"type": "lifespan.startup.complete"})
@@ -275,16 +281,6 @@ class GatewayApp:
         await components.store.close()
         if self._tracing is not None:
             self._tracing.shutdown()
-
-    def begin_draining(self) -> None:
-        """From now on /readyz answers 503, so the load balancer stops sending
-        new requests while those in flight finish. The server calls this when
-        a shutdown begins."""
-        self._draining = True
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
 
     # -- the gateway's own endpoints ------------------------------------------------
 

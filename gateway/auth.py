@@ -71,40 +71,6 @@ def constant_time_equal(a: str | bytes, b: str | bytes) -> bool:
     return hmac.compare_digest(a_bytes, b_bytes)
 
 
-class ApiKeys:
-    """The keys that may call the issuer's session API, kept as SHA-256 digests.
-
-    Operators list ``sha256:<hex>`` entries (or, less wisely, the keys); the
-    presented key is hashed and compared with every entry in constant time,
-    so neither a match's position nor a near miss shows in the timing.
-    """
-
-    __slots__ = ("_digests",)
-
-    def __init__(self, entries: str) -> None:
-        digests = []
-        for entry in (e.strip() for e in entries.split(",")):
-            if not entry:
-                continue
-            if entry.startswith("sha256:"):
-                digests.append(bytes.fromhex(entry[7:]))
-            else:
-                digests.append(hashlib.sha256(entry.encode()).digest())
-        self._digests = tuple(digests)
-
-    def verify(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        """Whether the request carries ``Authorization: Bearer <one of the keys>``."""
-        try:
-            key = bearer_secret(headers)
-        except AuthError:
-            return False
-        digest = hashlib.sha256(key).digest()
-        found = False
-        for expected in self._digests:
-            found |= hmac.compare_digest(digest, expected)
-        return found
-
-
 def new_api_key() -> tuple[str, str]:
     """A fresh random issuer key and the ``sha256:`` entry to configure for it."""
     key = "ckgk_" + secrets.token_urlsafe(32)

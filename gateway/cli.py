@@ -1,4 +1,4 @@
-"""``chatkit-gateway`` commands: serve, revoke, revocations, new-api-key.
+"""``chatkit-gateway`` commands: serve, revoke, revocations, user, unban, app, new-api-key.
 
 Exit status: 0 success, 1 the operation failed (store unreachable...),
 2 bad configuration or usage, 4 an installed dependency lacks an internal the
@@ -17,6 +17,8 @@ from gateway import __version__
 from gateway.auth import new_api_key
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.settings import Settings, load_settings
+from gateway.store.base import IndexedSession
+from gateway.users import app_view, ban, parse_duration, user_view
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
@@ -28,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatkit-gateway",
         description="Authenticating, rate-limiting reverse proxy for OpenAI ChatKit. "
-        "Configured by GATEWAY_* environment variables (see the README).",
+        "Configured by GATEWAY_* environment variables (see docs/configuration.md).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +45,21 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read the client secret from standard input (never from the command line)",
     )
+    target.add_argument(
+        "--user", help="every active session of this user, on every replica (a ban)"
+    )
+    revoke.add_argument(
+        "--for",
+        dest="ban_for",
+        metavar="DURATION",
+        help="with --user: also refuse the user's new sessions this long (90s, 15m, 2h, 7d)",
+    )
+    unban = commands.add_parser("unban", help="end a user's ban early")
+    unban.add_argument("--user", required=True, help="the user id")
+    user = commands.add_parser("user", help="show a user's active sessions and any ban")
+    user.add_argument("user", help="the user id, as in the session's 'user'")
+    app = commands.add_parser("app", help="show an issuer app's limits and current use")
+    app.add_argument("name", help="the app's name in GATEWAY_ISSUER_KEYS (or 'default')")
     commands.add_parser(
         "new-api-key",
         help="print a new random issuer API key and the sha256: entry for GATEWAY_ISSUER_API_KEYS",
@@ -86,6 +103,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
+    if args.command == "revoke" and args.user is not None:
+        try:
+            for_seconds = parse_duration(args.ban_for) if args.ban_for else 0
+        except ValueError as exc:
+            print(f"chatkit-gateway: --for: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        return asyncio.run(_ban(settings, args.user, for_seconds))
+    if args.command == "revoke" and args.ban_for is not None:
+        print("chatkit-gateway: --for goes with --user", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "user":
+        return asyncio.run(_user(settings, args.user))
+    if args.command == "unban":
+        return asyncio.run(_unban(settings, args.user))
+    if args.command == "app":
+        return asyncio.run(_app(settings, args.name))
     if args.command == "revoke":
         secret = None
         if args.secret_stdin:
@@ -148,4 +181,95 @@ async def _revocations(settings: Settings, tail: int) -> int:
             f"{when}  {entry.reason:<7} session={entry.session_id or '-'} "
             f"secret={entry.secret_hash_prefix or '-'} replica={entry.replica}"
         )
+    return 0
+
+
+async def _ban(settings: Settings, user: str, for_seconds: int) -> int:
+    from gateway.app import build_store
+
+    store = build_store(settings)
+    replica = f"cli@{settings.effective_replica_id}"
+
+    async def revoke(session: IndexedSession) -> bool:
+        await store.revoke(
+            secret_hash=session.secret_hash,
+            session_id=session.session_id,
+            reason="ban",
+            replica=replica,
+        )
+        return True
+
+    try:
+        result = await ban(store, revoke, user, for_seconds=for_seconds)
+    except StoreUnavailable as exc:
+        print(f"chatkit-gateway: the ban failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        await store.close()
+    for session, _ in result.revoked:
+        print(f"session {session.session_id} (app {session.app or '-'}): revoked")
+    print(f"user {user}: {len(result.revoked)} active session(s) revoked")
+    if for_seconds:
+        print(f"user {user}: new sessions refused for {for_seconds} s")
+    return 0
+
+
+async def _user(settings: Settings, user: str) -> int:
+    from gateway.app import build_store
+
+    store = build_store(settings)
+    try:
+        view = await user_view(store, user)
+    except StoreUnavailable as exc:
+        print(f"chatkit-gateway: cannot read the user's sessions: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        await store.close()
+    ban_left = view["banned_for_seconds"]
+    print(f"user {user}: " + (f"banned for {ban_left:.0f} s more" if ban_left else "not banned"))
+    for s in view["sessions"]:
+        expires = datetime.fromtimestamp(s["expires_at"], UTC).isoformat(timespec="seconds")
+        windows = " ".join(
+            f"{name}={w['remaining']}/{w['limit']}" for name, w in s["windows"].items()
+        )
+        print(
+            f"{s['session_id']}  app={s['app'] or '-'} workflow={s['workflow_id'] or '-'} "
+            f"expires={expires} remaining {windows}"
+        )
+    return 0
+
+
+async def _unban(settings: Settings, user: str) -> int:
+    from gateway.app import build_store
+
+    store = build_store(settings)
+    try:
+        lifted = await store.lift_ban(user)
+    except StoreUnavailable as exc:
+        print(f"chatkit-gateway: the ban was not lifted: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        await store.close()
+    print(f"user {user}: " + ("ban lifted" if lifted else "was not banned"))
+    return 0
+
+
+async def _app(settings: Settings, name: str) -> int:
+    from gateway.app import build_store
+    from gateway.apps import AppKeys, build_apps
+
+    app = AppKeys(build_apps(settings)).app(name)
+    if app is None:
+        print(f"chatkit-gateway: no app named {name!r} is configured", file=sys.stderr)
+        return EXIT_CONFIG
+    store = build_store(settings)
+    try:
+        stats = await store.app_stats(name)
+    except StoreUnavailable as exc:
+        print(f"chatkit-gateway: cannot read the app's use: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        await store.close()
+    for key, value in app_view(app, stats).items():
+        print(f"{key}: {value if value is not None else '-'}")
     return 0

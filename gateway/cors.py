@@ -80,8 +80,3 @@ class CorsPolicy:
         if requested_headers and _TOKEN_LIST.match(requested_headers.strip()):
             headers.append((b"access-control-allow-headers", requested_headers.strip()))
         return 204, headers
-
-
-def without_upstream_cors(headers: Headers) -> Headers:
-    """An upstream answer's headers minus its own CORS ones (the gateway's stand)."""
-    return [(n, v) for n, v in headers if not n.startswith(b"access-control-")]

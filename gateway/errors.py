@@ -4,6 +4,7 @@
     ├── BadRequest (400)            malformed target, path, header or body
     ├── AuthError (401)             missing, malformed, unknown, revoked, expired secret
     │   └── InvalidApiKey (401)     session API call without a valid issuer key
+    ├── PermissionDenied (403)      an app's key used beyond its scope; a banned user
     ├── NotFound (404)              no route: never forwarded
     │   └── SessionNotFound (404)   cancel of a session id the gateway issued but forgot
     ├── MethodNotAllowed (405)
@@ -70,6 +71,8 @@ class GatewayError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    #: The issuer app a session call was refused for, for the access log.
+    app: str | None = None
 
     def __init__(
         self,
@@ -94,6 +97,15 @@ class BadRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_request"
+
+
+class PermissionDenied(GatewayError):
+    """The caller is known but may not do this: the app's key is not scoped to
+    the workflow, or the user is banned. Not retried by the official SDKs."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
 
 
 class NotFound(GatewayError):

@@ -18,6 +18,7 @@ If the store cannot take the registration or the revocation, the answer is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -28,12 +29,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gateway.auth import ApiKeys, SecretHasher
-from gateway.errors import BadRequest, InvalidApiKey, SessionNotFound
+from gateway.apps import DEFAULT_APP, App, AppKeys, OnTooManySessions
+from gateway.auth import SecretHasher
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    InvalidApiKey,
+    PermissionDenied,
+    RateLimited,
+    SessionNotFound,
+    StoreUnavailable,
+)
 from gateway.metrics import Metrics
 from gateway.revocation import Revoker
-from gateway.sessions import Answer
-from gateway.store.base import SessionRecord, Store
+from gateway.sessions import Answer, banned
+from gateway.store.base import SessionRecord, SessionSlot, SlotDecision, SlotOutcome, Store
 from gateway.types import Headers
 
 #: Longest ``user`` accepted; the API requires one, the headers carry it.
@@ -231,14 +241,36 @@ def session_document(
     }
 
 
-def json_answer(status: int, document: Mapping[str, Any]) -> Answer:
+def json_answer(status: int, document: Mapping[str, Any], *, app: str | None = None) -> Answer:
     body = json.dumps(document, separators=(",", ":")).encode()
     headers: Headers = [
         (b"date", formatdate(usegmt=True).encode()),
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
     ]
-    return Answer(status, headers, body)
+    return Answer(status, headers, body, app=app)
+
+
+def refusal(decision: SlotDecision, *, user: str, app: App) -> GatewayError:
+    """The error for a create the store's checks refused (see Store.open_session)."""
+    seconds = max(-(-decision.retry_after_ms // 1000), 1)
+    retry = [(b"retry-after", str(seconds).encode())]
+    if decision.outcome is SlotOutcome.BANNED:
+        return banned(user, decision.retry_after_ms / 1000)
+    if decision.outcome is SlotOutcome.APP_RATE_LIMITED:
+        return RateLimited(
+            f"App '{app.name}' may create at most {app.max_sessions_per_minute} sessions "
+            f"per minute; retry in {seconds} s.",
+            code="session_rate_limit_exceeded",
+            headers=retry,
+        )
+    return RateLimited(
+        f"User '{user}' already has {app.max_active_sessions_per_user} active sessions of "
+        f"this workflow from app '{app.name}'; one expires in {seconds} s.",
+        code="too_many_active_sessions",
+        param="user",
+        headers=retry,
+    )
 
 
 # -- the session API ----------------------------------------------------------------
@@ -251,7 +283,7 @@ class Issuer:
         self,
         *,
         workflows: frozenset[str],
-        api_keys: ApiKeys,
+        apps: AppKeys,
         store: Store,
         revoker: Revoker,
         hasher: SecretHasher,
@@ -263,7 +295,7 @@ class Issuer:
         serves_every_create: bool = False,
     ) -> None:
         self._workflows = workflows
-        self._keys = api_keys
+        self._apps = apps
         self._store = store
         self._revoker = revoker
         self._hasher = hasher
@@ -282,16 +314,25 @@ class Issuer:
     def owns(self, session_id: str) -> bool:
         return self._ids.owns(session_id)
 
-    def _authenticate(self, headers: Headers) -> None:
-        if not self._keys.verify(headers):
+    def _authenticate(self, headers: Headers) -> App:
+        app = self._apps.identify(headers)
+        if app is None:
             # Never echo the key, not even a prefix of it.
             raise InvalidApiKey(
                 "Incorrect or missing API key: this gateway issues ChatKit sessions only "
-                "for the keys in its configuration (GATEWAY_ISSUER_API_KEYS)."
+                "for the keys in its configuration (GATEWAY_ISSUER_KEYS)."
             )
+        return app
 
     async def create(self, headers: Headers, body: bytes) -> Answer:
-        self._authenticate(headers)
+        app = self._authenticate(headers)
+        try:
+            return await self._create(app, body)
+        except GatewayError as exc:
+            exc.app = app.name  # for the access log
+            raise
+
+    async def _create(self, app: App, body: bytes) -> Answer:
         request = parse_create_body(body)
         if request.workflow.id not in self._workflows:
             raise BadRequest(
@@ -299,6 +340,14 @@ class Issuer:
                 "only for the workflows in its configuration.",
                 param="workflow.id",
                 code="invalid_value",
+            )
+        if not app.may_use(request.workflow.id):
+            self._metrics.session_creates_refused.labels(app.name, "workflow_not_allowed").inc()
+            raise PermissionDenied(
+                f"The API key of app '{app.name}' may not create sessions for workflow "
+                f"'{request.workflow.id}'.",
+                param="workflow.id",
+                code="workflow_not_allowed",
             )
         seconds = self._default_expires
         if request.expires_after is not None:
@@ -331,22 +380,55 @@ class Issuer:
             workflow_version=request.workflow.version or "",
             document=json.dumps(document, separators=(",", ":")).encode(),
             issued=True,
+            app=app.name,
         )
+        slot = SessionSlot(
+            session_id=session_id,
+            secret_hash=record.secret_hash,
+            user=request.user,
+            app=app.name,
+            workflow_id=request.workflow.id,
+            expires_at=expires_at,
+            app_rate=app.max_sessions_per_minute,
+            max_active=app.max_active_sessions_per_user,
+            refuse=app.on_too_many_sessions is OnTooManySessions.REFUSE,
+        )
+        decision = await self._store.open_session(slot)
+        if decision.outcome is not SlotOutcome.OPENED:
+            self._metrics.session_creates_refused.labels(app.name, decision.outcome.value).inc()
+            raise refusal(decision, user=request.user, app=app)
         # Registered on the shared store before anyone sees the secret; a
         # StoreUnavailable here is the caller's 503, with nothing handed out.
-        await self._store.register(record)
-        self._metrics.sessions_issued.inc()
-        return json_answer(200, {**document, "client_secret": secret})
+        try:
+            await self._store.register(record)
+        except StoreUnavailable:
+            # If this fails too, the slot stays counted until the session
+            # would have expired: never one session too many.
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.close_session(slot)
+            raise
+        # The user's oldest sessions beyond the cap, revoked the normal way
+        # (every replica, streams cut, audited), before the new one is out.
+        for old in decision.evicted:
+            await self._revoker.revoke(
+                secret_hash=old.secret_hash, session_id=old.session_id, reason="too_many_sessions"
+            )
+        self._metrics.sessions_issued.labels(app.name).inc()
+        return json_answer(200, {**document, "client_secret": secret}, app=app.name)
 
     async def cancel(self, session_id: str, headers: Headers) -> Answer:
-        self._authenticate(headers)
+        app = self._authenticate(headers)
         issued = await self._store.issued_session(session_id)
-        if issued is None:
-            raise SessionNotFound(session_id)
+        # Another app's session is not found, exactly like an unknown id: the
+        # answer must not tell a key holder what other apps have issued.
+        if issued is None or (issued.app or DEFAULT_APP) != app.name:
+            error = SessionNotFound(session_id)
+            error.app = app.name
+            raise error
         if not issued.revoked:
             await self._revoker.revoke_now(
                 secret_hash=issued.secret_hash, session_id=session_id, reason="cancel"
             )
         document = json.loads(issued.document)
         document["status"] = "cancelled"
-        return json_answer(200, document)
+        return json_answer(200, document, app=app.name)

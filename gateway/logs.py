@@ -147,10 +147,11 @@ def log_access(fields: Mapping[str, Any]) -> None:
     """One access-log line: readable in text, every field its own key in JSON.
 
     ``fields`` holds method, path, status, kind, outcome, client, bytes_in,
-    bytes_out, duration_ms, upstream_ms and, when set, aborted.
+    bytes_out, duration_ms, upstream_ms and, when set, aborted and app (the
+    issuer app of a session call).
     """
     _access.info(
-        "%s %s %d %s outcome=%s client=%s in=%d out=%d %.1fms upstream=%s%s",
+        "%s %s %d %s outcome=%s client=%s in=%d out=%d %.1fms upstream=%s%s%s",
         fields["method"],
         fields["path"],
         fields["status"],
@@ -162,6 +163,7 @@ def log_access(fields: Mapping[str, Any]) -> None:
         fields["duration_ms"],
         "-" if fields["upstream_ms"] is None else f"{fields['upstream_ms']:.1f}ms",
         f" aborted={fields['aborted']}" if fields.get("aborted") else "",
+        f" app={fields['app']}" if fields.get("app") else "",
         extra={"fields": fields},
     )
 

@@ -128,9 +128,18 @@ class Metrics:
             "Sessions learned from session-create responses.",
             registry=r,
         )
+        # ``app`` is a configured app's name (GATEWAY_ISSUER_KEYS, or
+        # "default"): never a value a client chooses.
         self.sessions_issued = Counter(
             "chatkit_gateway_sessions_issued_total",
-            "Sessions the gateway issued itself (issuer mode).",
+            "Sessions the gateway issued itself (issuer mode), by app.",
+            ["app"],
+            registry=r,
+        )
+        self.session_creates_refused = Counter(
+            "chatkit_gateway_session_creates_refused_total",
+            "Issuer session creates refused by an app's scope or limits, or a user's ban.",
+            ["app", "reason"],
             registry=r,
         )
         self.sessions_unparsed = Counter(

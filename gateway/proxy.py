@@ -191,15 +191,15 @@ class Proxy:
         revoker: Revoker,
         sessions: SessionControl,
         metrics: Metrics,
-        routes: RouteTable | None = None,
-        telemetry: Telemetry | None = None,
+        routes: RouteTable,
+        telemetry: Telemetry,
     ) -> None:
         self._session = session
         self._gatekeeper = gatekeeper
         self._revoker = revoker
         self._sessions = sessions
         self._metrics = metrics
-        self._routes = routes or RouteTable()
+        self._routes = routes
         self._matched: dict[tuple[str, bytes], Match] = {}
         # What the hot path needs from the settings, read once.
         self._upstreams = {"default": settings.upstream_url, **settings.upstreams}
@@ -208,9 +208,7 @@ class Proxy:
         self._max_headers = settings.max_headers
         self._write_timeout = settings.upstream_write_timeout
         self._trust_forwarded = settings.trust_forwarded_headers
-        self._telemetry = telemetry or Telemetry(
-            metrics, tracing=None, access_log=settings.access_log
-        )
+        self._telemetry = telemetry
         self._workflows = {name: w.upstream for name, w in settings.workflows.items()}
         key = settings.identity_signing_key
         self._identity = IdentityHeaders(
@@ -482,6 +480,7 @@ class Proxy:
         else:
             call = self._sessions.cancel(match.params["session_id"], headers, forward)
         answer = await _to_completion(call)
+        exchange.tel.app = answer.app
         if header_value(answer.headers, b"x-request-id") is None:
             answer.headers.append((b"x-request-id", exchange.request_id))
         await exchange.start(answer.status, answer.headers)

@@ -33,6 +33,19 @@ class Kind(enum.Enum):
     ISSUED = "issued"
 
 
+#: The kinds a configured route may name (GATEWAY_ROUTES); ISSUED routes are
+#: the gateway's own, present only in issuer mode.
+CONFIGURABLE_KINDS: tuple[Kind, ...] = (
+    Kind.SERVER,
+    Kind.CLIENT,
+    Kind.SESSION_CREATE,
+    Kind.SESSION_CANCEL,
+)
+
+#: Every method a route may take; client traffic may use them all.
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """One allowed family of requests.
@@ -76,21 +89,15 @@ DEFAULT_ROUTES: tuple[Route, ...] = (
     Route("/v1/chatkit/sessions/**", frozenset(), Kind.SERVER, exclusive=True),
     # Everything else under /v1/chatkit/ is client traffic: the hosted widget's
     # /conversation, uploads, and whatever the API adds next.
-    Route(
-        "/v1/chatkit/**",
-        frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}),
-        Kind.CLIENT,
-    ),
+    Route("/v1/chatkit/**", METHODS, Kind.CLIENT),
 )
-
-_CLIENT_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 #: Issuer mode's client routes: ChatKit JS custom mode posts every call to one
 #: URL (``api.url``); uploads may go to paths below it.
 ISSUED_PREFIX = "/chatkit"
 ISSUED_ROUTES: tuple[Route, ...] = (
     Route(ISSUED_PREFIX, frozenset({"POST", "OPTIONS"}), Kind.ISSUED, upstream="workflow"),
-    Route(ISSUED_PREFIX + "/**", _CLIENT_METHODS, Kind.ISSUED, upstream="workflow"),
+    Route(ISSUED_PREFIX + "/**", METHODS, Kind.ISSUED, upstream="workflow"),
 )
 #: With no hosted upstream only the session API remains of the built-in table.
 SESSION_ROUTES: tuple[Route, ...] = tuple(

@@ -13,6 +13,7 @@ the upstream may have acted, the gateway must see its answer and act on it.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from gateway.auth import SecretHasher
-from gateway.errors import BadRequest, SessionNotFound, StoreUnavailable
+from gateway.errors import BadRequest, PermissionDenied, SessionNotFound, StoreUnavailable
 from gateway.headers import header_value
 from gateway.metrics import Metrics
 from gateway.registry import (
@@ -31,7 +32,7 @@ from gateway.registry import (
     session_from_response,
 )
 from gateway.revocation import Revoker
-from gateway.store.base import Store
+from gateway.store.base import SessionRecord, SessionSlot, SlotOutcome, Store
 from gateway.types import Headers
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class Answer:
     body: bytes
     rest: AsyncIterator[bytes] | None = None
     release: Callable[[], None] | None = None
+    #: The issuer app that made the call (for the access log), if any.
+    app: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -80,6 +83,30 @@ class LocalSessions(Protocol):
     async def create(self, headers: Headers, body: bytes) -> Answer: ...
 
     async def cancel(self, session_id: str, headers: Headers) -> Answer: ...
+
+
+def user_of(body: bytes) -> str | None:
+    """A create body's ``user``, if it has one (the upstream validates the rest)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    user = data.get("user") if isinstance(data, dict) else None
+    return user if isinstance(user, str) and user else None
+
+
+def banned(user: str, seconds_left: float) -> PermissionDenied:
+    """The refusal of a create for a user the operator banned."""
+    seconds = max(int(-(-seconds_left // 1)), 1)
+    # 403, not 429: a ban is an operator's decision about the user, and the
+    # official SDKs retry a 429 on their own, only to be refused again.
+    return PermissionDenied(
+        f"User '{user}' may not be given sessions for another {seconds} s "
+        "(banned by the gateway's operator).",
+        code="user_banned",
+        param="user",
+        headers=[(b"retry-after", str(seconds).encode())],
+    )
 
 
 class SessionControl:
@@ -118,6 +145,14 @@ class SessionControl:
                 param="workflow.id",
                 code="invalid_value",
             )
+        user = user_of(body)
+        if user is not None:
+            # The hosted API creates the session, so a banned user's create
+            # is refused before it is forwarded; one that races the ban is
+            # revoked as it is learned (_index).
+            left = await self._store.banned_for(user)
+            if left is not None:
+                raise banned(user, left)
         answer = await forward()
         if answer.ok:
             await self._learn(answer)
@@ -181,6 +216,32 @@ class SessionControl:
         if born_revoked:
             self._revoker.close_streams(record.secret_hash)
             logger.info("Session %s was cancelled before it was registered", record.session_id)
+        await self._index(record)
+
+    async def _index(self, record: SessionRecord) -> None:
+        """Put a learned session in its user's index, so a ban finds it."""
+        if not record.user:
+            return
+        slot = SessionSlot(
+            session_id=record.session_id,
+            secret_hash=record.secret_hash,
+            user=record.user,
+            app="",
+            workflow_id=record.workflow_id,
+            expires_at=record.expires_at,
+        )
+        try:
+            decision = await self._store.open_session(slot)
+        except StoreUnavailable as exc:
+            # As with the registration: a session a ban could miss is not handed out.
+            raise StoreUnavailable(
+                "The session could not be indexed under its user; retry the request."
+            ) from exc
+        if decision.outcome is SlotOutcome.BANNED:
+            await self._revoker.revoke(
+                secret_hash=record.secret_hash, session_id=record.session_id, reason="ban"
+            )
+            raise banned(record.user, decision.retry_after_ms / 1000)
 
     async def _resolve(self, session_id: str) -> str | None:
         if not SESSION_ID.match(session_id):

@@ -33,15 +33,17 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from gateway.apps import APP_NAME, DEFAULT_APP, AppSetting
 from gateway.errors import ConfigError
 from gateway.logs import LogFormat
+from gateway.routes import CONFIGURABLE_KINDS, METHODS
 from gateway.service_links import is_service_link
 
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "GATEWAY_"
 # Settings given as JSON in the environment (tables in the TOML file).
-_STRUCTURED = frozenset({"upstreams", "routes", "workflows"})
+_STRUCTURED = frozenset({"upstreams", "routes", "workflows", "issuer_keys"})
 MIB = 1024 * 1024
 
 
@@ -53,7 +55,7 @@ class UnknownSecrets(StrEnum):
 
 
 _SEGMENT = re.compile(r"^([A-Za-z0-9._~-]+|\{[a-z_]{1,32}\})$")
-ROUTE_KINDS = ("server", "client", "session_create", "session_cancel")
+_ROUTE_KINDS = tuple(kind.value for kind in CONFIGURABLE_KINDS)
 
 
 def _http_url(value: str) -> str:
@@ -95,16 +97,15 @@ class RouteSetting(BaseModel):
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        allowed = {"GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
-        if not value or not set(value) <= allowed:
-            raise ValueError(f"methods must be some of {sorted(allowed)}")
+        if not value or not set(value) <= METHODS:
+            raise ValueError(f"methods must be some of {sorted(METHODS)}")
         return value
 
     @field_validator("kind")
     @classmethod
     def _kind(cls, value: str) -> str:
-        if value not in ROUTE_KINDS:
-            raise ValueError(f"kind must be one of {', '.join(ROUTE_KINDS)}")
+        if value not in _ROUTE_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(_ROUTE_KINDS)}")
         return value
 
 
@@ -138,135 +139,391 @@ class Settings(BaseSettings):
         case_sensitive=False,
     )
 
+    # Every field's description is its documentation: scripts/docgen.py turns
+    # them into docs/configuration.md and config/gateway.example.toml, and
+    # tests/test_docgen.py fails when either is stale or a field has none.
+    # Sections of the reference begin at the fields scripts/docgen.py names.
+
     # Listener.
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=1, le=65535)
-    workers: int = Field(1, ge=1, le=64)
-    log_level: str = "info"
-    # One line per proxied request (method, path without query, status, route
-    # kind, duration, request id); off by default: a log write per request.
-    access_log: bool = False
-    # An identifier for this replica in the audit log; defaults to host:pid.
-    replica_id: str = ""
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to listen on; 0.0.0.0 (or ::) to accept connections from other hosts.",
+    )
+    port: int = Field(
+        8080,
+        ge=1,
+        le=65535,
+        description="TCP port for client and server traffic, /healthz, /readyz and /metrics.",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Worker processes, each one event loop on at most one core; more than "
+        "one needs a Redis store to share limits and revocations.",
+    )
+    log_level: str = Field("info", description="critical, error, warning, info or debug.")
+    # Off by default: a log write per request.
+    access_log: bool = Field(
+        False,
+        description="One log line per proxied request: method, path without query, status, "
+        "route kind, outcome, client address, bytes in and out, durations, request ids. "
+        "Never the query or a secret.",
+    )
+    replica_id: str = Field(
+        "",
+        description="This replica's name in the revocation audit log; empty means hostname:pid.",
+    )
 
     # Upstream.
-    upstream_url: str = "https://api.openai.com"
-    # More upstreams by name, for configured routes ("default" is upstream_url).
-    upstreams: dict[str, str] = Field(default_factory=dict)
-    routes: tuple[RouteSetting, ...] = ()
-    upstream_connect_timeout: float = Field(5.0, gt=0)
-    # Longest silence allowed while reading an upstream response; SSE streams
-    # may go quiet between events, so this is per read, not per response.
-    upstream_read_timeout: float = Field(300.0, gt=0)
-    upstream_write_timeout: float = Field(60.0, gt=0)
-    upstream_pool_timeout: float = Field(5.0, gt=0)
-    # Upstream connections per worker; 0 (the default) sets no cap. Each open
-    # SSE stream holds one, so a cap would also cap concurrent streams and make
-    # short requests queue behind them; file descriptors (raised to the hard
-    # limit at start-up) and GATEWAY_MAX_CONNECTIONS bound them instead.
-    upstream_max_connections: int = Field(0, ge=0)
-    # Egress proxy for every upstream (http:// or https://, may carry
-    # user:password); the process environment's HTTP(S)_PROXY is never read.
-    upstream_proxy: SecretStr | None = None
+    upstream_url: str = Field(
+        "https://api.openai.com",
+        description="Where requests are forwarded: an http(s):// URL without credentials, "
+        'query or fragment. "none" serves issued sessions only (needs '
+        "GATEWAY_WORKFLOWS).",
+    )
+    upstreams: dict[str, str] = Field(
+        default_factory=dict,
+        description='More upstreams by name, for configured routes ("default" is '
+        "GATEWAY_UPSTREAM_URL). JSON in the environment, a table in the TOML file.",
+        examples=[{"selfhosted": "http://chatkit-server:8000"}],
+    )
+    routes: tuple[RouteSetting, ...] = Field(
+        (),
+        description="Routes matched before the built-in ChatKit table: pattern, methods, "
+        "kind (client: client-secret admission; server; session_create; session_cancel), "
+        "upstream (a name from GATEWAY_UPSTREAMS, default GATEWAY_UPSTREAM_URL) and "
+        "exclusive (other methods on the pattern are 405). JSON in the environment, "
+        "an array of tables in the TOML file.",
+        examples=[
+            [
+                {
+                    "pattern": "/chatkit",
+                    "methods": ["POST"],
+                    "kind": "client",
+                    "upstream": "selfhosted",
+                }
+            ]
+        ],
+    )
+    upstream_connect_timeout: float = Field(
+        5.0, gt=0, description="Seconds to open a connection to the upstream; then 504."
+    )
+    # SSE streams may go quiet between events, so this is per read, not per response.
+    upstream_read_timeout: float = Field(
+        300.0,
+        gt=0,
+        description="Longest silence, in seconds, between reads of an upstream response "
+        "(per read: SSE streams idle between events); then 504, or the stream is cut.",
+    )
+    upstream_write_timeout: float = Field(
+        60.0, gt=0, description="Longest stall, in seconds, while sending a request body upstream."
+    )
+    upstream_pool_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds to wait for a free upstream connection when "
+        "GATEWAY_UPSTREAM_MAX_CONNECTIONS caps them; then 504.",
+    )
+    # A cap would also cap concurrent streams and make short requests queue
+    # behind them; file descriptors (raised to the hard limit at start-up)
+    # and GATEWAY_MAX_CONNECTIONS bound them instead.
+    upstream_max_connections: int = Field(
+        0,
+        ge=0,
+        description="Upstream connections per worker; 0 sets no cap. Each open SSE stream "
+        "holds one, so a cap also caps streams.",
+    )
+    upstream_proxy: SecretStr | None = Field(
+        None,
+        description="Egress proxy for every upstream (http:// or https://, may carry "
+        "user:password, never logged): plain http upstreams go to it in absolute form, "
+        "https ones through CONNECT. HTTP_PROXY/HTTPS_PROXY are never read.",
+        examples=["http://proxy.internal:3128"],
+    )
 
     # Limits on what clients may send.
-    max_body_bytes: int = Field(512 * MIB + MIB, ge=0)  # 512 MB upload + multipart framing
-    max_header_bytes: int = Field(32 * 1024, ge=1024)
-    max_headers: int = Field(100, ge=8)
-
-    # Whether X-Forwarded-For/Forwarded from the client are extended (True) or
-    # replaced (False). Only trust them behind a proxy you run.
-    trust_forwarded_headers: bool = False
+    max_body_bytes: int = Field(
+        512 * MIB + MIB,
+        ge=0,
+        description="Largest request body in bytes (413 beyond): 513 MiB is a 512 MB upload "
+        "plus multipart framing.",
+    )
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        description="Largest total size of a request's headers in bytes; 431 beyond.",
+    )
+    max_headers: int = Field(
+        100, ge=8, description="Most header fields a request may carry; 431 beyond."
+    )
+    trust_forwarded_headers: bool = Field(
+        False,
+        description="Extend the client's X-Forwarded-For/Forwarded (true) or replace them "
+        "(false). True only behind a proxy you run.",
+    )
 
     # Store.
-    redis_url: SecretStr | None = None
-    redis_cluster: bool = False
-    redis_timeout: float = Field(2.0, gt=0)
-    # Redis Sentinel: the sentinels (comma-separated host:port) and the name
-    # of the master they watch. GATEWAY_REDIS_URL, if set, then only gives
-    # the master's credentials and database; its host is ignored.
-    redis_sentinels: str = ""
-    redis_sentinel_master: str = ""
-    redis_sentinel_password: SecretStr | None = None
+    redis_url: SecretStr | None = Field(
+        None,
+        description="redis://, rediss:// or unix:// URL of the shared store; unset, each "
+        "process keeps an embedded store of its own.",
+        examples=["redis://redis:6379/0"],
+    )
+    redis_cluster: bool = Field(
+        False, description="The URL names a Redis Cluster node (needs GATEWAY_REDIS_URL)."
+    )
+    redis_timeout: float = Field(
+        2.0, gt=0, description="Seconds before a Redis call counts as failed."
+    )
+    redis_sentinels: str = Field(
+        "",
+        description="Redis Sentinel: the sentinels, comma-separated host:port. "
+        "GATEWAY_REDIS_URL, if set, then only gives the master's credentials and "
+        "database; its host is ignored.",
+    )
+    redis_sentinel_master: str = Field(
+        "", description="The name of the master the sentinels watch (with GATEWAY_REDIS_SENTINELS)."
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        None,
+        description="Password of the sentinels themselves, if they require one.",
+        examples=["sentinel-password"],
+    )
     # Replication is asynchronous: a revocation the master took but no
-    # replica received yet dies with the master in a failover. With n > 0,
-    # a revocation counts as stored only once n replicas acknowledged it
-    # (WAIT n ms); until then it stays pending, enforced by this replica
-    # and written again, and an issued session's cancel answers 503.
-    redis_revocation_replicas: int = Field(0, ge=0, le=16)
-    redis_revocation_wait_ms: int = Field(500, ge=1, le=60_000)
-    key_prefix: str = Field("ckg", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    # replica received yet dies with the master in a failover.
+    redis_revocation_replicas: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Replicas that must acknowledge a revocation (WAIT) before it counts as "
+        "stored, so a failover cannot lose it; 0 takes the master's word. Until then it "
+        "stays pending (enforced by this replica, written again), and an issued session's "
+        "cancel answers 503.",
+    )
+    redis_revocation_wait_ms: int = Field(
+        500,
+        ge=1,
+        le=60_000,
+        description="How long each revocation waits for those acknowledgements, in milliseconds.",
+    )
+    key_prefix: str = Field(
+        "ckg",
+        pattern=r"^[A-Za-z0-9_.-]{1,32}$",
+        description="Prefix of every Redis key (1-32 of A-Z a-z 0-9 _ . -); separates "
+        "gateways sharing a Redis.",
+    )
 
     # Admission.
-    unknown_secrets: UnknownSecrets = UnknownSecrets.REJECT
-    default_max_requests_per_1_minute: int = Field(10, ge=1)
-    user_max_requests_per_1_minute: int | None = Field(None, ge=1)
-    enforce: bool = True
-    secret_pepper: SecretStr | None = None
-    # The sliding window's length; 60 s is the ChatKit contract, shorter
-    # values exist for tests that must watch the window slide.
-    window_seconds: int = Field(60, ge=1, le=3600)
+    unknown_secrets: UnknownSecrets = Field(
+        UnknownSecrets.REJECT,
+        description="Bearer secrets no session registered: reject (401) or allow (admitted "
+        "under the default limit).",
+    )
+    default_max_requests_per_1_minute: int = Field(
+        10, ge=1, description="Per-session limit when the session names none."
+    )
+    user_max_requests_per_1_minute: int | None = Field(
+        None,
+        ge=1,
+        description="A second window across all sessions of one user; unset, none. Needs "
+        "standalone Redis (not GATEWAY_REDIS_CLUSTER).",
+        examples=[100],
+    )
+    enforce: bool = Field(
+        True,
+        description="false is report-only: evaluate, set the headers, log and count "
+        "would-be rejections, but admit.",
+    )
+    secret_pepper: SecretStr | None = Field(
+        None,
+        description="HMAC key for hashing client secrets; identical on every replica "
+        "sharing a Redis (changing it makes every registered session unknown).",
+        examples=["change-me"],
+    )
+    # Shorter values exist for tests that must watch the window slide.
+    window_seconds: int = Field(
+        60,
+        ge=1,
+        le=3600,
+        description="The sliding window's length in seconds; 60 is the ChatKit contract.",
+    )
 
     # Revocation.
-    revocation_ttl_seconds: int = Field(86400, ge=60)
-    # How long after expiry a session's record (and revocation) is kept, so a
-    # late request is told "expired" rather than "unknown".
-    session_retention_seconds: int = Field(3600, ge=0)
+    revocation_ttl_seconds: int = Field(
+        86400,
+        ge=60,
+        description="How long a revocation is kept when the session's expiry is unknown.",
+    )
+    session_retention_seconds: int = Field(
+        3600,
+        ge=0,
+        description="How long after expiry a session's record (and revocation) is kept, so "
+        'a late request is told "expired" rather than "unknown".',
+    )
 
     # Issuer mode: the gateway is the session authority for these workflows
     # (self-hosted ChatKit servers), answering the session API itself.
-    workflows: dict[str, WorkflowSetting] = Field(default_factory=dict)
-    # Keys allowed to create and cancel issued sessions: "sha256:<hex>" entries
-    # (what operators should store) or the keys themselves, comma-separated.
-    issuer_api_keys: SecretStr | None = None
-    session_default_expires_seconds: int = Field(600, ge=1)
+    workflows: dict[str, WorkflowSetting] = Field(
+        default_factory=dict,
+        description="Issuer mode: workflow id -> {upstream: the URL of its ChatKit "
+        "endpoint}; requests to /chatkit/<rest> go to <upstream>/<rest>. JSON in the "
+        "environment, tables in the TOML file.",
+        examples=[{"wf_support": {"upstream": "http://chatkit-server:8001/chatkit"}}],
+    )
+    issuer_api_keys: SecretStr | None = Field(
+        None,
+        description='Keys allowed to create and cancel issued sessions: "sha256:<hex>" '
+        "entries (chatkit-gateway new-api-key prints one) or the keys themselves (16+ "
+        "characters), comma-separated.",
+        examples=["sha256:" + "0" * 64],
+    )
+    # The app model and its validation live in gateway/apps.py.
+    issuer_keys: dict[str, AppSetting] = Field(
+        default_factory=dict,
+        description="Apps by name, each with its own keys (sha256: digests only), the "
+        "workflows it may create sessions for, and limits: max_sessions_per_minute (an "
+        "exact window on its creates), max_active_sessions_per_user (per user and "
+        'workflow) and on_too_many_sessions ("revoke_oldest" or "refuse"). '
+        'GATEWAY_ISSUER_API_KEYS, if also set, is one more app named "default" that may '
+        "do everything. JSON in the environment, tables in the TOML file (docs/tenancy.md).",
+        examples=[
+            {
+                "support-app": {
+                    "keys": ["sha256:" + "0" * 64],
+                    "workflows": ["wf_support"],
+                    "max_sessions_per_minute": 600,
+                    "max_active_sessions_per_user": 5,
+                    "on_too_many_sessions": "revoke_oldest",
+                }
+            }
+        ],
+    )
+    session_default_expires_seconds: int = Field(
+        600, ge=1, description="An issued session's expiry when the create body names none."
+    )
     # OpenAI's maximum; may be raised, as custom mode has no refresh hook.
-    session_max_expires_seconds: int = Field(600, ge=1, le=7 * 86400)
-    # Signs X-ChatKit-Assertion (HS256) for ChatKit servers reachable by other paths.
-    identity_signing_key: SecretStr | None = None
-    identity_issuer: str = Field("chatkit-gateway", min_length=1, max_length=256)
-    identity_assertion_ttl_seconds: int = Field(60, ge=5, le=3600)
-    # Origins allowed to call client routes from a browser, comma-separated,
-    # or "*". Set, the gateway owns CORS on client routes.
-    cors_origins: str = ""
+    session_max_expires_seconds: int = Field(
+        600,
+        ge=1,
+        le=7 * 86400,
+        description="The longest expiry a create may ask for (OpenAI's own maximum by default).",
+    )
+    identity_signing_key: SecretStr | None = Field(
+        None,
+        description="Signs X-ChatKit-Assertion (HS256, 32+ bytes) for ChatKit servers "
+        "reachable without the gateway.",
+        examples=["a-random-key-of-at-least-32-bytes"],
+    )
+    identity_issuer: str = Field(
+        "chatkit-gateway",
+        min_length=1,
+        max_length=256,
+        description='The assertion\'s "iss" claim.',
+    )
+    identity_assertion_ttl_seconds: int = Field(
+        60,
+        ge=5,
+        le=3600,
+        description="How long an assertion is valid (never past the session's expiry).",
+    )
+    cors_origins: str = Field(
+        "",
+        description="Origins allowed to call client routes from a browser, comma-separated, "
+        'or "*". Set, the gateway owns CORS on client routes.',
+    )
 
     # Admin listener: off unless a token is configured.
-    admin_token: SecretStr | None = None
-    admin_host: str = "127.0.0.1"
-    admin_port: int = Field(8081, ge=1, le=65535)
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token (16+ characters) for the admin API; unset, no admin listener.",
+        examples=["a-long-random-token"],
+    )
+    admin_host: str = Field(
+        "127.0.0.1",
+        description="Address of the admin listener; keep it off the network clients reach.",
+    )
+    admin_port: int = Field(
+        8081, ge=1, le=65535, description="Port of the admin listener; must differ from the port."
+    )
 
     # -- Client connections: limits and timeouts against slow or hostile -----
     # -- clients, and the drain on shutdown (gateway/protocol.py) ------------
-    # Longest request target (path and query), refused with 414 while reading.
-    max_target_bytes: int = Field(8192, ge=256)
-    # The whole request head (request line and headers) must arrive within this.
-    client_header_timeout: float = Field(10.0, gt=0)
-    # Longest silence while a request body is being received.
-    client_body_timeout: float = Field(30.0, gt=0)
-    # Slowest average upload (bytes/s) allowed once the grace period is over,
-    # so a trickled body cannot hold an upstream connection; 0 turns it off.
-    client_body_min_rate: int = Field(240, ge=0)
-    client_body_min_rate_grace: float = Field(5.0, gt=0)
-    # Open client connections per worker; 0 derives it from the file-descriptor
-    # limit (each proxied request also needs an upstream socket).
-    max_connections: int = Field(0, ge=0)
-    # Open connections per client address and worker; 0 is no limit (behind a
-    # load balancer every connection may come from one address).
-    max_connections_per_client: int = Field(0, ge=0)
-    # How long open requests (SSE streams) may go on after SIGTERM.
-    shutdown_grace_seconds: float = Field(30.0, ge=0)
+    max_target_bytes: int = Field(
+        8192,
+        ge=256,
+        description="Longest request target (path and query) in bytes; 414 beyond, while reading.",
+    )
+    client_header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds for the whole request head (request line and headers) to "
+        "arrive; then 408.",
+    )
+    client_body_timeout: float = Field(
+        30.0, gt=0, description="Longest silence in seconds while a request body arrives; then 408."
+    )
+    # So a trickled body cannot hold an upstream connection.
+    client_body_min_rate: int = Field(
+        240,
+        ge=0,
+        description="Slowest average upload in bytes/s once the grace period is over "
+        "(408 below it); 0 turns it off.",
+    )
+    client_body_min_rate_grace: float = Field(
+        5.0, gt=0, description="Seconds of an upload before its minimum rate applies."
+    )
+    # Each proxied request also needs an upstream socket: half the descriptors.
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="Open client connections per worker (503 overloaded beyond); 0 derives "
+        "it from the file-descriptor limit: (limit - 128) / 2, at least 64.",
+    )
+    # Behind a load balancer every connection may come from one address.
+    max_connections_per_client: int = Field(
+        0,
+        ge=0,
+        description="Open connections per client address and worker (503 beyond); 0 is no limit.",
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="How long requests in flight (SSE streams) may go on after SIGTERM "
+        "before they are cut.",
+    )
     # -- Observability -----------------------------------------------------
-    # text: one escaped line per record; json: one object per line.
-    log_format: LogFormat = LogFormat.TEXT
-    # A listener of its own for /metrics (then the client port no longer
-    # answers it); its host defaults to GATEWAY_HOST.
-    metrics_port: int | None = Field(None, ge=1, le=65535)
-    metrics_host: str | None = None
-    # Readiness means "this process accepts traffic"; true also fails it while
-    # the store is unreachable (every replica then leaves its Service at once).
-    readiness_requires_store: bool = False
-    # How often the store is pinged for /readyz and chatkit_gateway_store_up.
-    store_check_interval_seconds: float = Field(5.0, gt=0, le=300)
+    log_format: LogFormat = Field(
+        LogFormat.TEXT,
+        description="text: one line per record, control characters escaped; json: one "
+        "object per line.",
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Serve /metrics on a listener of its own (then the client port no "
+        "longer answers it).",
+        examples=[9090],
+    )
+    metrics_host: str | None = Field(
+        None,
+        description="Host of the metrics listener; unset, the same as GATEWAY_HOST.",
+        examples=["0.0.0.0"],
+    )
+    # Every replica would leave its Service at once during a Redis outage.
+    readiness_requires_store: bool = Field(
+        False,
+        description="true: /readyz also fails while the store is unreachable (by default "
+        "only while starting or draining; the store's state is in the body and in "
+        "chatkit_gateway_store_up).",
+    )
+    store_check_interval_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="Seconds between the store checks behind /readyz and chatkit_gateway_store_up.",
+    )
     # -- end of observability ----------------------------------------------
 
     @classmethod
@@ -309,6 +566,19 @@ class Settings(BaseSettings):
                     raise ValueError("a sha256: entry needs exactly 64 hex digits")
             elif len(entry) < 16:
                 raise ValueError("each key must be at least 16 characters (or a sha256: entry)")
+        return value
+
+    @field_validator("issuer_keys")
+    @classmethod
+    def _app_names(cls, value: dict[str, AppSetting]) -> dict[str, AppSetting]:
+        seen: dict[str, str] = {}
+        for name, app in value.items():
+            if not APP_NAME.match(name):
+                raise ValueError(f"app name {name!r} must match {APP_NAME.pattern}")
+            for key in app.keys:
+                if key in seen:
+                    raise ValueError(f"app {name!r}: a key of app {seen[key]!r} is listed again")
+                seen[key] = name
         return value
 
     @field_validator("identity_signing_key")
@@ -446,9 +716,24 @@ class Settings(BaseSettings):
                     f"route {route.pattern!r} names upstream {route.upstream!r}, "
                     "which GATEWAY_UPSTREAMS does not define"
                 )
-        if self.workflows and self.issuer_api_keys is None:
+        if self.workflows and self.issuer_api_keys is None and not self.issuer_keys:
             raise ValueError(
-                "GATEWAY_WORKFLOWS needs GATEWAY_ISSUER_API_KEYS: nobody could create a session"
+                "GATEWAY_WORKFLOWS needs GATEWAY_ISSUER_KEYS or GATEWAY_ISSUER_API_KEYS: "
+                "nobody could create a session"
+            )
+        if self.issuer_keys and not self.workflows:
+            raise ValueError("GATEWAY_ISSUER_KEYS needs GATEWAY_WORKFLOWS")
+        for name, app in self.issuer_keys.items():
+            for workflow_id in app.workflows:
+                if workflow_id not in self.workflows:
+                    raise ValueError(
+                        f"GATEWAY_ISSUER_KEYS.{name}.workflows: {workflow_id!r} is not "
+                        "in GATEWAY_WORKFLOWS"
+                    )
+        if DEFAULT_APP in self.issuer_keys and self.issuer_api_keys is not None:
+            raise ValueError(
+                f"GATEWAY_ISSUER_KEYS.{DEFAULT_APP}: the name is GATEWAY_ISSUER_API_KEYS's "
+                "app; name the app differently or drop GATEWAY_ISSUER_API_KEYS"
             )
         if self.session_default_expires_seconds > self.session_max_expires_seconds:
             raise ValueError(
@@ -488,6 +773,11 @@ class Settings(BaseSettings):
             if parts.port:
                 netloc += f":{parts.port}"
             out["redis_url"] = f"{parts.scheme}://{netloc}{parts.path}"
+        # Digests are not secrets, but nobody reading a log needs them.
+        out["issuer_keys"] = {
+            name: {**app, "keys": f"{len(app['keys'])} key(s)"}
+            for name, app in out.get("issuer_keys", {}).items()
+        }
         if self.upstream_proxy is not None:
             out["upstream_proxy"] = _without_credentials(self.upstream_proxy.get_secret_value())
         return out
@@ -583,7 +873,7 @@ def _parse(name: str, variable: str, value: str) -> Any:
 
 # Secrets held in types other than SecretStr (JSON maps of keys, for
 # instance); every SecretStr field is readable from a file without listing.
-_FILE_SETTINGS_EXTRA = frozenset({"issuer_api_keys", "identity_signing_key"})
+_FILE_SETTINGS_EXTRA = frozenset({"issuer_api_keys", "issuer_keys", "identity_signing_key"})
 
 
 def _holds_secret(annotation: Any) -> bool:

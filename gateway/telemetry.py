@@ -50,6 +50,7 @@ class RequestTelemetry:
         "_span",
         "_stream",
         "_upstream_span",
+        "app",
         "bytes_in",
         "bytes_out",
         "outcome",
@@ -67,6 +68,8 @@ class RequestTelemetry:
         self.bytes_out = 0
         #: The error code the gateway answered with, if it did.
         self.outcome: str | None = None
+        #: The issuer app a session call came from, if it was one.
+        self.app: str | None = None
         self._admitting = False
         self.upstream_request_id: str | None = None
         self.upstream_seconds: float | None = None
@@ -128,6 +131,8 @@ class RequestTelemetry:
         """The gateway answered with ``error`` (or, once ``started``, cut the
         response off because of it)."""
         self.outcome = error.code or type(error).__name__
+        if error.app is not None:
+            self.app = error.app
         if isinstance(error, UpstreamError):
             self._owner.metrics.upstream_failed(None if started else error)
 
@@ -163,6 +168,7 @@ class RequestTelemetry:
             "path": scope["path"],
             "status": status,
             "kind": kind,
+            "app": self.app,
             "outcome": self.outcome or ("admitted" if self._admitting else "-"),
             "client": f"{client[0]}:{client[1]}" if client else "-",
             "bytes_in": self.bytes_in,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from gateway import __version__
 from gateway.errors import ConfigError
+from gateway.types import Headers
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Headers = list[tuple[bytes, bytes]]
 _TRACE_HEADERS = (b"traceparent", b"tracestate")
 _TRACE_NAMES = ("traceparent", "tracestate")
 _EXPORTERS = "opentelemetry_traces_exporter"  # the SDK's entry-point group

@@ -1,12 +1,13 @@
 """The shared upstream HTTP client, and the one place its errors are translated.
 
-aiohttp's client, measured against httpx on this workload (README, "Why
-aiohttp"), proxies several times more requests per second at a fraction of the
-tail latency. One pooled session per process; nothing is taken from the
-environment (``trust_env=False``: no proxy variables, no .netrc), no cookies
-are kept between callers, and bodies are never decoded or re-encoded. An
-egress proxy is used only when ``GATEWAY_UPSTREAM_PROXY`` names one: plain
-http upstreams are sent to it in absolute form, https ones through CONNECT.
+aiohttp's client, measured against httpx on this workload (docs/performance.md,
+"Why raw ASGI and aiohttp"), proxies several times more requests per second at
+a fraction of the tail latency. One pooled session per process; nothing is
+taken from the environment (``trust_env=False``: no proxy variables, no
+.netrc), no cookies are kept between callers, and bodies are never decoded or
+re-encoded. An egress proxy is used only when ``GATEWAY_UPSTREAM_PROXY`` names
+one: plain http upstreams are sent to it in absolute form, https ones through
+CONNECT.
 """
 
 from __future__ import annotations

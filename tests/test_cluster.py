@@ -214,7 +214,7 @@ NODE_TIMEOUT_MS = 1000
 @pytest.fixture
 def replicated_cluster() -> Iterator[RedisCluster]:
     # Surviving primaries keep answering for their own slots while a failover
-    # runs, as deploy/README.md advises; with full coverage required, every
+    # runs, as docs/deployment.md advises; with full coverage required, every
     # node refuses every command until the replica is elected.
     with RedisCluster(
         replicas=1,

@@ -17,6 +17,7 @@ revocation must reach the new one all the same.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -81,14 +82,22 @@ async def synced(
     replica.resume()
 
 
-def _store(master: RedisServer, *, replicas: int) -> RedisStore:
-    return RedisStore(
-        connect(master.url, cluster=False, timeout=1.0),
+@contextlib.asynccontextmanager
+async def _store(
+    url: str, *, replicas: int, cluster: bool = False, wait_ms: int = WAIT_MS
+) -> AsyncIterator[RedisStore]:
+    """A store on ``url`` whose revocations wait for ``replicas``, closed on exit."""
+    store = RedisStore(
+        connect(url, cluster=cluster, timeout=1.0),
         prefix="dr",
-        pubsub_url=master.url,
+        pubsub_url=url,
         revocation_replicas=replicas,
-        revocation_wait_ms=WAIT_MS,
+        revocation_wait_ms=wait_ms,
     )
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 async def _has(server: RedisServer, key: str) -> bool:
@@ -131,8 +140,7 @@ async def test_a_revocation_reported_stored_is_already_on_the_replica(
     synced: tuple[RedisServer, RedisServer],
 ) -> None:
     master, replica = synced
-    store = _store(master, replicas=1)
-    try:
+    async with _store(master.url, replicas=1) as store:
         result = await store.revoke(
             secret_hash="a" * 64, session_id="cksess_a", reason="t", replica="x"
         )
@@ -140,17 +148,14 @@ async def test_a_revocation_reported_stored_is_already_on_the_replica(
         assert await _has(replica, store.keys.secret("a" * 64).revoked)
         assert await _has(replica, store.keys.session_id("cksess_a").revoked)
         assert not result.already_revoked
-    finally:
-        await store.close()
 
 
 async def test_a_revocation_no_replica_acknowledged_is_not_reported_stored(
     synced: tuple[RedisServer, RedisServer],
 ) -> None:
     master, replica = synced
-    store = _store(master, replicas=1)
-    flag = store.keys.secret("b" * 64).revoked
-    try:
+    async with _store(master.url, replicas=1) as store:
+        flag = store.keys.secret("b" * 64).revoked
         replica.pause()
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="0 of 1 within 300 ms"):
@@ -163,12 +168,9 @@ async def test_a_revocation_no_replica_acknowledged_is_not_reported_stored(
 
         # A second attempt, on a connection that never wrote: its WAIT must
         # still wait for this revocation (the script writes every time).
-        again = _store(master, replicas=1)
-        try:
+        async with _store(master.url, replicas=1) as again:
             with pytest.raises(StoreUnavailable):
                 await again.revoke(secret_hash="b" * 64, session_id=None, reason="t", replica="x")
-        finally:
-            await again.close()
 
         replica.resume()
 
@@ -181,21 +183,16 @@ async def test_a_revocation_no_replica_acknowledged_is_not_reported_stored(
             return await _has(replica, flag)
 
         await eventually(stored, timeout=10, what="the revocation acknowledged once resumed")
-    finally:
-        await store.close()
 
 
 async def test_without_replicas_to_wait_for_a_revocation_is_stored_by_the_master_alone(
     synced: tuple[RedisServer, RedisServer],
 ) -> None:
     master, replica = synced
-    store = _store(master, replicas=0)
-    try:
+    async with _store(master.url, replicas=0) as store:
         replica.pause()
         await store.revoke(secret_hash="c" * 64, session_id=None, reason="t", replica="x")
         assert await _has(master, store.keys.secret("c" * 64).revoked)
-    finally:
-        await store.close()
 
 
 def _has_on_cluster_replica(replica: RedisServer, key: str) -> bool:
@@ -238,14 +235,7 @@ def _replica_of(cluster: RedisCluster, primary: RedisServer) -> RedisServer:
 
 async def test_on_a_cluster_the_node_owning_the_slot_waits_for_its_own_replica() -> None:
     with RedisCluster(masters=3, replicas=1, extra={"repl-diskless-sync-delay": "0"}) as cluster:
-        store = RedisStore(
-            connect(cluster.url, cluster=True, timeout=1.0),
-            prefix="dr",
-            pubsub_url=cluster.url,
-            revocation_replicas=1,
-            revocation_wait_ms=CLUSTER_WAIT_MS,
-        )
-        try:
+        async with _store(cluster.url, replicas=1, cluster=True, wait_ms=CLUSTER_WAIT_MS) as store:
             hashes = [f"{n:064x}" for n in range(8)]
             flags = {h: store.keys.secret(h).revoked for h in hashes}
             primaries = {h: cluster.primary_of(flags[h]) for h in hashes}
@@ -270,11 +260,25 @@ async def test_on_a_cluster_the_node_owning_the_slot_waits_for_its_own_replica()
                 assert _has_on_cluster_replica(other_replica, flags[others[0]])
             finally:
                 lagging.resume()
-        finally:
-            await store.close()
 
 
 # -- a failover through Sentinel, two gateway replicas ----------------------------
+
+
+def _behind_sentinel(
+    upstream: FakeUpstream, sentinels: RedisSentinels, **env: str
+) -> tuple[GatewayProcess, GatewayProcess]:
+    """Gateways a and b on the master the sentinels name, with ``env`` besides."""
+    env = {
+        "GATEWAY_REDIS_SENTINELS": sentinels.setting,
+        "GATEWAY_REDIS_SENTINEL_MASTER": RedisSentinels.MASTER_NAME,
+        "GATEWAY_REDIS_TIMEOUT": "1.0",
+        **env,
+    }
+    return (
+        GatewayProcess(upstream.url, env={**env, "GATEWAY_REPLICA_ID": "a"}),
+        GatewayProcess(upstream.url, env={**env, "GATEWAY_REPLICA_ID": "b"}),
+    )
 
 
 @pytest.mark.parametrize(
@@ -292,16 +296,11 @@ async def test_a_cancel_just_before_a_failover_survives_only_when_replicas_must_
     with RedisSentinels() as sentinels:
         old = sentinels.master()
         replica = next(s for s in sentinels.servers if s is not old)
-        env = {
-            "GATEWAY_REDIS_SENTINELS": sentinels.setting,
-            "GATEWAY_REDIS_SENTINEL_MASTER": RedisSentinels.MASTER_NAME,
-            "GATEWAY_REDIS_TIMEOUT": "1.0",
-            "GATEWAY_REDIS_REVOCATION_REPLICAS": str(replicas),
-            "GATEWAY_REDIS_REVOCATION_WAIT_MS": str(WAIT_MS),
-        }
-        gateways = (
-            GatewayProcess(upstream.url, env={**env, "GATEWAY_REPLICA_ID": "a"}),
-            GatewayProcess(upstream.url, env={**env, "GATEWAY_REPLICA_ID": "b"}),
+        gateways = _behind_sentinel(
+            upstream,
+            sentinels,
+            GATEWAY_REDIS_REVOCATION_REPLICAS=str(replicas),
+            GATEWAY_REDIS_REVOCATION_WAIT_MS=str(WAIT_MS),
         )
         async with running(gateways), aiohttp.ClientSession() as http:
             a, b = gateways
@@ -381,16 +380,7 @@ async def test_a_cancel_during_a_forced_failover_reaches_the_new_master(
     with RedisSentinels() as sentinels:
         old = sentinels.master()
         promoted = next(s for s in sentinels.servers if s is not old)
-        env = {
-            "GATEWAY_REDIS_SENTINELS": sentinels.setting,
-            "GATEWAY_REDIS_SENTINEL_MASTER": RedisSentinels.MASTER_NAME,
-            "GATEWAY_REDIS_TIMEOUT": "1.0",
-            "GATEWAY_REDIS_REVOCATION_REPLICAS": "1",
-        }
-        gateways = (
-            GatewayProcess(upstream.url, env={**env, "GATEWAY_REPLICA_ID": "a"}),
-            GatewayProcess(upstream.url, env={**env, "GATEWAY_REPLICA_ID": "b"}),
-        )
+        gateways = _behind_sentinel(upstream, sentinels, GATEWAY_REDIS_REVOCATION_REPLICAS="1")
         async with running(gateways), aiohttp.ClientSession() as http:
             a, b = gateways
             session = await create_session(http, a.url, limit=1000)

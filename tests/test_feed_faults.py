@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import aiohttp
 import pytest
@@ -52,30 +53,45 @@ async def replicas(
         yield started
 
 
-async def live_stream(
-    http: aiohttp.ClientSession, gateway: GatewayProcess
-) -> tuple[str, asyncio.Task[tuple[int, float]]]:
-    """A session created through ``gateway`` and a stream of it there, read in the background."""
-    session = await create_session(http, gateway.url, api_key=API_KEY)
-    stream = await open_stream(http, gateway, session["client_secret"], events=STREAM_EVENTS)
-    return session["id"], asyncio.create_task(until_closed(stream))
+@dataclass(frozen=True)
+class LiveStream:
+    """A session created through A, streamed from A and read in the background."""
+
+    session_id: str
+    reader: asyncio.Task[tuple[int, float]]
+    http: aiohttp.ClientSession
+    b: GatewayProcess
+
+    async def cancel_through_b(self) -> float:
+        """Cancel the session through B, which reaches Redis directly; when it was done."""
+        await cancel_session(self.http, self.b.url, self.session_id, api_key=API_KEY)
+        return time.monotonic()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def stream(
+    replicas: tuple[GatewayProcess, GatewayProcess], http: aiohttp.ClientSession
+) -> AsyncIterator[LiveStream]:
+    a, b = replicas
+    session = await create_session(http, a.url, api_key=API_KEY)
+    response = await open_stream(http, a, session["client_secret"], events=STREAM_EVENTS)
+    reader = asyncio.create_task(until_closed(response))
+    try:
+        yield LiveStream(session["id"], reader, http, b)
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
 
 
 async def test_a_blackholed_subscription_is_replaced_and_the_revoked_stream_closes_in_seconds(
-    replicas: tuple[GatewayProcess, GatewayProcess],
-    proxy: FaultProxy,
-    http: aiohttp.ClientSession,
+    stream: LiveStream, proxy: FaultProxy
 ) -> None:
-    a, b = replicas
-    session_id, reader = await live_stream(http, a)
-
     # Every connection A holds goes silent; new ones get through, as after a
     # NAT or load-balancer entry is lost.
     proxy.blackhole(new=False)
-    await cancel_session(http, b.url, session_id, api_key=API_KEY)
-    revoked_at = time.monotonic()
+    revoked_at = await stream.cancel_through_b()
     async with asyncio.timeout(30):
-        seen, ended = await reader
+        seen, ended = await stream.reader
 
     print(f"blackholed feed: stream closed {ended - revoked_at:.2f}s after the cancel")
     assert seen < STREAM_EVENTS, "the stream ran to its end"
@@ -85,27 +101,21 @@ async def test_a_blackholed_subscription_is_replaced_and_the_revoked_stream_clos
 
 
 async def test_a_recheck_that_fails_is_retried_until_it_succeeds(
-    replicas: tuple[GatewayProcess, GatewayProcess],
-    proxy: FaultProxy,
-    http: aiohttp.ClientSession,
+    stream: LiveStream, proxy: FaultProxy
 ) -> None:
-    a, b = replicas
-    session_id, reader = await live_stream(http, a)
-
     # Everything A sends to Redis vanishes, new connections included, while
     # the session is cancelled through B.
     proxy.blackhole(new=True)
-    await cancel_session(http, b.url, session_id, api_key=API_KEY)
-    blackholed_at = time.monotonic()
+    blackholed_at = await stream.cancel_through_b()
 
     # Until A can reach Redis again it cannot learn of the cancel (the
     # revoker keeps trying); the stream stays open meanwhile.
-    done, _ = await asyncio.wait({reader}, timeout=3.0)
+    done, _ = await asyncio.wait({stream.reader}, timeout=3.0)
     assert not done, "the stream closed although A could not have heard of the cancel"
     proxy.heal()
     healed_at = time.monotonic()
     async with asyncio.timeout(30):
-        seen, ended = await reader
+        seen, ended = await stream.reader
 
     print(
         f"blackholed Redis for {healed_at - blackholed_at:.1f}s: stream closed "

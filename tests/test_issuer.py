@@ -166,9 +166,11 @@ async def test_sdk_create_answers_a_chat_session_in_the_reference_shape(
 async def test_defaults_apply_when_the_body_names_none(
     replicas: tuple[GatewayProcess, GatewayProcess],
 ) -> None:
+    before = int(time.time())
     session = await create(replicas[1])
     assert session.max_requests_per_1_minute == 10  # GATEWAY_DEFAULT_MAX_REQUESTS_PER_1_MINUTE
-    assert abs(session.expires_at - (time.time() + 600)) < 5
+    # Redis's whole second at creation plus 600; Redis runs on this host's clock.
+    assert before + 600 <= session.expires_at <= int(time.time()) + 600
     assert session.workflow.version is None
     assert session.chatkit_configuration.file_upload.enabled is False
 
@@ -398,16 +400,33 @@ async def test_the_limit_holds_exactly_across_replicas(
 async def test_an_expired_secret_is_refused(
     replicas: tuple[GatewayProcess, GatewayProcess], http: aiohttp.ClientSession
 ) -> None:
-    session = await create(replicas[0], expires_after={"anchor": "created_at", "seconds": 1})
-    status, _, _ = await chatkit(http, replicas[1], session.client_secret)
-    # Redis TIME decides expiry; the session may already be past it on a slow run.
-    assert status in (200, 401)
+    # expires_at is Redis's whole second at creation plus the seconds asked,
+    # so a session asked for n seconds has between n-1 and n left: with 1 it
+    # could be expired by the first request. Redis runs on this host's clock,
+    # so each answer is checked against the time it was asked and answered.
+    session = await create(
+        replicas[0],
+        expires_after={"anchor": "created_at", "seconds": 3},
+        rate_limits={"max_requests_per_1_minute": 1000},  # every ask counts
+    )
+    answers: list[tuple[float, float, int, str | None]] = []
 
     async def expired() -> bool:
+        asked = time.time()
         status, body, _ = await chatkit(http, replicas[1], session.client_secret)
-        return status == 401 and body["error"]["code"] == "client_secret_expired"
+        answers.append((asked, time.time(), status, body.get("error", {}).get("code")))
+        return status == 401
 
-    await eventually(expired, timeout=5, what="the secret to be refused as expired")
+    await eventually(expired, timeout=10, what="the secret to be refused as expired")
+    statuses = [status for _, _, status, _ in answers]
+    assert statuses[0] == 200, "the secret was refused with 2 s of its life left"
+    assert statuses == [200] * (len(statuses) - 1) + [401]
+    for asked, answered, status, code in answers:
+        if status == 200:
+            assert asked < session.expires_at
+        else:
+            assert code == "client_secret_expired"
+            assert answered >= session.expires_at
 
 
 async def test_one_set_of_rate_limit_headers_and_the_gateways_cors(
@@ -596,11 +615,23 @@ async def test_redis_paused_during_create_is_503_and_hands_out_nothing(
         module_redis.resume()
     assert caught.value.status_code == 503
     assert caught.value.code == "store_unavailable"
-    # A write that reached Redis before the pause may have landed; no secret
-    # for it was ever handed out, so it can admit nobody.
     session = await create(replicas[0])  # and the gateway recovers by itself
     assert session.status == "active"
-    assert len(redis_keys(module_redis) - keys_before) <= 6
+    # An issued session is three keys: its record under the secret's hash,
+    # and the id's mapping to that hash and its document. The refused
+    # create's write was queued in the paused Redis's socket and may have run
+    # when it resumed: then it is a whole second session, whose secret was
+    # never handed out, so it can admit nobody.
+    added = {k.decode() if isinstance(k, bytes) else k for k in redis_keys(module_redis)}
+    added -= {k.decode() if isinstance(k, bytes) else k for k in keys_before}
+    ids = {key.split("{sid:", 1)[1].split("}", 1)[0] for key in added if "{sid:" in key}
+    assert session.id in ids
+    assert len(ids) in (1, 2)
+    assert added == {
+        *(key for sid in ids for key in (f"ckg:{{sid:{sid}}}:h", f"ckg:{{sid:{sid}}}:d")),
+        *(key for key in added if key.endswith(":s") and "{sid:" not in key),
+    }
+    assert len([key for key in added if key.endswith(":s")]) == len(ids)
 
 
 async def test_redis_paused_during_cancel_is_503_and_the_session_stays_usable(

@@ -9,7 +9,8 @@ from urllib.parse import unquote
 import jwt
 import pytest
 
-from gateway.auth import ApiKeys, SecretHasher, new_api_key
+from gateway.apps import App, AppKeys
+from gateway.auth import SecretHasher, new_api_key
 from gateway.cors import CorsPolicy
 from gateway.errors import BadRequest, ConfigError
 from gateway.identity import IdentityHeaders, strip_client_identity
@@ -29,7 +30,10 @@ KEY = "ckgk_unit-test-key-0123456789"
     ("env", "message"),
     [
         # workflows with nobody able to create a session
-        ({"GATEWAY_WORKFLOWS": WORKFLOWS}, "GATEWAY_WORKFLOWS needs GATEWAY_ISSUER_API_KEYS"),
+        (
+            {"GATEWAY_WORKFLOWS": WORKFLOWS},
+            "GATEWAY_WORKFLOWS needs GATEWAY_ISSUER_KEYS or GATEWAY_ISSUER_API_KEYS",
+        ),
         # a malformed hash entry
         (
             {"GATEWAY_WORKFLOWS": WORKFLOWS, "GATEWAY_ISSUER_API_KEYS": "sha256:abc"},
@@ -102,12 +106,12 @@ def test_issuer_settings_load_and_redact_the_secrets() -> None:
 def test_api_keys_accept_listed_keys_by_hash_or_value_only() -> None:
     key, entry = new_api_key()
     assert entry == "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-    keys = ApiKeys(f"{entry}, {KEY}")
-    assert keys.verify([(b"authorization", f"Bearer {key}".encode())])
-    assert keys.verify([(b"authorization", f"Bearer {KEY}".encode())])
-    assert not keys.verify([(b"authorization", f"Bearer {key}x".encode())])
-    assert not keys.verify([(b"authorization", entry.encode())])  # the entry is not a key
-    assert not keys.verify([])
+    keys = AppKeys((App.unrestricted(f"{entry}, {KEY}"),))
+    assert keys.identify([(b"authorization", f"Bearer {key}".encode())]) is not None
+    assert keys.identify([(b"authorization", f"Bearer {KEY}".encode())]) is not None
+    assert keys.identify([(b"authorization", f"Bearer {key}x".encode())]) is None
+    assert keys.identify([(b"authorization", entry.encode())]) is None  # the entry is not a key
+    assert keys.identify([]) is None
 
 
 def test_session_ids_are_recognised_only_with_their_tag() -> None:
@@ -218,7 +222,7 @@ async def test_an_issued_expiry_comes_from_the_stores_clock_not_the_replicas() -
     metrics = Metrics()
     issuer = Issuer(
         workflows=frozenset({"wf_a"}),
-        api_keys=ApiKeys(KEY),
+        apps=AppKeys((App.unrestricted(KEY),)),
         store=store,
         revoker=Revoker(store, replica="r", metrics=metrics),
         hasher=SecretHasher(None),

@@ -353,6 +353,7 @@ async def test_admin_session_lookup_shows_status_quota_expiry_and_user(
         "remaining": 4,  # 7 per minute, 3 used in this window
         "expires_at": session.expires_at,
         "secret_hash_prefix": prefix(session.secret),
+        "app": None,  # learned from the hosted API: no issuer app created it
     }
 
     status, _ = await admin(http, gateway, "POST", "/admin/revoke", json={"session_id": session.id})

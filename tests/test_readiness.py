@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import logging
+import socket
 import time
 from typing import Any
 
 import aiohttp
+import pytest
 
 from gateway.app import GatewayApp
 from gateway.errors import StoreUnavailable
@@ -15,7 +19,8 @@ from gateway.health import StoreMonitor
 from gateway.metrics import Metrics
 from gateway.settings import load_settings
 from gateway.store.memory import MemoryStore
-from tests.doubles import asgi_get, started
+from gateway.types import Message
+from tests.doubles import asgi_get, collector_restored, started
 from tests.fake_upstream import FakeUpstream
 from tests.harness import GatewayProcess, RedisServer, eventually, metric_value, scrape
 
@@ -123,7 +128,9 @@ async def test_readiness_follows_the_store_only_when_asked(
         await eventually(lambda: status_is(200), timeout=10, interval=0.05, what="ready again")
 
 
-async def test_readyz_is_503_once_draining_begins() -> None:
+async def test_readyz_is_503_until_started_and_after_shutdown() -> None:
+    # While the server drains, lifecycle.draining says so (test_shutdown); the
+    # app's own start and stop are what this test drives.
     app = GatewayApp(load_settings({"GATEWAY_UPSTREAM_URL": "http://127.0.0.1:9"}))
     status, body = await asgi_get(app, "/readyz")
     assert (status, json.loads(body)["error"]["code"]) == (503, "starting")
@@ -131,11 +138,49 @@ async def test_readyz_is_503_once_draining_begins() -> None:
         status, body = await asgi_get(app, "/readyz")
         assert status == 200
         assert json.loads(body)["store"]["backend"] == "embedded"
-        app.begin_draining()
-        status, body = await asgi_get(app, "/readyz")
-        assert (status, json.loads(body)["error"]["code"]) == (503, "draining")
-        status, _ = await asgi_get(app, "/healthz")
-        assert status == 200  # alive: draining is not a reason to restart the process
+    status, body = await asgi_get(app, "/readyz")
+    assert (status, json.loads(body)["error"]["code"]) == (503, "draining")
+    status, _ = await asgi_get(app, "/healthz")
+    assert status == 200  # alive: stopping is not a reason to restart the process
+
+
+async def test_a_failed_start_up_logs_its_traceback_and_stops_what_started(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The metrics port is taken, so start-up fails after the store checks,
+    # the revocation feed and the upstream pool have started.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = load_settings(
+            {
+                "GATEWAY_UPSTREAM_URL": "http://127.0.0.1:9",
+                "GATEWAY_METRICS_PORT": str(taken.getsockname()[1]),
+            }
+        )
+        app = GatewayApp(settings)
+        inbox: list[Message] = [{"type": "lifespan.startup"}]
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return inbox.pop(0)
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        with collector_restored(), caplog.at_level(logging.CRITICAL, logger="gateway.app"):
+            await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("Start-up failed")]
+    assert record.exc_info is not None
+    error = record.exc_info[1]
+    assert isinstance(error, OSError)
+    assert error.errno == errno.EADDRINUSE
+    assert app.components is not None
+    assert app.components.session.closed
+    status, body = await asgi_get(app, "/readyz")
+    assert (status, json.loads(body)["error"]["code"]) == (503, "draining")
 
 
 class FlakyStore(MemoryStore):

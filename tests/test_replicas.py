@@ -459,7 +459,6 @@ async def _commandstats(client: redis.asyncio.Redis) -> dict[str, int]:
 
 async def test_each_client_request_costs_exactly_one_redis_command(
     replicas: Sequence[GatewayProcess],
-    fake: FakeUpstream,
     aof_redis: RedisServer,
     http: aiohttp.ClientSession,
     minted: list[str],

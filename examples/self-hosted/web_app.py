@@ -14,7 +14,7 @@ Environment:
 
 - ``EXAMPLE_GATEWAY_URL``: the gateway as the browser and this backend reach
   it (``http://127.0.0.1:8080``).
-- ``OPENAI_API_KEY``: a key listed in the gateway's ``GATEWAY_ISSUER_API_KEYS``.
+- ``OPENAI_API_KEY``: a key of the app in the gateway's ``GATEWAY_ISSUER_KEYS``.
 - ``EXAMPLE_WORKFLOW_ID`` (``wf_self_hosted_example``), ``EXAMPLE_SESSION_SECONDS``
   (600), ``EXAMPLE_MAX_REQUESTS_PER_1_MINUTE`` (30: a page load alone makes
   several requests), ``EXAMPLE_DOMAIN_KEY`` (ChatKit JS wants one; any
@@ -65,7 +65,7 @@ class WebConfig:
         if not api_key:
             raise SystemExit(
                 "web_app: set OPENAI_API_KEY to a key listed in the gateway's "
-                "GATEWAY_ISSUER_API_KEYS (examples/self-hosted/run makes one)."
+                "GATEWAY_ISSUER_KEYS (examples/self-hosted/run makes one)."
             )
         return cls(
             gateway_url=environ.get("EXAMPLE_GATEWAY_URL", cls.gateway_url).rstrip("/"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
+from enum import Enum
 
 from gateway.ratelimit import Decision
 
@@ -28,6 +29,9 @@ class SessionRecord:
     workflow_version: str = ""
     document: bytes = b""
     issued: bool = False
+    #: The app that created an issued session ("" for a learned one). Kept
+    #: beside the ChatSession document, not in it: the SDK parses that.
+    app: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +42,7 @@ class IssuedSession:
     secret_hash: str
     expires_at: int  # unix seconds
     revoked: bool
+    app: str = ""  # "" for sessions issued before apps were recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +56,7 @@ class SessionInfo:
     remaining: int | None
     expires_at: int | None
     secret_hash_prefix: str | None
+    app: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +77,7 @@ class AuditEntry:
     reason: str
     replica: str
     at: float  # unix seconds
+    app: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +95,76 @@ class RevokeResult:
     registered: bool = False
 
 
+# -- apps and users: what is checked when a session is handed out ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSlot:
+    """A session about to be handed out, as the create-time checks see it.
+
+    ``app`` is "" for a session learned from the hosted API: it is indexed
+    under its user (so a ban finds it) but counted against no app.
+    """
+
+    session_id: str
+    secret_hash: str
+    user: str
+    app: str
+    workflow_id: str
+    expires_at: int  # unix seconds
+    #: The app's max_sessions_per_minute (an exact sliding window), or None.
+    app_rate: int | None = None
+    #: max_active_sessions_per_user for this app and workflow, or None.
+    max_active: int | None = None
+    #: Over ``max_active``: refuse (True) or revoke the oldest (False).
+    refuse: bool = False
+
+
+class SlotOutcome(Enum):
+    OPENED = "opened"
+    BANNED = "banned"
+    APP_RATE_LIMITED = "app_rate_limited"
+    TOO_MANY_SESSIONS = "too_many_sessions"
+
+
+@dataclass(frozen=True, slots=True)
+class IndexedSession:
+    """One active session in a user's index."""
+
+    session_id: str
+    secret_hash: str
+    app: str  # "" for a learned session
+    workflow_id: str
+    created_at: float  # unix seconds, the store's clock
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class SlotDecision:
+    """What the create-time checks decided. ``evicted``: the user's oldest
+    sessions that must be revoked to make room (``revoke_oldest``)."""
+
+    outcome: SlotOutcome
+    retry_after_ms: int = 0
+    evicted: tuple[IndexedSession, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AppStats:
+    """An app's creates in the current window and its active sessions."""
+
+    creates: int
+    window_seconds: int
+    active: int
+
+
 class Store(abc.ABC):
     """Backend-independent operations. Every method may raise StoreUnavailable."""
 
     #: Shown in the start-up log and /readyz.
     name: str
+    #: The sliding windows' length (GATEWAY_WINDOW_SECONDS).
+    window_seconds: int = 60
 
     @abc.abstractmethod
     async def admit(self, request: AdmitRequest) -> Decision:
@@ -119,12 +191,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def revoke(
-        self,
-        *,
-        secret_hash: str | None,
-        session_id: str | None,
-        reason: str,
-        replica: str,
+        self, *, secret_hash: str | None, session_id: str | None, reason: str, replica: str
     ) -> RevokeResult:
         """Revoke a secret and/or session id, idempotently, audit it and announce it."""
 
@@ -147,6 +214,43 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def revoked_among(self, secret_hashes: Collection[str]) -> set[str]:
         """Those of ``secret_hashes`` that are revoked."""
+
+    # -- apps and users -------------------------------------------------------
+
+    @abc.abstractmethod
+    async def open_session(self, slot: SessionSlot) -> SlotDecision:
+        """Check and count a session being handed out, atomically per user.
+
+        In this order: the app's create window, then (one atomic step on the
+        user's keys) the user's ban and the user's active sessions for this
+        app and workflow; opened, the session is in the user's index and
+        counted in the app's window. Refused, nothing is counted.
+        """
+
+    @abc.abstractmethod
+    async def close_session(self, slot: SessionSlot) -> None:
+        """Undo :meth:`open_session` (the session's registration failed)."""
+
+    @abc.abstractmethod
+    async def ban_user(self, user: str, *, for_seconds: int) -> list[IndexedSession]:
+        """Empty the user's index and return the sessions that were in it;
+        with ``for_seconds`` > 0, refuse the user's new sessions that long."""
+
+    @abc.abstractmethod
+    async def lift_ban(self, user: str) -> bool:
+        """End the user's ban now; whether there was one."""
+
+    @abc.abstractmethod
+    async def banned_for(self, user: str) -> float | None:
+        """Seconds left of the user's ban, or None."""
+
+    @abc.abstractmethod
+    async def user_sessions(self, user: str) -> tuple[list[IndexedSession], float | None]:
+        """The user's indexed, unexpired sessions and the seconds left of a ban."""
+
+    @abc.abstractmethod
+    async def app_stats(self, app: str) -> AppStats:
+        """The app's creates in the last window and its active sessions."""
 
     @abc.abstractmethod
     async def now(self) -> float:

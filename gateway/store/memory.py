@@ -18,11 +18,16 @@ from typing import Generic, TypeVar
 from gateway.ratelimit import Decision, Identity, Outcome, Window
 from gateway.store.base import (
     AdmitRequest,
+    AppStats,
     AuditEntry,
+    IndexedSession,
     IssuedSession,
     RevokeResult,
     SessionInfo,
     SessionRecord,
+    SessionSlot,
+    SlotDecision,
+    SlotOutcome,
     Store,
 )
 
@@ -69,6 +74,7 @@ class MemoryStore(Store):
         revocation_ttl_seconds: int = 86400,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.window_seconds = window_seconds
         self._window = window_seconds * 1_000_000
         self._retention = retention_seconds
         self._revocation_ttl = revocation_ttl_seconds
@@ -82,6 +88,13 @@ class MemoryStore(Store):
         self._audit_seq = 0
         self._listeners: set[asyncio.Queue[str]] = set()
         self._admits = 0
+        # Apps and users (see Store.open_session): a user's active sessions
+        # by id, the users' bans, each app's creates and active sessions.
+        self._user_index: dict[str, dict[str, IndexedSession]] = {}
+        self._bans: dict[str, _Expiring[bool]] = {}
+        self._app_creates: dict[str, _SlidingWindow] = {}
+        self._app_active: dict[str, dict[str, int]] = {}  # app -> sid -> expires_at
+        self._opened_at: dict[str, int] = {}  # sid -> µs, its entry in the app's window
 
     def _get(self, table: dict[str, _Expiring[V]], key: str) -> V | None:
         entry = table.get(key)
@@ -157,6 +170,7 @@ class MemoryStore(Store):
 
     async def register(self, record: SessionRecord) -> bool:
         until = self._keep_until(record.expires_at)
+        self._opened_at.pop(record.session_id, None)  # close_session's need is over
         self._sessions[record.secret_hash] = _Expiring(record, until)
         self._sid_hash[record.session_id] = _Expiring(record.secret_hash, until)
         born_revoked = self._get(self._sid_revoked, record.session_id) is not None
@@ -177,15 +191,10 @@ class MemoryStore(Store):
             self._get(self._revoked, secret_hash) is not None
             or self._get(self._sid_revoked, session_id) is not None
         )
-        return IssuedSession(record.document, secret_hash, record.expires_at, revoked)
+        return IssuedSession(record.document, secret_hash, record.expires_at, revoked, record.app)
 
     async def revoke(
-        self,
-        *,
-        secret_hash: str | None,
-        session_id: str | None,
-        reason: str,
-        replica: str,
+        self, *, secret_hash: str | None, session_id: str | None, reason: str, replica: str
     ) -> RevokeResult:
         already = True
         registered = False
@@ -195,6 +204,7 @@ class MemoryStore(Store):
                 self._sid_revoked[session_id] = _Expiring(True, self._keep_until(None))
             if secret_hash is None:
                 secret_hash = await self.secret_hash_for(session_id)
+        app = None
         if secret_hash is not None:
             record = self._get(self._sessions, secret_hash)
             expires_at = None
@@ -202,6 +212,8 @@ class MemoryStore(Store):
                 registered = True
                 expires_at = record.expires_at
                 session_id = session_id or record.session_id
+                app = record.app or None
+                self._unindex(record)
             if self._get(self._revoked, secret_hash) is None:
                 already = False
                 self._revoked[secret_hash] = _Expiring(True, self._keep_until(expires_at))
@@ -216,6 +228,7 @@ class MemoryStore(Store):
                 reason=reason,
                 replica=replica,
                 at=self._clock(),
+                app=app,
             )
         )
         del self._audit[:-AUDIT_MAXLEN]
@@ -245,6 +258,7 @@ class MemoryStore(Store):
             remaining=max(record.limit - used, 0),
             expires_at=record.expires_at,
             secret_hash_prefix=secret_hash[:12],
+            app=record.app or None,
         )
 
     async def audit_tail(self, count: int) -> list[AuditEntry]:
@@ -261,6 +275,112 @@ class MemoryStore(Store):
                 yield await queue.get()
         finally:
             self._listeners.discard(queue)
+
+    # -- apps and users -------------------------------------------------------
+
+    def _live_index(self, user: str) -> dict[str, IndexedSession]:
+        index = self._user_index.setdefault(user, {})
+        now = self._clock()
+        for sid in [sid for sid, s in index.items() if s.expires_at <= now]:
+            del index[sid]
+        return index
+
+    def _app_window(self, app: str) -> tuple[_SlidingWindow, int]:
+        window = self._app_creates.setdefault(app, _SlidingWindow())
+        count, _, _ = window.state(int(self._clock() * 1_000_000), self._window)
+        return window, count
+
+    def _app_sessions(self, app: str) -> dict[str, int]:
+        sessions = self._app_active.setdefault(app, {})
+        now = self._clock()
+        for sid in [sid for sid, expires_at in sessions.items() if expires_at <= now]:
+            del sessions[sid]
+        return sessions
+
+    def _unindex(self, record: SessionRecord) -> None:
+        self._user_index.get(record.user, {}).pop(record.session_id, None)
+        self._app_active.get(record.app, {}).pop(record.session_id, None)
+
+    async def open_session(self, slot: SessionSlot) -> SlotDecision:
+        now = self._clock()
+        now_us = int(now * 1_000_000)
+        window = None
+        if slot.app:
+            window, count = self._app_window(slot.app)
+            if slot.app_rate is not None and count >= slot.app_rate:
+                _, wait, _ = window.state(now_us, self._window)
+                return SlotDecision(SlotOutcome.APP_RATE_LIMITED, _ms(wait))
+        ban_left = await self.banned_for(slot.user)
+        if ban_left is not None:
+            return SlotDecision(SlotOutcome.BANNED, int(ban_left * 1000))
+        index = self._live_index(slot.user)
+        evicted: tuple[IndexedSession, ...] = ()
+        if slot.max_active is not None:
+            key = (slot.app, slot.workflow_id)
+            mine = sorted(
+                (s for s in index.values() if (s.app, s.workflow_id) == key),
+                key=lambda s: s.created_at,
+            )
+            if len(mine) >= slot.max_active:
+                if slot.refuse:
+                    soonest = min(s.expires_at for s in mine)
+                    return SlotDecision(
+                        SlotOutcome.TOO_MANY_SESSIONS, max(int((soonest - now) * 1000), 1)
+                    )
+                evicted = tuple(mine[: len(mine) - slot.max_active + 1])
+                for gone in evicted:
+                    del index[gone.session_id]
+        index[slot.session_id] = IndexedSession(
+            slot.session_id, slot.secret_hash, slot.app, slot.workflow_id, now, slot.expires_at
+        )
+        if window is not None:
+            window.times.append(now_us)
+            self._opened_at[slot.session_id] = now_us
+            # Pruned here, as the app's sorted set is in Redis: an app's
+            # sessions are bounded by its unexpired ones.
+            self._app_sessions(slot.app)[slot.session_id] = slot.expires_at
+        return SlotDecision(SlotOutcome.OPENED, 0, evicted)
+
+    async def close_session(self, slot: SessionSlot) -> None:
+        self._user_index.get(slot.user, {}).pop(slot.session_id, None)
+        self._app_active.get(slot.app, {}).pop(slot.session_id, None)
+        opened_at = self._opened_at.pop(slot.session_id, None)
+        window = self._app_creates.get(slot.app)
+        if window is not None and opened_at is not None and opened_at in window.times:
+            window.times.remove(opened_at)
+
+    async def ban_user(self, user: str, *, for_seconds: int) -> list[IndexedSession]:
+        if for_seconds > 0:
+            self._bans[user] = _Expiring(True, self._clock() + for_seconds)
+        index = self._live_index(user)
+        sessions = list(index.values())
+        index.clear()
+        for session in sessions:
+            self._app_active.get(session.app, {}).pop(session.session_id, None)
+        return sessions
+
+    async def lift_ban(self, user: str) -> bool:
+        active = await self.banned_for(user) is not None  # an expired one is not lifted
+        self._bans.pop(user, None)
+        return active
+
+    async def banned_for(self, user: str) -> float | None:
+        entry = self._bans.get(user)
+        if entry is None:
+            return None
+        left = entry.until - self._clock()
+        if left <= 0:
+            del self._bans[user]
+            return None
+        return left
+
+    async def user_sessions(self, user: str) -> tuple[list[IndexedSession], float | None]:
+        sessions = sorted(self._live_index(user).values(), key=lambda s: s.created_at)
+        return sessions, await self.banned_for(user)
+
+    async def app_stats(self, app: str) -> AppStats:
+        _, count = self._app_window(app)
+        return AppStats(count, self.window_seconds, len(self._app_sessions(app)))
 
     async def ping(self) -> None:
         return None
@@ -281,3 +401,11 @@ class MemoryStore(Store):
                 k for k, w in self._windows.items() if w.state(now_us, self._window)[0] == 0
             ]:
                 del self._windows[key]
+        if len(self._bans) > 1024:
+            for user in [u for u, ban in self._bans.items() if ban.until <= now]:
+                del self._bans[user]
+        # Users whose sessions have all expired are dropped from the index.
+        if len(self._user_index) > 1024:
+            for user in list(self._user_index):
+                if not self._live_index(user):
+                    del self._user_index[user]

@@ -8,6 +8,11 @@ Key layout (``p`` is the configured prefix, ``h`` the secret's HMAC):
     p:{h}:w       zset: the session's sliding window           TTL window
     p:{h}:r       revoked flag                                  TTL exp + retention
     p:{u:U}:w     zset: user U's window (standalone Redis only) TTL window
+    p:{u:U}:ix    zset: U's active sessions, sid -> expires_at  TTL last exp + retention
+    p:{u:U}:ie    hash: sid -> JSON {a app, w workflow, h hash, c created, e exp}
+    p:{u:U}:ban   U may not get sessions while it exists        TTL the ban
+    p:{app:A}:c   zset: app A's creates, sid -> µs              TTL window
+    p:{app:A}:a   zset: app A's sessions, sid -> expires_at     TTL last exp + retention
     p:{sid:S}:h   session id S -> h                             TTL exp + retention
     p:{sid:S}:r   session id S revoked (cancel before/without registration)
     p:{sid:S}:d   issued session S's ChatSession JSON, no secret  TTL exp + retention
@@ -15,7 +20,9 @@ Key layout (``p`` is the configured prefix, ``h`` the secret's HMAC):
     p:revocations pub/sub channel of revoked hashes
 
 Every key of one secret shares the hash tag ``{h}``, so the admission script
-runs unchanged on Redis Cluster.
+runs unchanged on Redis Cluster. A user's keys share ``{u:U}`` (U the user
+hash) and an app's ``{app:A}``, so the create-time checks are one script per
+slot there too.
 """
 
 from __future__ import annotations
@@ -40,6 +47,21 @@ class SessionIdKeys(NamedTuple):
     document: str
 
 
+class UserKeys(NamedTuple):
+    """The keys of one user's session index; they share a hash slot."""
+
+    sessions: str
+    entries: str
+    ban: str
+
+
+class AppKeys(NamedTuple):
+    """The keys of one app; they share a hash slot."""
+
+    creates: str
+    active: str
+
+
 def user_hash(user: str) -> str:
     """A user's window key holds a digest, not the user name itself."""
     return hashlib.sha256(user.encode()).hexdigest()[:32]
@@ -60,6 +82,14 @@ class KeyLayout:
     def secret(self, secret_hash: str) -> SecretKeys:
         base = f"{self.prefix}:{{{secret_hash}}}"
         return SecretKeys(f"{base}:s", f"{base}:w", f"{base}:r")
+
+    def user(self, user: str) -> UserKeys:
+        base = f"{self.user_prefix}{user_hash(user)}}}"
+        return UserKeys(f"{base}:ix", f"{base}:ie", f"{base}:ban")
+
+    def app(self, name: str) -> AppKeys:
+        base = f"{self.prefix}:{{app:{name}}}"
+        return AppKeys(f"{base}:c", f"{base}:a")
 
     def session_id(self, session_id: str) -> SessionIdKeys:
         base = f"{self.prefix}:{{sid:{session_id}}}"

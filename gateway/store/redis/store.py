@@ -7,6 +7,7 @@ audit and operator reads, each a short pipeline.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine
 from importlib import resources
@@ -14,15 +15,19 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
-from gateway.errors import NotReplicated
+from gateway.errors import NotReplicated, StoreUnavailable
 from gateway.ratelimit import Decision
 from gateway.store.base import (
     AdmitRequest,
+    AppStats,
     AuditEntry,
+    IndexedSession,
     IssuedSession,
     RevokeResult,
     SessionInfo,
     SessionRecord,
+    SessionSlot,
+    SlotDecision,
     Store,
 )
 from gateway.store.redis.batcher import AdmissionBatcher
@@ -30,6 +35,9 @@ from gateway.store.redis.client import Availability, Client, text
 from gateway.store.redis.feed import PUBSUB_PING_SECONDS, RevocationFeed
 from gateway.store.redis.keys import KeyLayout, user_hash
 from gateway.store.redis.replicated import ReplicatedWriter
+from gateway.store.redis.tenancy import Tenancy
+
+logger = logging.getLogger(__name__)
 
 AUDIT_MAXLEN = 10_000
 # A revocation flag outlives even a session that has already expired by this
@@ -60,6 +68,7 @@ class RedisStore(Store):
         self._client = client
         self._cluster = isinstance(client, RedisCluster)
         self.keys = KeyLayout(prefix)
+        self.window_seconds = window_seconds
         self._window_us = window_seconds * 1_000_000
         self._retention = retention_seconds
         self._revocation_ttl = revocation_ttl_seconds
@@ -95,6 +104,13 @@ class RedisStore(Store):
         self._feed = RevocationFeed(
             pubsub_url, self.keys.channel, ping_seconds=ping_seconds, client=client
         )
+        self._tenancy = Tenancy(
+            client,
+            keys=self.keys,
+            availability=self.availability,
+            window_seconds=window_seconds,
+            retention_seconds=retention_seconds,
+        )
 
     # -- admission (hot path) -----------------------------------------------
 
@@ -127,6 +143,8 @@ class RedisStore(Store):
                 fields["wv"] = record.workflow_version
             if record.issued:
                 fields["iss"] = 1
+            if record.app:
+                fields["app"] = record.app
             pipe.hset(skey, mapping=fields)  # type: ignore[arg-type]
             pipe.pexpireat(skey, keep_until_ms)
             pipe.set(hkey, record.secret_hash, pxat=keep_until_ms)
@@ -171,11 +189,11 @@ class RedisStore(Store):
         async def by_secret() -> list[Any]:
             # Another hash slot than the id's keys: a second round trip.
             pipe = self._client.pipeline(transaction=False)
-            pipe.hget(skey, "exp")
+            pipe.hmget(skey, ["exp", "app"])
             pipe.exists(rkey)
             return await pipe.execute()
 
-        exp, revoked = await self.availability.call(by_secret)
+        (exp, app), revoked = await self.availability.call(by_secret)
         if exp is None:
             return None
         return IssuedSession(
@@ -183,6 +201,7 @@ class RedisStore(Store):
             secret_hash=secret_hash,
             expires_at=int(exp),
             revoked=bool(revoked or sid_revoked),
+            app=text(app) or "",
         )
 
     # -- revocation -------------------------------------------------------------
@@ -231,12 +250,7 @@ class RedisStore(Store):
         return written.reply, None
 
     async def revoke(
-        self,
-        *,
-        secret_hash: str | None,
-        session_id: str | None,
-        reason: str,
-        replica: str,
+        self, *, secret_hash: str | None, session_id: str | None, reason: str, replica: str
     ) -> RevokeResult:
         already = True
         registered = False
@@ -262,16 +276,43 @@ class RedisStore(Store):
                 session_id = sid
             registered = expires_at is not None
             already = not created and already
+        app = None
+        if registered and secret_hash is not None and session_id is not None:
+            app = await self._leave_indexes(secret_hash, session_id)
         if short is None or not already:
             # Announced when first written, so other replicas close their
             # streams now, and again once stored: not on every retry between.
-            await self._announce(secret_hash, session_id, reason, replica)
+            await self._announce(secret_hash, session_id, reason, replica, app)
         if short is not None:
             raise short
         return RevokeResult(secret_hash, session_id, already, registered)
 
+    async def _leave_indexes(self, secret_hash: str, session_id: str) -> str | None:
+        """Take a revoked session out of its user's and app's counts; its app.
+
+        Not part of the revocation itself (other hash slots): if Redis fails
+        here the entry stays until the session's expiry, counted as active
+        by its user's cap, and the revocation stands.
+        """
+        skey = self.keys.secret(secret_hash).session
+        try:
+            user, app = await self.availability.call(
+                lambda: self._client.hmget(skey, ["user", "app"])
+            )
+            if user is not None:
+                await self._tenancy.unindex(text(user) or "", text(app) or "", session_id)
+        except StoreUnavailable as exc:
+            logger.warning("Revoked session %s still in its user's index: %s", session_id, exc)
+            return None
+        return text(app)
+
     async def _announce(
-        self, secret_hash: str | None, session_id: str | None, reason: str, replica: str
+        self,
+        secret_hash: str | None,
+        session_id: str | None,
+        reason: str,
+        replica: str,
+        app: str | None = None,
     ) -> None:
         fields = {
             "session_id": session_id or "",
@@ -279,6 +320,8 @@ class RedisStore(Store):
             "reason": reason,
             "replica": replica,
         }
+        if app:
+            fields["app"] = app
         args: list[Any] = [AUDIT_MAXLEN, self._revocation_ttl]
         for name, value in fields.items():
             args += [name, value]
@@ -310,12 +353,12 @@ class RedisStore(Store):
 
         async def read() -> list[Any]:
             pipe = self._client.pipeline(transaction=False)
-            pipe.hmget(skey, ["user", "exp", "lim"])
+            pipe.hmget(skey, ["user", "exp", "lim", "app"])
             pipe.exists(revkey)
             pipe.zcount(wkey, f"({now_us - self._window_us}", "+inf")
             return await pipe.execute()
 
-        (user, exp, lim), revoked, used = await self.availability.call(read)
+        (user, exp, lim, app), revoked, used = await self.availability.call(read)
         expires_at = int(exp) if exp is not None else None
         limit = int(lim) if lim is not None else None
         if revoked or sid_revoked:
@@ -332,6 +375,7 @@ class RedisStore(Store):
             remaining=max(limit - int(used), 0) if limit is not None else None,
             expires_at=expires_at,
             secret_hash_prefix=secret_hash[:12],
+            app=text(app),
         )
 
     async def audit_tail(self, count: int) -> list[AuditEntry]:
@@ -353,6 +397,7 @@ class RedisStore(Store):
                     reason=values.get("reason") or "",
                     replica=values.get("replica") or "",
                     at=_entry_time(values.get("at"), text(entry_id) or "0"),
+                    app=values.get("app") or None,
                 )
             )
         return entries
@@ -373,6 +418,29 @@ class RedisStore(Store):
 
     def revocations(self) -> AsyncIterator[str | None]:
         return self._feed.messages()
+
+    # -- apps and users (tenancy.py) ------------------------------------------------
+
+    async def open_session(self, slot: SessionSlot) -> SlotDecision:
+        return await self._tenancy.open_session(slot)
+
+    async def close_session(self, slot: SessionSlot) -> None:
+        await self._tenancy.close_session(slot)
+
+    async def ban_user(self, user: str, *, for_seconds: int) -> list[IndexedSession]:
+        return await self._tenancy.ban_user(user, for_seconds=for_seconds)
+
+    async def lift_ban(self, user: str) -> bool:
+        return await self._tenancy.lift_ban(user)
+
+    async def banned_for(self, user: str) -> float | None:
+        return await self._tenancy.banned_for(user)
+
+    async def user_sessions(self, user: str) -> tuple[list[IndexedSession], float | None]:
+        return await self._tenancy.user_sessions(user)
+
+    async def app_stats(self, app: str) -> AppStats:
+        return await self._tenancy.app_stats(app)
 
     @property
     def full(self) -> bool:
