@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from gateway.auth import SecretHasher, bearer_secret
 from gateway.errors import AuthError, GatewayError, StoreUnavailable
+from gateway.head import RequestHead
 from gateway.metrics import Metrics
 from gateway.ratelimit import Decision, Identity, Outcome, rate_limit_headers, rejection
 from gateway.revocation import Revoker
@@ -62,8 +63,11 @@ class Gatekeeper:
         self._window = window_seconds
         self._enforce = enforce
 
-    async def check(self, headers: Headers) -> Admission:
-        """Decide; raise the rejecting error, or return what the request carries on."""
+    async def check(self, headers: RequestHead | Headers) -> Admission:
+        """Decide; raise the rejecting error, or return what the request carries on.
+
+        ``headers``: the request's head, as the protocol read it (or its list).
+        """
         try:
             secret_hash = self._hash(bearer_secret(headers))
         except AuthError as exc:

@@ -29,6 +29,7 @@ from gateway.admin import AdminServer, Listener
 from gateway.admission import Gatekeeper
 from gateway.apps import AppKeys, build_apps
 from gateway.auth import SecretHasher
+from gateway.capacity import SHED_COUNTER
 from gateway.errors import ConfigError, StoreUnavailable, error_body
 from gateway.health import StoreMonitor
 from gateway.issuer import Issuer, SessionIds
@@ -155,10 +156,10 @@ class GatewayApp:
             else:
                 await components.proxy(scope, receive, send)
         elif scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await self._lifespan(scope, receive, send)
         # websocket: not part of the ChatKit API; the server closes it.
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
         try:
             await self.startup()
@@ -171,6 +172,11 @@ class GatewayApp:
             await self.shutdown()
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
+        state = scope.get("state")
+        if state is not None and self.components is not None:
+            # The lifespan state is what uvicorn shares with its connections:
+            # the protocol counts the connections it sheds through this.
+            state[SHED_COUNTER] = self.components.metrics.count_shed_connection
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown
         try:

@@ -13,6 +13,8 @@ import hmac
 import secrets
 
 from gateway.errors import AuthError
+from gateway.head import RequestHead
+from gateway.types import Headers
 
 _BEARER = b"bearer "
 # RFC 6750 b64token, which covers every client-secret format seen (ek_..., etc.).
@@ -20,21 +22,23 @@ _TOKEN_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0
 MAX_SECRET_BYTES = 1024
 
 
-def bearer_secret(headers: list[tuple[bytes, bytes]]) -> bytes:
+def bearer_secret(source: RequestHead | Headers) -> bytes:
     """The client secret from ``Authorization: Bearer <secret>``.
+
+    ``source`` is the request's head as the protocol read it, or a header
+    list where that is all there is (the gateway's own endpoints).
 
     Raises :class:`AuthError` with code ``missing_client_secret`` when there is
     no Authorization header, ``invalid_authorization`` when it is not exactly
     one well-formed bearer token.
     """
-    found: bytes | None = None
-    for name, value in headers:
-        if name == b"authorization":
-            if found is not None:
-                raise AuthError(
-                    "Send exactly one Authorization header.", code="invalid_authorization"
-                )
-            found = value
+    if isinstance(source, list):
+        values = [value for name, value in source if name == b"authorization"]
+        found, count = (values[0] if values else None), len(values)
+    else:
+        found, count = source.authorization, source.authorizations
+    if count > 1:
+        raise AuthError("Send exactly one Authorization header.", code="invalid_authorization")
     if found is None:
         raise AuthError(
             "Missing client secret: send 'Authorization: Bearer <client_secret>'.",

@@ -5,6 +5,10 @@ RFC 9110 section 7.6.1: a proxy removes ``Connection``, every header that
 nominating them, *before* adding its own. Values are compared
 case-insensitively; names arrive lower-cased from the ASGI server and aiohttp's
 ``raw_headers`` keeps the upstream's case, so both are normalised here.
+
+A request's fields that decide something (Connection, Origin, the request id)
+come from its :class:`~gateway.head.RequestHead`, read once while parsing; the
+request's header list is walked here once, to build the upstream's.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import random
 import re
 from collections.abc import Iterable
 
-from gateway.errors import BadRequest, HeadersTooLarge
+from gateway.errors import HeadersTooLarge
+from gateway.head import RequestHead
 from gateway.types import Headers
 
 HOP_BY_HOP = frozenset(
@@ -52,55 +57,107 @@ def nominated(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
     return HOP_BY_HOP | extra if extra else HOP_BY_HOP
 
 
-def check_limits(headers: Headers, *, max_bytes: int, max_count: int) -> None:
-    if len(headers) > max_count:
+def nominated_by(connection: bytes | None) -> frozenset[bytes]:
+    """Hop-by-hop names given a message's Connection lines (joined with commas)."""
+    if connection is None:
+        return HOP_BY_HOP
+    return HOP_BY_HOP | {token.strip().lower() for token in connection.split(b",")}
+
+
+#: (Connection, ``without``) -> (names dropped, names looked at): clients send
+#: one of a few Connection values (none, keep-alive, close), so the sets are
+#: made once. Bounded in count and value length, so a spray of made-up values
+#: cannot grow it.
+_DROPPED: dict[tuple[bytes | None, frozenset[bytes]], tuple[frozenset[bytes], frozenset[bytes]]]
+_DROPPED = {}
+_DROPPED_SIZE = 256
+_DROPPED_VALUE_BYTES = 64
+
+
+def _dropped(
+    connection: bytes | None, without: frozenset[bytes]
+) -> tuple[frozenset[bytes], frozenset[bytes]]:
+    key = (connection, without)
+    sets = _DROPPED.get(key)
+    if sets is None:
+        drop = nominated_by(connection) | without
+        sets = (drop, drop | _REPLACED | _FORWARDED)
+        if connection is None or len(connection) <= _DROPPED_VALUE_BYTES:
+            if len(_DROPPED) >= _DROPPED_SIZE:
+                _DROPPED.clear()
+            _DROPPED[key] = sets
+    return sets
+
+
+def check_limits(head: RequestHead, *, max_bytes: int, max_count: int) -> None:
+    """The header limits, for a head the gateway's protocol did not hold to them."""
+    if head.fields > max_count:
         raise HeadersTooLarge(f"Too many request headers (at most {max_count}).")
-    if sum(len(n) + len(v) + 4 for n, v in headers) > max_bytes:
+    if head.size > max_bytes:
         raise HeadersTooLarge(f"Request headers exceed {max_bytes} bytes.")
 
 
-def request_id(headers: Headers) -> bytes:
-    """The caller's ``x-request-id`` when it is well-formed, else a fresh one."""
-    for name, value in headers:
-        if name == b"x-request-id":
-            if _REQUEST_ID.match(value):
-                return value
-            break
+def request_id(given: bytes | None) -> bytes:
+    """The caller's ``x-request-id`` (``given``) when it is well-formed, else a fresh one."""
+    if given is not None and _REQUEST_ID.match(given):
+        return given
     # 128 bits from a PRNG seeded from the OS at start-up: unique enough to
     # correlate logs across replicas, and not a secret. os.urandom (as uuid4
     # uses) is a syscall, measured at ~30 us on this VM: 5% of a request.
     return b"%032x" % _ids.getrandbits(128)
 
 
+#: What a CORS preflight forwarded to the upstream leaves out: credentials and
+#: body framing. A browser sends neither with a preflight (Fetch standard,
+#: "CORS-preflight request"), so an OPTIONS that carries them is not a
+#: browser's, and must not ride the preflight's exemption from admission.
+PREFLIGHT_WITHOUT = frozenset(
+    {b"authorization", b"cookie", b"content-length", b"transfer-encoding"}
+)
+
+
 def upstream_request_headers(
     headers: Headers,
     *,
+    connection: bytes | None,
     client_ip: str | None,
     scheme: str,
     request_id: bytes,
     trust_forwarded: bool,
+    forwarded_host: bytes | None = None,
+    without: frozenset[bytes] = frozenset(),
+    without_prefix: bytes | None = None,
 ) -> Headers:
     """Headers to send upstream for a client request (names lower-case).
 
-    Host is left to the HTTP client, which sets it from the upstream URL.
+    ``connection`` is the request's Connection lines (its head's), which
+    nominate more hop-by-hop headers. ``without`` names more to leave out, and
+    so does ``without_prefix`` (also in the ``_`` spelling). ``forwarded_host``
+    is stated as X-Forwarded-Host unless a trusted proxy's stands. Host is
+    left to the HTTP client, which sets it from the upstream URL.
     """
-    drop = nominated(headers)
+    drop, special = _dropped(connection, without)
     out: Headers = []
     forwarded_for: list[bytes] = []
     via: list[bytes] = []
+    has_proto = has_host = False
     for name, value in headers:
-        if b"_" in name and _is_twin(name, drop):
-            continue
-        if name in drop or name in _REPLACED:
-            if name == b"via":
-                via.append(value)
-            continue
-        if name in _FORWARDED:
-            if trust_forwarded:
+        # One set probe passes the common header; the rest is sorted out here.
+        if name in special:
+            if name in drop or name in _REPLACED:
+                if name == b"via":
+                    via.append(value)
+            elif trust_forwarded:  # one of _FORWARDED
                 if name == b"x-forwarded-for":
                     forwarded_for.append(value)
                 else:
+                    has_proto = has_proto or name == b"x-forwarded-proto"
+                    has_host = has_host or name == b"x-forwarded-host"
                     out.append((name, value))
+            continue
+        if b"_" in name and _is_twin(name, drop):
+            continue
+        if without_prefix is not None and name.replace(b"_", b"-").startswith(without_prefix):
             continue
         out.append((name, value))
     via.append(VIA)
@@ -110,9 +167,12 @@ def upstream_request_headers(
         forwarded_for.append(client_ip.encode())
     if forwarded_for:
         out.append((b"x-forwarded-for", b", ".join(forwarded_for)))
-    # A trusted proxy's X-Forwarded-Proto stands; without one, say what we saw.
-    if not trust_forwarded or header_value(out, b"x-forwarded-proto") is None:
+    # A trusted proxy's X-Forwarded-Proto (and -Host) stands; without one,
+    # say what we saw.
+    if not has_proto:
         out.append((b"x-forwarded-proto", scheme.encode()))
+    if forwarded_host is not None and not has_host:
+        out.append((b"x-forwarded-host", forwarded_host))
     return out
 
 
@@ -190,42 +250,12 @@ def header_value(headers: Headers, name: bytes) -> bytes | None:
     return None
 
 
-def content_length(headers: Headers) -> int | None:
-    """The declared body length; conflicting or malformed values are refused (RFC 9112 6.3)."""
-    found: int | None = None
-    for name, value in headers:
-        if name != b"content-length":
-            continue
-        if not value.isdigit() or len(value) > 19:
-            raise BadRequest("Malformed Content-Length header.")
-        parsed = int(value)
-        if found is not None and found != parsed:
-            raise BadRequest("Conflicting Content-Length headers.")
-        found = parsed
-    return found
-
-
-def is_cors_preflight(method: str, headers: Headers) -> bool:
+def is_cors_preflight(head: RequestHead) -> bool:
     """A browser's CORS preflight: OPTIONS with Origin and Access-Control-Request-Method.
 
     The Fetch standard sends preflights without credentials or a body, so a
-    genuine one never carries a client secret (see :func:`preflight_headers`).
+    genuine one never carries a client secret (see :data:`PREFLIGHT_WITHOUT`).
     """
-    if method != "OPTIONS":
-        return False
-    names = {name for name, _ in headers}
-    return b"origin" in names and b"access-control-request-method" in names
-
-
-def preflight_headers(headers: Headers) -> Headers:
-    """A preflight's headers as forwarded: no credentials, and no body framing.
-
-    A browser sends neither with a preflight (Fetch standard, "CORS-preflight
-    request"), so an OPTIONS that carries them is not a browser's, and must
-    not ride the preflight's exemption from admission to the upstream.
-    """
-    return [
-        (name, value)
-        for name, value in headers
-        if name not in (b"authorization", b"cookie", b"content-length", b"transfer-encoding")
-    ]
+    return (
+        head.method == "OPTIONS" and head.origin is not None and head.preflight_method is not None
+    )

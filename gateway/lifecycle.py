@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
+from gateway.capacity import ConnectionTable
+
 if TYPE_CHECKING:
-    from gateway.protocol import HttpLimits
+    from gateway.protocol import GatewayHttpProtocol, HttpLimits
 
 logger = logging.getLogger("gateway")
 
@@ -68,13 +70,17 @@ class GatewayConfig(uvicorn.Config):
     """uvicorn's configuration plus what :class:`~gateway.protocol.GatewayHttpProtocol` reads.
 
     Built in the supervisor and copied into each worker, so the per-client
-    connection counts below are per worker, like every other connection limit.
+    connection counts and the table of connections below are per worker, like
+    every other connection limit.
     """
 
     def __init__(self, app: Any, *, limits: HttpLimits, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
+        super().__init__(app, backlog=limits.backlog, **kwargs)
         self.limits = limits
         self.connections_by_client: Counter[str] = Counter()
+        self.connection_table: ConnectionTable[GatewayHttpProtocol] = ConnectionTable(
+            limits.max_connections, max_lingering=max(1, limits.backlog // 4)
+        )
 
     def load(self) -> None:
         super().load()

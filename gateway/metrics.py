@@ -35,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
+from gateway.capacity import Shed
 from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.ratelimit import Outcome
 
@@ -183,6 +184,14 @@ class Metrics:
             "Responses in flight cut off because their secret was revoked.",
             registry=r,
         )
+        self.connections_shed = Counter(
+            "chatkit_gateway_connections_shed_total",
+            "Client connections closed at the connection cap to make room for a new one: "
+            "no_head (request head not complete), idle (keep-alive), no_room (the new "
+            "connection itself, every other one being in a request).",
+            ["reason"],
+            registry=r,
+        )
         self.decision_seconds = Histogram(
             "chatkit_gateway_admission_seconds",
             "Time to decide an admission (store round trip included).",
@@ -198,6 +207,7 @@ class Metrics:
         self.upstream_errors_by_kind = {
             k: self.upstream_errors.labels(k) for k in UPSTREAM_ERROR_KINDS
         }
+        self.shed_by_reason = {s.value: self.connections_shed.labels(s.value) for s in Shed}
         self._request_children: dict[tuple[str, int], Any] = {}
         self._duration_children: dict[tuple[str, int], Any] = {}
         self._headers_children: dict[str, Any] = {}
@@ -248,6 +258,10 @@ class Metrics:
         else:
             kind = "unavailable"
         self.upstream_errors_by_kind[kind].inc()
+
+    def count_shed_connection(self, reason: str) -> None:
+        """One connection closed to make room (a :class:`gateway.capacity.Shed` value)."""
+        self.shed_by_reason[reason].inc()
 
     # -- exposition ----------------------------------------------------------------
 

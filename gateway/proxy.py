@@ -38,19 +38,20 @@ from gateway.errors import (
     UpstreamTimeout,
     error_response_headers,
 )
+from gateway.head import RequestHead, request_head
 from gateway.headers import (
     CORS_HEADERS,
+    PREFLIGHT_WITHOUT,
     RATE_LIMIT_HEADERS,
     check_limits,
     client_response_headers,
-    content_length,
     header_value,
     is_cors_preflight,
-    preflight_headers,
     request_id,
     upstream_request_headers,
 )
-from gateway.identity import IdentityHeaders, strip_client_identity
+from gateway.identity import PREFIX as IDENTITY_PREFIX
+from gateway.identity import IdentityHeaders
 from gateway.metrics import Metrics
 from gateway.ratelimit import Identity
 from gateway.revocation import Revoker
@@ -222,14 +223,17 @@ class Proxy:
         self._client_drop = RATE_LIMIT_HEADERS | (CORS_HEADERS if self._cors else frozenset())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # What the request says, read once (by the protocol, as it parsed);
+        # the header list itself is walked once more, to build the upstream's.
+        head = request_head(scope)
         headers: Headers = scope["headers"]
-        rid = request_id(headers)
-        exchange = _Exchange(send, rid, self._telemetry.begin(scope, rid))
+        rid = request_id(head.request_id)
+        exchange = _Exchange(send, rid, self._telemetry.begin(scope, rid, head))
         kind = "rejected"
         try:
-            match = self._route(scope, headers)
+            match = self._route(scope, head)
             kind = match.route.kind.value
-            await self._handle(scope, receive, exchange, match, headers)
+            await self._handle(scope, receive, exchange, match, headers, head)
         except GatewayError as exc:
             exchange.tel.failed(exc, started=exchange.started)
             if exchange.started:
@@ -272,7 +276,7 @@ class Proxy:
                 AuthError("This client secret has been revoked.", code="client_secret_revoked")
             )
 
-    def _route(self, scope: Scope, headers: Headers) -> Match:
+    def _route(self, scope: Scope, head: RequestHead) -> Match:
         if scope.get("extensions", {}).get("gateway.absolute_form"):
             raise BadRequest("Absolute-form request targets are not accepted.")
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
@@ -285,47 +289,60 @@ class Proxy:
                 if len(self._matched) >= MATCH_CACHE_SIZE:
                     self._matched.clear()
                 self._matched[(method, raw_path)] = match
-        check_limits(headers, max_bytes=self._max_header_bytes, max_count=self._max_headers)
+        if not head.checked:
+            # The gateway's protocol holds every head to these limits as it
+            # reads it; another server (plain uvicorn) may not have.
+            check_limits(head, max_bytes=self._max_header_bytes, max_count=self._max_headers)
         return match
 
     async def _handle(
-        self, scope: Scope, receive: Receive, exchange: _Exchange, match: Match, headers: Headers
+        self,
+        scope: Scope,
+        receive: Receive,
+        exchange: _Exchange,
+        match: Match,
+        headers: Headers,
+        head: RequestHead,
     ) -> None:
-        length = content_length(headers)
+        if head.problem is not None:
+            raise BadRequest(head.problem)
+        length = head.content_length
         if length is not None and length > self._max_body:
             raise PayloadTooLarge(f"The request body exceeds {self._max_body} bytes.")
-        has_body = (length or 0) > 0 or (
-            length is None and header_value(headers, b"transfer-encoding") is not None
-        )
+        has_body = (length or 0) > 0 or (length is None and head.chunked)
         kind = match.route.kind
         if kind is Kind.SESSION_CREATE or kind is Kind.SESSION_CANCEL:
-            await self._session_call(scope, receive, exchange, match, headers, has_body, length)
+            await self._session_call(
+                scope, receive, exchange, match, headers, head, has_body, length
+            )
             return
         if kind is not Kind.CLIENT and kind is not Kind.ISSUED:
-            outbound = self._outbound(scope, exchange, match, headers, None)
+            outbound = self._outbound(scope, exchange, match, headers, head, None)
             if has_body:
                 outbound.body = await self._request_body(receive, exchange)
             await self._forward(receive, exchange, outbound, kind, [])
             return
         cors = self._cors
-        origin = header_value(headers, b"origin") if cors is not None else None
-        if is_cors_preflight(scope["method"], headers):
+        origin = head.origin if cors is not None else None
+        if is_cors_preflight(head):
             if cors is not None:
-                await self._preflight(exchange, cors, origin, match, headers)
+                await self._preflight(exchange, cors, origin, match, head)
                 return
-            outbound = self._outbound(scope, exchange, match, preflight_headers(headers), None)
+            outbound = self._outbound(
+                scope, exchange, match, headers, head, None, without=PREFLIGHT_WITHOUT
+            )
             await self._forward(receive, exchange, outbound, kind, [])
             return
         if cors is not None:
             exchange.always = cors.response_headers(origin)
-        admission = await exchange.tel.admission(self._gatekeeper.check(headers))
+        admission = await exchange.tel.admission(self._gatekeeper.check(head))
         if kind is Kind.ISSUED:
-            outbound = self._issued_outbound(scope, exchange, headers, admission, None)
+            outbound = self._issued_outbound(scope, exchange, headers, head, admission)
         else:
             if admission.identity is not None and admission.identity.workflow_id in self._workflows:
                 # An issued secret is for its workflow's server, never the hosted API.
                 raise _not_for_this_route()
-            outbound = self._outbound(scope, exchange, match, headers, None)
+            outbound = self._outbound(scope, exchange, match, headers, head, None)
         secret_hash = admission.secret_hash
         if secret_hash is None:  # report-only mode let a malformed secret through
             if has_body:
@@ -349,12 +366,10 @@ class Proxy:
         cors: CorsPolicy,
         origin: bytes | None,
         match: Match,
-        headers: Headers,
+        head: RequestHead,
     ) -> None:
         """Answer a CORS preflight here: it carries no secret, so nothing is forwarded."""
-        status, answer = cors.preflight(
-            origin, match.route.methods, header_value(headers, b"access-control-request-headers")
-        )
+        status, answer = cors.preflight(origin, match.route.methods, head.preflight_headers)
         answer.append((b"x-request-id", exchange.request_id))
         await exchange.start(status, answer)
         await exchange.body(b"", False)
@@ -365,25 +380,31 @@ class Proxy:
         scope: Scope,
         exchange: _Exchange,
         headers: Headers,
+        head: RequestHead,
         admission: Admission,
-        body: AsyncIterator[bytes] | bytes | None,
     ) -> Outbound:
         """The request for the session's own ChatKit server, with its identity stated."""
         identity: Identity | None = admission.identity
         upstream = self._workflows.get(identity.workflow_id) if identity is not None else None
         if identity is None or upstream is None:
             raise _not_for_this_route()
-        out_headers = self._upstream_headers(scope, exchange, strip_client_identity(headers))
-        # Servers build upload URLs from the host the client used: the gateway's.
-        if header_value(out_headers, b"x-forwarded-host") is None:
-            host = header_value(headers, b"host")
-            if host is not None:
-                out_headers.append((b"x-forwarded-host", host))
+        out_headers = self._upstream_headers(
+            scope,
+            exchange,
+            headers,
+            head,
+            # The client's credentials and any claim to an identity go; the
+            # gateway states the identity itself (gateway/identity.py).
+            without=_CLIENT_CREDENTIALS,
+            without_prefix=IDENTITY_PREFIX,
+            # Servers build upload URLs from the host the client used: the gateway's.
+            forwarded_host=head.host,
+        )
         out_headers += self._identity(
             identity, request_id=exchange.request_id, now=int(time.time())
         )
         path = scope["raw_path"].decode("ascii")[len(ISSUED_PREFIX) :]
-        return _outbound_to(scope, upstream + path, out_headers, body)
+        return _outbound_to(scope, upstream + path, out_headers, None)
 
     def _outbound(
         self,
@@ -391,20 +412,37 @@ class Proxy:
         exchange: _Exchange,
         match: Match,
         headers: Headers,
+        head: RequestHead,
         body: AsyncIterator[bytes] | bytes | None,
+        *,
+        without: frozenset[bytes] = frozenset(),
     ) -> Outbound:
-        out_headers = self._upstream_headers(scope, exchange, headers)
+        out_headers = self._upstream_headers(scope, exchange, headers, head, without=without)
         target = self._upstreams[match.route.upstream] + scope["raw_path"].decode("ascii")
         return _outbound_to(scope, target, out_headers, body)
 
-    def _upstream_headers(self, scope: Scope, exchange: _Exchange, headers: Headers) -> Headers:
+    def _upstream_headers(
+        self,
+        scope: Scope,
+        exchange: _Exchange,
+        headers: Headers,
+        head: RequestHead,
+        *,
+        without: frozenset[bytes] = frozenset(),
+        without_prefix: bytes | None = None,
+        forwarded_host: bytes | None = None,
+    ) -> Headers:
         client = scope.get("client")
         return upstream_request_headers(
             headers,
+            connection=head.connection,
             client_ip=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
             request_id=exchange.request_id,
             trust_forwarded=self._trust_forwarded,
+            forwarded_host=forwarded_host,
+            without=without,
+            without_prefix=without_prefix,
         )
 
     def _request(self, outbound: Outbound, tel: RequestTelemetry) -> Any:
@@ -458,6 +496,7 @@ class Proxy:
         exchange: _Exchange,
         match: Match,
         headers: Headers,
+        head: RequestHead,
         has_body: bool,
         length: int | None,
     ) -> None:
@@ -466,13 +505,15 @@ class Proxy:
         body = await self._read_body(receive) if has_body else b""
         exchange.tel.bytes_in = len(body)
         exchange.watch_disconnect(receive)
-        outbound = self._outbound(scope, exchange, match, headers, body or None)
-        # The gateway must read these answers: ask for them uncompressed (the
-        # official SDKs send Accept-Encoding: gzip).
-        outbound.headers = [(n, v) for n, v in outbound.headers if n != "accept-encoding"]
-        outbound.headers.append(("accept-encoding", "identity"))
 
         async def forward() -> Answer:
+            # Built only when forwarded: an issuer answers without the upstream.
+            outbound = self._outbound(
+                scope, exchange, match, headers, head, body or None, without=_ENCODING
+            )
+            # The gateway must read these answers: ask for them uncompressed
+            # (the official SDKs send Accept-Encoding: gzip).
+            outbound.headers.append(("accept-encoding", "identity"))
             return await self._read_answer(outbound, exchange, match.route.kind)
 
         if match.route.kind is Kind.SESSION_CREATE:
@@ -610,12 +651,21 @@ def _outbound_to(
     query = scope.get("query_string", b"")
     if query:
         target += "?" + query.decode("latin-1")
-    return Outbound(
-        scope["method"],
-        URL(target, encoded=True),
-        [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers],
-        body,
-    )
+    try:
+        # aiohttp writes header strings as UTF-8, so a value goes out as the
+        # bytes that came in only if it is UTF-8 (ASCII included). Any other
+        # bytes (obs-text, RFC 9110 5.5) would reach the upstream changed:
+        # refused instead. Names are tokens, so ASCII (the parser ensures it).
+        out_headers = [(n.decode("ascii"), v.decode("utf-8")) for n, v in headers]
+    except UnicodeDecodeError:
+        raise BadRequest("A request header value is neither ASCII nor UTF-8.") from None
+    return Outbound(scope["method"], URL(target, encoded=True), out_headers, body)
+
+
+_ENCODING = frozenset({b"accept-encoding"})
+#: What the client sent that the issued route's upstream must not see: the
+#: secret is the gateway's business, the identity is stated by the gateway.
+_CLIENT_CREDENTIALS = frozenset({b"authorization"})
 
 
 def _not_for_this_route() -> AuthError:

@@ -11,6 +11,7 @@ import logging.config
 import signal
 from types import FrameType
 
+from gateway.capacity import budget
 from gateway.lifecycle import GatewayConfig, raise_fd_limit, run
 from gateway.logs import log_config
 from gateway.metrics import shared_across_workers
@@ -33,10 +34,21 @@ def serve(settings: Settings) -> None:
     fd_limit = raise_fd_limit()
     limits = HttpLimits.from_settings(settings, fd_limit=fd_limit)
     logger.info(
-        "File-descriptor limit %d: at most %d client connections per worker",
+        "File-descriptor limit %d: at most %d client connections per worker (listen backlog %d)",
         fd_limit,
         limits.max_connections,
+        limits.backlog,
     )
+    safe = budget(fd_limit).safe_max_connections
+    if limits.max_connections > safe:
+        logger.warning(
+            "GATEWAY_MAX_CONNECTIONS=%d is more than the %d connections that %d descriptors "
+            "leave room for: in a connection flood accept() may fail before connections "
+            "are shed (raise the descriptor limit, or unset the setting)",
+            limits.max_connections,
+            safe,
+            fd_limit,
+        )
     # Metrics from several workers are summed in a directory they share.
     with shared_across_workers(settings.workers):
         run(

@@ -473,12 +473,15 @@ class Settings(BaseSettings):
     client_body_min_rate_grace: float = Field(
         5.0, gt=0, description="Seconds of an upload before its minimum rate applies."
     )
-    # Each proxied request also needs an upstream socket: half the descriptors.
+    # Derived, it leaves room for an upstream socket per connection and for
+    # what accept() takes before the cap applies (gateway/capacity.py).
     max_connections: int = Field(
         0,
         ge=0,
-        description="Open client connections per worker (503 overloaded beyond); 0 derives "
-        "it from the file-descriptor limit: (limit - 128) / 2, at least 64.",
+        description="Open client connections per worker; at the cap a new connection makes "
+        "room by closing one without a complete request head, else an idle keep-alive one "
+        "(503 overloaded when every other is in a request). 0 derives it from the "
+        "file-descriptor limit: 56 at 256, 224 at 1024.",
     )
     # Behind a load balancer every connection may come from one address.
     max_connections_per_client: int = Field(

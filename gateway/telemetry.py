@@ -24,6 +24,8 @@ from gateway.types import Scope
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
+    from gateway.head import RequestHead
+
 T = TypeVar("T")
 
 
@@ -35,8 +37,8 @@ class Telemetry:
         self.tracing = tracing
         self.access_log = access_log
 
-    def begin(self, scope: Scope, request_id: bytes) -> RequestTelemetry:
-        return RequestTelemetry(self, scope, request_id)
+    def begin(self, scope: Scope, request_id: bytes, head: RequestHead) -> RequestTelemetry:
+        return RequestTelemetry(self, scope, request_id, head)
 
 
 class RequestTelemetry:
@@ -59,7 +61,9 @@ class RequestTelemetry:
         "upstream_seconds",
     )
 
-    def __init__(self, owner: Telemetry, scope: Scope, request_id: bytes) -> None:
+    def __init__(
+        self, owner: Telemetry, scope: Scope, request_id: bytes, head: RequestHead
+    ) -> None:
         self._owner = owner
         self._scope = scope
         self.started = owner.metrics.request_started()
@@ -78,7 +82,7 @@ class RequestTelemetry:
         self._span: Span | None = None
         self._upstream_span: Span | None = None
         if owner.tracing is not None:
-            self._span = owner.tracing.request(scope["method"], "rejected", scope["headers"])
+            self._span = owner.tracing.request(head.method, "rejected", head)
 
     def admission(self, check: Awaitable[T]) -> Awaitable[T]:
         """The admission decision, in a span of its own when tracing (else as is)."""

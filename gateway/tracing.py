@@ -21,15 +21,15 @@ from typing import TYPE_CHECKING
 
 from gateway import __version__
 from gateway.errors import ConfigError
-from gateway.types import Headers
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span
 
+    from gateway.head import RequestHead
+
 logger = logging.getLogger(__name__)
 
-_TRACE_HEADERS = (b"traceparent", b"tracestate")
 _TRACE_NAMES = ("traceparent", "tracestate")
 _EXPORTERS = "opentelemetry_traces_exporter"  # the SDK's entry-point group
 
@@ -47,13 +47,13 @@ class Tracing:
         self._tracer = provider.get_tracer("chatkit-gateway", __version__)
         self._propagator = TraceContextTextMapPropagator()
 
-    def request(self, method: str, path_kind: str, headers: Headers) -> Span:
+    def request(self, method: str, path_kind: str, head: RequestHead) -> Span:
         """The request's span (kind SERVER), a child of the caller's traceparent."""
-        carrier = {
-            name.decode("latin-1"): value.decode("latin-1")
-            for name, value in headers
-            if name in _TRACE_HEADERS
-        }
+        carrier = {}
+        if head.traceparent is not None:
+            carrier["traceparent"] = head.traceparent.decode("latin-1")
+            if head.tracestate is not None:
+                carrier["tracestate"] = head.tracestate.decode("latin-1")
         parent = self._propagator.extract(carrier) if carrier else None
         return self._tracer.start_span(
             f"{method} {path_kind}",

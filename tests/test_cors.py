@@ -7,6 +7,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
+from gateway.head import head_from_headers
 from gateway.headers import is_cors_preflight
 from tests.fake_upstream import FakeUpstream
 from tests.harness import GatewayProcess
@@ -24,7 +25,7 @@ from tests.harness import GatewayProcess
 def test_preflight_detection(
     method: str, headers: list[tuple[bytes, bytes]], expected: bool
 ) -> None:
-    assert is_cors_preflight(method, headers) is expected
+    assert is_cors_preflight(head_from_headers(method, b"/v1/chatkit/x", headers)) is expected
 
 
 async def test_preflight_is_forwarded_without_a_secret_and_plain_options_is_not(

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import pytest_asyncio
 
+from gateway.app import GatewayApp
+from gateway.protocol import GatewayHttpProtocol
+from gateway.settings import load_settings
+from tests.doubles import serving_in_process
 from tests.fake_upstream import FakeUpstream
 from tests.harness import GatewayProcess, connection, raw_http, raw_upload
 
@@ -282,3 +287,201 @@ async def test_a_body_read_in_pieces_keeps_the_connection_alive(
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
         assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
     assert fake.requests[0].body_bytes == 5
+
+
+# -- chunked trailers (RFC 9110 6.5.1) ------------------------------------------------
+
+#: A secret that only the trailer carries, and a field only the trailer names.
+TRAILER = b"0\r\nAuthorization: Bearer ek_from_the_trailer\r\nX-Trailer-Only: yes\r\n\r\n"
+
+
+async def byte_by_byte(gw: GatewayProcess, data: bytes) -> bytes:
+    """Write ``data`` one byte per write, so the gateway reads it in many pieces."""
+    reply, _ = await raw_upload(gw.host, gw.port, b"", [data[i : i + 1] for i in range(len(data))])
+    return reply
+
+
+async def one_write(gw: GatewayProcess, data: bytes) -> bytes:
+    return await send(gw, data)
+
+
+Deliver = Callable[[GatewayProcess, bytes], Awaitable[bytes]]
+DELIVERIES = [
+    pytest.param(one_write, id="one-write"),
+    pytest.param(byte_by_byte, id="byte-by-byte"),
+]
+
+
+@pytest.mark.parametrize("deliver", DELIVERIES)
+async def test_a_secret_in_a_trailer_does_not_authenticate(
+    gateway: GatewayProcess, fake: FakeUpstream, deliver: Deliver
+) -> None:
+    # No Authorization in the head: the trailer's must not stand in for it,
+    # whether it arrives with the head or long after the app read the head.
+    head = b"POST " + CLIENT + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+    reply = await deliver(
+        gateway, head + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n" + TRAILER
+    )
+    assert status_of(reply) == 401, reply
+    assert b'"code":"missing_client_secret"' in reply
+    assert fake.count() == 0
+
+
+@pytest.mark.parametrize("deliver", DELIVERIES)
+@pytest.mark.parametrize(
+    "head",
+    [
+        # Client traffic, admitted on the head's secret.
+        b"POST " + CLIENT + b" HTTP/1.1\r\nHost: a\r\n" + AUTH,
+        # Passed through to the hosted API without admission (a body on a
+        # DELETE is unusual, not forbidden).
+        b"DELETE /v1/chatkit/threads/thr_1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer sk-x\r\n",
+    ],
+    ids=["client", "pass-through"],
+)
+async def test_trailer_fields_never_reach_the_upstream_as_headers(
+    gateway: GatewayProcess, fake: FakeUpstream, deliver: Deliver, head: bytes
+) -> None:
+    data = head + b"Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n" + TRAILER
+    reply = await deliver(gateway, data)
+    assert fake.count() == 1, reply
+    seen = fake.requests[0]
+    assert seen.body_bytes == 2
+    assert seen.header("x-trailer-only") is None
+    assert [value for name, value in seen.headers if name.lower() == "authorization"] == [
+        head.split(b"Authorization: ")[1].split(b"\r\n")[0].decode()
+    ]
+
+
+async def test_an_endless_trailer_is_refused_with_431(gateway: GatewayProcess) -> None:
+    # Trailer fields are dropped, but still read: their size is bounded like a head's.
+    head = b"POST " + CLIENT + b" HTTP/1.1\r\nHost: a\r\n" + AUTH
+    head += b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Bomb: "
+    reply, written = await raw_upload(
+        gateway.host, gateway.port, head, itertools.repeat(b"a" * (64 * 1024), 256)
+    )
+    if reply:  # the answer may be lost to the reset that closing an unread socket sends
+        assert status_of(reply) == 431, reply[:300]
+    assert written < 8 * MIB
+
+
+# -- pipelined requests after a refused one -----------------------------------------
+
+PIPELINED_GET = b"GET /v1/chatkit/threads HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer sk-x\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        # Not HTTP at all.
+        b"XXXX\r\n\r\n",
+        # HTTP/1.1 without Host (RFC 9112 3.2: 400).
+        b"GET /v1/chatkit/threads HTTP/1.1\r\nAuthorization: Bearer sk-x\r\n\r\n",
+        # A second good request, then garbage: both answers come first.
+        PIPELINED_GET + b"XXXX\r\n\r\n",
+    ],
+    ids=["garbage", "no-host", "good-then-garbage"],
+)
+async def test_a_refusal_after_pipelined_requests_comes_after_their_answers(
+    gateway: GatewayProcess, fake: FakeUpstream, after: bytes
+) -> None:
+    logged_before = len(gateway.output())
+    reply = await send(gateway, PIPELINED_GET + after)
+    forwarded = 1 + after.count(PIPELINED_GET)
+    statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", reply)]
+    assert statuses == [200] * forwarded + [400], reply
+    # The last answer is the refusal, in the OpenAI shape.
+    assert b'"code":"invalid_request"' in reply.rsplit(b"\r\n\r\n", 1)[1]
+    # Exactly the requests that were answered 200 reached the upstream.
+    await fake.wait_for(lambda: fake.count() == forwarded, timeout=5)
+    assert [seen.path for seen in fake.requests] == ["/v1/chatkit/threads"] * forwarded
+    # The gateway still answers, and logged no traceback on the way.
+    probe = b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    assert status_of(await send(gateway, probe)) == 200
+    logged = gateway.output()[logged_before:]
+    assert "Traceback" not in logged, logged
+    assert "write_eof" not in logged, logged
+
+
+async def test_a_refusal_while_the_earlier_answer_is_in_flight_waits_for_it(
+    gateway: GatewayProcess, fake: FakeUpstream
+) -> None:
+    # The garbage arrives while the upstream still holds the first request:
+    # the refusal used to cut that answer off (or come first).
+    fake.inject("delay", path_prefix="/v1/chatkit/threads", seconds=3)
+    reply = bytearray()
+    async with connection(gateway.host, gateway.port) as (reader, writer), asyncio.timeout(15):
+        writer.write(PIPELINED_GET)
+        await fake.wait_for(lambda: fake.count() == 1, timeout=10)
+        writer.write(b"XXXX\r\n\r\n")
+        while chunk := await reader.read(65536):
+            reply += chunk
+    statuses = [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", reply)]
+    assert statuses == [200, 400], bytes(reply)
+    assert fake.count() == 1
+
+
+# -- header values beyond ASCII -------------------------------------------------------
+
+
+class RawUpstream:
+    """An upstream that records each request head exactly as its bytes arrived."""
+
+    def __init__(self) -> None:
+        self.heads: list[bytes] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.heads.append(head)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize(
+    ("field", "status"),
+    [
+        # obs-text (RFC 9110 5.5) that is not UTF-8: aiohttp would write it
+        # re-encoded (\x80 as \xc2\x80), so it is refused.
+        (b"x-fuzz: \x80", 400),
+        (b"x-fuzz: a\xffb", 400),
+        (b"authorization: Bearer \xff", 400),
+        # UTF-8 goes out as the very bytes that came in.
+        (b"x-fuzz: caf\xc3\xa9 \xe2\x82\xac", 200),
+    ],
+)
+async def test_header_bytes_beyond_ascii_are_forwarded_unchanged_or_refused(
+    field: bytes, status: int
+) -> None:
+    upstream = RawUpstream()
+    async with upstream as url:
+        app = GatewayApp(load_settings({"GATEWAY_UPSTREAM_URL": url}))
+        async with serving_in_process(app, http=GatewayHttpProtocol, access_log=False) as port:
+            # A pass-through route: the value reaches the upstream unless refused.
+            head = b"GET /v1/chatkit/threads HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+            if not field.startswith(b"authorization"):
+                head += b"Authorization: Bearer sk-x\r\n"
+            reply = await raw_http("127.0.0.1", port, head + field + b"\r\n\r\n")
+    assert status_of(reply) == status, reply
+    if status == 400:
+        assert b'"code":"invalid_request"' in reply
+        assert upstream.heads == []
+    else:
+        (seen,) = upstream.heads
+        assert b"\r\n" + field + b"\r\n" in seen, seen
