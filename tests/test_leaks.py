@@ -65,9 +65,10 @@ def _run(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
 
 def test_a_socket_left_open_fails_the_module_that_leaked_it(tmp_path: Path) -> None:
     done = _run(tmp_path, LEAKY)
+    # Failed: in the module's last teardown, or in a test of the module if
+    # the collector happened to run there first.
     assert done.returncode == 1, done.stdout
-    assert "unclosed <socket.socket" in done.stdout
-    assert "2 passed, 1 error" in done.stdout
+    assert "Exception ignored in: <socket.socket" in done.stdout
 
 
 def test_the_same_module_without_the_leak_passes(tmp_path: Path) -> None:
