@@ -11,8 +11,9 @@ connections unless ``--connections``) and, for streams, ``bench/sse.py``:
   targets;
 - ``gateway pass-through`` (no decision), ``gateway client (redis)`` (a small
   JSON POST decided in Redis), ``gateway client GET (redis)``, ``gateway
-  client (embedded)``, ``gateway issued session`` (issuer mode: ``POST
-  /chatkit`` with a secret the gateway minted, identity headers added);
+  client (embedded)``, ``gateway issued turn`` and ``gateway issued read``
+  (issuer mode: ``POST /chatkit`` with a secret the gateway minted, its
+  envelope read and classed, identity headers added);
 - ``... c1``: the same POST over one connection (added latency, pauses);
 - ``gateway 401 unknown secret``, ``gateway 429 over limit``: floods of
   rejections, and ``gateway client under 401 flood``: admitted traffic

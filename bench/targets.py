@@ -37,13 +37,20 @@ CONVERSATION_BODY = (
     b'{"type":"threads.create","params":{"input":{"content":'
     b'[{"type":"input_text","text":"Hello from scripts/bench"}]}}}'
 )
+#: An issued read: what a page load makes several of.
+READ_BODY = b'{"type":"threads.list","params":{"limit":20,"order":"desc"}}'
 INSTALL_HINT = "install it with: apt-get install wrk nginx-light"
 CONVERSATION = "/v1/chatkit/conversation?bench=1"
 # Issuer mode: the gateway sends it to <workflow upstream>?bench=1, which the
 # fake answers with the same constant as every other row.
 ISSUED_PATH = "/chatkit?bench=1"
 #: What ``--only`` can pick.
-PARTS = ("direct", "nginx", "minimal", "embedded", "gateway", "workers", "streams")
+PARTS = ("direct", "nginx", "minimal", "embedded", "gateway", "workers", "streams", "model")
+#: The model route's rows: the real key the fake model takes, and a workflow
+#: with a token budget, so the reservation and settling are measured too.
+MODEL_KEY = "sk-bench-model-key-0123456789"
+MODEL_WORKFLOW = "wf_model"
+MODEL_BODY = b'{"model":"gpt-5-mini","input":"Hello from scripts/bench","stream":true}'
 
 
 @dataclass
@@ -112,6 +119,8 @@ class Bench:
         self.flood: dict[str, float] = {}
         #: How the cores were shared in the workers comparison.
         self.workers_layout: str | None = None
+        #: µs to read one streamed answer's usage (StreamMeter), when measured.
+        self.model_parser_us: float | None = None
 
     # processes
 
@@ -157,8 +166,21 @@ class Bench:
                 "GATEWAY_WORKERS": str(workers or self.args.workers),
                 "GATEWAY_LOG_LEVEL": "warning",
                 # Issuer mode beside the hosted upstream: the issued-session row.
+                # Its reads get a window too large to refuse during a run,
+                # like the sessions' own limit: measured is the deciding.
                 "GATEWAY_WORKFLOWS": json.dumps(
-                    {ISSUED_WORKFLOW: {"upstream": f"http://127.0.0.1:{upstream_port}/v1/chatkit"}}
+                    {
+                        ISSUED_WORKFLOW: {
+                            "upstream": f"http://127.0.0.1:{upstream_port}/v1/chatkit",
+                            "policy": {"limits": {"read": {"session": {"1m": HUGE_LIMIT}}}},
+                        },
+                        MODEL_WORKFLOW: {
+                            "upstream": f"http://127.0.0.1:{upstream_port}/v1/chatkit",
+                            "policy": {"tokens": {"user": {"1d": HUGE_LIMIT}}}
+                            if "GATEWAY_MODEL_API_KEY" in (extra or {})
+                            else {},
+                        },
+                    }
                 ),
                 "GATEWAY_ISSUER_API_KEYS": ISSUER_KEY,
                 **(extra or {}),
@@ -414,10 +436,11 @@ class Bench:
             ("nginx", (o.nginx,)),
             ("minimal", (o.minimal, o.minimal_c1)),
             ("embedded", (o.embedded,)),
-            ("gateway", (o.passthrough, o.with_redis, o.decision_only, o.issued, o.gateway_c1,
-                         o.unauthorized, o.limited, o.under_flood)),
+            ("gateway", (o.passthrough, o.with_redis, o.decision_only, o.issued, o.issued_read,
+                         o.gateway_c1, o.unauthorized, o.limited, o.under_flood)),
             ("workers", (o.workers_one, o.workers_two)),
             ("streams", (o.streams_idle, o.streams_paced)),
+            ("model", (o.model_minimal, o.model_gateway)),
         ):  # fmt: skip
             if part in only:
                 for outcome in rows:
@@ -450,6 +473,8 @@ class Bench:
         if "streams" in only:
             self.attempt(o.streams_idle, idle_streams, self)
             self.attempt(o.streams_paced, paced_streams, self)
+        if "model" in only:
+            self.attempt(o.model_gateway, self._model_rows)
         self.stop_all()
 
     def conversation(self, gateway_port: int) -> Request:
@@ -468,9 +493,10 @@ class Bench:
         """A secret the gateway minted itself (issuer mode) for ``workflow``."""
         return self.client_secret(gateway_port, workflow=workflow, key=ISSUER_KEY)
 
-    def issued(self, gateway_port: int) -> Request:
+    def issued(self, gateway_port: int, body: bytes = CONVERSATION_BODY) -> Request:
+        """An issued request: a turn (threads.create) unless ``body`` says otherwise."""
         secret = self.issued_secret(gateway_port)
-        return Request("POST", ISSUED_PATH, f"Bearer {secret}", CONVERSATION_BODY)
+        return Request("POST", ISSUED_PATH, f"Bearer {secret}", body)
 
     def _direct(self, get_threads: Request, post: Request) -> None:
         # The fake as the system under test: its own instance, on the SUT side.
@@ -557,6 +583,7 @@ class Bench:
                 post = self.conversation(port)
                 get = Request("GET", CONVERSATION, post.authorization)
                 issued = self.issued(port)
+                issued_read = self.issued(port, READ_BODY)
                 measure = functools.partial(self.measure, port=port, sut=[gw], load=load)
                 self.attempt(
                     o.passthrough, measure, o.passthrough, request=get_threads, expect_header="via"
@@ -579,6 +606,13 @@ class Bench:
                 )
                 self.attempt(
                     o.issued, measure, o.issued, request=issued, expect_header="ratelimit-policy"
+                )
+                self.attempt(
+                    o.issued_read,
+                    measure,
+                    o.issued_read,
+                    request=issued_read,
+                    expect_header="ratelimit-policy",
                 )
                 self.sample_memory("gateway", gw, "loaded")
                 self.attempt(o.gateway_c1, measure, o.gateway_c1, request=post)
@@ -649,9 +683,105 @@ class Bench:
         finally:
             self.load_cpus = saved
 
+    def _model_rows(self) -> None:
+        """A streamed Responses answer through the gateway's model route (token
+        checked, budget reserved and settled, usage read from the stream) and
+        through the minimal proxy, from the fake model on the load side."""
+        o = self.o
+        port = free_port()
+        argv = [
+            sys.executable, "-m", "tests.fake_model", "--port", str(port), "--api-key", MODEL_KEY,
+        ]  # fmt: skip
+        model = self.start(
+            Service("fake model", argv, cpus=self.load_cpus, workdir=self.workdir),
+            answers(port, "/healthz"),
+        )
+        load = {**self.load, "upstream": [model]}
+        minimal, minimal_port = self.minimal_proxy(port)
+        try:
+            direct = Request("POST", "/v1/responses", f"Bearer {MODEL_KEY}", MODEL_BODY)
+            self.attempt(
+                o.model_minimal,
+                lambda: self.measure(
+                    o.model_minimal, minimal_port, direct, sut=[minimal], load=load,
+                    rounds=self.rounds,
+                ),
+            )  # fmt: skip
+        finally:
+            self.stop(minimal)
+        gw, gw_port = self.gateway(
+            "gateway (model)",
+            self.backend_port,
+            self.redis_url,
+            extra={
+                "GATEWAY_MODEL_API_KEY": MODEL_KEY,
+                "GATEWAY_MODEL_UPSTREAM": f"http://127.0.0.1:{port}",
+            },
+        )
+        try:
+            token = model_token(self.redis_url)
+            through = Request("POST", "/v1/responses", f"Bearer {token}", MODEL_BODY)
+            self.measure(o.model_gateway, gw_port, through, sut=[gw], load=load, rounds=self.rounds)
+            _, _, stream = http_request(port, "POST", "/v1/responses", through.headers() | {
+                "Authorization": f"Bearer {MODEL_KEY}"}, MODEL_BODY)  # fmt: skip
+            self.model_parser_us = usage_parser_us(stream)
+        finally:
+            self.stop(gw)
+            self.stop(model)
+
     @property
     def rounds(self) -> int:
         return int(self.args.rounds)
+
+
+def model_token(redis_url: str) -> str:
+    """A model token for the bench's calls, granted in the store as a turn's
+    would be (the bench has no ChatKit server to hand one to)."""
+    import asyncio
+    import secrets
+    import time
+
+    from gateway.auth import SecretHasher
+    from gateway.store.base import ModelGrant
+    from gateway.store.redis import RedisStore, connect
+
+    token = "ckmt_" + secrets.token_urlsafe(32)
+
+    async def grant() -> None:
+        store = RedisStore(connect(redis_url, cluster=False, timeout=5.0), pubsub_url=redis_url)
+        try:
+            await store.grant_model_token(
+                SecretHasher(None)(token.encode()),
+                ModelGrant(
+                    secret_hash="bench-" + secrets.token_hex(16),
+                    session_id="cksess_bench_model",
+                    user="bench-user",
+                    workflow_id=MODEL_WORKFLOW,
+                    request_id="bench",
+                    expires_at=int(time.time()) + 3600,
+                ),
+            )
+        finally:
+            await store.close()
+
+    asyncio.run(grant())
+    return token
+
+
+def usage_parser_us(stream: bytes, repeat: int = 2000) -> float:
+    """What reading one streamed answer's usage costs the gateway (µs per answer)."""
+    import time
+
+    from gateway.model.usage import RESPONSES, StreamMeter
+
+    started = time.perf_counter()
+    for _ in range(repeat):
+        meter = StreamMeter(RESPONSES)
+        meter.feed(stream)
+        meter.rest()
+    if meter.usage is None:
+        raise BenchError("the usage parser found no usage in the fake model's stream")
+    return (time.perf_counter() - started) / repeat * 1e6
 
 
 class Outcomes:
@@ -667,7 +797,8 @@ class Outcomes:
         # It splits the client route's cost: the same decision on a body-less
         # GET, whose upstream answer is the size of the pass-through's.
         self.decision_only = Outcome("gateway client GET (redis)", "GET", post_path)
-        self.issued = Outcome("gateway issued session", "POST", ISSUED_PATH)
+        self.issued = Outcome("gateway issued turn", "POST", ISSUED_PATH)
+        self.issued_read = Outcome("gateway issued read", "POST", ISSUED_PATH)
         self.upstream_c1 = Outcome("upstream direct c1", "POST", post_path, connections=1)
         self.minimal_c1 = Outcome("minimal proxy c1", "POST", post_path, connections=1)
         self.gateway_c1 = Outcome("gateway client (redis) c1", "POST", post_path, connections=1)
@@ -681,6 +812,8 @@ class Outcomes:
         # Not wrk rows: they carry a failure or a skip for the stream targets.
         self.streams_idle = Outcome("idle SSE streams", "POST", ISSUED_PATH, wrk_row=False)
         self.streams_paced = Outcome("paced SSE streams", "POST", ISSUED_PATH, wrk_row=False)
+        self.model_minimal = Outcome("minimal proxy, model stream", "POST", "/v1/responses")
+        self.model_gateway = Outcome("gateway model route (redis)", "POST", "/v1/responses")
 
     def all(self) -> list[Outcome]:
         return [v for v in vars(self).values() if isinstance(v, Outcome)]

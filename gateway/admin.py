@@ -30,6 +30,7 @@ from starlette.routing import Route
 from gateway.apps import AppKeys, build_apps
 from gateway.auth import constant_time_equal
 from gateway.errors import StoreUnavailable, error_body
+from gateway.model.report import user_usage
 from gateway.registry import SESSION_ID
 from gateway.store.base import IndexedSession
 from gateway.users import MAX_BAN_SECONDS, app_view, ban, user_view
@@ -60,6 +61,8 @@ class AdminAPI:
                 Route("/admin/revoke", self.revoke, methods=["POST"]),
                 Route("/admin/sessions/{session_id}", self.session, methods=["GET"]),
                 Route("/admin/revocations", self.revocations, methods=["GET"]),
+                # Before the user's own route, whose {user:path} would take it.
+                Route("/admin/users/{user:path}/usage", self.usage, methods=["GET"]),
                 Route("/admin/users/{user:path}", self.user, methods=["GET"]),
                 Route("/admin/bans/{user:path}", self.lift_ban, methods=["DELETE"]),
                 Route("/admin/apps/{name}", self.app_info, methods=["GET"]),
@@ -211,6 +214,21 @@ class AdminAPI:
         except StoreUnavailable as exc:
             return _error(503, str(exc), code="store_unavailable", type="api_error")
         return JSONResponse({"data": [dataclasses.asdict(e) for e in entries]})
+
+    async def usage(self, request: Request) -> Response:
+        """A user's model usage per workflow, window, session and model."""
+        user = request.path_params["user"]
+        workflows = list(self._c.settings.workflows)
+        wanted = request.query_params.get("workflow")
+        if wanted is not None:
+            if wanted not in workflows:
+                return _error(404, f"No workflow '{wanted}' is configured.", code="not_found")
+            workflows = [wanted]
+        try:
+            report = await user_usage(self._c.store, workflows, user)
+        except StoreUnavailable as exc:
+            return _error(503, str(exc), code="store_unavailable", type="api_error")
+        return JSONResponse(report)
 
 
 class Listener:

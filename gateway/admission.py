@@ -12,7 +12,7 @@ import time
 from typing import NamedTuple
 
 from gateway.auth import SecretHasher, bearer_secret
-from gateway.errors import AuthError, GatewayError, StoreUnavailable
+from gateway.errors import AuthError, GatewayError, RateLimited, StoreUnavailable
 from gateway.head import RequestHead
 from gateway.metrics import Metrics
 from gateway.ratelimit import Decision, Identity, Outcome, rate_limit_headers, rejection
@@ -63,10 +63,22 @@ class Gatekeeper:
         self._window = window_seconds
         self._enforce = enforce
 
-    async def check(self, headers: RequestHead | Headers) -> Admission:
+    async def check(
+        self,
+        headers: RequestHead | Headers,
+        cls: str = "",
+        need: str = "",
+        declared_size: int = 0,
+        model: str | None = None,
+    ) -> Admission:
         """Decide; raise the rejecting error, or return what the request carries on.
 
         ``headers``: the request's head, as the protocol read it (or its list).
+        ``cls`` is the request's class (``gateway.chatkit.RequestClass``), ""
+        for requests without one (counted by the session's limit only);
+        ``need`` and ``declared_size`` what the session's configuration is
+        asked for (:class:`~gateway.store.base.AdmitRequest`), ``model`` the
+        model a turn names (refused by the session's policy before counting).
         """
         try:
             secret_hash = self._hash(bearer_secret(headers))
@@ -79,7 +91,14 @@ class Gatekeeper:
             try:
                 decision = await self._store.admit(
                     AdmitRequest(
-                        secret_hash, self._allow_unknown, self._default_limit, self._user_limit
+                        secret_hash,
+                        self._allow_unknown,
+                        self._default_limit,
+                        self._user_limit,
+                        cls,
+                        need,
+                        declared_size,
+                        model,
                     )
                 )
             except StoreUnavailable as exc:
@@ -88,10 +107,15 @@ class Gatekeeper:
                 logger.debug("Admission refused: %s", exc)
                 return Admission(secret_hash, self._report_only(exc, "store_unavailable"))
             self._metrics.decision_seconds.observe(time.perf_counter() - started)
-        self._metrics.decision_by_outcome[decision.outcome].inc()
+        identity = decision.identity
+        self._metrics.count_decision(
+            decision.outcome, identity.workflow_id if identity is not None else "", cls
+        )
         error = rejection(decision, window_seconds=self._window)
         if error is not None:
             if self._enforce:
+                if decision.identity is not None and isinstance(error, RateLimited):
+                    error.workflow_id = decision.identity.workflow_id
                 raise error  # a 429 carries its own rate-limit headers
             self._metrics.would_reject_by_outcome[decision.outcome].inc()
             logger.info("Report-only: would reject (%s)", decision.outcome.name.lower())
@@ -100,6 +124,15 @@ class Gatekeeper:
             rate_limit_headers(decision, window_seconds=self._window),
             decision.identity,
         )
+
+    def well_formed(self, headers: RequestHead | Headers) -> bool:
+        """Whether the request carries a well-formed secret (and so may have
+        its body read before admission)."""
+        try:
+            bearer_secret(headers)
+        except AuthError:
+            return False
+        return True
 
     def _report_only(self, error: GatewayError, what: str) -> Headers:
         if self._enforce:

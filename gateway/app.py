@@ -35,6 +35,10 @@ from gateway.health import StoreMonitor
 from gateway.issuer import Issuer, SessionIds
 from gateway.lifecycle import draining
 from gateway.metrics import Metrics
+from gateway.model.metering import Metering
+from gateway.model.prices import Prices
+from gateway.model.routes import ModelLabels, ModelUpstream
+from gateway.model.tokens import ModelTokens
 from gateway.proxy import Proxy
 from gateway.revocation import Revoker
 from gateway.routes import Kind, Route, table_with
@@ -65,6 +69,7 @@ class Components:
     session: aiohttp.ClientSession
     proxy: Proxy
     monitor: StoreMonitor
+    model: ModelUpstream | None = None
 
 
 def build_store(settings: Settings, *, serving: bool = False) -> Store:
@@ -119,6 +124,37 @@ def build_issuer(
         default_expires_seconds=settings.session_default_expires_seconds,
         max_expires_seconds=settings.session_max_expires_seconds,
         serves_every_create=not settings.has_upstream,
+        policies={wf: w.policy for wf, w in settings.workflows.items()},
+    )
+
+
+def build_model_upstream(
+    settings: Settings, store: Store, revoker: Revoker, hasher: SecretHasher, metrics: Metrics
+) -> ModelUpstream | None:
+    """The model routes' upstream, tokens and metering, when a model key is configured."""
+    if settings.model_api_key is None:
+        return None
+    metering = Metering(
+        store,
+        metrics=metrics,
+        prices=Prices.load(settings.model_prices),
+        policies={name: workflow.policy for name, workflow in settings.workflows.items()},
+        labels=ModelLabels(),
+        audit=settings.audit_model_usage,
+        grace_seconds=settings.model_token_grace_seconds,
+        replica=settings.effective_replica_id,
+    )
+    return ModelUpstream(
+        origin=settings.model_upstream,
+        api_key=settings.model_api_key.get_secret_value(),
+        tokens=ModelTokens(
+            store,
+            hasher=hasher,
+            revoker=revoker,
+            grace_seconds=settings.model_token_grace_seconds,
+        ),
+        metering=metering,
+        max_body=settings.model_max_body_bytes,
     )
 
 
@@ -202,6 +238,7 @@ class GatewayApp:
                 "so limits and revocations are not shared between replicas or workers."
             )
         metrics = Metrics(workers=settings.workers)
+        metrics.workflows = frozenset(settings.workflows)
         if self._tracing is None:
             self._tracing = configure(otel_traces_exporter())
         metrics.store_full.set_function(lambda: 1.0 if store.full else 0.0)
@@ -228,7 +265,9 @@ class GatewayApp:
             ),
             issued=bool(settings.workflows),
             hosted=settings.has_upstream,
+            model=settings.serves_model,
         )
+        model = build_model_upstream(settings, store, revoker, hasher, metrics)
         sessions = SessionControl(
             store=store,
             revoker=revoker,
@@ -247,6 +286,7 @@ class GatewayApp:
             sessions=sessions,
             metrics=metrics,
             telemetry=Telemetry(metrics, tracing=self._tracing, access_log=settings.access_log),
+            model=model,
         )
         revoker.start()
         monitor = StoreMonitor(
@@ -257,7 +297,7 @@ class GatewayApp:
         )
         monitor.start()
         self.components = Components(
-            settings, store, revoker, hasher, metrics, session, proxy, monitor
+            settings, store, revoker, hasher, metrics, session, proxy, monitor, model
         )
         if settings.admin_token is not None:
             self._admin = AdminServer(self.components)
@@ -283,6 +323,9 @@ class GatewayApp:
                 await listener.stop()
         await components.monitor.stop()
         await components.revoker.stop()
+        if components.model is not None:
+            await components.model.tokens.close()
+            await components.model.metering.close()
         await components.session.close()
         await components.store.close()
         if self._tracing is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 
 from gateway.errors import AuthError
@@ -54,6 +55,19 @@ def bearer_secret(source: RequestHead | Headers) -> bytes:
     return token
 
 
+#: Hex digits of the user slot tag in a minted secret (``ek_<tag>_<random>``):
+#: 65536 tags spread users over every Cluster slot.
+TAG_LENGTH = 4
+_TAG = re.compile(rb"[0-9a-f]{4}")
+
+
+def split_tag(secret_hash: str) -> tuple[str, str]:
+    """``(tag, digest)`` of a secret hash; the tag is empty for untagged secrets."""
+    if len(secret_hash) > TAG_LENGTH and secret_hash[TAG_LENGTH] == "_":
+        return secret_hash[:TAG_LENGTH], secret_hash[TAG_LENGTH + 1 :]
+    return "", secret_hash
+
+
 class SecretHasher:
     """Keyed hash of a client secret: the only form in which secrets are kept."""
 
@@ -65,7 +79,21 @@ class SecretHasher:
         self._key = pepper or b"chatkit-gateway/v1"
 
     def __call__(self, secret: bytes) -> str:
-        return hmac.new(self._key, secret, hashlib.sha256).hexdigest()
+        digest = hmac.new(self._key, secret, hashlib.sha256).hexdigest()
+        # A secret the gateway minted names its user's slot tag; the hash keeps
+        # it, so the secret's state is stored beside its user's windows (one
+        # Redis Cluster slot). A forged tag only points at a slot where this
+        # secret is unknown.
+        if secret.startswith(b"ek_") and secret[3 + TAG_LENGTH : 4 + TAG_LENGTH] == b"_":
+            tag = secret[3 : 3 + TAG_LENGTH]
+            if _TAG.fullmatch(tag):
+                return f"{tag.decode()}_{digest}"
+        return digest
+
+    def user_tag(self, user: str) -> str:
+        """The slot tag of a user's issued secrets: keyed, so it names no user."""
+        mac = hmac.new(self._key, b"user-tag\x00" + user.encode(), hashlib.sha256)
+        return mac.hexdigest()[:TAG_LENGTH]
 
 
 def constant_time_equal(a: str | bytes, b: str | bytes) -> bool:

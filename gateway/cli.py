@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
         "new-api-key",
         help="print a new random issuer API key and the sha256: entry for GATEWAY_ISSUER_API_KEYS",
     )
+    usage = commands.add_parser(
+        "usage", help="show a user's model usage (tokens and dollars) as JSON"
+    )
+    usage.add_argument("--user", required=True, help="the user id sessions were created for")
+    usage.add_argument("--workflow", help="only this workflow (default: every configured one)")
     tail = commands.add_parser("revocations", help="show the revocation audit log")
     tail.add_argument("--tail", type=int, default=20, metavar="N", help="newest N entries")
     return parser
@@ -127,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("chatkit-gateway: no secret on standard input", file=sys.stderr)
                 return EXIT_CONFIG
         return asyncio.run(_revoke(settings, args.session_id, secret))
+    if args.command == "usage":
+        return asyncio.run(_usage(settings, args.user, args.workflow))
     if not 1 <= args.tail <= 10_000:
         print("chatkit-gateway: --tail must be between 1 and 10000", file=sys.stderr)
         return EXIT_CONFIG
@@ -161,6 +168,30 @@ async def _revoke(settings: Settings, session_id: str | None, secret: str | None
             "note: the gateway never saw this session's secret; the session id is "
             "marked revoked and a later registration of it is born revoked"
         )
+    return 0
+
+
+async def _usage(settings: Settings, user: str, workflow: str | None) -> int:
+    import json
+
+    from gateway.app import build_store
+    from gateway.model.report import user_usage
+
+    workflows = list(settings.workflows)
+    if workflow is not None:
+        if workflow not in workflows:
+            print(f"chatkit-gateway: no workflow {workflow!r} is configured", file=sys.stderr)
+            return EXIT_CONFIG
+        workflows = [workflow]
+    store = build_store(settings)
+    try:
+        report = await user_usage(store, workflows, user)
+    except StoreUnavailable as exc:
+        print(f"chatkit-gateway: cannot read usage: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        await store.close()
+    print(json.dumps(report, indent=2))
     return 0
 
 

@@ -179,6 +179,9 @@ class RateLimited(GatewayError):
     status = 429
     type = "rate_limit_error"  # not "requests": this is the gateway's limit
     code = "rate_limit_exceeded"
+    #: The refused session's workflow, when known: its policy says how the
+    #: refusal is answered.
+    workflow_id = ""
 
 
 class UpstreamError(GatewayError):

@@ -10,7 +10,10 @@ short-lived HS256 JWT (RFC 7519) over the same facts.
 
 from __future__ import annotations
 
+import functools
+import json
 from types import ModuleType
+from typing import Any
 from urllib.parse import quote
 
 from gateway.ratelimit import Identity
@@ -23,6 +26,9 @@ WORKFLOW_ID = b"x-chatkit-workflow-id"
 WORKFLOW_VERSION = b"x-chatkit-workflow-version"
 EXPIRES_AT = b"x-chatkit-expires-at"
 ASSERTION = b"x-chatkit-assertion"
+#: The session's chatkit_configuration, so the server honours what the
+#: gateway cannot see (history.recent_threads, automatic thread titling).
+CONFIGURATION = b"x-chatkit-configuration"
 PREFIX = b"x-chatkit-"
 
 
@@ -35,6 +41,12 @@ def strip_client_identity(headers: Headers) -> Headers:
         # would read it as the identity header the gateway sets.
         if name != b"authorization" and not name.replace(b"_", b"-").startswith(PREFIX)
     ]
+
+
+@functools.lru_cache(maxsize=1024)
+def _configuration(document: str) -> Any:
+    # A workflow's sessions share a few configurations: parsed once each.
+    return json.loads(document)
 
 
 class IdentityHeaders:
@@ -65,6 +77,9 @@ class IdentityHeaders:
         ]
         if identity.workflow_version:
             out.append((WORKFLOW_VERSION, quote(identity.workflow_version, safe="").encode()))
+        if identity.configuration:
+            # Compact JSON of ASCII (json.dumps escapes the rest): a valid value.
+            out.append((CONFIGURATION, identity.configuration.encode()))
         if self._key is not None and self._jwt is not None:
             claims = {
                 "iss": self._issuer,
@@ -78,6 +93,8 @@ class IdentityHeaders:
             }
             if identity.workflow_version:
                 claims["wfv"] = identity.workflow_version
+            if identity.configuration:
+                claims["cfg"] = _configuration(identity.configuration)
             token: str = self._jwt.encode(claims, self._key, algorithm="HS256")
             out.append((ASSERTION, token.encode()))
         return out

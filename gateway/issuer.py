@@ -41,6 +41,7 @@ from gateway.errors import (
     StoreUnavailable,
 )
 from gateway.metrics import Metrics
+from gateway.policy import Policy
 from gateway.revocation import Revoker
 from gateway.sessions import Answer, banned
 from gateway.store.base import SessionRecord, SessionSlot, SlotDecision, SlotOutcome, Store
@@ -50,6 +51,9 @@ from gateway.types import Headers
 MAX_USER_LENGTH = 512
 MAX_STATE_VARIABLES = 64  # the API's own limit
 MAX_UPLOAD_MB = 512  # the API's file_upload.max_file_size ceiling
+#: file_upload.max_file_size is in MB; read as MiB, the larger reading, so a
+#: file the client considers within the limit is never cut.
+MB = 1024 * 1024
 DEFAULT_MAX_FILES = 10
 
 _ID_PREFIX = "cksess_"
@@ -201,9 +205,11 @@ class SessionIds:
         return hmac.compare_digest(self._tag(body[:32]), body[32:])
 
 
-def new_client_secret() -> str:
-    """``ek_`` + 256 random bits, URL-safe (RFC 4648 section 5)."""
-    return _SECRET_PREFIX + secrets.token_urlsafe(32)
+def new_client_secret(tag: str = "") -> str:
+    """``ek_`` + the user's slot tag and ``_`` if given + 256 random bits,
+    URL-safe (RFC 4648 section 5)."""
+    prefix = f"{_SECRET_PREFIX}{tag}_" if tag else _SECRET_PREFIX
+    return prefix + secrets.token_urlsafe(32)
 
 
 def session_document(
@@ -293,8 +299,15 @@ class Issuer:
         default_expires_seconds: int,
         max_expires_seconds: int,
         serves_every_create: bool = False,
+        policies: Mapping[str, Policy] | None = None,
     ) -> None:
         self._workflows = workflows
+        # Compiled once: every session of a workflow carries the same windows.
+        policies = policies or {}
+        self._policies = {
+            wf: (policy.session_limit_counts, policy.windows(), policy.models or ())
+            for wf, policy in ((wf, policies.get(wf, Policy())) for wf in workflows)
+        }
         self._apps = apps
         self._store = store
         self._revoker = revoker
@@ -358,11 +371,15 @@ class Issuer:
                     param="expires_after.seconds",
                     code="invalid_value",
                 )
+        counts, windows, models = self._policies[request.workflow.id]
+        config = request.chatkit_configuration
         limit = self._default_limit
         if request.rate_limits is not None and request.rate_limits.max_requests_per_1_minute:
             limit = request.rate_limits.max_requests_per_1_minute
         session_id = self._ids.mint()
-        secret = new_client_secret()
+        # The secret names its user's slot tag: its state is stored beside the
+        # user's windows (see gateway.store.redis.keys).
+        secret = new_client_secret(self._hasher.user_tag(request.user))
         # Expiry is checked against the store's clock (Redis TIME), so it is
         # set from that clock too: a replica whose clock runs fast or slow
         # must not issue sessions that live longer or shorter than asked.
@@ -380,6 +397,16 @@ class Issuer:
             workflow_version=request.workflow.version or "",
             document=json.dumps(document, separators=(",", ":")).encode(),
             issued=True,
+            counts=counts,
+            windows=windows,
+            models=models,
+            # The session's own configuration, enforced by the gateway (it sees
+            # every request) and stated to the ChatKit server (for the rest).
+            history=config.history.enabled,
+            uploads=config.file_upload.enabled,
+            max_file_bytes=config.file_upload.max_file_size * MB,
+            max_files=config.file_upload.max_files,
+            configuration=json.dumps(document["chatkit_configuration"], separators=(",", ":")),
             app=app.name,
         )
         slot = SessionSlot(

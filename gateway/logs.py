@@ -147,11 +147,11 @@ def log_access(fields: Mapping[str, Any]) -> None:
     """One access-log line: readable in text, every field its own key in JSON.
 
     ``fields`` holds method, path, status, kind, outcome, client, bytes_in,
-    bytes_out, duration_ms, upstream_ms and, when set, aborted and app (the
-    issuer app of a session call).
+    bytes_out, duration_ms, upstream_ms and, when set, aborted, app (the
+    issuer app of a session call), and a ChatKit request's workflow and class.
     """
     _access.info(
-        "%s %s %d %s outcome=%s client=%s in=%d out=%d %.1fms upstream=%s%s%s",
+        "%s %s %d %s outcome=%s client=%s in=%d out=%d %.1fms upstream=%s%s%s%s%s",
         fields["method"],
         fields["path"],
         fields["status"],
@@ -164,6 +164,8 @@ def log_access(fields: Mapping[str, Any]) -> None:
         "-" if fields["upstream_ms"] is None else f"{fields['upstream_ms']:.1f}ms",
         f" aborted={fields['aborted']}" if fields.get("aborted") else "",
         f" app={fields['app']}" if fields.get("app") else "",
+        f" workflow={fields['workflow']}" if fields.get("workflow") else "",
+        f" class={fields['class']}" if fields.get("class") else "",
         extra={"fields": fields},
     )
 

@@ -51,6 +51,11 @@ UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 UPSTREAM_ERROR_KINDS = ("unavailable", "timeout", "mid_stream")
 
 
+#: Label values of admissions without a configured workflow or a class.
+OTHER_WORKFLOW = "other"
+NO_CLASS = "none"
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, workers: int = 1) -> None:
         # A counter's _created sample doubles the series for no use on a dashboard.
@@ -61,6 +66,20 @@ class Metrics:
             "chatkit_gateway_requests_total",
             "Requests handled, by route kind and response status.",
             ["kind", "status"],
+            registry=r,
+        )
+        self.model_tokens = Counter(
+            "chatkit_gateway_model_tokens_total",
+            "Tokens the model reported for calls through the model routes, by "
+            "workflow, model and kind (input: uncached input; cached_input; "
+            "output, reasoning included): the three add up to the total.",
+            ["workflow", "model", "kind"],
+            registry=r,
+        )
+        self.model_calls_unmetered = Counter(
+            "chatkit_gateway_model_calls_unmetered_total",
+            "Model calls answered 2xx whose answer ended without usage (a cut stream).",
+            ["workflow"],
             registry=r,
         )
         self.request_seconds = Histogram(
@@ -97,8 +116,10 @@ class Metrics:
         )
         self.decisions = Counter(
             "chatkit_gateway_admission_decisions_total",
-            "Admission decisions for client-secret traffic.",
-            ["outcome"],
+            "Admission decisions for client-secret traffic, by outcome, the session's "
+            "workflow (configured ids only, else other) and the request's class "
+            "(turn, read, write, upload, transcribe; none when unclassed).",
+            ["outcome", "workflow", "class"],
             registry=r,
         )
         self.would_reject = Counter(
@@ -199,7 +220,10 @@ class Metrics:
             registry=r,
         )
         # Children bound once: .labels() is a dict lookup plus a lock per call.
-        self.decision_by_outcome = {o: self.decisions.labels(o.name.lower()) for o in Outcome}
+        self.decision_by_outcome = {
+            o: self.decisions.labels(o.name.lower(), OTHER_WORKFLOW, NO_CLASS) for o in Outcome
+        }
+        self._decision_children: dict[tuple[Outcome, str, str], Any] = {}
         self.would_reject_by_outcome = {
             o: self.would_reject.labels(o.name.lower()) for o in Outcome
         }
@@ -209,6 +233,7 @@ class Metrics:
         }
         self.shed_by_reason = {s.value: self.connections_shed.labels(s.value) for s in Shed}
         self._request_children: dict[tuple[str, int], Any] = {}
+        self.workflows: frozenset[str] = frozenset()
         self._duration_children: dict[tuple[str, int], Any] = {}
         self._headers_children: dict[str, Any] = {}
         self._exposed = self.registry
@@ -218,6 +243,22 @@ class Metrics:
             ProcessCollector(registry=r)
 
     # -- the hot path: a dict lookup and a few additions per call ---------------
+
+    def count_decision(self, outcome: Outcome, workflow: str, cls: str) -> None:
+        """One admission decision. Only configured workflow ids become label
+        values (a session's workflow id is the client's word for learned
+        sessions), so the series stay bounded."""
+        if not cls and not workflow:
+            self.decision_by_outcome[outcome].inc()
+            return
+        label = workflow if workflow in self.workflows else OTHER_WORKFLOW
+        key = (outcome, label, cls)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self.decisions.labels(
+                outcome.name.lower(), label, cls or NO_CLASS
+            )
+        child.inc()
 
     def count_request(self, kind: str, status: int) -> None:
         """Count one request; the labelled child is looked up once per pair."""

@@ -27,6 +27,15 @@ import aiohttp
 from yarl import URL
 
 from gateway.admission import Admission, Gatekeeper
+from gateway.chatkit import (
+    Envelope,
+    RequestClass,
+    error_event,
+    may_be_transcribe,
+    needs,
+    parse_envelope,
+    requested_model,
+)
 from gateway.cors import CorsPolicy
 from gateway.errors import (
     AuthError,
@@ -34,6 +43,7 @@ from gateway.errors import (
     ClientDisconnected,
     GatewayError,
     PayloadTooLarge,
+    RateLimited,
     StreamAborted,
     UpstreamTimeout,
     error_response_headers,
@@ -53,6 +63,11 @@ from gateway.headers import (
 from gateway.identity import PREFIX as IDENTITY_PREFIX
 from gateway.identity import IdentityHeaders
 from gateway.metrics import Metrics
+from gateway.model.budgets import BudgetKey
+from gateway.model.metering import BudgetExceeded
+from gateway.model.routes import ModelRequest, ModelUpstream, prepare
+from gateway.model.tokens import HEADER as MODEL_TOKEN_HEADER
+from gateway.model.usage import StreamMeter, Usage, body_usage
 from gateway.ratelimit import Identity
 from gateway.revocation import Revoker
 from gateway.routes import ISSUED_PREFIX, Kind, Match, RouteTable, check_raw_path
@@ -72,6 +87,9 @@ WATCH_AFTER = 0.05
 #: Bounded in count and path length, so a spray of made-up paths cannot grow it.
 MATCH_CACHE_SIZE = 1024
 MATCH_CACHE_PATH_BYTES = 256
+#: An upload's body is the file in multipart framing (boundaries, part
+#: headers): this much beyond the session's max_file_size is framing.
+MULTIPART_SLACK = 16 * 1024
 
 
 class _Exchange:
@@ -171,6 +189,13 @@ class _Exchange:
 
 
 @dataclass(slots=True)
+class _Reading:
+    """What a model call's answer reported, as far as it got."""
+
+    usage: Usage | None = None
+
+
+@dataclass(slots=True)
 class Outbound:
     """One request for the upstream, ready to send."""
 
@@ -194,8 +219,10 @@ class Proxy:
         metrics: Metrics,
         routes: RouteTable,
         telemetry: Telemetry,
+        model: ModelUpstream | None = None,
     ) -> None:
         self._session = session
+        self._model = model
         self._gatekeeper = gatekeeper
         self._revoker = revoker
         self._sessions = sessions
@@ -211,6 +238,10 @@ class Proxy:
         self._trust_forwarded = settings.trust_forwarded_headers
         self._telemetry = telemetry
         self._workflows = {name: w.upstream for name, w in settings.workflows.items()}
+        self._policies = {name: w.policy for name, w in settings.workflows.items()}
+        self._max_envelope = settings.chatkit_max_envelope_bytes
+        self._max_transcribe = settings.chatkit_max_transcribe_bytes
+        self._envelope_bound = max(self._max_envelope, self._max_transcribe)
         key = settings.identity_signing_key
         self._identity = IdentityHeaders(
             signing_key=key.get_secret_value().encode() if key else None,
@@ -311,6 +342,9 @@ class Proxy:
             raise PayloadTooLarge(f"The request body exceeds {self._max_body} bytes.")
         has_body = (length or 0) > 0 or (length is None and head.chunked)
         kind = match.route.kind
+        if kind is Kind.MODEL and self._model is not None:
+            await self._model_call(scope, receive, exchange, headers, head, length, self._model)
+            return
         if kind is Kind.SESSION_CREATE or kind is Kind.SESSION_CANCEL:
             await self._session_call(
                 scope, receive, exchange, match, headers, head, has_body, length
@@ -335,15 +369,55 @@ class Proxy:
             return
         if cors is not None:
             exchange.always = cors.response_headers(origin)
-        admission = await exchange.tel.admission(self._gatekeeper.check(head))
+        envelope: Envelope | None = None
+        body: bytes | None = None
+        cls = need = ""
+        declared = upload_limit = 0
+        model: str | None = None
+        if kind is Kind.ISSUED and self._gatekeeper.well_formed(head):
+            # What an issued request counts against depends on what it is.
+            if match.route.pattern == ISSUED_PREFIX and scope["method"] == "POST":
+                body = await self._envelope_body(receive, exchange, length)
+                envelope = parse_envelope(
+                    body, max_bytes=self._max_envelope, max_transcribe_bytes=self._max_transcribe
+                )
+                cls = envelope.cls.value
+                exchange.tel.cls = cls
+                need, declared = needs(envelope)
+                model = requested_model(envelope)
+            else:
+                cls = exchange.tel.cls = RequestClass.UPLOAD.value
+                need = "upload"
+        try:
+            admission = await exchange.tel.admission(
+                self._gatekeeper.check(head, cls, need, declared, model)
+            )
+        except RateLimited as exc:
+            policy = self._policies.get(exc.workflow_id)
+            exchange.tel.workflow = exc.workflow_id
+            if policy is None or policy.limit_answer != "chatkit" or cls != RequestClass.TURN:
+                raise
+            await self._limit_event(exchange, exc, kind)
+            return
         if kind is Kind.ISSUED:
             outbound = self._issued_outbound(scope, exchange, headers, head, admission)
+            if admission.identity is not None:
+                exchange.tel.workflow = admission.identity.workflow_id
+                if need == "upload" and admission.identity.max_file_bytes:
+                    # The file's bytes, whatever its attachments.create declared.
+                    upload_limit = admission.identity.max_file_bytes + MULTIPART_SLACK
+                    if length is not None and length > upload_limit:
+                        raise _file_too_large(upload_limit)
         else:
             if admission.identity is not None and admission.identity.workflow_id in self._workflows:
                 # An issued secret is for its workflow's server, never the hosted API.
                 raise _not_for_this_route()
             outbound = self._outbound(scope, exchange, match, headers, head, None)
         secret_hash = admission.secret_hash
+        if body is not None:  # the envelope, read before admission: sent as it came
+            outbound.body = body
+            has_body = False
+            exchange.watch_disconnect(receive)
         if secret_hash is None:  # report-only mode let a malformed secret through
             if has_body:
                 outbound.body = await self._request_body(receive, exchange)
@@ -353,12 +427,100 @@ class Proxy:
         # exchange: with a 401 while the upstream has not answered yet, by
         # cutting the stream off once it has.
         self._revoker.track(secret_hash, exchange.close_revoked)
+        token: str | None = None
         try:
             if has_body:
-                outbound.body = await self._request_body(receive, exchange)
+                outbound.body = await self._request_body(receive, exchange, upload_limit)
+            if (
+                self._model is not None
+                and envelope is not None
+                and envelope.cls is RequestClass.TURN
+                and admission.identity is not None
+            ):
+                identity = admission.identity
+                # A turn is refused while a budget of its session or user is spent.
+                try:
+                    await self._model.metering.turn_room(
+                        BudgetKey(identity.workflow_id, identity.user, identity.session_id)
+                    )
+                except BudgetExceeded as exc:
+                    policy = self._policies.get(identity.workflow_id)
+                    if policy is None or policy.limit_answer != "chatkit":
+                        raise
+                    await self._limit_event(exchange, exc, kind)
+                    return
+                token = await self._model.tokens.issue(
+                    secret_hash, admission.identity, request_id=exchange.request_id.decode()
+                )
+                outbound.headers.append((MODEL_TOKEN_HEADER.decode(), token))
             await self._forward(receive, exchange, outbound, kind, admission.headers)
         finally:
             self._revoker.untrack(secret_hash, exchange.close_revoked)
+            if token is not None and self._model is not None:
+                self._model.tokens.end(token)
+                if admission.identity is not None:
+                    identity = admission.identity
+                    self._model.metering.audit_turn(
+                        BudgetKey(identity.workflow_id, identity.user, identity.session_id),
+                        exchange.request_id.decode(),
+                    )
+
+    async def _envelope_body(
+        self, receive: Receive, exchange: _Exchange, length: int | None
+    ) -> bytes:
+        """A ``POST /chatkit`` body (a ChatKit envelope), whole, within its bound.
+
+        The body is held before the secret is known to be valid, so only an
+        envelope that opens as an ``input.transcribe`` may grow past the
+        ordinary bound to the transcribe one (see ``may_be_transcribe``).
+        """
+        bound = self._envelope_bound
+        if length is not None and length > bound:
+            raise PayloadTooLarge(f"A ChatKit request body is at most {bound} bytes.")
+        small = self._max_envelope
+        head = b""
+        decided = bound <= small
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                exchange.aborted = "disconnect"
+                raise ClientDisconnected("client disconnected during the request body")
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            exchange.tel.bytes_in = size
+            if not decided and len(head) < 256:
+                head += chunk[: 256 - len(head)]
+            if size > small and not decided:
+                decided = True  # once: the head says what this body may grow to
+                if not may_be_transcribe(head):
+                    bound = small
+            if size > bound:
+                raise PayloadTooLarge(f"A ChatKit request body is at most {bound} bytes.")
+            if not message.get("more_body", False):
+                if not chunks:
+                    return chunk  # the common case: the whole envelope in one message
+                chunks.append(chunk)
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    async def _limit_event(self, exchange: _Exchange, exc: RateLimited, kind: Kind) -> None:
+        """Refuse a turn as a ChatKit server would: 200 and one ``error`` event,
+        which the widget shows in the conversation (with a retry). Still a
+        rejection: the rate-limit headers, the outcome in logs and metrics."""
+        exchange.tel.failed(exc, started=False)
+        body = error_event(exc.message)
+        headers: Headers = [
+            (b"content-type", b"text/event-stream"),
+            (b"cache-control", b"no-store"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", exchange.request_id),
+            *exc.headers,
+        ]
+        await exchange.start(200, headers)
+        await exchange.body(body, False)
+        self._metrics.count_request(kind.value, 200)
 
     async def _preflight(
         self,
@@ -487,6 +649,94 @@ class Proxy:
                 await exchange.body(b"", False)
         self._metrics.count_request(kind.value, response.status)
 
+    # -- model calls ----------------------------------------------------------------
+
+    async def _model_call(
+        self,
+        scope: Scope,
+        receive: Receive,
+        exchange: _Exchange,
+        headers: Headers,
+        head: RequestHead,
+        length: int | None,
+        model: ModelUpstream,
+    ) -> None:
+        """A ChatKit server's call to the model, with the turn's model token.
+
+        Refused (401) before anything is read or forwarded unless the token
+        is valid; tracked under the session's secret from then on, so a
+        revocation anywhere cuts it like the turn itself.
+        """
+        grant = await model.tokens.check(headers)
+        if length is not None and length > model.max_body:
+            raise PayloadTooLarge(f"A model request body is at most {model.max_body} bytes.")
+        self._revoker.track(grant.secret_hash, exchange.close_revoked)
+        try:
+            body = await self._read_body(receive, limit=model.max_body)
+            exchange.tel.bytes_in = len(body)
+            request = prepare(scope["path"], body)
+            call = await model.metering.open(grant, request, body)
+            exchange.watch_disconnect(receive)
+            out_headers = self._upstream_headers(
+                scope,
+                exchange,
+                headers,
+                head,
+                # The model token goes (the real key replaces it), and so does
+                # any claim to an identity.
+                without=_CLIENT_CREDENTIALS,
+                without_prefix=IDENTITY_PREFIX,
+            )
+            outbound = _outbound_to(scope, model.origin + request.route, out_headers, request.body)
+            outbound.headers = model.request_headers(outbound.headers)
+            reading = _Reading()
+            try:
+                await self._forward_model(exchange, outbound, request.route, request, reading)
+            finally:
+                # Cut or not: the usage seen, else a 2xx charges its reservation.
+                call.finish(reading.usage, answered=200 <= exchange.status < 300)
+        finally:
+            self._revoker.untrack(grant.secret_hash, exchange.close_revoked)
+
+    async def _forward_model(
+        self,
+        exchange: _Exchange,
+        outbound: Outbound,
+        route: str,
+        request: ModelRequest,
+        reading: _Reading,
+    ) -> None:
+        """Forward a model call and stream its answer back, reading its usage
+        on the way into ``reading`` (none from an error answer or a cut stream)."""
+        with translate_errors():
+            async with self._request(outbound, exchange.tel) as response:
+                exchange.tel.answered(Kind.MODEL.value, response)
+                headers = client_response_headers(
+                    response.raw_headers, request_id=exchange.request_id
+                )
+                await exchange.start(response.status, headers)
+                ok = 200 <= response.status < 300
+                if ok and response.content_type == "text/event-stream":
+                    meter = StreamMeter(route, hide_usage=request.hide_usage)
+                    async for chunk in response.content.iter_any():
+                        passed = meter.feed(chunk)
+                        reading.usage = meter.usage
+                        if passed:
+                            await exchange.body(passed, True)
+                    rest = meter.rest()
+                    reading.usage = meter.usage
+                    await exchange.body(rest, False)
+                else:
+                    kept: list[bytes] = []
+                    async for chunk in response.content.iter_any():
+                        if ok:
+                            kept.append(chunk)
+                        await exchange.body(chunk, True)
+                    if ok:
+                        reading.usage = body_usage(route, b"".join(kept))
+                    await exchange.body(b"", False)
+        self._metrics.count_request(Kind.MODEL.value, response.status)
+
     # -- session create and cancel -------------------------------------------------
 
     async def _session_call(
@@ -571,8 +821,8 @@ class Proxy:
             release=response.close,
         )
 
-    async def _read_body(self, receive: Receive) -> bytes:
-        """A session call's whole (small) request body."""
+    async def _read_body(self, receive: Receive, *, limit: int = MAX_CONTROL_BODY) -> bytes:
+        """A session call's (or a model call's) whole request body, at most ``limit`` bytes."""
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -581,16 +831,15 @@ class Proxy:
                 raise ClientDisconnected("client disconnected during the request body")
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
-            if size > MAX_CONTROL_BODY:
-                raise PayloadTooLarge(
-                    f"A session request body is at most {MAX_CONTROL_BODY} bytes."
-                )
+            if size > limit:
+                what = "session" if limit == MAX_CONTROL_BODY else "model"
+                raise PayloadTooLarge(f"A {what} request body is at most {limit} bytes.")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
     async def _request_body(
-        self, receive: Receive, exchange: _Exchange
+        self, receive: Receive, exchange: _Exchange, file_limit: int = 0
     ) -> AsyncIterator[bytes] | bytes:
         """The request body: whole when it came in one piece, as ChatKit's small
         JSON bodies do, else streamed as it arrives.
@@ -604,19 +853,22 @@ class Proxy:
             exchange.aborted = "disconnect"
             raise ClientDisconnected("client disconnected during the upload")
         if message.get("more_body", False):
-            return self._body(receive, exchange, message)
+            return self._body(receive, exchange, message, file_limit)
         chunk: bytes = message.get("body", b"")
         exchange.tel.bytes_in = len(chunk)
         if len(chunk) > self._max_body:
             raise PayloadTooLarge(f"The request body exceeds {self._max_body} bytes.")
+        if file_limit and len(chunk) > file_limit:
+            raise _file_too_large(file_limit)
         exchange.watch_disconnect(receive)
         return chunk
 
     async def _body(
-        self, receive: Receive, exchange: _Exchange, message: Message
+        self, receive: Receive, exchange: _Exchange, message: Message, file_limit: int = 0
     ) -> AsyncIterator[bytes]:
         """The request body as it arrives, from its first ``message`` on; raises
-        (never ends early) on a disconnect."""
+        (never ends early) on a disconnect, and past ``file_limit`` bytes (an
+        upload's file size; 0: none) before the read that crosses it is sent."""
         loop = asyncio.get_running_loop()
         received = 0
         while True:
@@ -628,6 +880,8 @@ class Proxy:
             exchange.tel.bytes_in = received
             if received > self._max_body:
                 raise PayloadTooLarge(f"The request body exceeds {self._max_body} bytes.")
+            if file_limit and received > file_limit:
+                raise _file_too_large(file_limit)
             more = message.get("more_body", False)
             if not more:
                 exchange.watch_disconnect(receive)
@@ -666,6 +920,14 @@ _ENCODING = frozenset({b"accept-encoding"})
 #: What the client sent that the issued route's upstream must not see: the
 #: secret is the gateway's business, the identity is stated by the gateway.
 _CLIENT_CREDENTIALS = frozenset({b"authorization"})
+
+
+def _file_too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"The upload exceeds this session's file size limit ({limit} bytes with "
+        "multipart framing; chatkit_configuration.file_upload.max_file_size).",
+        code="file_too_large",
+    )
 
 
 def _not_for_this_route() -> AuthError:

@@ -13,7 +13,7 @@ import functools
 import math
 from typing import NamedTuple
 
-from gateway.errors import AuthError, GatewayError, RateLimited
+from gateway.errors import AuthError, BadRequest, GatewayError, RateLimited
 from gateway.types import Headers
 
 
@@ -26,6 +26,13 @@ class Outcome(enum.IntEnum):
     REVOKED = 3
     EXPIRED = 4
     UNKNOWN = 5
+    CLASS_RATE_LIMITED = 6  # a window of the request's class (policy)
+    # The session's chatkit_configuration refuses the request:
+    HISTORY_DISABLED = 7  # threads.list with history.enabled false
+    UPLOADS_DISABLED = 8  # an upload with file_upload.enabled false
+    FILE_TOO_LARGE = 9  # attachments.create declaring more than max_file_size
+    TOO_MANY_FILES = 10  # attachments.create past max_files
+    MODEL_NOT_ALLOWED = 11  # a turn naming a model the workflow's policy does not list
 
 
 class Window(NamedTuple):
@@ -56,15 +63,48 @@ class Identity(NamedTuple):
     workflow_id: str
     workflow_version: str
     expires_at: int  # unix seconds
+    #: file_upload.max_file_size in bytes, 0 for none: uploads are cut there.
+    max_file_bytes: int = 0
+    #: The session's chatkit_configuration (JSON), "" for none.
+    configuration: str = ""
+
+
+class ClassWindow(NamedTuple):
+    """A policy window of the request's class: which one, and its state."""
+
+    cls: str  # "turn", "read", ...
+    scope: str  # "session" | "user"
+    seconds: int
+    window: Window
+
+    @property
+    def name(self) -> str:
+        """``turn-user-1d``: how headers and messages name this window."""
+        return f"{self.cls}-{self.scope}-{_window_name(self.seconds)}"
+
+
+@functools.lru_cache(maxsize=64)
+def _window_name(seconds: int) -> str:
+    if seconds % 86400 == 0:
+        return f"{seconds // 86400}d"
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"
 
 
 class Decision(NamedTuple):
     outcome: Outcome
+    #: The session's limit; None when it does not count the request's class.
     session: Window | None = None
     user: Window | None = None
     #: Set on admissions of a registered session; None otherwise (and for
     #: unknown secrets admitted under the default limit).
     identity: Identity | None = None
+    #: The class window that refused the request, or when admitted the one
+    #: with the fewest requests left; None when the class has none.
+    class_window: ClassWindow | None = None
 
     @property
     def admitted(self) -> bool:
@@ -89,13 +129,18 @@ def duration(ms: int) -> str:
 
 
 def _binding(decision: Decision) -> Window | None:
+    cw = decision.class_window
     windows = [w for w in (decision.session, decision.user) if w is not None]
+    if cw is not None:
+        windows.append(cw.window)
     if not windows:
         return None
     if decision.outcome is Outcome.USER_RATE_LIMITED and decision.user is not None:
         return decision.user
     if decision.outcome is Outcome.RATE_LIMITED and decision.session is not None:
         return decision.session
+    if decision.outcome is Outcome.CLASS_RATE_LIMITED and cw is not None:
+        return cw.window
     return min(windows, key=lambda w: (w.remaining, -w.wait_ms))
 
 
@@ -103,28 +148,38 @@ def rate_limit_headers(decision: Decision, *, window_seconds: int) -> Headers:
     """Headers for a response to a request that went through the limiter."""
     user = decision.user
     session = decision.session
-    if user is None:
-        if session is None:
+    cw = decision.class_window
+    if user is None and (cw is None or session is None):
+        # The common cases, kept short: they run for every admitted request.
+        # One window: the session's, or (a class the session limit does not
+        # count, such as an issued read) the class's.
+        if cw is not None:
+            name, seconds, window = cw.name, cw.seconds, cw.window
+        elif session is not None:
+            name, seconds, window = "session", window_seconds, session
+        else:
             return []
-        # The common case, kept short: it runs for every admitted request.
-        wait_s = -(-session.wait_ms // 1000)
+        wait_s = -(-window.wait_ms // 1000)
         return [
-            (b"x-ratelimit-limit-requests", str(session.limit).encode()),
-            (b"x-ratelimit-remaining-requests", str(session.remaining).encode()),
-            (b"x-ratelimit-reset-requests", duration(session.reset_ms).encode()),
-            (b"ratelimit-policy", f'"session";q={session.limit};w={window_seconds}'.encode()),
-            (b"ratelimit", f'"session";r={session.remaining};t={wait_s}'.encode()),
+            (b"x-ratelimit-limit-requests", str(window.limit).encode()),
+            (b"x-ratelimit-remaining-requests", str(window.remaining).encode()),
+            (b"x-ratelimit-reset-requests", duration(window.reset_ms).encode()),
+            (b"ratelimit-policy", f'"{name}";q={window.limit};w={seconds}'.encode()),
+            (b"ratelimit", f'"{name}";r={window.remaining};t={wait_s}'.encode()),
         ]
     binding = _binding(decision)
     if binding is None:
         return []
     policies = []
     states = []
-    for name, window in (("session", decision.session), ("user", decision.user)):
-        if window is None:
+    named = [("session", window_seconds, decision.session), ("user", window_seconds, user)]
+    if cw is not None:
+        named.append((cw.name, cw.seconds, cw.window))
+    for label, length, state in named:
+        if state is None:
             continue
-        policies.append(f'"{name}";q={window.limit};w={window_seconds}')
-        states.append(f'"{name}";r={window.remaining};t={math.ceil(window.wait_ms / 1000)}')
+        policies.append(f'"{label}";q={state.limit};w={length}')
+        states.append(f'"{label}";r={state.remaining};t={math.ceil(state.wait_ms / 1000)}')
     return [
         (b"x-ratelimit-limit-requests", str(binding.limit).encode()),
         (b"x-ratelimit-remaining-requests", str(binding.remaining).encode()),
@@ -132,6 +187,37 @@ def rate_limit_headers(decision: Decision, *, window_seconds: int) -> Headers:
         (b"ratelimit-policy", ", ".join(policies).encode()),
         (b"ratelimit", ", ".join(states).encode()),
     ]
+
+
+_CONFIGURATION_REFUSALS: dict[Outcome, tuple[str, str, str | None]] = {
+    Outcome.HISTORY_DISABLED: (
+        "Thread history is disabled for this session (chatkit_configuration.history.enabled).",
+        "history_disabled",
+        "type",
+    ),
+    Outcome.UPLOADS_DISABLED: (
+        "File uploads are disabled for this session (chatkit_configuration.file_upload.enabled).",
+        "file_upload_disabled",
+        None,
+    ),
+    Outcome.FILE_TOO_LARGE: (
+        "The file is larger than this session allows "
+        "(chatkit_configuration.file_upload.max_file_size).",
+        "file_too_large",
+        "params.size",
+    ),
+    Outcome.TOO_MANY_FILES: (
+        "This session has attached as many files as it may "
+        "(chatkit_configuration.file_upload.max_files).",
+        "too_many_files",
+        None,
+    ),
+    Outcome.MODEL_NOT_ALLOWED: (
+        "The model this turn asks for is not allowed for this session's workflow.",
+        "model_not_allowed",
+        "params.input.inference_options.model",
+    ),
+}
 
 
 def rejection(decision: Decision, *, window_seconds: int) -> GatewayError | None:
@@ -145,6 +231,10 @@ def rejection(decision: Decision, *, window_seconds: int) -> GatewayError | None
         return AuthError("This client secret has expired.", code="client_secret_expired")
     if outcome is Outcome.UNKNOWN:
         return AuthError("Unknown client secret.", code="invalid_client_secret")
+    configured = _CONFIGURATION_REFUSALS.get(outcome)
+    if configured is not None:
+        message, code, param = configured
+        return BadRequest(message, code=code, param=param)
     binding = _binding(decision)
     wait_ms = max(binding.wait_ms if binding else window_seconds * 1000, 1)
     scope = "user" if outcome is Outcome.USER_RATE_LIMITED else "session"
@@ -154,6 +244,14 @@ def rejection(decision: Decision, *, window_seconds: int) -> GatewayError | None
         *rate_limit_headers(decision, window_seconds=window_seconds),
     ]
     limit = binding.limit if binding else 0
+    cw = decision.class_window
+    if outcome is Outcome.CLASS_RATE_LIMITED and cw is not None:
+        whose = "this user's sessions allow" if cw.scope == "user" else "this session allows"
+        return RateLimited(
+            f"Rate limit reached for '{cw.cls}' requests: {whose} {limit} per "
+            f"{_window_name(cw.seconds)}. Retry after {wait_ms / 1000:.3f} s.",
+            headers=headers,
+        )
     return RateLimited(
         f"Rate limit reached: this {scope} allows {limit} requests per "
         f"{window_seconds} s. Retry after {wait_ms / 1000:.3f} s.",

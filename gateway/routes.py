@@ -31,6 +31,9 @@ class Kind(enum.Enum):
     #: Client traffic for a self-hosted ChatKit server whose sessions the
     #: gateway issues: the session's workflow picks the upstream.
     ISSUED = "issued"
+    #: A ChatKit server's model call with a model token: forwarded to the
+    #: model upstream with the gateway's own key.
+    MODEL = "model"
 
 
 #: The kinds a configured route may name (GATEWAY_ROUTES); ISSUED routes are
@@ -165,16 +168,33 @@ class RouteTable:
         raise NotFound("Unknown route: this gateway only serves the ChatKit API.")
 
 
+#: The model routes, served only with a model key: exactly these two paths,
+#: so nothing else (``/v1/models``, ``/v1/responses/{id}``, files) is ever
+#: sent with it.
+MODEL_ROUTES: tuple[Route, ...] = (
+    Route("/v1/responses", frozenset({"POST"}), Kind.MODEL, exclusive=True),
+    Route("/v1/chat/completions", frozenset({"POST"}), Kind.MODEL, exclusive=True),
+)
+
+
 def table_with(
-    configured: Iterable[Route], *, issued: bool = False, hosted: bool = True
+    configured: Iterable[Route], *, issued: bool = False, hosted: bool = True, model: bool = False
 ) -> RouteTable:
     """The built-in ChatKit table, after the routes configuration adds.
 
     ``issued`` adds issuer mode's client routes; without a ``hosted``
-    upstream only the session API is kept of the OpenAI paths.
+    upstream only the session API is kept of the OpenAI paths; ``model``
+    puts the model routes first, where no configured route can shadow them.
     """
     builtin = DEFAULT_ROUTES if hosted else SESSION_ROUTES
-    return RouteTable([*configured, *(ISSUED_ROUTES if issued else ()), *builtin])
+    return RouteTable(
+        [
+            *(MODEL_ROUTES if model else ()),
+            *configured,
+            *(ISSUED_ROUTES if issued else ()),
+            *builtin,
+        ]
+    )
 
 
 def _compile(pattern: str) -> re.Pattern[str]:

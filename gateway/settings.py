@@ -36,6 +36,7 @@ from pydantic_settings import (
 from gateway.apps import APP_NAME, DEFAULT_APP, AppSetting
 from gateway.errors import ConfigError
 from gateway.logs import LogFormat
+from gateway.policy import Policy
 from gateway.routes import CONFIGURABLE_KINDS, METHODS
 from gateway.service_links import is_service_link
 
@@ -117,6 +118,9 @@ class WorkflowSetting(BaseModel):
     #: The URL of this workflow's ChatKit endpoint (its ``POST /chatkit``):
     #: client requests to ``/chatkit/<rest>`` go to ``<upstream>/<rest>``.
     upstream: str
+    #: What this workflow's sessions may do (gateway/policy.py); the defaults
+    #: count turns against the session limit and give other classes their own.
+    policy: Policy = Field(default_factory=Policy)
 
     @field_validator("upstream")
     @classmethod
@@ -367,9 +371,24 @@ class Settings(BaseSettings):
     workflows: dict[str, WorkflowSetting] = Field(
         default_factory=dict,
         description="Issuer mode: workflow id -> {upstream: the URL of its ChatKit "
-        "endpoint}; requests to /chatkit/<rest> go to <upstream>/<rest>. JSON in the "
-        "environment, tables in the TOML file.",
-        examples=[{"wf_support": {"upstream": "http://chatkit-server:8001/chatkit"}}],
+        "endpoint, policy: what its sessions may do (docs/policy.md)}; requests to "
+        "/chatkit/<rest> go to <upstream>/<rest>. JSON in the environment, tables in the "
+        "TOML file.",
+        examples=[
+            {
+                "wf_support": {
+                    "upstream": "http://chatkit-server:8001/chatkit",
+                    "policy": {
+                        "session_limit_counts": "turn",
+                        "limits": {
+                            "turn": {"user": {"1d": 200}},
+                            "read": {"session": {"1m": 120}},
+                        },
+                        "limit_answer": "chatkit",
+                    },
+                }
+            }
+        ],
     )
     issuer_api_keys: SecretStr | None = Field(
         None,
@@ -409,6 +428,19 @@ class Settings(BaseSettings):
         le=7 * 86400,
         description="The longest expiry a create may ask for (OpenAI's own maximum by default).",
     )
+    # The JSON envelope of a POST /chatkit is read whole before admission (its
+    # type decides what the request counts against).
+    chatkit_max_envelope_bytes: int = Field(
+        MIB,
+        ge=1024,
+        description="The largest POST /chatkit envelope (read before admission: its type "
+        "decides what the request counts against); larger: 413.",
+    )
+    chatkit_max_transcribe_bytes: int = Field(
+        16 * MIB,
+        ge=1024,
+        description="The largest input.transcribe envelope, which carries base64 audio.",
+    )
     identity_signing_key: SecretStr | None = Field(
         None,
         description="Signs X-ChatKit-Assertion (HS256, 32+ bytes) for ChatKit servers "
@@ -431,6 +463,45 @@ class Settings(BaseSettings):
         "",
         description="Origins allowed to call client routes from a browser, comma-separated, "
         'or "*". Set, the gateway owns CORS on client routes.',
+    )
+    # The model, for self-hosted ChatKit servers (docs/budgets.md).
+    model_api_key: SecretStr | None = Field(
+        None,
+        description="The OpenAI key for the model routes. Set, each admitted turn carries "
+        "X-ChatKit-Model-Token, which the ChatKit server presents as its key on POST "
+        "/v1/responses and /v1/chat/completions here; the gateway forwards those with this "
+        "key, which never leaves it. Unset: no model tokens, no model routes.",
+        examples=["sk-..."],
+    )
+    model_upstream: str = Field(
+        "https://api.openai.com",
+        description="Where model calls go: an origin (scheme://host[:port]); the route's "
+        "path is appended.",
+    )
+    model_token_grace_seconds: int = Field(
+        30,
+        ge=0,
+        le=3600,
+        description="How long a model token outlives the end of its turn's response "
+        "(never its session's expiry).",
+    )
+    model_max_body_bytes: int = Field(
+        32 * MIB,
+        ge=1024,
+        description="The largest model request body; bodies are read whole to reserve "
+        "their budget.",
+    )
+    model_prices: str | None = Field(
+        None,
+        description="A price table file (JSON: date, models -> USD per 1M input, "
+        "cached_input and output tokens) replacing the shipped one wholesale.",
+        examples=["/etc/chatkit-gateway/prices.json"],
+    )
+    audit_model_usage: bool = Field(
+        False,
+        description="Append one entry per turn to the audit stream with its model usage "
+        "(reason model_usage), once its token's grace is over and its last model call "
+        "has settled.",
     )
 
     # Admin listener: off unless a token is configured.
@@ -541,6 +612,28 @@ class Settings(BaseSettings):
         # load_settings() merges the environment over the TOML file and hands
         # the result in as init values, so tests never touch os.environ.
         return (init_settings,)
+
+    @field_validator("model_upstream")
+    @classmethod
+    def _model_upstream_is_origin(cls, value: str) -> str:
+        value = _http_url(value)
+        if urlsplit(value).path:
+            raise ValueError(
+                "must be an origin (scheme://host[:port]): the route's path is appended"
+            )
+        return value
+
+    @field_validator("model_api_key")
+    @classmethod
+    def _model_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        return value
+
+    @property
+    def serves_model(self) -> bool:
+        """Model tokens and model routes: on only with a model key."""
+        return self.model_api_key is not None
 
     @field_validator("upstream_url")
     @classmethod
@@ -742,6 +835,17 @@ class Settings(BaseSettings):
             raise ValueError(
                 "GATEWAY_SESSION_DEFAULT_EXPIRES_SECONDS exceeds "
                 "GATEWAY_SESSION_MAX_EXPIRES_SECONDS"
+            )
+        for workflow_id, workflow in self.workflows.items():
+            if workflow.policy.has_budgets and self.model_api_key is None:
+                raise ValueError(
+                    f"GATEWAY_WORKFLOWS.{workflow_id}.policy has tokens/usd budgets, which need "
+                    "GATEWAY_MODEL_API_KEY: only model calls through the gateway are counted"
+                )
+        if self.model_api_key is not None and not self.workflows:
+            raise ValueError(
+                "GATEWAY_MODEL_API_KEY needs GATEWAY_WORKFLOWS: model tokens are given "
+                "to the turns of issued sessions only"
             )
         if not self.has_upstream and not self.workflows:
             raise ValueError("GATEWAY_UPSTREAM_URL=none needs GATEWAY_WORKFLOWS")

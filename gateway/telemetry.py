@@ -55,10 +55,12 @@ class RequestTelemetry:
         "app",
         "bytes_in",
         "bytes_out",
+        "cls",
         "outcome",
         "started",
         "upstream_request_id",
         "upstream_seconds",
+        "workflow",
     )
 
     def __init__(
@@ -70,6 +72,9 @@ class RequestTelemetry:
         logs.REQUEST_ID.set(request_id.decode("latin-1"))
         self.bytes_in = 0
         self.bytes_out = 0
+        #: A ChatKit request's class and its session's workflow, once known.
+        self.cls = ""
+        self.workflow = ""
         #: The error code the gateway answered with, if it did.
         self.outcome: str | None = None
         #: The issuer app a session call came from, if it was one.
@@ -182,4 +187,6 @@ class RequestTelemetry:
             if self.upstream_seconds is None
             else round(self.upstream_seconds * 1000, 1),
             "aborted": aborted,
+            "workflow": self.workflow or None,
+            "class": self.cls or None,
         }

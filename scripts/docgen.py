@@ -46,6 +46,7 @@ SECTIONS: dict[str, str] = {
     "unknown_secrets": "Admission",
     "revocation_ttl_seconds": "Revocation",
     "workflows": "Issuer mode",
+    "model_api_key": "The model: model tokens, model routes, budgets",
     "admin_token": "Admin API",
     "max_target_bytes": "Client connections: slow or hostile clients, shutdown",
     "log_format": "Observability",

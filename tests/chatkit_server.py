@@ -27,6 +27,9 @@ What tests read:
   ``session_id``, ``workflow_id``, ``workflow_version``, ``expires_at``; None
   when it refused the identity). A request is recorded when its answer starts,
   so a stream that is still running is already there.
+- ``uploads()``: bodies POSTed to ``/chatkit/upload/<any>`` (a direct upload
+  URL), as ``(path, bytes received, complete)``; ``complete`` is false when the
+  sender cut the body short.
 - ``cancelled()``: streams the ChatKit SDK saw cut before their end
   (``handle_stream_cancelled``), as ``CancelledStream(user, session_id, thread_id)``.
 - ``wait_for(predicate, timeout=5.0)``: poll until ``predicate()`` holds.
@@ -223,6 +226,14 @@ class ChatKitServerProcess(ServerProcess):
             )
         return seen
 
+    def uploads(self) -> list[tuple[str, int, bool]]:
+        """Direct uploads to ``/chatkit/upload/...``: (path, bytes received, complete)."""
+        return [
+            (r["path"], r["bytes"], r["complete"])
+            for r in self._records()
+            if r["event"] == "upload"
+        ]
+
     def cancelled(self) -> list[CancelledStream]:
         """Streams cut before their end, in the order the server noticed."""
         return [
@@ -358,6 +369,9 @@ def _serve(port: int, record_path: Path) -> None:
             if scope["type"] != "http" or scope["path"] == "/healthz":
                 await self.app(scope, receive, send)
                 return
+            if scope["path"].startswith("/chatkit/upload/"):
+                await self.upload(scope, receive, send)
+                return
             headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
             record: dict[str, Any] = {
                 "event": "request",
@@ -378,6 +392,34 @@ def _serve(port: int, record_path: Path) -> None:
                 await send(message)
 
             await self.app(scope, receive, recording_send)
+
+        async def upload(self, scope: Scope, receive: Receive, send: Send) -> None:
+            """A direct upload URL: counts the bytes that arrive (all, or until cut)."""
+            received = 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    write(
+                        {
+                            "event": "upload",
+                            "path": scope["path"],
+                            "bytes": received,
+                            "complete": False,
+                        }
+                    )
+                    return
+                received += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+            write({"event": "upload", "path": scope["path"], "bytes": received, "complete": True})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b'{"ok": true}'})
 
     config = ServerConfig.from_env()
     app = create_app(config, RecordingServer(MemoryStore(), config))

@@ -188,9 +188,11 @@ def test_the_example_configurations_commented_app_is_valid(tmp_path: Path) -> No
     uncommented = "\n".join(
         line.removeprefix("# ")
         for line in tables.splitlines()
-        if re.match(r"^# \[[a-z_]+\.[a-z0-9_-]+\]$", line) or re.match(r"^# [a-z_]+ = ", line)
+        # Tables nest (a workflow's policy); window keys start with a digit ("1d").
+        if re.match(r"^# \[[a-z_]+(\.[a-z0-9_-]+)+\]$", line) or re.match(r"^# [a-z0-9_]+ = ", line)
     )
     toml = tmp_path / "example.toml"
     toml.write_text(uncommented)
     settings = load_settings({"GATEWAY_CONFIG_FILE": str(toml)})
     assert settings.issuer_keys["support-app"].workflows == ("wf_support",)
+    assert settings.workflows["wf_support"].policy.windows()["turn"] == "u86400:200"

@@ -40,13 +40,25 @@ class Stack:
 
 
 @asynccontextmanager
-async def stack(redis_url: str, app_env: Mapping[str, str] | None = None) -> AsyncIterator[Stack]:
+async def stack(
+    redis_url: str,
+    app_env: Mapping[str, str] | None = None,
+    policy: Mapping[str, Any] | None = None,
+) -> AsyncIterator[Stack]:
     """ChatKit server, gateway (issuer mode, CORS for origin A) and the app on origin A."""
     app_port = free_port()
     origin = f"http://127.0.0.1:{app_port}"
     async with ChatKitServerProcess(workflow_ids=[WORKFLOW]) as chatkit:
         env = {
-            "GATEWAY_WORKFLOWS": json.dumps({WORKFLOW: {"upstream": chatkit.url}}),
+            # The page's requests are reads; this session limit counts them all.
+            "GATEWAY_WORKFLOWS": json.dumps(
+                {
+                    WORKFLOW: {
+                        "upstream": chatkit.url,
+                        "policy": policy or {"session_limit_counts": "all"},
+                    }
+                }
+            ),
             "GATEWAY_ISSUER_API_KEYS": "sha256:" + hashlib.sha256(API_KEY.encode()).hexdigest(),
             "GATEWAY_CORS_ORIGINS": origin,
         }
@@ -188,6 +200,40 @@ async def test_a_429_and_its_retry_after_are_readable_by_the_page(redis_url: str
         assert 1 <= int(refused["retryAfter"]) <= 60
         assert refused["retryAfterMs"] is not None
         assert refused["remaining"] == "0"
+
+
+async def test_a_refused_turn_reaches_the_page_as_a_chatkit_error_event(redis_url: str) -> None:
+    # limit_answer "chatkit": what ChatKit JS reads as an in-conversation error
+    # (a 200 stream with one error event), not a failed request.
+    async with (
+        stack(
+            redis_url, {"EXAMPLE_MAX_REQUESTS_PER_1_MINUTE": "1"}, {"limit_answer": "chatkit"}
+        ) as s,
+        example_page(f"{s.page_origin}/") as page,
+    ):
+        call = {"url": f"{s.gateway_url}/chatkit", "body": threads_create_body("hi").decode()}
+        first: dict[str, Any] = await page.evaluate(READ_STREAM, call)
+        assert first["status"] == 200
+        assert first["events"][0]["event"]["type"] == "thread.created"
+        refused: dict[str, Any] = await page.evaluate(READ_STREAM, call)
+        assert refused["status"] == 200
+        [event] = [e["event"] for e in refused["events"]]
+        assert event["type"] == "error"
+        assert event["allow_retry"] is True
+        assert "Rate limit reached" in event["message"]
+        # Still a rate-limit answer the page can read: Retry-After is exposed.
+        retry_after = await page.evaluate(
+            """async ({url, body}) => {
+                const r = await window.gatewayFetch(url, {method: "POST", body,
+                  headers: {"Content-Type": "application/json"}});
+                await r.text();
+                return r.headers.get("retry-after");
+            }""",
+            call,
+        )
+        assert retry_after is not None
+        assert 1 <= int(retry_after) <= 60
+        assert len(s.chatkit.seen()) == 1  # only the admitted turn reached the server
 
 
 async def test_an_expired_secret_is_renewed_and_the_call_retried_once(redis_url: str) -> None:

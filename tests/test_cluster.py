@@ -9,6 +9,7 @@ with GATEWAY_REDIS_CLUSTER=true.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import cast
@@ -17,10 +18,12 @@ import aiohttp
 import pytest
 import redis
 
+from gateway.auth import SecretHasher
 from gateway.errors import ConfigError, StoreUnavailable
+from gateway.model.budgets import BudgetKey, BudgetLimit, Charge
 from gateway.ratelimit import Outcome
 from gateway.settings import load_settings
-from gateway.store.base import AdmitRequest, SessionRecord
+from gateway.store.base import AdmitRequest, ModelGrant, SessionRecord
 from gateway.store.redis import RedisStore, connect
 from tests.fake_upstream import FakeUpstream
 from tests.harness import (
@@ -31,8 +34,11 @@ from tests.harness import (
     collecting,
     create_session,
     eventually,
+    sdk_create,
     subscribed,
 )
+
+ISSUER_KEY = "ckgk_cluster-issuer-key-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +167,98 @@ async def test_revocation_by_session_id_and_its_announcement(
     assert info.status == "revoked"
 
 
+async def test_a_users_class_windows_span_sessions_on_every_primary(
+    store: RedisStore, cluster: RedisCluster
+) -> None:
+    # An issued secret carries its user's slot tag, so its keys and its user's
+    # windows share one slot: one script decides both, on a cluster too.
+    hasher = SecretHasher(b"cluster-pepper")
+    expires = int(time.time()) + 600
+    users = [f"user_{n}" for n in range(8)]
+    client = cluster.client()
+    try:
+        owners = set()
+        for user in users:
+            for n in range(2):
+                secret = f"ek_{hasher.user_tag(user)}_{user}-{n}-secret-bytes"
+                record = SessionRecord(
+                    hasher(secret.encode()),
+                    f"cksess_{user}_{n}",
+                    user,
+                    expires,
+                    50,
+                    issued=True,
+                    counts="turn",
+                    windows={"turn": "u86400:3,s60:2"},
+                    models=("gpt-allowed",),
+                )
+                await store.register(record)
+                keys = store.keys.secret(record.secret_hash)
+                user_key = store.keys.class_user_prefix(record.secret_hash) + "x:turn:86400"
+                slots = {await client.cluster_keyslot(key) for key in (*keys, user_key)}
+                assert len(slots) == 1, keys
+                node = client.get_node_from_key(keys[0])
+                assert node is not None
+                owners.add(node.name)
+        assert len(owners) > 1  # the users spread over the primaries
+    finally:
+        await client.aclose()
+    for user in users:
+        hashes = [
+            hasher(f"ek_{hasher.user_tag(user)}_{user}-{n}-secret-bytes".encode()) for n in (0, 1)
+        ]
+        # Models the workflow does not list are refused in the same step,
+        # before any window counts: they leave the user all 3 turns.
+        models = [
+            await store.admit(AdmitRequest(hashes[n % 2], False, 10, None, "turn", model="x"))
+            for n in range(2)
+        ]
+        assert [d.outcome for d in models] == [Outcome.MODEL_NOT_ALLOWED] * 2
+        decisions = [
+            await store.admit(
+                AdmitRequest(hashes[n % 2], False, 10, None, "turn", model="gpt-allowed")
+            )
+            for n in range(5)
+        ]
+        outcomes = [d.outcome for d in decisions]
+        assert outcomes == [Outcome.ADMITTED] * 3 + [Outcome.CLASS_RATE_LIMITED] * 2, user
+        refused = decisions[-1].class_window
+        assert refused is not None
+        assert refused.name == "turn-user-1d"
+
+
+async def test_model_tokens_and_budgets_work_on_a_cluster(
+    store: RedisStore, cluster: RedisCluster
+) -> None:
+    """A user's budget keys share one hash tag (one script, one node); a
+    model token's check reads its own key, then its session's flags on theirs."""
+    record = SessionRecord(_hash(77), "cksess_model", "alice", int(time.time()) + 600, 10)
+    await store.register(record)
+    grant = ModelGrant(
+        record.secret_hash, record.session_id, "alice", "wf", "req", record.expires_at
+    )
+    await store.grant_model_token(_hash(78), grant)
+    assert await store.model_grant(_hash(78)) == grant
+    limit = BudgetLimit("tokens", "user", 86400, 1000)
+    keys = store.keys.budget("wf", "alice")
+    assert len({cluster.primary_of(k).port for k in keys}) == 1
+    for user in ("alice", "bob", "carol", "dave"):  # users spread over primaries
+        key = BudgetKey("wf", user, f"cksess_{user}")
+        assert (await store.reserve_budget(key, "c1", Charge(300, 0, 300, 0.0), (limit,),
+                                           model="m", lease_seconds=60)).admitted  # fmt: skip
+        refused = await store.reserve_budget(
+            key, "c2", Charge(300, 0, 300, 0.0), (limit,), model="m", lease_seconds=60
+        )
+        assert not refused.admitted
+        await store.settle_budget(key, "c1", Charge(100, 0, 100, 0.0), model="m")
+        assert (await store.reserve_budget(key, "c2", Charge(300, 0, 300, 0.0), (limit,),
+                                           model="m", lease_seconds=60)).admitted  # fmt: skip
+        [charged] = await store.budget_charges("wf", user)
+        assert charged.charge.tokens == 200
+    await store.revoke(secret_hash=None, session_id=record.session_id, reason="t", replica="r")
+    assert await store.model_grant(_hash(78)) is None
+
+
 def test_user_limits_are_refused_on_a_cluster_at_start_up() -> None:
     with pytest.raises(ConfigError, match="GATEWAY_USER_MAX_REQUESTS_PER_1_MINUTE"):
         load_settings(
@@ -202,6 +300,49 @@ async def test_gateway_on_a_cluster_admits_exactly_the_limit_and_honours_cancel(
             assert response.status == 401
             assert (await response.json())["error"]["code"] == "client_secret_revoked"
         assert upstream.count("/v1/chatkit/conversation") == 4
+
+
+async def test_two_gateways_on_a_cluster_hold_a_users_daily_turns_across_sessions(
+    cluster: RedisCluster, upstream: FakeUpstream
+) -> None:
+    # Issued sessions end to end: minted by the gateways, each stored in its
+    # user's slot, so the per-user window holds on the cluster.
+    env = {
+        "GATEWAY_REDIS_CLUSTER": "true",
+        "GATEWAY_ISSUER_API_KEYS": ISSUER_KEY,
+        "GATEWAY_WORKFLOWS": json.dumps(
+            {
+                "wf_c": {
+                    "upstream": f"{upstream.url}/v1/chatkit/server",
+                    "policy": {"limits": {"turn": {"user": {"1d": 3}}}},
+                }
+            }
+        ),
+    }
+    async with (
+        GatewayProcess("none", redis_url=cluster.url, env=env) as a,
+        GatewayProcess("none", redis_url=cluster.url, env=env) as b,
+        aiohttp.ClientSession() as http,
+    ):
+        sessions = [
+            await sdk_create(g, ISSUER_KEY, user="erin", workflow={"id": "wf_c"}) for g in (a, b, a)
+        ]
+        other = await sdk_create(b, ISSUER_KEY, user="frank", workflow={"id": "wf_c"})
+        turn = {"type": "threads.add_user_message", "params": {"input": {}}}
+
+        async def send(gateway: GatewayProcess, secret: str) -> int:
+            async with http.post(
+                f"{gateway.url}/chatkit",
+                json=turn,
+                headers={"Authorization": f"Bearer {secret}"},
+            ) as response:
+                await response.read()
+                return response.status
+
+        statuses = [await send((a, b)[n % 2], sessions[n % 3].client_secret) for n in range(5)]
+        assert statuses == [200, 200, 200, 429, 429]
+        assert await send(a, other.client_secret) == 200
+        assert upstream.count("/v1/chatkit/server") == 4
 
 
 # -- failover: 3 primaries, 3 replicas, one primary killed -------------------------------

@@ -35,6 +35,7 @@ from tests.chatkit_server import (
     sse_events,
     threads_create_body,
 )
+from tests.fake_model import FakeModel
 from tests.harness import GatewayProcess, free_port, openai_sdk
 
 SIGNING_KEY = "test-identity-signing-key-0123456789abcdef"  # >= 32 bytes for HS256
@@ -362,9 +363,17 @@ async def test_the_example_app_backend_mints_a_secret_that_reaches_its_user(
             assert f'"url": "{gw.url}/chatkit"' in await response.text()
 
 
+@pytest.mark.parametrize("with_model", [False, True], ids=["echo", "model"])
 async def test_the_run_command_starts_everything_and_stops_it(
-    http: aiohttp.ClientSession,
+    http: aiohttp.ClientSession, with_model: bool
 ) -> None:
+    async with FakeModel(api_key="sk-example-run-model-key-0123") as model:
+        await run_the_example(http, model if with_model else None)
+
+
+async def run_the_example(http: aiohttp.ClientSession, model: FakeModel | None) -> None:
+    """``run`` as a user starts it; with ``model``, given an OpenAI key that
+    only the gateway may use (the fake model stands in for OpenAI)."""
     app_port, gateway_port, chatkit_port = free_port(), free_port(), free_port()
     env = {
         k: v
@@ -377,6 +386,12 @@ async def test_the_run_command_starts_everything_and_stops_it(
         EXAMPLE_CHATKIT_PORT=str(chatkit_port),
         VENV=str(Path(sys.executable).parent.parent),
     )
+    if model is not None:
+        env.update(
+            OPENAI_API_KEY=model.api_key,
+            EXAMPLE_MODEL_UPSTREAM=model.url,
+            OPENAI_AGENTS_DISABLE_TRACING="1",
+        )
     run = await asyncio.create_subprocess_exec(
         str(EXAMPLE_DIR / "run"),
         env=env,
@@ -414,7 +429,13 @@ async def test_the_run_command_starts_everything_and_stops_it(
             {"Authorization": f"Bearer {secret}"},
         )
         assert status == 200
-        assert assistant_text(sse_events(body)).endswith(" said: hello")
+        if model is None:
+            assert assistant_text(sse_events(body)).endswith(" said: hello")
+        else:
+            # The model answered through the gateway, which alone held the key.
+            assert assistant_text(sse_events(body)) == model.answer
+            assert [c.authorization for c in model.calls] == [f"Bearer {model.api_key}"]
+            assert model.api_key.encode() not in output
         # The ChatKit server itself refuses anyone else: there is an assertion to check.
         status, _ = await post(
             http,

@@ -51,6 +51,10 @@ class Kit:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
+#: The labels of an admission without a configured workflow or a request class.
+UNCLASSED = {"workflow": "other", "class": "none"}
+
+
 @pytest.fixture
 async def kit() -> AsyncIterator[Kit]:
     clock = FakeClock()
@@ -73,7 +77,9 @@ async def test_an_admitted_secret_yields_its_hash_and_rate_limit_headers(kit: Ki
 
     assert admission.secret_hash == HASHER(SECRET)
     assert dict(admission.headers)[b"x-ratelimit-remaining-requests"] == b"1"
-    assert kit.count("chatkit_gateway_admission_decisions_total", outcome="admitted") == 1
+    assert (
+        kit.count("chatkit_gateway_admission_decisions_total", outcome="admitted", **UNCLASSED) == 1
+    )
 
 
 async def test_the_window_refuses_at_the_limit_and_admits_again_once_it_slides(
@@ -114,7 +120,7 @@ async def test_a_secret_the_store_rejects_is_refused_with_its_code(
         await kit.gatekeeper().check(bearer(secret))
 
     assert (refused.value.status, refused.value.code) == (401, code)
-    assert kit.count("chatkit_gateway_admission_decisions_total", outcome=case) == 1
+    assert kit.count("chatkit_gateway_admission_decisions_total", outcome=case, **UNCLASSED) == 1
 
 
 async def test_unknown_secrets_are_admitted_at_the_default_limit_when_allowed(kit: Kit) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -68,7 +69,12 @@ def redis_keys(server: RedisServer) -> set[bytes | str]:
 def issuer_env(fake: FakeUpstream, **extra: str) -> dict[str, str]:
     return {
         "GATEWAY_WORKFLOWS": (
-            f'{{"wf_a": {{"upstream": "{fake.url}/v1/chatkit/server-a"}},'
+            # wf_a's session limit counts every request, as before request
+            # classes (the default counts turns only; tests/test_policy.py),
+            # and its reads have no window of their own to speak of.
+            f'{{"wf_a": {{"upstream": "{fake.url}/v1/chatkit/server-a",'
+            f' "policy": {{"session_limit_counts": "all",'
+            f' "limits": {{"read": {{"session": {{"1m": 100000}}}}}}}}}},'
             f' "wf_b": {{"upstream": "{fake.url}/v1/chatkit/server-b/"}}}}'
         ),
         "GATEWAY_ISSUER_API_KEYS": f"{_sha256_entry(API_KEY)},another-plain-key-0123456789",
@@ -304,7 +310,13 @@ async def test_the_chatkit_server_gets_the_identity_never_the_secret(
     http: aiohttp.ClientSession,
 ) -> None:
     user = "Zoë Ünal/ops 1"  # UTF-8 and characters a header value cannot carry raw
-    session = await create(replicas[0], user=user, workflow={"id": "wf_a", "version": "3"})
+    session = await create(
+        replicas[0],
+        user=user,
+        workflow={"id": "wf_a", "version": "3"},
+        # Uploads are off unless the session enables them (file_upload.enabled).
+        chatkit_configuration={"file_upload": {"enabled": True}},
+    )
     status, echo, response_headers = await chatkit(
         http,
         replicas[1],
@@ -326,6 +338,7 @@ async def test_the_chatkit_server_gets_the_identity_never_the_secret(
     assert seen["x-chatkit-workflow-id"] == "wf_a"
     assert seen["x-chatkit-workflow-version"] == "3"
     assert seen["x-chatkit-expires-at"] == str(session.expires_at)
+    assert json.loads(seen["x-chatkit-configuration"]) == session.chatkit_configuration.model_dump()
     assert seen["x-forwarded-host"] == f"127.0.0.1:{replicas[1].port}"
     assert seen["x-forwarded-proto"] == "http"
     assert session.client_secret not in str(echo)
@@ -370,7 +383,10 @@ async def test_client_routes_refuse_missing_unknown_and_malformed_secrets(
         ({"Authorization": "Basic Zm9vOmJhcg=="}, "invalid_authorization"),
     ]
     for headers, code in cases:
-        async with http.post(f"{replicas[0].url}/chatkit", json={}, headers=headers) as response:
+        envelope = {"type": "threads.list", "params": {}}
+        async with http.post(
+            f"{replicas[0].url}/chatkit", json=envelope, headers=headers
+        ) as response:
             body = await response.json()
         assert (response.status, body["error"]["code"]) == (401, code)
     assert fake.count() == 0
@@ -447,7 +463,7 @@ async def test_one_set_of_rate_limit_headers_and_the_gateways_cors(
     session = await create(replicas[0], rate_limits={"max_requests_per_1_minute": 3})
     async with http.post(
         f"{replicas[0].url}/chatkit",
-        json={},
+        json={"type": "threads.add_user_message", "params": {}},
         headers={"Authorization": f"Bearer {session.client_secret}", "Origin": PAGE_ORIGIN},
     ) as response:
         assert response.status == 200
@@ -461,7 +477,7 @@ async def test_one_set_of_rate_limit_headers_and_the_gateways_cors(
         await chatkit(http, replicas[1], session.client_secret)
     async with http.post(
         f"{replicas[1].url}/chatkit",
-        json={},
+        json={"type": "threads.list", "params": {}},
         headers={"Authorization": f"Bearer {session.client_secret}", "Origin": PAGE_ORIGIN},
     ) as response:
         assert response.status == 429
@@ -537,7 +553,7 @@ async def test_cancel_cuts_a_live_stream_on_the_other_replica(
     events = []
     async with http.post(
         f"{a.url}/chatkit?events=100&interval=0.1",
-        json={},
+        json={"type": "threads.add_user_message", "params": {}},
         headers={"Authorization": f"Bearer {session.client_secret}", "Accept": "text/event-stream"},
     ) as response:
         assert response.status == 200

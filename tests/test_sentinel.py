@@ -103,6 +103,47 @@ def test_sentinels_alone_select_the_redis_store() -> None:
     assert settings.redis_sentinel_list == (("10.0.0.1", 26379), ("::1", 26380))
 
 
+async def test_a_users_class_windows_span_the_users_sessions_behind_sentinel(
+    sentinels: RedisSentinels,
+) -> None:
+    client = connect_sentinel(
+        sentinels.addresses, RedisSentinels.MASTER_NAME, url=None, timeout=2.0
+    )
+    store = RedisStore(client, prefix="snp", pubsub_url="")
+    hasher = SecretHasher(b"sentinel-pepper")
+    try:
+        expires = int(time.time()) + 600
+        hashes = []
+        for n in range(2):
+            secret = f"ek_{hasher.user_tag('dana')}_sentinel-secret-{n}"
+            hashes.append(hasher(secret.encode()))
+            record = SessionRecord(
+                hashes[-1],
+                f"cksess_snp{n}",
+                "dana",
+                expires,
+                50,
+                issued=True,
+                counts="turn",
+                windows={"turn": "u86400:3"},
+                models=("gpt-allowed",),
+            )
+            await store.register(record)
+        # A model the workflow does not list is refused before any window counts.
+        refused = [
+            (await store.admit(AdmitRequest(hashes[n % 2], False, 10, None, "turn", model="x")))
+            for n in range(2)
+        ]
+        assert [d.outcome for d in refused] == [Outcome.MODEL_NOT_ALLOWED] * 2
+        outcomes = [
+            (await store.admit(AdmitRequest(hashes[n % 2], False, 10, None, "turn"))).outcome
+            for n in range(5)
+        ]
+        assert outcomes == [Outcome.ADMITTED] * 3 + [Outcome.CLASS_RATE_LIMITED] * 2
+    finally:
+        await store.close()
+
+
 async def test_a_killed_master_is_replaced_and_admissions_and_the_feed_resume(
     sentinels: RedisSentinels,
 ) -> None:

@@ -23,9 +23,10 @@ import redis.asyncio
 
 from gateway.auth import SecretHasher
 from gateway.errors import StoreUnavailable
+from gateway.model.budgets import BudgetDecision, BudgetKey, BudgetLimit, Charge
 from gateway.ratelimit import Decision, Identity, Outcome
 from gateway.registry import session_from_response
-from gateway.store.base import AdmitRequest, IssuedSession, SessionRecord, Store
+from gateway.store.base import AdmitRequest, IssuedSession, ModelGrant, SessionRecord, Store
 from gateway.store.memory import MemoryStore
 from gateway.store.redis import RedisStore, connect
 from tests.doubles import FakeClock
@@ -537,7 +538,11 @@ async def test_learned_sessions_have_an_identity_without_a_workflow(backend: Bac
     assert decision.identity == Identity(record.session_id, "user_bob", "", "", record.expires_at)
 
 
-async def test_only_admitted_registered_sessions_carry_an_identity(backend: Backend) -> None:
+async def test_registered_sessions_carry_an_identity_admitted_or_limited(
+    backend: Backend,
+) -> None:
+    # A refusal by a window names the session too: its workflow decides how
+    # the refusal is answered (limit_answer) and labels the metrics.
     store = backend.store()
     unknown = await store.admit(_ask(HASHER(b"nobody"), allow_unknown=True))
     assert unknown.admitted
@@ -549,7 +554,9 @@ async def test_only_admitted_registered_sessions_carry_an_identity(backend: Back
     assert admitted.identity.workflow_version == ""  # a workflow without versions
     refused = await store.admit(_ask(record.secret_hash))
     assert refused.outcome is Outcome.RATE_LIMITED
-    assert refused.identity is None
+    assert refused.identity == admitted.identity
+    await store.revoke(secret_hash=record.secret_hash, session_id=None, reason="t", replica="r")
+    assert (await store.admit(_ask(record.secret_hash))).identity is None  # revoked: not read
 
 
 async def test_redis_ping_reports_an_unreachable_redis_as_store_unavailable() -> None:
@@ -625,3 +632,451 @@ async def test_redis_holds_no_secret_and_every_key_expires(redis_url: str) -> No
         # The audit stream too: capped by length (XADD MAXLEN) and given the
         # revocation TTL at every append.
         assert ttl > 0, f"{key!r} has no TTL"
+
+
+# -- model tokens ---------------------------------------------------------------------
+
+
+def _grant(record: SessionRecord) -> ModelGrant:
+    return ModelGrant(
+        secret_hash=record.secret_hash,
+        session_id=record.session_id,
+        user=record.user,
+        workflow_id="wf_x",
+        request_id="req-1",
+        expires_at=record.expires_at,
+    )
+
+
+async def test_a_model_token_lives_until_its_grace_ends(backend: Backend) -> None:
+    store = backend.store()
+    record = _record(backend)
+    await store.register(record)
+    token = HASHER(b"ckmt_grace")
+    await store.grant_model_token(token, _grant(record))
+    assert await store.model_grant(token) == _grant(record)
+    assert await store.model_grant(HASHER(b"ckmt_other")) is None
+    ended_at = backend.now()
+    await store.end_model_token(token, grace_seconds=1)
+    assert await store.model_grant(token) == _grant(record)  # within the grace
+    await backend.reach(ended_at + 1.2)
+    assert await store.model_grant(token) is None
+
+
+async def test_a_model_token_never_outlives_its_session(backend: Backend) -> None:
+    store = backend.store()
+    record = _record(backend, ttl=2)
+    await store.register(record)
+    token = HASHER(b"ckmt_expiry")
+    await store.grant_model_token(token, _grant(record))
+    await store.end_model_token(token, grace_seconds=3600)  # the grace cannot extend it
+    assert await store.model_grant(token) is not None
+    await backend.reach(record.expires_at + 0.2)
+    assert await store.model_grant(token) is None
+
+
+@pytest.mark.parametrize("by", ["secret", "session_id"])
+async def test_revoking_a_session_ends_its_model_tokens(backend: Backend, by: str) -> None:
+    store = backend.store()
+    record = _record(backend)
+    await store.register(record)
+    token = HASHER(f"ckmt_revoke_{by}".encode())
+    await store.grant_model_token(token, _grant(record))
+    await store.revoke(
+        secret_hash=record.secret_hash if by == "secret" else None,
+        session_id=record.session_id if by == "session_id" else None,
+        reason="test",
+        replica="r",
+    )
+    assert await store.model_grant(token) is None
+
+
+# -- budgets -----------------------------------------------------------------------------
+
+TOKENS_USER_1D = BudgetLimit("tokens", "user", 86400, 1000)
+TOKENS_SESSION_1M = BudgetLimit("tokens", "session", 60, 500)
+USD_USER_1D = BudgetLimit("usd", "user", 86400, 2_000_000)  # 2 USD in micro-dollars
+
+
+def _key(session: str = "cksess_a", user: str = "alice") -> BudgetKey:
+    return BudgetKey("wf_budget", user, session)
+
+
+def _charge(tokens: int, usd: float = 0.0) -> Charge:
+    return Charge(tokens // 2, 0, tokens - tokens // 2, usd)
+
+
+async def _reserve(store: Store, key: BudgetKey, call: str, tokens: int, *limits: BudgetLimit,
+                   usd: float = 0.0, lease: int = 600) -> BudgetDecision:  # fmt: skip
+    return await store.reserve_budget(
+        key, call, _charge(tokens, usd), limits, model="gpt-5-mini", lease_seconds=lease
+    )
+
+
+async def test_reservations_are_admitted_exactly_as_far_as_they_fit(backend: Backend) -> None:
+    store = backend.store()
+    key = _key()
+    assert (await _reserve(store, key, "c1", 400, TOKENS_USER_1D)).admitted
+    assert (await _reserve(store, key, "c2", 400, TOKENS_USER_1D)).admitted
+    refused = await _reserve(store, key, "c3", 400, TOKENS_USER_1D)
+    # Only calls in flight stand in the way: worth asking again soon.
+    assert refused == BudgetDecision(False, 0, 1000)
+    # Settled to what it really used, the first call frees the rest of its room.
+    await store.settle_budget(key, "c1", _charge(100), model="gpt-5-mini")
+    assert (await _reserve(store, key, "c3", 400, TOKENS_USER_1D)).admitted  # 100 + 400 + 400
+    assert not (await _reserve(store, key, "c4", 101, TOKENS_USER_1D)).admitted
+    assert (await _reserve(store, key, "c4", 100, TOKENS_USER_1D)).admitted  # exactly full
+
+
+async def test_a_call_that_could_never_fit_gets_no_retry_time(backend: Backend) -> None:
+    store = backend.store()
+    assert await _reserve(store, _key(), "c1", 1001, TOKENS_USER_1D) == BudgetDecision(
+        False, 0, None
+    )
+
+
+async def test_settling_charges_once_and_is_kept_for_reports(backend: Backend) -> None:
+    store = backend.store()
+    key = _key()
+    await _reserve(store, key, "c1", 400, TOKENS_USER_1D)
+    charge = Charge(300, 100, 50, 123.5)
+    await store.settle_budget(key, "c1", charge, model="gpt-5-mini")
+    await store.settle_budget(key, "c1", charge, model="gpt-5-mini")  # a retry
+    [record] = await store.budget_charges("wf_budget", "alice")
+    assert (record.session_id, record.model, record.charge) == ("cksess_a", "gpt-5-mini", charge)
+    assert await store.budget_charges("wf_other", "alice") == []
+
+
+async def test_a_spent_budget_refuses_a_turn_until_usage_leaves_the_window(
+    backend: Backend,
+) -> None:
+    store = backend.store()
+    key = _key()
+    assert (await store.budget_room(key, (TOKENS_SESSION_1M,))).admitted
+    await _reserve(store, key, "c1", 500, TOKENS_SESSION_1M)
+    await store.settle_budget(key, "c1", _charge(500), model="m")
+    room = await store.budget_room(key, (TOKENS_SESSION_1M,))
+    assert not room.admitted
+    assert room.retry_after_ms is not None
+    assert 50_000 < room.retry_after_ms <= 60_000  # when the charge leaves the 1m window
+    # Another session of the same user has its own session budget.
+    assert (await store.budget_room(_key("cksess_b"), (TOKENS_SESSION_1M,))).admitted
+    # ... but not its own user budget, which the first session's charge counts in.
+    assert not (
+        await store.budget_room(
+            _key("cksess_b"), (BudgetLimit("tokens", "user", 3600, 500), TOKENS_SESSION_1M)
+        )
+    ).admitted
+
+
+async def test_dollar_budgets_count_micro_dollars(backend: Backend) -> None:
+    store = backend.store()
+    key = _key()
+    assert (await _reserve(store, key, "c1", 10, USD_USER_1D, usd=1_500_000)).admitted
+    assert not (await _reserve(store, key, "c2", 10, USD_USER_1D, usd=600_000)).admitted
+    await store.settle_budget(key, "c1", _charge(10, 1_000_000.0), model="m")
+    assert (await _reserve(store, key, "c2", 10, USD_USER_1D, usd=1_000_000)).admitted
+
+
+async def test_a_lease_that_ends_unsettled_is_charged_its_reservation(backend: Backend) -> None:
+    store = backend.store()
+    key = _key()
+    start = backend.now()
+    await _reserve(store, key, "c1", 400, TOKENS_USER_1D, lease=1)
+    await backend.reach(start + 1.3)
+    # The next call finds the lease ended: charged, and no longer in flight.
+    assert (await _reserve(store, key, "c2", 600, TOKENS_USER_1D)).admitted
+    [record] = await store.budget_charges("wf_budget", "alice")
+    assert record.charge.tokens == 400
+    await store.settle_budget(key, "c1", _charge(5), model="m")  # too late: charged once
+    assert len(await store.budget_charges("wf_budget", "alice")) == 1
+
+
+async def test_budget_windows_slide(backend: Backend) -> None:
+    if backend.name == "redis":
+        pytest.skip("a minute of real time; the script's window arithmetic is shared above")
+    store = backend.store()
+    key = _key()
+    await _reserve(store, key, "c1", 500, TOKENS_SESSION_1M)
+    await store.settle_budget(key, "c1", _charge(500), model="m")
+    room = await store.budget_room(key, (TOKENS_SESSION_1M,))
+    assert room.retry_after_ms == 60_000
+    await backend.reach(backend.now() + 60)
+    assert (await store.budget_room(key, (TOKENS_SESSION_1M,))).admitted
+
+
+# -- request classes and their windows (a workflow's policy) ---------------------
+
+
+def _policed(
+    backend: Backend,
+    *,
+    user: str = "user_alice",
+    limit: int = 2,
+    counts: str = "turn",
+    windows: dict[str, str] | None = None,
+) -> SessionRecord:
+    """An issued session with class windows, its secret tagged with its user's slot."""
+    secret = f"ek_{HASHER.user_tag(user)}_{secrets.token_urlsafe(24)}"
+    return dataclasses.replace(
+        _record(backend, limit=limit, user=user),
+        secret_hash=HASHER(secret.encode()),
+        issued=True,
+        counts=counts,
+        windows=windows or {},
+    )
+
+
+def _class(secret_hash: str, cls: str) -> AdmitRequest:
+    return AdmitRequest(secret_hash, False, 10, None, cls)
+
+
+async def test_reads_do_not_consume_turns_and_have_their_own_window(backend: Backend) -> None:
+    store = backend.store()
+    record = _policed(backend, limit=2, windows={"read": "s60:3"})
+    await store.register(record)
+    reads = await _admit_many(store, _class(record.secret_hash, "read"), 4)
+    assert [d.outcome for d in reads] == [Outcome.ADMITTED] * 3 + [Outcome.CLASS_RATE_LIMITED]
+    assert all(d.session is None for d in reads)  # the session limit counts turns only
+    assert [d.class_window.window.remaining for d in reads if d.class_window] == [2, 1, 0, 0]
+    refused = reads[-1].class_window
+    assert refused is not None
+    assert (refused.cls, refused.scope, refused.seconds, refused.name) == (
+        "read",
+        "session",
+        60,
+        "read-session-1m",
+    )
+    turns = await _admit_many(store, _class(record.secret_hash, "turn"), 3)
+    assert [d.outcome for d in turns] == [Outcome.ADMITTED] * 2 + [Outcome.RATE_LIMITED]
+    assert turns[0].session is not None
+    assert turns[0].session.remaining == 1
+
+
+async def test_session_limit_counting_all_counts_every_class(backend: Backend) -> None:
+    store = backend.store()
+    record = _policed(backend, limit=2, counts="all", windows={"read": "s60:5"})
+    await store.register(record)
+    read = await store.admit(_class(record.secret_hash, "read"))
+    turn = await store.admit(_class(record.secret_hash, "turn"))
+    refused = await store.admit(_class(record.secret_hash, "read"))
+    assert (read.outcome, turn.outcome) == (Outcome.ADMITTED, Outcome.ADMITTED)
+    assert refused.outcome is Outcome.RATE_LIMITED  # the session's own limit, 2 of any class
+    assert refused.class_window is not None
+    assert refused.class_window.window.remaining == 4
+
+
+async def test_a_users_window_spans_the_users_sessions(backend: Backend) -> None:
+    store = backend.store()
+    windows = {"turn": "u86400:3"}
+    first, second = (_policed(backend, limit=10, windows=windows) for _ in range(2))
+    other = _policed(backend, user="user_bob", limit=10, windows=windows)
+    for record in (first, second, other):
+        await store.register(record)
+    outcomes = [
+        (await store.admit(_class(record.secret_hash, "turn"))).outcome
+        for record in (first, second, first, second)
+    ]
+    assert outcomes == [Outcome.ADMITTED] * 3 + [Outcome.CLASS_RATE_LIMITED]
+    refused = await store.admit(_class(first.secret_hash, "turn"))
+    assert refused.class_window is not None
+    assert refused.class_window.name == "turn-user-1d"
+    assert 86_000_000 < refused.class_window.window.wait_ms <= 86_400_000
+    # The refusals took nothing from the sessions' own limits, nor from another user.
+    assert (await store.admit(_class(other.secret_hash, "turn"))).admitted
+    lookup = await store.lookup(second.session_id)
+    assert lookup is not None
+    assert lookup.remaining == 9
+
+
+async def test_a_refusal_reports_the_longest_wait_of_the_windows_that_refuse(
+    backend: Backend,
+) -> None:
+    store = backend.store()
+    record = _policed(backend, windows={"read": "s60:1,s3600:1"})
+    await store.register(record)
+    assert (await store.admit(_class(record.secret_hash, "read"))).admitted
+    refused = await store.admit(_class(record.secret_hash, "read"))
+    assert refused.outcome is Outcome.CLASS_RATE_LIMITED
+    assert refused.class_window is not None
+    assert refused.class_window.seconds == 3600  # the hour, not the minute, is the real wait
+    assert refused.class_window.window.wait_ms > 3_500_000
+
+
+async def test_a_class_limit_is_exact_under_concurrency(backend: Backend) -> None:
+    store = backend.store()
+    record = _policed(backend, windows={"upload": "s60:5,u3600:7"})
+    await store.register(record)
+    decisions = await asyncio.gather(
+        *(store.admit(_class(record.secret_hash, "upload")) for _ in range(20))
+    )
+    assert sum(d.admitted for d in decisions) == 5
+
+
+async def test_class_windows_slide(backend: Backend) -> None:
+    store = backend.store()
+    record = _policed(backend, windows={"write": "s60:1"})
+    await store.register(record)
+    start = backend.now()
+    assert (await store.admit(_class(record.secret_hash, "write"))).admitted
+    assert not (await store.admit(_class(record.secret_hash, "write"))).admitted
+    if backend.name == "redis":
+        return  # a minute of real time is too long for a test; the memory clock moves
+    await backend.reach(start + 61)
+    assert (await store.admit(_class(record.secret_hash, "write"))).admitted
+
+
+async def test_a_forged_slot_tag_is_an_unknown_secret(backend: Backend) -> None:
+    store = backend.store()
+    secret = f"ek_{HASHER.user_tag('user_alice')}_{secrets.token_urlsafe(24)}"
+    record = dataclasses.replace(_record(backend), secret_hash=HASHER(secret.encode()))
+    await store.register(record)
+    forged = "ek_" + ("0000" if secret[3:7] != "0000" else "ffff") + secret[7:]
+    decision = await store.admit(_ask(HASHER(forged.encode())))
+    assert decision.outcome is Outcome.UNKNOWN
+    assert (await store.admit(_ask(record.secret_hash))).admitted
+
+
+async def test_redis_budget_sums_let_a_charge_leave_its_window(redis_url: str) -> None:
+    """The running sums subtract a charge when it leaves a window. A minute of
+    real time is too long for a test, so the charge is moved 59.5 s back in
+    the charges set: what the script sees is then a charge about to leave."""
+    store = RedisStore(connect(redis_url, cluster=False, timeout=5.0), pubsub_url=redis_url)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        key = _key()
+        hour = BudgetLimit("tokens", "session", 3600, 500)
+        await _reserve(store, key, "c1", 500, TOKENS_SESSION_1M)
+        await store.settle_budget(key, "c1", _charge(500), model="m")
+        assert not (await store.budget_room(key, (TOKENS_SESSION_1M,))).admitted
+        charges_key = store.keys.budget("wf_budget", "alice")[0]
+        [member] = await client.zrange(charges_key, 0, -1)
+        assert isinstance(member, bytes)
+        leaves_at = time.time() + 0.5
+        await client.zadd(charges_key, {member: int((leaves_at - 60) * 1_000_000)}, xx=True)
+        assert not (await store.budget_room(key, (TOKENS_SESSION_1M,))).admitted
+        await wall_clock_reach(leaves_at + 0.05)
+        assert (await store.budget_room(key, (TOKENS_SESSION_1M,))).admitted
+        assert not (await store.budget_room(key, (hour,))).admitted  # still in the hour
+        # And a second session of the user was never charged in either.
+        assert (await store.budget_room(_key("cksess_b"), (hour,))).admitted
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_a_turns_calls_are_found_by_their_ids_and_its_usage_audited(
+    backend: Backend,
+) -> None:
+    store = backend.store()
+    key = _key()
+    await _reserve(store, key, "req-1.a", 10, TOKENS_USER_1D)
+    await _reserve(store, key, "req-1.b", 10, TOKENS_USER_1D)
+    assert sorted(await store.calls_in_flight("wf_budget", "alice")) == ["req-1.a", "req-1.b"]
+    await store.settle_budget(key, "req-1.a", _charge(10), model="m")
+    assert await store.calls_in_flight("wf_budget", "alice") == ["req-1.b"]
+    [record] = await store.budget_charges("wf_budget", "alice")
+    assert record.call_id == "req-1.a"
+    usage = {"calls": 1.0, "input_tokens": 5.0, "output_tokens": 5.0, "usd": 0.25}
+    await store.audit_usage(session_id="cksess_a", replica="r1", usage=usage)
+    [entry] = await store.audit_tail(1)
+    assert (entry.reason, entry.session_id, entry.replica, entry.usage) == (
+        "model_usage",
+        "cksess_a",
+        "r1",
+        usage,
+    )
+
+
+# -- the session's chatkit_configuration -------------------------------------------
+
+
+def _need(secret_hash: str, cls: str, need: str, declared: int = 0) -> AdmitRequest:
+    return AdmitRequest(secret_hash, False, 10, None, cls, need, declared)
+
+
+async def test_the_configuration_refuses_before_any_window_counts(backend: Backend) -> None:
+    store = backend.store()
+    record = dataclasses.replace(
+        _policed(backend, windows={"read": "s60:5", "upload": "s60:5"}),
+        history=False,
+        uploads=False,
+    )
+    await store.register(record)
+    refused = [
+        await store.admit(_need(record.secret_hash, "read", "history")),
+        await store.admit(_need(record.secret_hash, "upload", "attach", 10)),
+        await store.admit(_need(record.secret_hash, "upload", "upload")),
+    ]
+    assert [d.outcome for d in refused] == [
+        Outcome.HISTORY_DISABLED,
+        Outcome.UPLOADS_DISABLED,
+        Outcome.UPLOADS_DISABLED,
+    ]
+    read = await store.admit(_need(record.secret_hash, "read", ""))  # threads.get_by_id
+    assert read.class_window is not None
+    assert read.class_window.window.remaining == 4  # the refusals took nothing
+
+
+async def test_declared_sizes_and_the_number_of_files_are_bounded(backend: Backend) -> None:
+    store = backend.store()
+    record = dataclasses.replace(
+        _policed(backend), max_file_bytes=1000, max_files=2, configuration='{"x":1}'
+    )
+    await store.register(record)
+    too_large = await store.admit(_need(record.secret_hash, "upload", "attach", 1001))
+    assert too_large.outcome is Outcome.FILE_TOO_LARGE
+    decisions = await asyncio.gather(
+        *(store.admit(_need(record.secret_hash, "upload", "attach", 1000)) for _ in range(5))
+    )
+    assert (
+        sorted(d.outcome for d in decisions)
+        == [Outcome.ADMITTED] * 2 + [Outcome.TOO_MANY_FILES] * 3
+    )
+    # File bytes are no new file; the identity tells the proxy where to cut them.
+    upload = await store.admit(_need(record.secret_hash, "upload", "upload"))
+    assert upload.admitted
+    assert upload.identity is not None
+    assert (upload.identity.max_file_bytes, upload.identity.configuration) == (1000, '{"x":1}')
+
+
+async def test_a_refused_model_counts_in_no_window(backend: Backend) -> None:
+    """The allow-list is decided in the admission step, before any window:
+    after K refused models the session still has all N of its turns."""
+    store = backend.store()
+    record = dataclasses.replace(
+        _policed(backend, user="user_models", limit=3, windows={"turn": "s60:3,u86400:3"}),
+        models=("gpt-allowed", "gpt-other"),
+    )
+    await store.register(record)
+
+    def turn(model: str | None) -> AdmitRequest:
+        # The session's limit, the per-user cap, and the class's session and
+        # user windows: every window a turn counts in, each allowing 3.
+        return AdmitRequest(record.secret_hash, False, 10, 3, "turn", model=model)
+
+    # Exact names only: no case folding, no trimming, no list smuggled in a name.
+    names = ["gpt-dear", "", "GPT-ALLOWED", "gpt-allowed ", "gpt-allowed\ngpt-other", "mdl"]
+    refused = await asyncio.gather(*(store.admit(turn(name)) for name in names))
+    assert [d.outcome for d in refused] == [Outcome.MODEL_NOT_ALLOWED] * len(names)
+    assert all(d.identity is None for d in refused)
+    turns = [await store.admit(turn(m)) for m in ("gpt-allowed", None, "gpt-other", "gpt-allowed")]
+    assert [d.admitted for d in turns] == [True, True, True, False]
+    first = turns[0]
+    assert first.session is not None
+    assert first.user is not None
+    assert first.class_window is not None
+    remaining = (first.session.remaining, first.user.remaining, first.class_window.window.remaining)
+    assert remaining == (2, 2, 2)  # each window counted the admitted turn only
+    assert turns[3].outcome in (
+        Outcome.RATE_LIMITED,
+        Outcome.USER_RATE_LIMITED,
+        Outcome.CLASS_RATE_LIMITED,
+    )
+    # A read names no model; a session whose workflow lists none takes any.
+    assert (await store.admit(_class(record.secret_hash, "read"))).admitted
+    free = _policed(backend, user="user_free")
+    await store.register(free)
+    assert (
+        await store.admit(AdmitRequest(free.secret_hash, False, 10, None, "turn", model="x"))
+    ).admitted

@@ -21,8 +21,14 @@ Environment:
 - ``CHATKIT_IDENTITY_ISSUER``: the assertion's expected ``iss`` (``chatkit-gateway``).
 - ``CHATKIT_WORKFLOW_IDS``: comma-separated workflows this server serves; requests
   for others are refused. Unset: any workflow the gateway routes here.
+- ``CHATKIT_MODEL_BASE_URL``: the gateway's ``/v1`` (``http://gateway:8080/v1``).
+  Set, turns are answered by a model (``CHATKIT_MODEL``) through the Agents
+  SDK, whose OpenAI client uses the turn's ``X-ChatKit-Model-Token`` as its
+  key and the gateway as its base URL: this server holds no OpenAI key; the
+  gateway counts every token to the turn's user and session.
 - ``OPENAI_API_KEY``: answer with a model (``CHATKIT_MODEL``, default
-  ``gpt-4.1-mini``) through the Agents SDK. Unset: echo the user's message back
+  ``gpt-4.1-mini``) through the Agents SDK, calling OpenAI directly.
+  Neither set: echo the user's message back
   word by word, ``CHATKIT_ECHO_DELAY_SECONDS`` apart (0.05), so the example runs
   with no key and no network.
 """
@@ -71,6 +77,7 @@ WORKFLOW_HEADER = "X-ChatKit-Workflow-Id"
 WORKFLOW_VERSION_HEADER = "X-ChatKit-Workflow-Version"
 EXPIRES_AT_HEADER = "X-ChatKit-Expires-At"
 ASSERTION_HEADER = "X-ChatKit-Assertion"
+MODEL_TOKEN_HEADER = "X-ChatKit-Model-Token"  # noqa: S105 - a header name
 # What every assertion must carry; PyJWT refuses a token missing any of them.
 _REQUIRED_CLAIMS = ["iss", "aud", "sub", "sid", "exp", "iat"]
 # Tolerated clock difference between the gateway and this server, seconds.
@@ -102,6 +109,7 @@ class ServerConfig:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     echo_delay_seconds: float = 0.05
     openai_api_key: str | None = None
+    model_base_url: str | None = None
     model: str = "gpt-4.1-mini"
 
     @classmethod
@@ -115,6 +123,7 @@ class ServerConfig:
             ),
             echo_delay_seconds=float(environ.get("CHATKIT_ECHO_DELAY_SECONDS", "0.05")),
             openai_api_key=environ.get("OPENAI_API_KEY") or None,
+            model_base_url=environ.get("CHATKIT_MODEL_BASE_URL") or None,
             model=environ.get("CHATKIT_MODEL") or "gpt-4.1-mini",
         )
 
@@ -164,6 +173,7 @@ def context_from_headers(headers: Headers, config: IdentityConfig) -> RequestCon
         workflow_id=workflow_id,
         workflow_version=_single(headers, WORKFLOW_VERSION_HEADER),
         expires_at=int(expires_at) if expires_at and expires_at.isdigit() else None,
+        model_token=_single(headers, MODEL_TOKEN_HEADER),
     )
 
 
@@ -218,7 +228,7 @@ class EchoChatKitServer(ChatKitServer[RequestContext]):
         input_user_message: UserMessageItem | None,
         context: RequestContext,
     ) -> AsyncIterator[ThreadStreamEvent]:
-        if self.config.openai_api_key is not None:
+        if self.config.openai_api_key is not None or self.config.model_base_url is not None:
             async for event in self._model_answer(thread, context):
                 yield event
             return
@@ -268,14 +278,22 @@ class EchoChatKitServer(ChatKitServer[RequestContext]):
         self, thread: ThreadMetadata, context: RequestContext
     ) -> AsyncIterator[ThreadStreamEvent]:
         # Imported here: the echo mode never needs the Agents SDK's model stack.
-        from agents import Agent, Runner
+        from agents import Agent, Model, OpenAIResponsesModel, Runner
         from chatkit.agents import AgentContext, simple_to_agent_input, stream_agent_response
+        from openai import AsyncOpenAI
 
+        model: str | Model = self.config.model
+        if self.config.model_base_url is not None:
+            if context.model_token is None:
+                raise RuntimeError("No X-ChatKit-Model-Token: is GATEWAY_MODEL_API_KEY set?")
+            # One client per turn: its key is the turn's own model token.
+            client = AsyncOpenAI(api_key=context.model_token, base_url=self.config.model_base_url)
+            model = OpenAIResponsesModel(model=self.config.model, openai_client=client)
         recent = await self.store.load_thread_items(thread.id, None, 20, "asc", context)
         agent = Agent[AgentContext[RequestContext]](
             name="Assistant",
             instructions="You are a helpful assistant. Answer briefly.",
-            model=self.config.model,
+            model=model,
         )
         agent_context = AgentContext(thread=thread, store=self.store, request_context=context)
         result = Runner.run_streamed(

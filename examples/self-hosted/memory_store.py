@@ -31,6 +31,9 @@ class RequestContext:
     workflow_id: str
     workflow_version: str | None = None
     expires_at: int | None = None
+    #: The turn's X-ChatKit-Model-Token: this server's key to the model,
+    #: through the gateway (issued for turns only, when the gateway has a model key).
+    model_token: str | None = None
 
 
 @dataclass

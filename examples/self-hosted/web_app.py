@@ -16,9 +16,10 @@ Environment:
   it (``http://127.0.0.1:8080``).
 - ``OPENAI_API_KEY``: a key of the app in the gateway's ``GATEWAY_ISSUER_KEYS``.
 - ``EXAMPLE_WORKFLOW_ID`` (``wf_self_hosted_example``), ``EXAMPLE_SESSION_SECONDS``
-  (600), ``EXAMPLE_MAX_REQUESTS_PER_1_MINUTE`` (30: a page load alone makes
-  several requests), ``EXAMPLE_DOMAIN_KEY`` (ChatKit JS wants one; any
-  placeholder works on localhost).
+  (600), ``EXAMPLE_MAX_REQUESTS_PER_1_MINUTE`` (30: the gateway's policy
+  counts model turns against it; reads have their own window),
+  ``EXAMPLE_DOMAIN_KEY`` (ChatKit JS wants one; any placeholder works on
+  localhost).
 
 There is no login in this example: a cookie with a random name stands in for
 the app's own user, so two browsers are two users. A real app passes its

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Collection
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Collection, Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 
+from gateway.model.budgets import BudgetDecision, BudgetKey, BudgetLimit, Charge, ChargeRecord
 from gateway.ratelimit import Decision
 
 
@@ -29,6 +30,25 @@ class SessionRecord:
     workflow_version: str = ""
     document: bytes = b""
     issued: bool = False
+    #: The class the session's ``limit`` counts (``gateway.policy``): "all",
+    #: or one class, whose other classes then count only in ``windows``.
+    counts: str = "all"
+    #: The workflow policy's windows by class, compiled
+    #: (:meth:`gateway.policy.Policy.windows`).
+    windows: Mapping[str, str] = field(default_factory=dict)
+    #: The session's chatkit_configuration, enforced at admission (issued
+    #: sessions; a learned session's own server enforces it): threads.list
+    #: allowed, uploads allowed, largest file (bytes, 0: no limit), most
+    #: attachments.create (0: no limit), and the whole of it as JSON for the
+    #: ChatKit server.
+    history: bool = True
+    uploads: bool = True
+    max_file_bytes: int = 0
+    max_files: int = 0
+    configuration: str = ""
+    #: The models a turn may name (the workflow policy's ``models``), () for
+    #: any: refused in the admission step, so a refused model counts nowhere.
+    models: tuple[str, ...] = ()
     #: The app that created an issued session ("" for a learned one). Kept
     #: beside the ChatSession document, not in it: the SDK parses that.
     app: str = ""
@@ -67,6 +87,32 @@ class AdmitRequest:
     allow_unknown: bool
     default_limit: int
     user_limit: int | None
+    #: The request's class (``gateway.chatkit.RequestClass``), "" for none.
+    cls: str = ""
+    #: What of the session's configuration the request needs: "history"
+    #: (threads.list), "attach" (attachments.create), "upload" (file bytes), "".
+    need: str = ""
+    #: The size an attachments.create declares, in bytes.
+    declared_size: int = 0
+    #: The model a turn names (``params.input.inference_options.model``),
+    #: None when it names none (the server's default).
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelGrant:
+    """What a model token stands for: the admitted turn that was given it.
+
+    Kept under the token's hash, never the token. ``expires_at`` is the
+    session's expiry, the latest a token can live whatever else happens.
+    """
+
+    secret_hash: str
+    session_id: str
+    user: str
+    workflow_id: str
+    request_id: str
+    expires_at: int  # unix seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +124,9 @@ class AuditEntry:
     replica: str
     at: float  # unix seconds
     app: str | None = None
+    #: A turn's model usage (reason "model_usage"): input_tokens,
+    #: cached_input_tokens, output_tokens, total_tokens, usd, calls.
+    usage: dict[str, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +263,60 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def revoked_among(self, secret_hashes: Collection[str]) -> set[str]:
         """Those of ``secret_hashes`` that are revoked."""
+
+    # -- model tokens (issued for admitted turns, see gateway.model) ---------------
+
+    @abc.abstractmethod
+    async def grant_model_token(self, token_hash: str, grant: ModelGrant) -> None:
+        """Record a model token, valid until the session expires or it is ended."""
+
+    @abc.abstractmethod
+    async def end_model_token(self, token_hash: str, *, grace_seconds: int) -> None:
+        """The turn's response ended: the token lives ``grace_seconds`` more
+        (by the store's clock), never past its session's expiry."""
+
+    @abc.abstractmethod
+    async def model_grant(self, token_hash: str) -> ModelGrant | None:
+        """The token's grant, or None if it is unknown, has expired, or its
+        session was revoked (its secret or its id)."""
+
+    # -- budgets (gateway.model.budgets) --------------------------------------------
+
+    @abc.abstractmethod
+    async def reserve_budget(
+        self,
+        key: BudgetKey,
+        call_id: str,
+        reservation: Charge,
+        limits: tuple[BudgetLimit, ...],
+        *,
+        model: str,
+        lease_seconds: int,
+    ) -> BudgetDecision:
+        """Reserve room for a call if every window holds it, atomically; else
+        change nothing (but charge leases that have ended)."""
+
+    @abc.abstractmethod
+    async def budget_room(self, key: BudgetKey, limits: tuple[BudgetLimit, ...]) -> BudgetDecision:
+        """Whether spent + reserved leaves any room in every window (a turn's admission)."""
+
+    @abc.abstractmethod
+    async def settle_budget(
+        self, key: BudgetKey, call_id: str, charge: Charge, *, model: str
+    ) -> None:
+        """Drop the call's reservation and record its charge (once)."""
+
+    @abc.abstractmethod
+    async def budget_charges(self, workflow_id: str, user: str) -> list[ChargeRecord]:
+        """The user's charges of the last day in a workflow, oldest first."""
+
+    @abc.abstractmethod
+    async def calls_in_flight(self, workflow_id: str, user: str) -> list[str]:
+        """The call ids of the user's model calls still reserved (unsettled)."""
+
+    @abc.abstractmethod
+    async def audit_usage(self, *, session_id: str, replica: str, usage: dict[str, float]) -> None:
+        """Append a turn's model usage to the audit stream (reason "model_usage")."""
 
     # -- apps and users -------------------------------------------------------
 

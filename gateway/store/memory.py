@@ -13,15 +13,29 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from gateway.ratelimit import Decision, Identity, Outcome, Window
+from gateway.auth import split_tag
+from gateway.model.budgets import (
+    LONGEST_WINDOW_SECONDS,
+    NO_CHARGE,
+    BudgetDecision,
+    BudgetKey,
+    BudgetLimit,
+    Charge,
+    ChargeRecord,
+    Spent,
+    decide,
+)
+from gateway.policy import parse_spec
+from gateway.ratelimit import ClassWindow, Decision, Identity, Outcome, Window
 from gateway.store.base import (
     AdmitRequest,
     AppStats,
     AuditEntry,
     IndexedSession,
     IssuedSession,
+    ModelGrant,
     RevokeResult,
     SessionInfo,
     SessionRecord,
@@ -47,6 +61,7 @@ class _SlidingWindow:
     # µs, ascending. A deque: each admission is appended once and popped once,
     # so pruning costs O(1) amortised even for limits in the millions.
     times: deque[int] = field(default_factory=deque)
+    length: int = 0  # µs; 0: the store's session window
 
     def state(self, now: int, window: int) -> tuple[int, int, int]:
         """Prune and return (count, µs until oldest leaves, µs until newest leaves)."""
@@ -57,6 +72,23 @@ class _SlidingWindow:
         if not times:
             return 0, 0, 0
         return len(times), times[0] + window - now, times[-1] + window - now
+
+
+@dataclass(slots=True)
+class _Reservation:
+    session_id: str
+    charge: Charge
+    model: str
+    lease_end: float  # clock seconds
+
+
+@dataclass(slots=True)
+class _Budget:
+    """One user's model calls in one workflow: charges oldest first, and
+    reservations of calls in flight by call id."""
+
+    charges: deque[ChargeRecord] = field(default_factory=deque)
+    flight: dict[str, _Reservation] = field(default_factory=dict)
 
 
 def _ms(us: int) -> int:
@@ -84,6 +116,8 @@ class MemoryStore(Store):
         self._sid_hash: dict[str, _Expiring[str]] = {}  # sid -> hash
         self._sid_revoked: dict[str, _Expiring[bool]] = {}
         self._windows: dict[str, _SlidingWindow] = {}  # "s:" + hash | "u:" + user
+        self._model_tokens: dict[str, _Expiring[ModelGrant]] = {}  # by token hash
+        self._budgets: dict[tuple[str, str], _Budget] = {}  # by (workflow, user)
         self._audit: list[AuditEntry] = []
         self._audit_seq = 0
         self._listeners: set[asyncio.Queue[str]] = set()
@@ -133,40 +167,118 @@ class MemoryStore(Store):
                 record.workflow_id,
                 record.workflow_version,
                 record.expires_at,
+                record.max_file_bytes,
+                record.configuration,
             )
+            need = request.need
+            if need:
+                if need == "history" and not record.history:
+                    return Decision(Outcome.HISTORY_DISABLED)
+                if need != "history" and not record.uploads:
+                    return Decision(Outcome.UPLOADS_DISABLED)
+                if (
+                    need == "attach"
+                    and record.max_file_bytes
+                    and request.declared_size > record.max_file_bytes
+                ):
+                    return Decision(Outcome.FILE_TOO_LARGE)
+            if request.model is not None and record.models and request.model not in record.models:
+                return Decision(Outcome.MODEL_NOT_ALLOWED)
 
-        session = self._windows.setdefault("s:" + request.secret_hash, _SlidingWindow())
-        count, wait, reset = session.state(now, self._window)
-        if count >= limit:
-            return Decision(Outcome.RATE_LIMITED, Window(limit, 0, _ms(wait), _ms(reset)))
-        user_window = None
-        if request.user_limit and user:  # no user, no user window (as in Redis)
-            user_window = self._windows.setdefault("u:" + user, _SlidingWindow())
-            ucount, uwait, ureset = user_window.state(now, self._window)
-            if ucount >= request.user_limit:
-                return Decision(
-                    Outcome.USER_RATE_LIMITED,
-                    Window(limit, limit - count, _ms(wait), _ms(reset)),
-                    Window(request.user_limit, 0, _ms(uwait), _ms(ureset)),
+        # The windows this request counts in, as admit.lua builds them:
+        # (window, length µs, limit, outcome, class window spec).
+        windows: list[tuple[_SlidingWindow, int, int, Outcome, str]] = []
+        cls = request.cls
+        counts = record.counts if record is not None else "all"
+        if not cls or counts in ("all", cls):
+            windows.append(
+                (
+                    self._window_at("s:" + request.secret_hash),
+                    self._window,
+                    limit,
+                    Outcome.RATE_LIMITED,
+                    "",
                 )
-        session.times.append(now)
-        admitted_session = Window(
-            limit, limit - count - 1, _ms(wait if count else self._window), _ms(self._window)
-        )
-        if user_window is None or request.user_limit is None:
-            return Decision(Outcome.ADMITTED, admitted_session, None, identity)
-        user_window.times.append(now)
-        return Decision(
-            Outcome.ADMITTED,
-            admitted_session,
-            Window(
-                request.user_limit,
-                request.user_limit - ucount - 1,
-                _ms(uwait if ucount else self._window),
-                _ms(self._window),
-            ),
-            identity,
-        )
+            )
+        if request.user_limit and user:  # no user, no user window (as in Redis)
+            windows.append(
+                (
+                    self._window_at("u:" + user),
+                    self._window,
+                    request.user_limit,
+                    Outcome.USER_RATE_LIMITED,
+                    "",
+                )
+            )
+        spec = record.windows.get(cls) if record is not None and cls else None
+        tag, _ = split_tag(request.secret_hash)
+        for policy_window in parse_spec(spec or ""):
+            if policy_window.scope == "session":
+                key = f"s:{request.secret_hash}:{cls}:{policy_window.seconds}"
+            elif tag and user:  # user windows of tagged (issued) secrets only, as in Redis
+                key = f"t:{user}:{cls}:{policy_window.seconds}"
+            else:
+                continue
+            windows.append(
+                (
+                    self._window_at(key, policy_window.seconds * 1_000_000),
+                    policy_window.seconds * 1_000_000,
+                    policy_window.limit,
+                    Outcome.CLASS_RATE_LIMITED,
+                    f"{policy_window.scope[0]}{policy_window.seconds}",
+                )
+            )
+        if request.need == "attach" and record is not None and record.max_files:
+            # Longer than any session lives: nothing leaves it (as in admit.lua).
+            files = 8 * 86400 * 1_000_000
+            windows.append(
+                (
+                    self._window_at(f"f:{request.secret_hash}", files),
+                    files,
+                    record.max_files,
+                    Outcome.TOO_MANY_FILES,
+                    "",
+                )
+            )
+        states = [w.state(now, length) for w, length, _, _, _ in windows]
+        refused = None
+        for i, ((_, _, lim, _, _), (count, wait, _)) in enumerate(
+            zip(windows, states, strict=True)
+        ):
+            if count >= lim and (refused is None or wait > states[refused][1]):
+                refused = i
+        session = user_window = class_window = None
+        for i, ((sliding, length, lim, outcome, name), (count, wait, reset)) in enumerate(
+            zip(windows, states, strict=True)
+        ):
+            if refused is None:
+                sliding.times.append(now)
+                state = Window(lim, lim - count - 1, _ms(wait if count else length), _ms(length))
+            else:
+                remaining = 0 if i == refused else max(lim - count, 0)
+                state = Window(lim, remaining, _ms(wait), _ms(reset))
+            if outcome is Outcome.RATE_LIMITED:
+                session = state
+            elif outcome is Outcome.USER_RATE_LIMITED:
+                user_window = state
+            elif outcome is Outcome.CLASS_RATE_LIMITED:
+                candidate = ClassWindow(
+                    cls, "user" if name[0] == "u" else "session", int(name[1:]), state
+                )
+                if refused is not None and windows[refused][3] is Outcome.CLASS_RATE_LIMITED:
+                    if i == refused:
+                        class_window = candidate
+                elif class_window is None or state.remaining < class_window.window.remaining:
+                    class_window = candidate
+        if refused is not None:
+            return Decision(windows[refused][3], session, user_window, identity, class_window)
+        return Decision(Outcome.ADMITTED, session, user_window, identity, class_window)
+
+    def _window_at(self, key: str, length: int = 0) -> _SlidingWindow:
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = _SlidingWindow(length=length)
+        return window
 
     async def register(self, record: SessionRecord) -> bool:
         until = self._keep_until(record.expires_at)
@@ -275,6 +387,126 @@ class MemoryStore(Store):
                 yield await queue.get()
         finally:
             self._listeners.discard(queue)
+
+    async def grant_model_token(self, token_hash: str, grant: ModelGrant) -> None:
+        self._model_tokens[token_hash] = _Expiring(grant, float(grant.expires_at))
+
+    async def end_model_token(self, token_hash: str, *, grace_seconds: int) -> None:
+        entry = self._model_tokens.get(token_hash)
+        if entry is not None:
+            entry.until = min(entry.until, self._clock() + grace_seconds)
+
+    async def model_grant(self, token_hash: str) -> ModelGrant | None:
+        grant = self._get(self._model_tokens, token_hash)
+        if grant is None:
+            return None
+        if (
+            self._get(self._revoked, grant.secret_hash) is not None
+            or self._get(self._sid_revoked, grant.session_id) is not None
+        ):
+            return None
+        return grant
+
+    def _budget(self, workflow_id: str, user: str) -> _Budget:
+        """The user's budget, its ended leases charged and old charges dropped."""
+        budget = self._budgets.setdefault((workflow_id, user), _Budget())
+        now = self._clock()
+        charged = False
+        for call_id, reservation in list(budget.flight.items()):
+            if reservation.lease_end <= now:
+                charged = True
+                del budget.flight[call_id]
+                record = ChargeRecord(
+                    reservation.lease_end,
+                    reservation.session_id,
+                    reservation.model,
+                    reservation.charge,
+                    call_id,
+                )
+                budget.charges.append(record)
+        if charged:  # at their leases' ends, maybe before charges already kept
+            budget.charges = deque(sorted(budget.charges, key=lambda c: c.at))
+        while budget.charges and budget.charges[0].at <= now - LONGEST_WINDOW_SECONDS:
+            budget.charges.popleft()
+        return budget
+
+    def _decide(
+        self,
+        budget: _Budget,
+        key: BudgetKey,
+        limits: tuple[BudgetLimit, ...],
+        need: Charge,
+        *,
+        check: bool,
+    ) -> BudgetDecision:
+        return decide(
+            int(self._clock() * 1_000_000),
+            [
+                Spent(int(c.at * 1_000_000), c.session_id, c.charge.tokens, c.charge.usd_micros)
+                for c in budget.charges
+            ],
+            [
+                Spent(0, r.session_id, r.charge.tokens, r.charge.usd_micros)
+                for r in budget.flight.values()
+            ],
+            limits,
+            session_id=key.session_id,
+            need_tokens=need.tokens,
+            need_usd=need.usd_micros,
+            check=check,
+        )
+
+    async def reserve_budget(
+        self,
+        key: BudgetKey,
+        call_id: str,
+        reservation: Charge,
+        limits: tuple[BudgetLimit, ...],
+        *,
+        model: str,
+        lease_seconds: int,
+    ) -> BudgetDecision:
+        budget = self._budget(key.workflow_id, key.user)
+        decision = self._decide(budget, key, limits, reservation, check=False)
+        if decision.admitted:
+            budget.flight[call_id] = _Reservation(
+                key.session_id, reservation, model, self._clock() + lease_seconds
+            )
+        return decision
+
+    async def budget_room(self, key: BudgetKey, limits: tuple[BudgetLimit, ...]) -> BudgetDecision:
+        budget = self._budget(key.workflow_id, key.user)
+        return self._decide(budget, key, limits, Charge(0, 0, 0, 0.0), check=True)
+
+    async def settle_budget(
+        self, key: BudgetKey, call_id: str, charge: Charge, *, model: str
+    ) -> None:
+        budget = self._budget(key.workflow_id, key.user)
+        if budget.flight.pop(call_id, None) is not None and charge != NO_CHARGE:
+            budget.charges.append(
+                ChargeRecord(self._clock(), key.session_id, model, charge, call_id)
+            )
+
+    async def budget_charges(self, workflow_id: str, user: str) -> list[ChargeRecord]:
+        return list(self._budget(workflow_id, user).charges)
+
+    async def calls_in_flight(self, workflow_id: str, user: str) -> list[str]:
+        return list(self._budget(workflow_id, user).flight)
+
+    async def audit_usage(self, *, session_id: str, replica: str, usage: dict[str, float]) -> None:
+        self._audit_seq += 1
+        self._audit.append(
+            AuditEntry(
+                id=str(self._audit_seq),
+                session_id=session_id,
+                secret_hash_prefix=None,
+                reason="model_usage",
+                replica=replica,
+                at=self._clock(),
+                usage=dict(usage),
+            )
+        )
+        del self._audit[:-AUDIT_MAXLEN]
 
     # -- apps and users -------------------------------------------------------
 
@@ -391,14 +623,23 @@ class MemoryStore(Store):
     def _sweep(self) -> None:
         """Drop expired entries now and then, so memory stays bounded."""
         now = self._clock()
-        for table in (self._sessions, self._revoked, self._sid_hash, self._sid_revoked):
+        tables: tuple[dict[str, _Expiring[Any]], ...] = (
+            self._sessions,
+            self._revoked,
+            self._sid_hash,
+            self._sid_revoked,
+            self._model_tokens,
+        )
+        for table in tables:
             if len(table) > 1024:
                 for key in [k for k, v in table.items() if v.until <= now]:
                     del table[key]
         if len(self._windows) > 1024:
             now_us = int(now * 1_000_000)
             for key in [
-                k for k, w in self._windows.items() if w.state(now_us, self._window)[0] == 0
+                k
+                for k, w in self._windows.items()
+                if w.state(now_us, w.length or self._window)[0] == 0
             ]:
                 del self._windows[key]
         if len(self._bans) > 1024:

@@ -29,7 +29,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import AskError, MovedError, NoScriptError, RedisError
 
 from gateway.errors import StoreUnavailable
-from gateway.ratelimit import OUTCOMES, Decision, Identity, Window
+from gateway.ratelimit import OUTCOMES, ClassWindow, Decision, Identity, Window
 from gateway.store.base import AdmitRequest
 from gateway.store.redis.client import Availability, Client, is_oom
 from gateway.store.redis.cluster import ClusterRouter
@@ -59,22 +59,35 @@ _Pending = tuple[AdmitRequest, "asyncio.Future[Decision]", int]
 MAX_REDIRECTS = 3
 
 
-def decode_decision(reply: list[Any]) -> Decision:
+def decode_decision(reply: list[Any], cls: str = "") -> Decision:
     """The script's reply as a Decision (see admit.lua for the layout)."""
-    size = len(reply)
     outcome = OUTCOMES[reply[0]]
-    if size == 1:
+    if len(reply) == 1:
         return Decision(outcome)
-    session = Window(reply[1], max(reply[2], 0), reply[3], reply[4])
-    if size == 5:
-        return Decision(outcome, session)
+    session = Window(reply[1], max(reply[2], 0), reply[3], reply[4]) if reply[1] else None
     user = Window(reply[5], max(reply[6], 0), reply[7], reply[8]) if reply[5] else None
-    if size == 9:
-        return Decision(outcome, session, user)
-    identity = Identity(
-        reply[9].decode(), reply[10].decode(), reply[11].decode(), reply[12].decode(), reply[13]
-    )
-    return Decision(outcome, session, user, identity)
+    class_window = None
+    spec: bytes = reply[9]
+    if spec:
+        class_window = ClassWindow(
+            cls,
+            "user" if spec[:1] == b"u" else "session",
+            int(spec[1:]),
+            Window(reply[10], max(reply[11], 0), reply[12], reply[13]),
+        )
+    identity = None
+    sid: bytes = reply[14]
+    if sid:
+        identity = Identity(
+            sid.decode(),
+            reply[15].decode(),
+            reply[16].decode(),
+            reply[17].decode(),
+            reply[18],
+            reply[19],
+            reply[20].decode(),
+        )
+    return Decision(outcome, session, user, identity, class_window)
 
 
 class _Lane:
@@ -249,12 +262,29 @@ class AdmissionBatcher:
             self._keys.user_prefix,
             deadline,
             member,
+            request.cls,
+            self._keys.class_user_prefix(request.secret_hash),
+            request.need,
+            request.declared_size,
+            "" if request.model is None else "m:" + request.model,
         )
 
     def _void_command(self, request: AdmitRequest, member: str) -> Command:
         session, window, _ = self._keys.secret(request.secret_hash)
         users = 1 if request.user_limit else 0
-        return ("EVALSHA", VOID_SHA, 2, session, window, member, self._keys.user_prefix, users)
+        return (
+            "EVALSHA",
+            VOID_SHA,
+            2,
+            session,
+            window,
+            member,
+            self._keys.user_prefix,
+            users,
+            request.cls,
+            self._keys.class_user_prefix(request.secret_hash),
+            request.need,
+        )
 
     async def _run(self, lane: _Lane, batch: list[_Pending]) -> None:
         deadline = 0
@@ -306,7 +336,7 @@ class AdmissionBatcher:
             if future.done():  # the request was cancelled meanwhile
                 continue
             if not isinstance(reply, Exception):
-                future.set_result(decode_decision(reply))
+                future.set_result(decode_decision(reply, request.cls))
             elif router is not None and redirects < MAX_REDIRECTS and router.retryable(reply):
                 # Not run where it was sent, so sending it again counts it once.
                 self._spawn(self._redirect(request, future, redirects + 1, reply))
@@ -352,7 +382,7 @@ class AdmissionBatcher:
                     lambda: router.send_asking("EVAL", ADMIT_SCRIPT, *arguments)
                 )
                 if not future.done():
-                    future.set_result(decode_decision(answer))
+                    future.set_result(decode_decision(answer, request.cls))
                 return
             lane = await self._lane_for(request.secret_hash)
         except (StoreUnavailable, RedisError) as exc:

@@ -16,6 +16,15 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 
 from gateway.errors import NotReplicated, StoreUnavailable
+from gateway.model.budgets import (
+    LONGEST_WINDOW_SECONDS,
+    RESERVATION_LEASE_SECONDS,
+    BudgetDecision,
+    BudgetKey,
+    BudgetLimit,
+    Charge,
+    ChargeRecord,
+)
 from gateway.ratelimit import Decision
 from gateway.store.base import (
     AdmitRequest,
@@ -23,6 +32,7 @@ from gateway.store.base import (
     AuditEntry,
     IndexedSession,
     IssuedSession,
+    ModelGrant,
     RevokeResult,
     SessionInfo,
     SessionRecord,
@@ -44,6 +54,8 @@ AUDIT_MAXLEN = 10_000
 # much, so a secret cancelled at the last moment is not admitted as unknown.
 MIN_REVOCATION_TTL_MS = 60_000
 _LUA = resources.files("gateway.store").joinpath("lua")
+# A user's budget keys outlive the longest window and a reservation's lease.
+_BUDGET_KEEP_MS = (LONGEST_WINDOW_SECONDS + RESERVATION_LEASE_SECONDS) * 1000
 
 
 class RedisStore(Store):
@@ -101,6 +113,8 @@ class RedisStore(Store):
             else None
         )
         self._audit_script = client.register_script(_LUA.joinpath("audit.lua").read_text())
+        self._reserve_script = client.register_script(_LUA.joinpath("budget.lua").read_text())
+        self._settle_script = client.register_script(_LUA.joinpath("budget_settle.lua").read_text())
         self._feed = RevocationFeed(
             pubsub_url, self.keys.channel, ping_seconds=ping_seconds, client=client
         )
@@ -143,6 +157,24 @@ class RedisStore(Store):
                 fields["wv"] = record.workflow_version
             if record.issued:
                 fields["iss"] = 1
+            if record.counts != "all":
+                fields["cnt"] = record.counts
+            for cls, spec in record.windows.items():
+                fields["c:" + cls] = spec
+            if not record.history:
+                fields["hist"] = 0
+            if not record.uploads:
+                fields["up"] = 0
+            if record.max_file_bytes:
+                fields["mfs"] = record.max_file_bytes
+            if record.max_files:
+                fields["mf"] = record.max_files
+            if record.configuration:
+                fields["cfg"] = record.configuration
+            if record.models:
+                fields["mdl"] = 1
+                for model in record.models:
+                    fields["m:" + model] = 1
             if record.app:
                 fields["app"] = record.app
             pipe.hset(skey, mapping=fields)  # type: ignore[arg-type]
@@ -337,6 +369,188 @@ class RedisStore(Store):
                 lambda: self._client.publish(self.keys.channel, secret_hash), proves_room=False
             )
 
+    # -- model tokens -----------------------------------------------------------------
+
+    async def grant_model_token(self, token_hash: str, grant: ModelGrant) -> None:
+        key = self.keys.model_token(token_hash)
+        fields: dict[str, str | int] = {
+            "h": grant.secret_hash,
+            "sid": grant.session_id,
+            "user": grant.user,
+            "wf": grant.workflow_id,
+            "rid": grant.request_id,
+            "exp": grant.expires_at,
+        }
+
+        async def write() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+            # An absolute time: no replica's clock decides how long it lives.
+            pipe.pexpireat(key, grant.expires_at * 1000)
+            return await pipe.execute()
+
+        await self.availability.idempotent(write)
+
+    async def end_model_token(self, token_hash: str, *, grace_seconds: int) -> None:
+        key = self.keys.model_token(token_hash)
+        # LT: only ever shortens, so the session's expiry stays the bound;
+        # a relative TTL, counted by Redis's own clock.
+        await self.availability.idempotent(
+            lambda: self._client.pexpire(key, max(grace_seconds * 1000, 1), lt=True),
+            proves_room=False,
+        )
+
+    async def model_grant(self, token_hash: str) -> ModelGrant | None:
+        key = self.keys.model_token(token_hash)
+        raw = await self.availability.call(lambda: self._client.hgetall(key))
+        fields = {text(k): text(v) or "" for k, v in (raw or {}).items()}
+        secret_hash, session_id = fields.get("h"), fields.get("sid")
+        if not secret_hash or not session_id:
+            return None
+        revoked_keys = (
+            self.keys.secret(secret_hash).revoked,
+            self.keys.session_id(session_id).revoked,
+        )
+
+        async def revoked() -> list[Any]:
+            # Other hash slots than the token's: a second round trip, which a
+            # model call (hundreds of ms at least) does not notice.
+            pipe = self._client.pipeline(transaction=False)
+            for rkey in revoked_keys:
+                pipe.exists(rkey)
+            return await pipe.execute()
+
+        if any(await self.availability.call(revoked)):
+            return None
+        return ModelGrant(
+            secret_hash=secret_hash,
+            session_id=session_id,
+            user=fields.get("user", ""),
+            workflow_id=fields.get("wf", ""),
+            request_id=fields.get("rid", ""),
+            expires_at=int(fields.get("exp") or 0),
+        )
+
+    # -- budgets --------------------------------------------------------------------------
+
+    async def _budget_script(
+        self,
+        key: BudgetKey,
+        mode: str,
+        call_id: str,
+        need: Charge,
+        limits: tuple[BudgetLimit, ...],
+        *,
+        model: str,
+        lease_seconds: int,
+    ) -> BudgetDecision:
+        keys = list(self.keys.budget(key.workflow_id, key.user))
+        args: list[Any] = [
+            mode,
+            call_id,
+            key.session_id,
+            need.input_tokens,
+            need.output_tokens,
+            repr(float(need.usd_micros)),
+            lease_seconds * 1_000_000,
+            _field(model),
+            _BUDGET_KEEP_MS,
+        ]
+        for limit in limits:
+            args += [
+                "t" if limit.kind == "tokens" else "d",
+                limit.scope[0],
+                limit.seconds,
+                repr(float(limit.limit)),
+            ]
+        reply = await self.availability.call(
+            lambda: self._reserve_script(keys=keys, args=args), write=True
+        )
+        if int(reply[0]) == 1:
+            return BudgetDecision(True)
+        wait = int(reply[2])
+        return BudgetDecision(False, int(reply[1]) - 1, None if wait < 0 else wait)
+
+    async def reserve_budget(
+        self,
+        key: BudgetKey,
+        call_id: str,
+        reservation: Charge,
+        limits: tuple[BudgetLimit, ...],
+        *,
+        model: str,
+        lease_seconds: int,
+    ) -> BudgetDecision:
+        # Not retried: a reservation that was written but whose answer was
+        # lost would be held twice. The call is refused (503) instead.
+        return await self._budget_script(
+            key, "reserve", call_id, reservation, limits, model=model, lease_seconds=lease_seconds
+        )
+
+    async def budget_room(self, key: BudgetKey, limits: tuple[BudgetLimit, ...]) -> BudgetDecision:
+        return await self._budget_script(
+            key, "check", "", Charge(0, 0, 0, 0.0), limits, model="", lease_seconds=0
+        )
+
+    async def settle_budget(
+        self, key: BudgetKey, call_id: str, charge: Charge, *, model: str
+    ) -> None:
+        keys = list(self.keys.budget(key.workflow_id, key.user))
+        args: list[str | int] = [
+            call_id,
+            key.session_id,
+            charge.input_tokens,
+            charge.cached_input_tokens,
+            charge.output_tokens,
+            repr(float(charge.usd_micros)),
+            _field(model),
+            _BUDGET_KEEP_MS,
+        ]
+        # Idempotent: a repeat finds the reservation gone and charges nothing.
+        await self.availability.idempotent(
+            lambda: self._settle_script(keys=keys, args=args), proves_room=False
+        )
+
+    async def budget_charges(self, workflow_id: str, user: str) -> list[ChargeRecord]:
+        charges_key, _, _ = self.keys.budget(workflow_id, user)
+        seconds, micros = await self.availability.call(lambda: self._client.time())
+        since = int(seconds) * 1_000_000 + int(micros) - LONGEST_WINDOW_SECONDS * 1_000_000
+        rows = await self.availability.call(
+            lambda: self._client.zrangebyscore(charges_key, f"({since}", "+inf", withscores=True)
+        )
+        records = []
+        row: Any
+        for row in rows:
+            member, score = row
+            parts = (text(member) or "").split("|")
+            if len(parts) != 7:
+                continue
+            call_id, sid, input_tokens, cached, output, usd, model = parts
+            records.append(
+                ChargeRecord(
+                    float(score) / 1_000_000,
+                    sid,
+                    model,
+                    Charge(int(input_tokens), int(cached), int(output), float(usd)),
+                    call_id,
+                )
+            )
+        return records
+
+    async def calls_in_flight(self, workflow_id: str, user: str) -> list[str]:
+        _, reservations, _ = self.keys.budget(workflow_id, user)
+        fields = await self.availability.call(lambda: self._client.hkeys(reservations))
+        return [text(f) or "" for f in fields or []]
+
+    async def audit_usage(self, *, session_id: str, replica: str, usage: dict[str, float]) -> None:
+        args: list[Any] = [AUDIT_MAXLEN, self._revocation_ttl]
+        fields = {"session_id": session_id, "reason": "model_usage", "replica": replica}
+        for name, value in [*fields.items(), *((f"usage.{k}", repr(v)) for k, v in usage.items())]:
+            args += [name, value]
+        await self.availability.idempotent(
+            lambda: self._audit_script(keys=[self.keys.audit], args=args), proves_room=False
+        )
+
     # -- operator reads -----------------------------------------------------------
 
     async def lookup(self, session_id: str) -> SessionInfo | None:
@@ -398,6 +612,12 @@ class RedisStore(Store):
                     replica=values.get("replica") or "",
                     at=_entry_time(values.get("at"), text(entry_id) or "0"),
                     app=values.get("app") or None,
+                    usage={
+                        k.removeprefix("usage."): float(v)
+                        for k, v in values.items()
+                        if k is not None and k.startswith("usage.")
+                    }
+                    or None,
                 )
             )
         return entries
@@ -459,6 +679,11 @@ class RedisStore(Store):
             await self._replicated.close()
         await self._batcher.close()
         await self._client.aclose()
+
+
+def _field(value: str) -> str:
+    """A value stored inside a "|"-separated record."""
+    return value.replace("|", "/")
 
 
 def _entry_time(written: str | None, entry_id: str) -> float:

@@ -1,0 +1,352 @@
+"""The gateway as a self-hosted ChatKit server's way to the model.
+
+Two gateway replicas share one Redis and hold the only model key; the
+example's real ``openai-chatkit`` server answers turns with the Agents SDK,
+whose ``AsyncOpenAI`` client has the turn's model token as its key and
+replica B as its base URL, while the turns themselves go through replica A.
+Behind the replicas, the fake Responses and Chat Completions API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import pytest_asyncio
+from openai.types.beta.chatkit import ChatSession
+
+from gateway.store.base import AuditEntry
+from gateway.store.redis import RedisStore, connect
+from tests.chatkit_server import ChatKitServerProcess, SeenRequest, sse_events, threads_create_body
+from tests.fake_model import FakeModel
+from tests.harness import (
+    GatewayProcess,
+    RedisServer,
+    assert_never_logged,
+    eventually,
+    free_port,
+    metric_value,
+    running,
+    scrape,
+    sdk_cancel,
+    sdk_create,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+API_KEY = "ckgk_model-routes-test-0123456789"
+MODEL_KEY = "sk-real-model-key-never-leaves-the-gateway-0123"
+WORKFLOW = "wf_model"
+MODEL = "gpt-5-mini"
+GRACE_SECONDS = 5
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def model() -> AsyncIterator[FakeModel]:
+    async with FakeModel(api_key=MODEL_KEY) as fake:
+        yield fake
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(
+    module_redis: RedisServer, model: FakeModel
+) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess]]:
+    port_b = free_port()
+    chatkit = ChatKitServerProcess(
+        workflow_ids=[WORKFLOW],
+        env={
+            "CHATKIT_MODEL_BASE_URL": f"http://127.0.0.1:{port_b}/v1",
+            "CHATKIT_MODEL": MODEL,
+            # The Agents SDK would export traces to OpenAI: no network here.
+            "OPENAI_AGENTS_DISABLE_TRACING": "1",
+        },
+    )
+    env = {
+        "GATEWAY_WORKFLOWS": json.dumps({WORKFLOW: {"upstream": chatkit.url}}),
+        "GATEWAY_ISSUER_API_KEYS": API_KEY,
+        "GATEWAY_MODEL_API_KEY": MODEL_KEY,
+        "GATEWAY_MODEL_UPSTREAM": model.url,
+        "GATEWAY_MODEL_TOKEN_GRACE_SECONDS": str(GRACE_SECONDS),
+        "GATEWAY_AUDIT_MODEL_USAGE": "true",
+    }
+    a = GatewayProcess("none", redis_url=module_redis.url, env=env)
+    b = GatewayProcess("none", redis_url=module_redis.url, env=env, port=port_b)
+    async with running((chatkit, a, b)):
+        yield a, b, chatkit
+
+
+@pytest.fixture(autouse=True)
+def key_never_logged(
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+) -> Iterator[None]:
+    yield
+    assert_never_logged(stack, [MODEL_KEY], "the model key")
+
+
+async def create(gateway: GatewayProcess, user: str = "alice") -> ChatSession:
+    return await sdk_create(gateway, API_KEY, user=user, workflow={"id": WORKFLOW})
+
+
+async def turn(gateway: GatewayProcess, secret: str, text: str) -> list[dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{gateway.url}/chatkit",
+            data=threads_create_body(text),
+            headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
+        ) as response,
+    ):
+        assert response.status == 200
+        return sse_events(await response.read())
+
+
+def last_turn_token(chatkit: ChatKitServerProcess, session_id: str) -> str:
+    seen: list[SeenRequest] = [
+        r
+        for r in chatkit.seen()
+        if r.context is not None
+        and r.context.session_id == session_id
+        and r.type == "threads.create"
+    ]
+    token = seen[-1].header("x-chatkit-model-token")
+    assert token is not None
+    return token
+
+
+async def test_a_turn_is_answered_by_the_model_through_the_gateway(
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
+) -> None:
+    a, b, chatkit = stack
+    session = await create(a)
+    calls_before = len(model.calls)
+    async with aiohttp.ClientSession() as http:
+        before = await scrape(http, b.url)
+    events = await turn(a, session.client_secret, "hello model")
+    text = json.dumps(events)
+    assert "fox" in text
+    assert "lazy" in text
+    [call] = model.calls[calls_before:]
+    # The real key reached the model; the ChatKit server had only its token.
+    assert call.path == "/v1/responses"
+    assert call.authorization == f"Bearer {MODEL_KEY}"
+    token = last_turn_token(chatkit, session.id)
+    assert token.startswith("ckmt_")
+    assert token not in json.dumps(call.headers)
+    assert call.usage is not None
+    async with aiohttp.ClientSession() as http:
+        after = await scrape(http, b.url)
+
+    def counted(samples: Any, kind: str) -> float:
+        labels = {"workflow": WORKFLOW, "model": MODEL, "kind": kind}
+        return metric_value(samples, "chatkit_gateway_model_tokens_total", **labels) or 0.0
+
+    assert counted(after, "output") - counted(before, "output") == call.usage["output"]
+    assert counted(after, "input") - counted(before, "input") == (
+        call.usage["input"] - call.usage["cached"]
+    )
+
+
+async def test_reads_carry_no_model_token(
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+) -> None:
+    a, _, chatkit = stack
+    session = await create(a)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{a.url}/chatkit",
+            json={"type": "threads.list", "params": {"limit": 5}},
+            headers={"Authorization": f"Bearer {session.client_secret}"},
+        ) as response,
+    ):
+        assert response.status == 200
+    [read] = [
+        r for r in chatkit.seen() if r.context is not None and r.context.session_id == session.id
+    ]
+    assert read.type == "threads.list"
+    assert read.header("x-chatkit-model-token") is None
+
+
+async def test_the_official_sdk_calls_the_model_with_a_token_and_sees_no_usage_chunk(
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
+) -> None:
+    a, b, chatkit = stack
+    session = await create(a)
+    await turn(a, session.client_secret, "first")
+    token = last_turn_token(chatkit, session.id)
+    client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
+    async with client:
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    # The gateway asked for usage (to count it) and kept the chunk from a
+    # caller that had not asked for it.
+    assert model.calls[-1].body["stream_options"] == {"include_usage": True}
+    assert model.calls[-1].usage is not None
+    assert all(chunk.usage is None and chunk.choices for chunk in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == model.answer
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "ckmt_" + "A" * 43,  # well-formed, never issued
+        "not-a-model-token",  # a client secret's shape
+    ],
+)
+async def test_an_invalid_token_is_refused_and_nothing_is_forwarded(
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    model: FakeModel,
+    token: str,
+) -> None:
+    _, b, _ = stack
+    calls = len(model.calls)
+    client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
+    async with client:
+        with pytest.raises(openai.AuthenticationError) as caught:
+            await client.responses.create(model=MODEL, input="hi")
+    assert caught.value.code == "invalid_model_token"
+    assert len(model.calls) == calls
+
+
+async def test_no_other_path_is_served_to_a_model_token(
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
+) -> None:
+    a, b, chatkit = stack
+    session = await create(a)
+    await turn(a, session.client_secret, "paths")
+    token = last_turn_token(chatkit, session.id)
+    calls = len(model.calls)
+    client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
+    async with client:
+        with pytest.raises(openai.NotFoundError):
+            await client.models.list()
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve("resp_123")
+    assert len(model.calls) == calls
+
+
+async def test_a_token_dies_after_its_grace(
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
+) -> None:
+    a, b, chatkit = stack
+    session = await create(a)
+    await turn(a, session.client_secret, "grace")
+    token = last_turn_token(chatkit, session.id)
+    client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
+
+    async def refused() -> bool:
+        try:
+            await client.responses.create(model=MODEL, input="still?")
+        except openai.AuthenticationError:
+            return True
+        return False
+
+    async with client:
+        await eventually(refused, timeout=GRACE_SECONDS + 10, what="the grace to end")
+
+
+async def test_cancelling_the_session_refuses_its_token_and_cuts_its_model_stream(
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
+) -> None:
+    a, b, chatkit = stack
+    session = await create(a)
+    await turn(a, session.client_secret, "before cancel")
+    token = last_turn_token(chatkit, session.id)
+    model.hold = asyncio.Event()
+    client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
+    try:
+        async with client:
+            stream = await client.responses.create(model=MODEL, input="long", stream=True)
+            await eventually(lambda: model.streams_open == 1, what="the model stream")
+            loop = asyncio.get_running_loop()
+            cancelled_at = loop.time()
+            await sdk_cancel(a, API_KEY, session.id)
+            with pytest.raises(openai.APIError):
+                async for _ in stream:
+                    pass
+            assert loop.time() - cancelled_at < 2.0
+            with pytest.raises(openai.AuthenticationError):
+                await client.responses.create(model=MODEL, input="after")
+    finally:
+        model.hold.set()
+        model.hold = None
+
+
+async def test_a_client_cannot_bring_its_own_model_token_nor_use_one_as_a_secret(
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
+) -> None:
+    a, _, chatkit = stack
+    session = await create(a)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{a.url}/chatkit",
+            data=threads_create_body("forged"),
+            headers={
+                "Authorization": f"Bearer {session.client_secret}",
+                "X-ChatKit-Model-Token": "ckmt_forged",
+            },
+        ) as response,
+    ):
+        assert response.status == 200
+        await response.read()
+    # The server got the gateway's token for this turn, and only that one.
+    [seen] = [
+        r for r in chatkit.seen() if r.context is not None and r.context.session_id == session.id
+    ]
+    tokens = [v for k, v in seen.chatkit_headers if k == "x-chatkit-model-token"]
+    assert len(tokens) == 1
+    assert tokens[0] != "ckmt_forged"
+    # A model token is no client secret: the ChatKit routes refuse it.
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{a.url}/chatkit",
+            json={"type": "threads.list", "params": {}},
+            headers={"Authorization": f"Bearer {tokens[0]}"},
+        ) as response,
+    ):
+        assert response.status == 401
+
+
+async def test_a_turns_usage_is_audited_once_its_last_call_has_settled(
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    model: FakeModel,
+    module_redis: RedisServer,
+) -> None:
+    a, _, _ = stack
+    session = await create(a)
+    first = len(model.calls)
+    await turn(a, session.client_secret, "audit me")
+    [call] = model.calls[first:]
+    assert call.usage is not None
+    store = RedisStore(
+        connect(module_redis.url, cluster=False, timeout=5.0), pubsub_url=module_redis.url
+    )
+    found: list[AuditEntry] = []
+
+    async def audited() -> bool:
+        found[:] = [
+            e
+            for e in await store.audit_tail(1000)
+            if e.reason == "model_usage" and e.session_id == session.id
+        ]
+        return bool(found)
+
+    try:
+        await eventually(audited, timeout=GRACE_SECONDS + 20, what="the turn's audit entry")
+    finally:
+        await store.close()
+    [entry] = found
+    assert entry.usage is not None
+    assert entry.usage["calls"] == 1
+    assert entry.usage["input_tokens"] == call.usage["input"]
+    assert entry.usage["output_tokens"] == call.usage["output"]
+    assert entry.usage["total_tokens"] == call.usage["input"] + call.usage["output"]
