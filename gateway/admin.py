@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import socket
 from typing import TYPE_CHECKING, Any
@@ -28,8 +29,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.apps import AppKeys, build_apps
-from gateway.auth import constant_time_equal
-from gateway.errors import StoreUnavailable, error_body
+from gateway.auth import FailedAttempts, bearer_secret, constant_time_equal
+from gateway.errors import EXCEPTION_HANDLERS, AuthError, BadRequest, NotFound, error_response
+from gateway.jsonbody import is_text, request_object
 from gateway.model.report import user_usage
 from gateway.registry import SESSION_ID
 from gateway.store.base import IndexedSession
@@ -41,21 +43,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _error(
-    status: int, message: str, *, code: str, type: str = "invalid_request_error"
-) -> Response:
-    return Response(
-        error_body(message, type=type, code=code), status_code=status, media_type="application/json"
-    )
-
-
 class AdminAPI:
     def __init__(self, components: Components) -> None:
         self._c = components
         token = components.settings.admin_token
         if token is None:
             raise ValueError("the admin API needs GATEWAY_ADMIN_TOKEN")
-        self._expected = b"Bearer " + token.get_secret_value().encode()
+        # Compared as digests: equal length whatever is presented, so the
+        # comparison's time says nothing about the token's length either.
+        self._expected = hashlib.sha256(token.get_secret_value().encode()).digest()
+        self._failures = FailedAttempts(
+            components.metrics.auth_failures.labels("admin_token"), logger, "admin token"
+        )
         self.app = Starlette(
             routes=[
                 Route("/admin/revoke", self.revoke, methods=["POST"]),
@@ -66,49 +65,45 @@ class AdminAPI:
                 Route("/admin/users/{user:path}", self.user, methods=["GET"]),
                 Route("/admin/bans/{user:path}", self.lift_ban, methods=["DELETE"]),
                 Route("/admin/apps/{name}", self.app_info, methods=["GET"]),
-            ]
+            ],
+            exception_handlers=EXCEPTION_HANDLERS,
         )
+        # An API path is exact: /admin/sessions/x/ is no route, not a redirect.
+        self.app.router.redirect_slashes = False
         self._apps = AppKeys(build_apps(components.settings))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not constant_time_equal(given, self._expected):
-                response = _error(
-                    401, "A valid admin token is required.", code="invalid_admin_token"
-                )
-                await response(scope, receive, send)
-                return
+        if scope["type"] == "http" and not self._authorized(scope["headers"]):
+            self._failures.record()
+            refusal = AuthError("A valid admin token is required.", code="invalid_admin_token")
+            await error_response(refusal)(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
-    async def revoke(self, request: Request) -> Response:
+    def _authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
         try:
-            payload = await request.json()
-        except ValueError:
-            return _error(400, "The body must be JSON.", code="invalid_json")
-        if not isinstance(payload, dict):
-            return _error(400, "The body must be a JSON object.", code="invalid_json")
+            given = bearer_secret(headers)
+        except AuthError:
+            return False
+        return constant_time_equal(hashlib.sha256(given).digest(), self._expected)
+
+    async def revoke(self, request: Request) -> Response:
+        payload = request_object(await request.body())
         if "user" in payload:
             return await self._ban(payload)
         if "for_seconds" in payload:
-            return _error(400, "for_seconds goes with user.", code="invalid_request")
+            raise BadRequest("for_seconds goes with user.", param="for_seconds")
         session_id = payload.get("session_id")
         secret = payload.get("client_secret")
         if (session_id is None) == (secret is None):
-            return _error(
-                400,
-                "Give exactly one of session_id, client_secret or user.",
-                code="invalid_request",
-            )
+            raise BadRequest("Give exactly one of session_id, client_secret or user.")
         secret_hash = None
         if secret is not None:
-            if not isinstance(secret, str) or not secret:
-                return _error(
-                    400, "client_secret must be a non-empty string.", code="invalid_request"
-                )
+            if not isinstance(secret, str) or not secret or not is_text(secret):
+                raise BadRequest("client_secret must be a non-empty string.", param="client_secret")
             secret_hash = self._c.hasher(secret.encode())
         elif not isinstance(session_id, str) or not SESSION_ID.match(session_id):
-            return _error(400, "session_id is malformed.", code="invalid_request")
+            raise BadRequest("session_id is malformed.", param="session_id")
         result = await self._c.revoker.revoke(
             secret_hash=secret_hash, session_id=session_id, reason="admin"
         )
@@ -137,18 +132,16 @@ class AdminAPI:
         user = payload["user"]
         for_seconds = payload.get("for_seconds", 0)
         if set(payload) - {"user", "for_seconds"}:
-            return _error(400, "A ban takes only user and for_seconds.", code="invalid_request")
-        if not isinstance(user, str) or not user:
-            return _error(400, "user must be a non-empty string.", code="invalid_request")
+            raise BadRequest("A ban takes only user and for_seconds.")
+        if not isinstance(user, str) or not user or not is_text(user):
+            raise BadRequest("user must be a non-empty string.", param="user")
         if (
             not isinstance(for_seconds, int)
             or isinstance(for_seconds, bool)
             or not 0 <= for_seconds <= MAX_BAN_SECONDS
         ):
-            return _error(
-                400,
-                f"for_seconds must be an integer from 0 to {MAX_BAN_SECONDS}.",
-                code="invalid_request",
+            raise BadRequest(
+                f"for_seconds must be an integer from 0 to {MAX_BAN_SECONDS}.", param="for_seconds"
             )
         revoker = self._c.revoker
 
@@ -158,61 +151,43 @@ class AdminAPI:
             )
             return result is not None
 
-        try:
-            result = await ban(self._c.store, revoke, user, for_seconds=for_seconds)
-        except StoreUnavailable as exc:
-            return _error(503, str(exc), code="store_unavailable", type="api_error")
+        result = await ban(self._c.store, revoke, user, for_seconds=for_seconds)
         return JSONResponse(result.as_json())
 
     async def user(self, request: Request) -> Response:
-        try:
-            view = await user_view(self._c.store, request.path_params["user"])
-        except StoreUnavailable as exc:
-            return _error(503, str(exc), code="store_unavailable", type="api_error")
+        view = await user_view(self._c.store, request.path_params["user"])
         return JSONResponse(view)
 
     async def lift_ban(self, request: Request) -> Response:
         user = request.path_params["user"]
-        try:
-            lifted = await self._c.store.lift_ban(user)
-        except StoreUnavailable as exc:
-            return _error(503, str(exc), code="store_unavailable", type="api_error")
+        lifted = await self._c.store.lift_ban(user)
         return JSONResponse({"user": user, "lifted": lifted})
 
     async def app_info(self, request: Request) -> Response:
         name = request.path_params["name"]
         app = self._apps.app(name)
         if app is None:
-            return _error(404, f"No app named '{name}' is configured.", code="not_found")
-        try:
-            stats = await self._c.store.app_stats(name)
-        except StoreUnavailable as exc:
-            return _error(503, str(exc), code="store_unavailable", type="api_error")
+            raise NotFound(f"No app named '{name}' is configured.", code="not_found")
+        stats = await self._c.store.app_stats(name)
         return JSONResponse(app_view(app, stats))
 
     async def session(self, request: Request) -> Response:
         session_id = request.path_params["session_id"]
         if not SESSION_ID.match(session_id):
-            return _error(400, "session_id is malformed.", code="invalid_request")
-        try:
-            info = await self._c.store.lookup(session_id)
-        except StoreUnavailable as exc:
-            return _error(503, str(exc), code="store_unavailable", type="api_error")
+            raise BadRequest("session_id is malformed.", param="session_id")
+        info = await self._c.store.lookup(session_id)
         if info is None:
-            return _error(404, f"No session with id '{session_id}' is known.", code="not_found")
+            raise NotFound(f"No session with id '{session_id}' is known.", code="not_found")
         return JSONResponse(dataclasses.asdict(info))
 
     async def revocations(self, request: Request) -> Response:
         try:
             tail = int(request.query_params.get("tail", "20"))
         except ValueError:
-            return _error(400, "tail must be an integer.", code="invalid_request")
+            raise BadRequest("tail must be an integer.", param="tail") from None
         if not 1 <= tail <= 10_000:
-            return _error(400, "tail must be between 1 and 10000.", code="invalid_request")
-        try:
-            entries = await self._c.store.audit_tail(tail)
-        except StoreUnavailable as exc:
-            return _error(503, str(exc), code="store_unavailable", type="api_error")
+            raise BadRequest("tail must be between 1 and 10000.", param="tail")
+        entries = await self._c.store.audit_tail(tail)
         return JSONResponse({"data": [dataclasses.asdict(e) for e in entries]})
 
     async def usage(self, request: Request) -> Response:
@@ -222,12 +197,9 @@ class AdminAPI:
         wanted = request.query_params.get("workflow")
         if wanted is not None:
             if wanted not in workflows:
-                return _error(404, f"No workflow '{wanted}' is configured.", code="not_found")
+                raise NotFound(f"No workflow '{wanted}' is configured.", code="not_found")
             workflows = [wanted]
-        try:
-            report = await user_usage(self._c.store, workflows, user)
-        except StoreUnavailable as exc:
-            return _error(503, str(exc), code="store_unavailable", type="api_error")
+        report = await user_usage(self._c.store, workflows, user)
         return JSONResponse(report)
 
 
@@ -241,6 +213,9 @@ class Listener:
         self._socket = reuse_port_socket(host, port)
         config = uvicorn.Config(
             app,
+            # The client port's protocol: its head limits and timeouts, and
+            # requests it cannot parse refused in OpenAI's shape, not uvicorn's text.
+            http="gateway.protocol:GatewayHttpProtocol",
             lifespan="off",
             access_log=False,
             log_config=None,

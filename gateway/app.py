@@ -30,7 +30,7 @@ from gateway.admission import Gatekeeper
 from gateway.apps import AppKeys, build_apps
 from gateway.auth import SecretHasher
 from gateway.capacity import SHED_COUNTER
-from gateway.errors import ConfigError, StoreUnavailable, error_body
+from gateway.errors import EXCEPTION_HANDLERS, ConfigError, StoreUnavailable, error_body
 from gateway.health import StoreMonitor
 from gateway.issuer import Issuer, SessionIds
 from gateway.lifecycle import draining
@@ -180,7 +180,8 @@ class GatewayApp:
         else:
             # Off the client port: scrapes come from the metrics listener only.
             self._local_paths = LOCAL_PATHS - {"/metrics"}
-        self._local = Starlette(routes=routes)
+        self._local = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+        self._local.router.redirect_slashes = False  # /healthz/ is no route, not a redirect
         self._admin: AdminServer | None = None
         self._metrics_listener: Listener | None = None
 
@@ -304,7 +305,10 @@ class GatewayApp:
             await self._admin.start()
         if settings.metrics_port is not None:
             self._metrics_listener = Listener(
-                Starlette(routes=[LocalRoute("/metrics", self._metrics)]),
+                Starlette(
+                    routes=[LocalRoute("/metrics", self._metrics)],
+                    exception_handlers=EXCEPTION_HANDLERS,
+                ),
                 host=settings.metrics_host or settings.host,
                 port=settings.metrics_port,
                 name="Metrics",

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
+import time
+from collections.abc import Callable
+from typing import Protocol
 
 from gateway.errors import AuthError
 from gateway.head import RequestHead
+from gateway.logs import Throttled
 from gateway.types import Headers
 
 _BEARER = b"bearer "
@@ -113,3 +118,41 @@ def new_api_key() -> tuple[str, str]:
     """A fresh random issuer key and the ``sha256:`` entry to configure for it."""
     key = "ckgk_" + secrets.token_urlsafe(32)
     return key, "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+#: Seconds between two log lines about refused keys, however many are refused.
+FAILURE_LOG_INTERVAL = 60.0
+
+
+class _Counter(Protocol):
+    def inc(self) -> None: ...
+
+
+class FailedAttempts:
+    """Refused operator credentials (issuer API keys, the admin token).
+
+    Guessing a key costs the guesser a request and the gateway one SHA-256
+    and a constant-time compare per configured key: nothing the guesser can
+    make more expensive. Each refusal is counted; the log gets one line per
+    ``interval`` with the count, so a brute force cannot flood it. Neither
+    says anything about the key presented.
+    """
+
+    __slots__ = ("_counter", "_log", "_what")
+
+    def __init__(
+        self,
+        counter: _Counter,
+        logger: logging.Logger,
+        what: str,
+        *,
+        interval: float = FAILURE_LOG_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._counter = counter
+        self._what = what
+        self._log = Throttled(logger, interval, clock=clock)
+
+    def record(self) -> None:
+        self._counter.inc()
+        self._log.warning("Refused a request with a missing or wrong %s", self._what)

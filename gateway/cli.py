@@ -1,7 +1,8 @@
 """``chatkit-gateway`` commands: serve, revoke, revocations, user, unban, app, new-api-key.
 
 Exit status: 0 success, 1 the operation failed (store unreachable...),
-2 bad configuration or usage.
+2 bad configuration or usage, 4 an installed dependency lacks an internal the
+gateway relies on (``serve`` only; see gateway/internals.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from gateway.users import app_view, ban, parse_duration, user_view
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+#: An installed dependency lacks an internal the gateway relies on (gateway/internals.py).
+EXIT_DEPENDENCY = 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,6 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"chatkit-gateway: {line}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "serve":
+        # Before gateway.server is imported: it subclasses what is checked.
+        from gateway.internals import missing
+
+        problem = missing()
+        if problem is not None:
+            print(f"chatkit-gateway: {problem}", file=sys.stderr)
+            return EXIT_DEPENDENCY
         from gateway.server import serve
 
         serve(settings)

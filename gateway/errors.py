@@ -35,7 +35,9 @@ the Redis store.
 
 Every response the gateway makes itself has the body
 ``{"error": {"message", "type", "param", "code"}}`` that the official SDKs
-parse; upstream responses pass through untouched.
+parse; upstream responses pass through untouched. The starlette apps that
+serve the gateway's own endpoints (health, metrics, admin) answer through
+``EXCEPTION_HANDLERS``, their own 404 and 405 included.
 """
 
 from __future__ import annotations
@@ -43,8 +45,14 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from email.utils import formatdate
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ExceptionHandler
 
 from gateway.types import Headers
 
@@ -238,3 +246,64 @@ def error_response_headers(exc: GatewayError, body: bytes) -> Headers:
         (b"content-length", str(len(body)).encode()),
         *exc.headers,
     ]
+
+
+# -- the gateway's own endpoints (starlette apps: health, metrics, admin) -------------
+
+_BY_STATUS: dict[int, type[GatewayError]] = {
+    400: BadRequest,
+    401: AuthError,
+    404: NotFound,
+    405: MethodNotAllowed,
+    408: RequestTimeout,
+    413: PayloadTooLarge,
+    414: TargetTooLong,
+    431: HeadersTooLarge,
+    503: Overloaded,
+}
+
+
+def error_response(exc: GatewayError) -> Response:
+    """A starlette response carrying the error's status, body and headers."""
+    return Response(
+        exc.body(),
+        status_code=exc.status,
+        media_type="application/json",
+        headers={name.decode("latin-1"): value.decode("latin-1") for name, value in exc.headers},
+    )
+
+
+def as_gateway_error(exc: Exception, *, method: str) -> GatewayError:
+    """What an exception in one of the gateway's own endpoints answers.
+
+    starlette's own refusals (no route, wrong method) keep their status and
+    headers (``Allow``); anything else that is not a GatewayError is a bug,
+    answered 500 here and logged with its traceback by starlette.
+    """
+    if isinstance(exc, GatewayError):
+        return exc
+    if not isinstance(exc, HTTPException):
+        return GatewayError("The gateway failed to answer.", code="internal_error")
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (exc.headers or {}).items()]
+    if exc.status_code == 404:
+        return NotFound("Unknown route.", headers=headers)
+    if exc.status_code == 405:
+        return MethodNotAllowed(f"Method {method} is not allowed on this route.", headers=headers)
+    cls = _BY_STATUS.get(exc.status_code)
+    if cls is not None:
+        return cls(exc.detail, headers=headers)
+    error = GatewayError(exc.detail, headers=headers)
+    error.status = exc.status_code
+    return error
+
+
+async def _answer(request: Request, exc: Exception) -> Response:
+    return error_response(as_gateway_error(exc, method=request.method))
+
+
+#: ``exception_handlers`` for every starlette app the gateway serves.
+EXCEPTION_HANDLERS: Mapping[Any, ExceptionHandler] = {
+    GatewayError: _answer,
+    HTTPException: _answer,
+    Exception: _answer,
+}

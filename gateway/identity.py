@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 from types import ModuleType
 from typing import Any
 from urllib.parse import quote
@@ -30,6 +31,10 @@ ASSERTION = b"x-chatkit-assertion"
 #: gateway cannot see (history.recent_threads, automatic thread titling).
 CONFIGURATION = b"x-chatkit-configuration"
 PREFIX = b"x-chatkit-"
+
+#: Seeded from the OS once: assertion ids must be unique, not unpredictable
+#: (the signature is what cannot be forged), and a syscall per request is not free.
+_jti = random.Random()  # noqa: S311 - uniqueness, not secrecy
 
 
 def strip_client_identity(headers: Headers) -> Headers:
@@ -89,7 +94,12 @@ class IdentityHeaders:
                 "iat": now,
                 # Never outlives the session it speaks for.
                 "exp": min(now + self._ttl, identity.expires_at),
-                "jti": request_id.decode("latin-1"),
+                # The gateway's own, unique per assertion: the request id can
+                # be the client's (X-Request-Id), so two assertions could share
+                # it, and a server that refuses a jti it has seen (RFC 7519
+                # 4.1.7) would refuse the second. The request id rides in rid.
+                "jti": f"{_jti.getrandbits(128):032x}",
+                "rid": request_id.decode("latin-1"),
             }
             if identity.workflow_version:
                 claims["wfv"] = identity.workflow_version

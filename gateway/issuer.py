@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 from collections.abc import Mapping
 from email.utils import formatdate
@@ -30,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.apps import DEFAULT_APP, App, AppKeys, OnTooManySessions
-from gateway.auth import SecretHasher
+from gateway.auth import FailedAttempts, SecretHasher
 from gateway.errors import (
     BadRequest,
     GatewayError,
@@ -40,6 +41,7 @@ from gateway.errors import (
     SessionNotFound,
     StoreUnavailable,
 )
+from gateway.jsonbody import request_json, request_object
 from gateway.metrics import Metrics
 from gateway.policy import Policy
 from gateway.revocation import Revoker
@@ -59,6 +61,8 @@ DEFAULT_MAX_FILES = 10
 _ID_PREFIX = "cksess_"
 _SECRET_PREFIX = "ek_"  # noqa: S105 - a prefix, not a secret
 _ID_TAG_KEY = b"chatkit-gateway/session-id/v1"
+
+logger = logging.getLogger(__name__)
 
 
 # -- the create body, as the API validates it -------------------------------------
@@ -131,14 +135,7 @@ class CreateSessionBody(_Strict):
 
 def parse_create_body(body: bytes) -> CreateSessionBody:
     """The validated body; raises :class:`BadRequest` naming the parameter."""
-    try:
-        data = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest(
-            "We could not parse the JSON body of your request.", code="invalid_json"
-        ) from None
-    if not isinstance(data, dict):
-        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    data = request_object(body)
     try:
         return CreateSessionBody.model_validate(data)
     except ValidationError as exc:
@@ -165,11 +162,13 @@ def _as_bad_request(exc: ValidationError) -> BadRequest:
 
 
 def workflow_id_of(body: bytes) -> str | None:
-    """The create body's ``workflow.id`` if it has one, without validating the rest."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
+    """The create body's ``workflow.id`` if it has one, without validating the rest.
+
+    A body that is not JSON the gateway can read is refused (:class:`BadRequest`)
+    rather than forwarded: where a create goes is decided by what it names, and
+    a body read differently upstream (a repeated key, say) could name another.
+    """
+    data = request_json(body)
     workflow = data.get("workflow") if isinstance(data, dict) else None
     found = workflow.get("id") if isinstance(workflow, dict) else None
     return found if isinstance(found, str) else None
@@ -313,6 +312,9 @@ class Issuer:
         self._revoker = revoker
         self._hasher = hasher
         self._metrics = metrics
+        self._failures = FailedAttempts(
+            metrics.auth_failures.labels("issuer_key"), logger, "issuer API key"
+        )
         self._ids = ids
         self._default_limit = default_limit
         self._default_expires = default_expires_seconds
@@ -330,6 +332,7 @@ class Issuer:
     def _authenticate(self, headers: Headers) -> App:
         app = self._apps.identify(headers)
         if app is None:
+            self._failures.record()
             # Never echo the key, not even a prefix of it.
             raise InvalidApiKey(
                 "Incorrect or missing API key: this gateway issues ChatKit sessions only "

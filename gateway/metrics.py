@@ -145,6 +145,12 @@ class Metrics:
             "Requests whose client went away before the response was complete.",
             registry=r,
         )
+        self.auth_failures = Counter(
+            "chatkit_gateway_auth_failures_total",
+            "Requests refused for a missing or wrong issuer API key or admin token.",
+            ["credential"],
+            registry=r,
+        )
         self.sessions_registered = Counter(
             "chatkit_gateway_sessions_registered_total",
             "Sessions learned from session-create responses.",

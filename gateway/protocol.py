@@ -464,13 +464,15 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._over_capacity:
             self._stop(Overloaded("The gateway has too many open connections; retry shortly."))
         self._check_framing()
-        # Only now: a refusal above is of a head, which no cycle was made for
-        # (and while it lingers, the connection stays sheddable).
+        # uvicorn's part may refuse too: older httptools (0.6) reject a target
+        # with obs-text bytes in its parse_url. Until it has made the cycle,
+        # a refusal is of a head, which no cycle was made for; taken for the
+        # body's, it would be answered to no cycle, and the client would hang.
+        super().on_headers_complete()
         self._in_head = False
         self._head_deadline = None
         self._head_bytes = 0
         self._table.in_request(self)
-        super().on_headers_complete()
         # uvicorn made the cycle with the raw transport; see _CycleTransport.
         self.cycle.transport = self._cycle_transport  # type: ignore[assignment]
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})

@@ -8,13 +8,13 @@ the spec's examples are accepted) and never affects the response itself.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import zlib
 from typing import Any
 
 from gateway.auth import SecretHasher
+from gateway.jsonbody import Unreadable, is_text, loads
 from gateway.store.base import SessionRecord
 
 # Session ids go into Redis keys inside a hash tag, so braces and the like are
@@ -48,15 +48,13 @@ def session_from_response(
 ) -> SessionRecord:
     """The session a create response describes; raises :class:`Unlearnable`."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        data = loads(body)
+    except Unreadable:
         raise Unlearnable("not_json") from None
     if not isinstance(data, dict):
         raise Unlearnable("not_object")
-    secret = data.get("client_secret")
-    if isinstance(secret, dict):  # some API versions nest {"value": ..., "expires_at": ...}
-        secret = secret.get("value")
-    if not isinstance(secret, str) or not secret:
+    secret = _secret(data)
+    if secret is None:
         raise Unlearnable("no_client_secret")
     session_id = data.get("id")
     if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
@@ -68,7 +66,7 @@ def session_from_response(
     return SessionRecord(
         secret_hash=hasher(secret.encode()),
         session_id=session_id,
-        user=user if isinstance(user, str) else "",
+        user=user_text(user) if isinstance(user, str) else "",
         expires_at=expires_at,
         limit=_limit(data) or default_limit,
     )
@@ -77,15 +75,31 @@ def session_from_response(
 def secret_hash_from_cancel(body: bytes, *, hasher: SecretHasher) -> str | None:
     """The secret hash when a cancel response echoes ``client_secret`` (often it does not)."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        data = loads(body)
+    except Unreadable:
         return None
-    if not isinstance(data, dict):
-        return None
+    secret = _secret(data) if isinstance(data, dict) else None
+    return hasher(secret.encode()) if secret is not None else None
+
+
+def _secret(data: dict[str, Any]) -> str | None:
+    """The answer's client secret, if it is one a client could ever present.
+
+    A secret with a lone surrogate (``"\\ud800"`` in the JSON) cannot be
+    encoded, so no request can carry it: there is nothing to learn or revoke.
+    """
     secret = data.get("client_secret")
-    if isinstance(secret, dict):
+    if isinstance(secret, dict):  # some API versions nest {"value": ..., "expires_at": ...}
         secret = secret.get("value")
-    return hasher(secret.encode()) if isinstance(secret, str) and secret else None
+    return secret if isinstance(secret, str) and secret and is_text(secret) else None
+
+
+def user_text(user: str) -> str:
+    """The user as storable text: a lone surrogate (valid JSON, not encodable) is
+    kept as its escape, ``\\ud800``, so distinct users stay distinct and the
+    session is learned (per-user limits included) instead of failing to register.
+    """
+    return user if is_text(user) else user.encode("utf-8", "backslashreplace").decode()
 
 
 def decoded_body(body: bytes, content_encoding: str | None, *, limit: int) -> bytes | None:

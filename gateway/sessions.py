@@ -13,7 +13,6 @@ the upstream may have acted, the gateway must see its answer and act on it.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +22,7 @@ from typing import Protocol
 from gateway.auth import SecretHasher
 from gateway.errors import BadRequest, PermissionDenied, SessionNotFound, StoreUnavailable
 from gateway.headers import header_value
+from gateway.jsonbody import Unreadable, loads
 from gateway.metrics import Metrics
 from gateway.registry import (
     SESSION_ID,
@@ -30,6 +30,7 @@ from gateway.registry import (
     decoded_body,
     secret_hash_from_cancel,
     session_from_response,
+    user_text,
 )
 from gateway.revocation import Revoker
 from gateway.store.base import SessionRecord, SessionSlot, SlotOutcome, Store
@@ -86,13 +87,18 @@ class LocalSessions(Protocol):
 
 
 def user_of(body: bytes) -> str | None:
-    """A create body's ``user``, if it has one (the upstream validates the rest)."""
+    """A create body's ``user``, if it has one (the upstream validates the rest),
+    as the session will be learned: a lone surrogate kept as its escape.
+
+    A body the gateway cannot read is forwarded all the same; should the
+    upstream read a user from it, the ban is still applied as it is learned.
+    """
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        data = loads(body)
+    except Unreadable:
         return None
     user = data.get("user") if isinstance(data, dict) else None
-    return user if isinstance(user, str) and user else None
+    return user_text(user) if isinstance(user, str) and user else None
 
 
 def banned(user: str, seconds_left: float) -> PermissionDenied:

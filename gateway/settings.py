@@ -7,7 +7,6 @@ wins over the file. The variable names are a public interface.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -33,6 +32,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from gateway import jsonbody
 from gateway.apps import APP_NAME, DEFAULT_APP, AppSetting
 from gateway.errors import ConfigError
 from gateway.logs import LogFormat
@@ -129,6 +129,8 @@ class WorkflowSetting(BaseModel):
 
 
 _WORKFLOW_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+#: RFC 6750 b64token: what an Authorization: Bearer value may hold.
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]+")
 #: GATEWAY_UPSTREAM_URL's value for "no hosted upstream": issuer mode only.
 NO_UPSTREAM = "none"
 
@@ -785,6 +787,10 @@ class Settings(BaseSettings):
             return None
         if len(value.get_secret_value()) < 16:
             raise ValueError("must be at least 16 characters")
+        # Read with the client secret's parser (RFC 6750 b64token): a token
+        # outside it could never be presented, so say so at start-up.
+        if not _BEARER_TOKEN.fullmatch(value.get_secret_value()):
+            raise ValueError("may hold only letters, digits and -._~+/=")
         return value
 
     @model_validator(mode="after")
@@ -922,6 +928,10 @@ def load_settings(
                 values.update(tomllib.load(fh))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{ENV_PREFIX}CONFIG_FILE: cannot read {toml_file}: {exc}") from None
+        except RecursionError:  # tomllib recurses into nested arrays and tables
+            raise ConfigError(
+                f"{ENV_PREFIX}CONFIG_FILE: cannot read {toml_file}: nested too deeply"
+            ) from None
     service_links: list[str] = []
     from_files: dict[str, str] = {}
     given: set[str] = set()  # set by the environment itself
@@ -967,9 +977,11 @@ def load_settings(
 def _parse(name: str, variable: str, value: str) -> Any:
     if name in _STRUCTURED:
         try:
-            return json.loads(value)
-        except ValueError:
-            raise ConfigError(f"{variable}: must be JSON (or set it in the TOML file)") from None
+            return jsonbody.loads(value.encode())
+        except jsonbody.Unreadable as exc:
+            raise ConfigError(
+                f"{variable}: must be JSON (or set it in the TOML file): {exc}"
+            ) from None
     return value
 
 

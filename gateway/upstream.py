@@ -66,6 +66,22 @@ def _root_cause(exc: BaseException) -> BaseException:
     return seen
 
 
+def _drop_frames(exc: BaseException) -> None:
+    """Forget where an upstream error was raised; its type and message stay.
+
+    aiohttp keeps a response's error on the response's reader (to raise it
+    again on the next read), and the traceback runs through that reader's
+    frames and the proxy's: a reference cycle holding the client's
+    connection too, per stream the upstream cuts or times out, that only a
+    rare full collection would free. The gateway answers these errors, it
+    does not log their tracebacks.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        seen.__traceback__ = None
+        seen = seen.__cause__ or seen.__context__
+
+
 @contextmanager
 def translate_errors() -> Iterator[None]:
     """Map aiohttp's exceptions to the gateway's tree: the only place that does.
@@ -82,8 +98,10 @@ def translate_errors() -> Iterator[None]:
         cause = _root_cause(exc)
         if isinstance(cause, (ClientDisconnected, GatewayError)):
             raise cause from None
+        _drop_frames(exc)
         if isinstance(exc, aiohttp.ServerTimeoutError) or isinstance(cause, asyncio.TimeoutError):
             raise UpstreamTimeout("The upstream did not answer in time.") from exc
         raise UpstreamUnavailable("The upstream could not be reached.") from exc
     except TimeoutError as exc:
+        _drop_frames(exc)
         raise UpstreamTimeout("The upstream did not answer in time.") from exc

@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.harness import eventually
-from tests.processes import REPO_ROOT, ServerProcess, free_port
+from tests.processes import REPO_ROOT, STARTUP_TIMEOUT, ServerProcess, free_port
 
 EXAMPLE_DIR = REPO_ROOT / "examples" / "self-hosted"
 _SLOW = re.compile(r"^slow (\d+)(?: (\d+(?:\.\d+)?))?$")
@@ -153,7 +153,7 @@ class ChatKitServerProcess(ServerProcess):
         workflow_ids: Iterable[str] = (),
         env: Mapping[str, str] | None = None,
         port: int | None = None,
-        startup_timeout: float = 20.0,
+        startup_timeout: float = STARTUP_TIMEOUT,
     ) -> None:
         self.record_path: Path | None = None  # while running; see _command()
         self._earlier_records: list[dict[str, Any]] = []  # from runs already stopped
@@ -275,7 +275,7 @@ class WebAppProcess(ServerProcess):
         workflow_id: str,
         env: Mapping[str, str] | None = None,
         port: int | None = None,
-        startup_timeout: float = 20.0,
+        startup_timeout: float = STARTUP_TIMEOUT,
     ) -> None:
         port = port or free_port()
         options = {

@@ -39,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.processes import (
     POLL_SECONDS,
     REPO_ROOT,
+    STARTUP_TIMEOUT,
     ServerProcess,
     connection,
     free_port,
@@ -216,7 +217,7 @@ class RedisServer:
         appendonly: bool = False,
         appendfsync: str = "everysec",
         extra_args: Sequence[str] = (),
-        startup_timeout: float = 10.0,
+        startup_timeout: float = STARTUP_TIMEOUT,
     ) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError(_INSTALL_REDIS)
@@ -588,7 +589,7 @@ class GatewayProcess(ServerProcess):
         env: Mapping[str, str] | None = None,
         port: int | None = None,
         command: Sequence[str] | None = None,
-        startup_timeout: float = 20.0,
+        startup_timeout: float = STARTUP_TIMEOUT,
     ) -> None:
         port = port or free_port()
         # ``{port}`` in a custom command is replaced, for stand-ins in harness tests.

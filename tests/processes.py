@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import http.client
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,14 +28,46 @@ from typing import IO, Self
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 POLL_SECONDS = 0.01  # readiness poll interval
+#: How long a started server may take to answer its first probe. A bound on a
+#: hang, not a synchronisation (a process that exits fails the wait at once):
+#: on two cores shared by parallel workers and other jobs, the ChatKit server
+#: alone took 30 s to import its SDKs.
+STARTUP_TIMEOUT = 90.0
 
 
 def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port that was free on 127.0.0.1 a moment ago, for a server to bind.
+
+    Not one the kernel picks (binding port 0): it hands the same ports to
+    every process, for outgoing connections too, so between this check and
+    the server's bind another test, an xdist worker or a client could take
+    it ("address already in use"). Instead a random port below the kernel's
+    ephemeral range, from this worker's own share of it.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    share = range(_PORTS.start + int(worker or 0) % workers, _PORTS.stop, workers)
+    for _ in range(200):
+        port = random.choice(share)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {share}")
+
+
+def _private_ports() -> range:
+    """Ports below Linux's ephemeral range (ip_local_port_range), above 10000."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(10000, max(low, 20000))
+
+
+_PORTS = _private_ports()
 
 
 def find_tool(name: str) -> str | None:
@@ -213,7 +246,7 @@ class ServerProcess:
         *,
         env: Mapping[str, str],
         port: int,
-        startup_timeout: float = 20.0,
+        startup_timeout: float = STARTUP_TIMEOUT,
     ) -> None:
         self.host = "127.0.0.1"
         self.port = port

@@ -509,3 +509,48 @@ def _replica_of(node: RedisServer, primary: RedisServer) -> bool:
     with redis.Redis(host=node.host, port=node.port, socket_timeout=1) as client:
         info = client.info("replication")
     return info.get("role") == "slave" and int(info.get("master_port", 0)) == primary.port
+
+
+async def test_admissions_in_flight_when_the_store_closes_leave_no_connection_open(
+    cluster: RedisCluster,
+) -> None:
+    def connected() -> int:
+        total = 0
+        for node in cluster.nodes:
+            with redis.Redis(host=node.host, port=node.port, socket_timeout=1) as client:
+                total += int(client.info("clients")["connected_clients"]) - 1  # not this one
+        return total
+
+    before = connected()
+    store = RedisStore(
+        connect(cluster.url, cluster=True, timeout=2.0), prefix="cl", pubsub_url=cluster.url
+    )
+    expires = int(time.time()) + 600
+    hashes = [_hash(300 + n) for n in range(12)]
+    for n, secret_hash in enumerate(hashes):
+        await store.register(SessionRecord(secret_hash, f"cksess_cl{n}", "u", expires, 100))
+    # Admissions that have not found their node's lane yet (none exists: the
+    # first admission of each node makes it) when the store starts closing.
+    admissions = [
+        asyncio.ensure_future(store.admit(AdmitRequest(h, False, 10, None))) for h in hashes
+    ]
+    await store.close()
+    outcomes = await asyncio.gather(*admissions, return_exceptions=True)
+    for outcome in outcomes:  # decided before the close, or refused
+        assert isinstance(outcome, StoreUnavailable) or (
+            not isinstance(outcome, BaseException) and outcome.admitted
+        ), outcome
+
+    # Every connection the store opened is closed, on every node.
+    def listing() -> str:
+        out = []
+        for node in cluster.nodes:
+            with redis.Redis(host=node.host, port=node.port, socket_timeout=1) as client:
+                out.append(str(client.client_list()))
+        return "\n".join(out)
+
+    await eventually(
+        lambda: connected() == before,
+        timeout=5,
+        what=lambda: f"{connected()} != {before}\n{listing()}",
+    )

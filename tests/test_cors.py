@@ -7,6 +7,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
+from gateway.cors import CorsPolicy
 from gateway.head import head_from_headers
 from gateway.headers import is_cors_preflight
 from tests.fake_upstream import FakeUpstream
@@ -72,3 +73,22 @@ async def test_a_preflight_forwards_neither_credentials_nor_a_body(
     assert seen.authorization is None
     assert seen.header("cookie") is None
     assert seen.body_bytes == 0
+
+
+@pytest.mark.parametrize("origins", [("*",), ("*", "https://a.example")])
+@pytest.mark.parametrize("origin", [b"https://a.example", b"null", b"https://evil.example"])
+def test_any_origin_is_star_and_never_with_credentials(
+    origins: tuple[str, ...], origin: bytes
+) -> None:
+    # "*" with Access-Control-Allow-Credentials is refused by browsers (Fetch
+    # standard, CORS check); echoing the origin with credentials would let any
+    # site read answers made with the page's cookies. The secret is a header
+    # the page sets, so no credentials mode is ever needed.
+    policy = CorsPolicy(origins)
+    answers = [
+        policy.response_headers(origin),
+        policy.preflight(origin, frozenset({"POST", "OPTIONS"}), b"authorization")[1],
+    ]
+    for headers in answers:
+        assert (b"access-control-allow-origin", b"*") in headers
+        assert all(name != b"access-control-allow-credentials" for name, _ in headers)

@@ -248,7 +248,7 @@ async def test_a_create_without_user_is_openais_missing_parameter_error(
     }
 
 
-@pytest.mark.parametrize("body", [b"", b"{not json", b"[1, 2]"])
+@pytest.mark.parametrize("body", [b"[1, 2]", b'{"user": "u"}', b'{"workflow": "wf_a"}'])
 async def test_in_mixed_mode_a_body_naming_no_workflow_goes_to_the_hosted_api(
     replicas: tuple[GatewayProcess, GatewayProcess],
     http: aiohttp.ClientSession,
@@ -262,6 +262,25 @@ async def test_in_mixed_mode_a_body_naming_no_workflow_goes_to_the_hosted_api(
     ) as response:
         assert response.status == 400  # the hosted API's own answer
     assert fake.count("/v1/chatkit/sessions") == 1
+
+
+@pytest.mark.parametrize("body", [b"", b"{not json", b"[" * 990 + b"]" * 990])
+async def test_in_mixed_mode_a_body_that_cannot_be_read_is_400_and_not_forwarded(
+    replicas: tuple[GatewayProcess, GatewayProcess],
+    http: aiohttp.ClientSession,
+    fake: FakeUpstream,
+    body: bytes,
+) -> None:
+    # Where a create goes is decided by its workflow.id; a body the gateway
+    # cannot read cannot be routed, and is refused before any key is looked at.
+    async with http.post(
+        f"{replicas[0].url}/v1/chatkit/sessions",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    ) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "invalid_json"
+    assert fake.count("/v1/chatkit/sessions") == 0
 
 
 @pytest.mark.parametrize(
@@ -351,7 +370,8 @@ async def test_the_chatkit_server_gets_the_identity_never_the_secret(
     )
     assert claims["sub"] == user
     assert claims["sid"] == session.id
-    assert claims["jti"] == response_headers["x-request-id"]
+    assert claims["rid"] == response_headers["x-request-id"]
+    assert len(claims["jti"]) == 32  # the gateway's own, never the client's request id
     assert claims["iat"] <= claims["exp"] <= min(claims["iat"] + 60, session.expires_at)
 
 

@@ -553,3 +553,13 @@ def test_upstream_proxy_credentials_are_redacted() -> None:
     assert redacted["upstream_proxy"] == "https://proxy.internal:3128"
     assert REDIS_PASSWORD not in repr(redacted)
     assert REDIS_PASSWORD not in repr(settings)
+
+
+def test_an_admin_token_no_request_could_carry_stops_start_up() -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_ADMIN_TOKEN"):
+        load_settings({"GATEWAY_ADMIN_TOKEN": "a token with spaces in it"})
+
+
+def test_json_settings_nested_past_the_parser_stop_start_up_with_one_line() -> None:
+    with pytest.raises(ConfigError, match="GATEWAY_WORKFLOWS: must be JSON"):
+        load_settings({"GATEWAY_WORKFLOWS": "[" * 5000 + "]" * 5000})

@@ -158,6 +158,7 @@ class AdmissionBatcher:
             sender = ConnectionSender(client.connection_pool, timeout, availability)
             self._lane = _Lane("", sender)
         self._closing = False
+        self._closed = False
         # Deadlines on every lane (each its own server and clock); off only
         # where a test exercises the undo alone.
         self._deadlines = True
@@ -194,6 +195,8 @@ class AdmissionBatcher:
         node = await router.node_for(self._keys.secret(secret_hash).session)
         lane = self._lanes.get(node.name)
         if lane is None:
+            if self._closed:  # closed while the node was looked up
+                raise StoreUnavailable("The Redis store is closed")
             sender = ConnectionSender(node, self._timeout, self._availability)
             lane = self._lanes[node.name] = _Lane(node.name, sender)
         return lane
@@ -463,10 +466,24 @@ class AdmissionBatcher:
 
     async def close(self) -> None:
         self._closing = True
-        lanes = [self._lane] if self._lane is not None else list(self._lanes.values())
-        drainers = [lane.drainer for lane in lanes if lane.drainer is not None]
-        await asyncio.gather(*drainers, *self._tasks, return_exceptions=True)
+        # Waited for until none is left: a task that finishes (a redirect,
+        # undo work moved to another node, a refresh) may have opened a lane
+        # or retired one meanwhile, and a lane missed here keeps its
+        # connection open until the collector finds it.
+        await self._settle()
         if self._router is not None:
-            await self._router.close()
+            await self._router.close()  # no refresh retires a lane after this
+            await self._settle()
+        self._closed = True  # an admission still finding its node opens no lane now
+        lanes = [self._lane] if self._lane is not None else list(self._lanes.values())
         for lane in lanes:
             await lane.sender.close()
+
+    async def _settle(self) -> None:
+        while True:
+            lanes = [self._lane] if self._lane is not None else list(self._lanes.values())
+            running = [lane.drainer for lane in lanes if lane.drainer is not None]
+            running += self._tasks
+            if not running:
+                return
+            await asyncio.gather(*running, return_exceptions=True)

@@ -82,7 +82,10 @@ def connect_sentinel(
         credentials = {k: v for k, v in parsed.items() if k in ("username", "password", "db")}
         if urlsplit(url).scheme == "rediss":
             credentials["ssl"] = True
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    # Any: redis-py types Sentinel() in some releases only, and an ignore
+    # comment would be an unused-ignore error under the others.
+    sentinel_class: Any = Sentinel
+    sentinel = sentinel_class(
         list(sentinels),
         sentinel_kwargs={
             "socket_timeout": timeout,

@@ -49,9 +49,14 @@ class ClusterRouter:
         self._refreshing: asyncio.Task[None] | None = None
         self._refreshed_at = float("-inf")
         self._failing = False
+        self._closed = False
 
     async def node_for(self, key: bytes | str) -> ClusterNode:
         """The primary serving ``key``'s slot, as far as this client knows."""
+        if self._closed:
+            # redis-py's initialize() reconnects a closed client, and nothing
+            # would close those connections again.
+            raise StoreUnavailable("The Redis store is closed")
         try:
             # A no-op once the client has a slot map (and again after another
             # operation's connection error asked for a new one).
@@ -92,6 +97,8 @@ class ClusterRouter:
 
     def stale(self) -> None:
         """Something suggests the slot map is wrong: refresh it soon."""
+        if self._closed:
+            return
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.ensure_future(self._refresh())
 
@@ -101,6 +108,8 @@ class ClusterRouter:
         if wait > 0:
             await asyncio.sleep(wait)
         self._refreshed_at = loop.time()
+        if self._closed:
+            return
         try:
             await self._client.nodes_manager.initialize()
         except (RedisError, OSError, TimeoutError) as exc:
@@ -116,6 +125,7 @@ class ClusterRouter:
         self._on_refresh(frozenset(node.name for node in self._client.get_primaries()))
 
     async def close(self) -> None:
+        self._closed = True
         if self._refreshing is not None:
             self._refreshing.cancel()
             await asyncio.gather(self._refreshing, return_exceptions=True)

@@ -194,6 +194,13 @@ class RevocationFeed:
         self._source: _Source = _UrlSource(url) if client is None else source_for(client, url)
         self._channel = channel
         self._ping_seconds = ping_seconds
+        self._closed = False
+
+    def close(self) -> None:
+        """Subscribe no more: the store's client is closing, and on a cluster
+        subscribing would reconnect it (redis-py's initialize() does), with
+        nothing left to close those connections."""
+        self._closed = True
 
     async def messages(self) -> AsyncIterator[str | None]:
         """Revoked hashes from every replica; resubscribes after an outage.
@@ -205,6 +212,9 @@ class RevocationFeed:
         resumed = False
         lost = False  # the loss is logged once, not at every failed attempt
         while True:
+            if self._closed:
+                # Quiet until cancelled, as a subscription with nothing to hear.
+                await asyncio.get_running_loop().create_future()
             client: aioredis.Redis | None = None
             pubsub: Any = None
             try:

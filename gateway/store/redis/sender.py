@@ -18,6 +18,7 @@ import hiredis
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import RedisError
 
+from gateway.errors import StoreUnavailable
 from gateway.store.redis.client import Availability, read_replies
 
 logger = logging.getLogger(__name__)
@@ -57,11 +58,16 @@ class ConnectionSender:
         self._sentinel = isinstance(pool, SentinelConnectionPool)
         self._master_checked = -math.inf
         self._asking: asyncio.Future[None] | None = None
+        self._closed = False
 
     async def send(self, commands: list[Command]) -> list[Any]:
         payload = b"".join([hiredis.pack_command(args) for args in commands])
 
         async def run() -> list[Any]:
+            if self._closed:
+                # A batch that comes after close() must not open a connection
+                # that nothing would close.
+                raise StoreUnavailable("The Redis store is closed")
             connection = await self._ready_connection()
             try:
                 async with asyncio.timeout(self._timeout):
@@ -104,6 +110,9 @@ class ConnectionSender:
             # left open is a descriptor held until the collector finds it.
             await connection.disconnect(nowait=True)
             raise
+        if self._closed:  # closed while this connected: nothing else would close it
+            await connection.disconnect()
+            raise StoreUnavailable("The Redis store is closed")
         self._connection = connection
         self.connections += 1
         return connection
@@ -135,6 +144,7 @@ class ConnectionSender:
             pass  # no sentinel answers: nothing says the master moved
 
     async def close(self) -> None:
+        self._closed = True
         if self._asking is not None:
             self._asking.cancel()
             await asyncio.gather(self._asking, return_exceptions=True)

@@ -692,6 +692,7 @@ class RedisStore(Store):
         return int(seconds) + int(micros) / 1_000_000
 
     async def close(self) -> None:
+        self._feed.close()
         if self._replicated is not None:
             await self._replicated.close()
         await self._batcher.close()
