@@ -40,6 +40,10 @@
 --          "upload" (file bytes), "attach" (attachments.create), ""
 -- ARGV[11] the size an attachments.create declares, bytes
 -- ARGV[12] "m:" and the model a turn names, "" when it names none
+-- ARGV[13] a model token's grant key, in KEYS[1]'s slot (absent: none): when
+--          a registered session's request is admitted, the grant is written
+--          (fields h, sid, user, wf, rid, exp; it expires with the session)
+-- ARGV[14] the request id for the grant   ARGV[15] the secret's hash
 --
 -- Returns {outcome} when no window was read (revoked, expired, unknown), else
 --   {outcome, s_limit, s_remaining, s_wait_ms, s_reset_ms,
@@ -174,6 +178,13 @@ else
     if w[6] == 0 then w[7] = w[2] end
     w[8] = w[2]
     w[9] = w[3] - w[6] - 1
+  end
+  if ARGV[13] and s[1] then
+    -- The turn's model token, in the same step: an absolute expiry, no
+    -- replica's clock decides how long it lives.
+    redis.call('HSET', ARGV[13], 'h', ARGV[15], 'sid', s[4] or '', 'user', s[5] or '',
+      'wf', s[6] or '', 'rid', ARGV[14], 'exp', s[2])
+    redis.call('PEXPIREAT', ARGV[13], tonumber(s[2]) * 1000)
   end
 end
 local class_window = nil
