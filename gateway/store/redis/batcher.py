@@ -86,6 +86,7 @@ def decode_decision(reply: list[Any], cls: str = "") -> Decision:
             reply[18],
             reply[19],
             reply[20].decode(),
+            reply[21].decode(),
         )
     return Decision(outcome, session, user, identity, class_window)
 
