@@ -665,7 +665,9 @@ async def test_an_app_a_replica_was_not_configured_with_is_never_a_label(
     }
     third = GatewayProcess(fake.url, redis_url=module_redis.url, env=env, startup_timeout=STARTUP)
     async with running([third]):
-        retired = await sdk_create(third, RETIRED_KEY, user=user_name("retired"))
+        retired = await sdk_create(
+            third, RETIRED_KEY, user=user_name("retired"), workflow={"id": "wf_a"}
+        )
         SECRETS.append(retired.client_secret)
         support = await create(replicas[0], SUPPORT_KEYS[0], user_name("json"))
         before = await scrape(http, replicas[0].url)
