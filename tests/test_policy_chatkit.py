@@ -252,7 +252,7 @@ async def test_only_the_workflows_models_may_be_asked_for(
     # Counted as rejections, not admissions.
     after = await scrape(http, b.url)
     decision = "chatkit_gateway_admission_decisions_total"
-    refused = {"outcome": "model_not_allowed", "workflow": "other", "class": "turn"}
+    refused = {"outcome": "model_not_allowed", "workflow": "other", "class": "turn", "app": "other"}
     gained = (metric_value(after, decision, **refused) or 0) - (
         metric_value(before, decision, **refused) or 0
     )
