@@ -126,14 +126,17 @@ class Gatekeeper:
                 return Admission(secret_hash, self._report_only(exc, "store_unavailable"))
             self._metrics.decision_seconds.observe(time.perf_counter() - started)
         identity = decision.identity
-        self._metrics.count_decision(
-            decision.outcome, identity.workflow_id if identity is not None else "", cls
-        )
+        if identity is None:
+            self._metrics.count_decision(decision.outcome, "", cls)
+        else:
+            self._metrics.count_decision(decision.outcome, identity.workflow_id, cls, identity.app)
         error = rejection(decision, window_seconds=self._window)
         if error is not None:
             if self._enforce:
-                if decision.identity is not None and isinstance(error, RateLimited):
-                    error.workflow_id = decision.identity.workflow_id
+                if identity is not None:
+                    error.app = identity.app or None  # the access log names the app
+                    if isinstance(error, RateLimited):
+                        error.workflow_id = identity.workflow_id
                 raise error  # a 429 carries its own rate-limit headers
             self._metrics.would_reject_by_outcome[decision.outcome].inc()
             logger.info("Report-only: would reject (%s)", decision.outcome.name.lower())

@@ -416,6 +416,8 @@ class Proxy:
                 raise
             await self._limit_event(exchange, exc, kind)
             return
+        if admission.identity is not None and admission.identity.app:
+            exchange.tel.app = admission.identity.app  # the access log names the app
         if kind is Kind.ISSUED:
             outbound = self._issued_outbound(scope, exchange, headers, head, admission)
             if admission.identity is not None:

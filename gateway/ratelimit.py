@@ -67,6 +67,8 @@ class Identity(NamedTuple):
     max_file_bytes: int = 0
     #: The session's chatkit_configuration (JSON), "" for none.
     configuration: str = ""
+    #: The issuer app that created the session, "" for a learned one.
+    app: str = ""
 
 
 class ClassWindow(NamedTuple):

@@ -530,12 +530,35 @@ async def test_admission_names_the_issued_sessions_identity(
     assert (decision.user is None) is (user_limit is None)
 
 
+@pytest.mark.parametrize(
+    "app",
+    [
+        "support-app",  # a GATEWAY_ISSUER_KEYS app
+        "default",  # GATEWAY_ISSUER_API_KEYS
+    ],
+)
+async def test_admission_names_the_app_that_issued_the_session(backend: Backend, app: str) -> None:
+    # Metrics and the access log name the app of each client request, read
+    # in the admission's own round trip.
+    store = backend.store()
+    record = dataclasses.replace(_issued(backend), app=app, limit=1)
+    await store.register(record)
+    admitted = await store.admit(_ask(record.secret_hash))
+    assert admitted.admitted
+    assert admitted.identity is not None
+    assert admitted.identity.app == app
+    refused = await store.admit(_ask(record.secret_hash))
+    assert refused.outcome is Outcome.RATE_LIMITED
+    assert refused.identity == admitted.identity  # a refusal names it too
+
+
 async def test_learned_sessions_have_an_identity_without_a_workflow(backend: Backend) -> None:
     store = backend.store()
     record = _record(backend, user="user_bob")
     await store.register(record)
     decision = await store.admit(_ask(record.secret_hash))
     assert decision.identity == Identity(record.session_id, "user_bob", "", "", record.expires_at)
+    assert decision.identity.app == ""  # no app created it
 
 
 async def test_registered_sessions_carry_an_identity_admitted_or_limited(

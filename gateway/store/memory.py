@@ -182,6 +182,7 @@ class MemoryStore(Store):
                 record.expires_at,
                 record.max_file_bytes,
                 record.configuration,
+                record.app,
             )
             need = request.need
             if need:

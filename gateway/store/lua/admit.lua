@@ -18,7 +18,8 @@
 --                                   up ("0": disabled), mfs (largest file,
 --                                   bytes), mf (most files), cfg (its JSON);
 --                                   mdl ("1": the workflow lists models) and
---                                   m:<model> ("1") for each model listed
+--                                   m:<model> ("1") for each model listed;
+--                                   app (the issuer app that created it)
 -- KEYS[2] window zset   {p}:{h}:w  one member per admitted request, score = µs;
 --                                   a class window C of L s is KEYS[2]:C:L
 -- KEYS[3] revoked flag  {p}:{h}:r
@@ -50,7 +51,7 @@
 --    u_limit, u_remaining, u_wait_ms, u_reset_ms,
 --    c_window, c_limit, c_remaining, c_wait_ms, c_reset_ms,
 --    sid, user, workflow_id, workflow_version, expires_at, max_file_bytes,
---    configuration}
+--    configuration, app}
 -- s_limit 0: the session limit does not count this class; u_limit 0: no user
 -- cap; c_window "" : no class window, else "<s|u><seconds>", the window that
 -- refused or, when admitted, the class window with the fewest remaining.
@@ -80,7 +81,8 @@ end
 
 local class = ARGV[8]
 local s = redis.call('HMGET', KEYS[1], 'lim', 'exp', 'uh', 'sid', 'user', 'wf', 'wv',
-  'cnt', 'c:' .. class, 'hist', 'up', 'mfs', 'mf', 'cfg')
+  'cnt', 'c:' .. class, 'hist', 'up', 'mfs', 'mf', 'cfg',
+  'app')
 local limit = tonumber(s[1])
 if not limit then
   if ARGV[2] ~= '1' then
@@ -165,7 +167,8 @@ for _, w in ipairs(windows) do
   end
 end
 
-local reply = {0, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0, 0, 0, '', '', '', '', 0, 0, ''}
+local reply = {0, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0, 0, 0, '', '', '', '', 0, 0, '',
+  ''}
 if refused then
   reply[1] = refused[4]
   for _, w in ipairs(windows) do
@@ -214,5 +217,6 @@ if s[1] then
   reply[19] = tonumber(s[2])
   reply[20] = tonumber(s[12]) or 0
   reply[21] = s[14] or ''
+  reply[22] = s[15] or ''
 end
 return reply

@@ -87,6 +87,7 @@ def decode_decision(reply: list[Any], cls: str = "", member: str = "") -> Decisi
             reply[18],
             reply[19],
             reply[20].decode(),
+            reply[21].decode(),
         )
     if reply[0]:
         member = ""
