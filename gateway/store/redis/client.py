@@ -59,7 +59,13 @@ class _SentinelClient(aioredis.Redis):
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         pool: Any = self.connection_pool
         await super().aclose(close_connection_pool)
-        for sentinel in pool.sentinel_manager.sentinels:
+        # A sentinel's client reconnects on its next command, and anything
+        # that still asks where the master is after this (the feed's client
+        # shares the sentinels) would open a connection nothing closes. With
+        # the list emptied, a late question fails as "no master" instead.
+        manager = pool.sentinel_manager
+        sentinels, manager.sentinels = manager.sentinels, []
+        for sentinel in sentinels:
             await sentinel.aclose()
 
 
