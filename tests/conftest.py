@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import inspect
 import os
+import platform
 import shutil
 import sys
 import types
@@ -167,6 +168,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "process: the test starts a process (set by tests/conftest.py, not by hand)"
     )
+    # The processor's name comes from running `uname -p`, once per process
+    # (then cached); the openai SDK asks for it on its first request, so
+    # whichever test made the worker's first SDK call would be taken for one
+    # that starts a process.
+    platform.processor()
     sys.addaudithook(_on_audit)
 
 
