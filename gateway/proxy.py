@@ -562,15 +562,12 @@ class Proxy:
         upstream = self._workflows.get(identity.workflow_id) if identity is not None else None
         if identity is None or upstream is None:
             raise _not_for_this_route()
-        out_headers = self._upstream_headers(
+        # The gateway states the identity itself (gateway/identity.py).
+        out_headers = self._headers_without_client_claims(
             scope,
             exchange,
             headers,
             head,
-            # The client's credentials and any claim to an identity go; the
-            # gateway states the identity itself (gateway/identity.py).
-            without=_CLIENT_CREDENTIALS,
-            without_prefix=IDENTITY_PREFIX,
             # Servers build upload URLs from the host the client used: the gateway's.
             forwarded_host=head.host,
         )
@@ -617,6 +614,29 @@ class Proxy:
             forwarded_host=forwarded_host,
             without=without,
             without_prefix=without_prefix,
+        )
+
+    def _headers_without_client_claims(
+        self,
+        scope: Scope,
+        exchange: _Exchange,
+        headers: Headers,
+        head: RequestHead,
+        *,
+        forwarded_host: bytes | None = None,
+    ) -> Headers:
+        """Headers for an upstream the gateway vouches to: the issued session's
+        ChatKit server, or the model. The client's credentials (a secret or a
+        model token) go, and so does any claim to an identity: only the
+        gateway states one."""
+        return self._upstream_headers(
+            scope,
+            exchange,
+            headers,
+            head,
+            without=_CLIENT_CREDENTIALS,
+            without_prefix=IDENTITY_PREFIX,
+            forwarded_host=forwarded_host,
         )
 
     def _request(self, outbound: Outbound, tel: RequestTelemetry) -> Any:
@@ -689,16 +709,8 @@ class Proxy:
             request = prepare(scope["path"], body)
             call = await model.metering.open(grant, request, body)
             exchange.watch_disconnect(receive)
-            out_headers = self._upstream_headers(
-                scope,
-                exchange,
-                headers,
-                head,
-                # The model token goes (the real key replaces it), and so does
-                # any claim to an identity.
-                without=_CLIENT_CREDENTIALS,
-                without_prefix=IDENTITY_PREFIX,
-            )
+            # The real key replaces the model token.
+            out_headers = self._headers_without_client_claims(scope, exchange, headers, head)
             outbound = _outbound_to(scope, model.origin + request.route, out_headers, request.body)
             outbound.headers = model.request_headers(outbound.headers)
             reading = _Reading()

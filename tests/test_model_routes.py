@@ -118,6 +118,21 @@ def last_turn_token(chatkit: ChatKitServerProcess, session_id: str) -> str:
     return token
 
 
+def model_client(replica: GatewayProcess, token: str) -> openai.AsyncOpenAI:
+    """The official SDK as the ChatKit server holds it: a model token as its key."""
+    return openai.AsyncOpenAI(api_key=token, base_url=f"{replica.url}/v1", max_retries=0)
+
+
+async def session_after_a_turn(
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], text: str
+) -> tuple[ChatSession, str]:
+    """A new session that has had one turn through replica A, and that turn's model token."""
+    a, _, chatkit = stack
+    session = await create(a)
+    await turn(a, session.client_secret, text)
+    return session, last_turn_token(chatkit, session.id)
+
+
 async def test_a_turn_is_answered_by_the_model_through_the_gateway(
     stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
 ) -> None:
@@ -175,11 +190,9 @@ async def test_reads_carry_no_model_token(
 async def test_the_official_sdk_calls_the_model_with_a_token_and_sees_no_usage_chunk(
     stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
 ) -> None:
-    a, b, chatkit = stack
-    session = await create(a)
-    await turn(a, session.client_secret, "first")
-    token = last_turn_token(chatkit, session.id)
-    client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
+    _, b, _ = stack
+    _, token = await session_after_a_turn(stack, "first")
+    client = model_client(b, token)
     async with client:
         stream = await client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
@@ -207,7 +220,7 @@ async def test_an_invalid_token_is_refused_and_nothing_is_forwarded(
 ) -> None:
     _, b, _ = stack
     calls = len(model.calls)
-    client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
+    client = model_client(b, token)
     async with client:
         with pytest.raises(openai.AuthenticationError) as caught:
             await client.responses.create(model=MODEL, input="hi")
@@ -218,12 +231,10 @@ async def test_an_invalid_token_is_refused_and_nothing_is_forwarded(
 async def test_no_other_path_is_served_to_a_model_token(
     stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
 ) -> None:
-    a, b, chatkit = stack
-    session = await create(a)
-    await turn(a, session.client_secret, "paths")
-    token = last_turn_token(chatkit, session.id)
+    _, b, _ = stack
+    _, token = await session_after_a_turn(stack, "paths")
     calls = len(model.calls)
-    client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
+    client = model_client(b, token)
     async with client:
         with pytest.raises(openai.NotFoundError):
             await client.models.list()
@@ -235,11 +246,9 @@ async def test_no_other_path_is_served_to_a_model_token(
 async def test_a_token_dies_after_its_grace(
     stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
 ) -> None:
-    a, b, chatkit = stack
-    session = await create(a)
-    await turn(a, session.client_secret, "grace")
-    token = last_turn_token(chatkit, session.id)
-    client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
+    _, b, _ = stack
+    _, token = await session_after_a_turn(stack, "grace")
+    client = model_client(b, token)
 
     async def refused() -> bool:
         try:
@@ -255,12 +264,10 @@ async def test_a_token_dies_after_its_grace(
 async def test_cancelling_the_session_refuses_its_token_and_cuts_its_model_stream(
     stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
 ) -> None:
-    a, b, chatkit = stack
-    session = await create(a)
-    await turn(a, session.client_secret, "before cancel")
-    token = last_turn_token(chatkit, session.id)
+    a, b, _ = stack
+    session, token = await session_after_a_turn(stack, "before cancel")
     model.hold = asyncio.Event()
-    client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
+    client = model_client(b, token)
     try:
         async with client:
             stream = await client.responses.create(model=MODEL, input="long", stream=True)
