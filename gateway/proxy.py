@@ -562,12 +562,13 @@ class Proxy:
         upstream = self._workflows.get(identity.workflow_id) if identity is not None else None
         if identity is None or upstream is None:
             raise _not_for_this_route()
-        # The gateway states the identity itself (gateway/identity.py).
-        out_headers = self._headers_without_client_claims(
+        out_headers = self._upstream_headers(
             scope,
             exchange,
             headers,
             head,
+            # The gateway states the identity itself (gateway/identity.py).
+            vouched=True,
             # Servers build upload URLs from the host the client used: the gateway's.
             forwarded_host=head.host,
         )
@@ -600,9 +601,18 @@ class Proxy:
         head: RequestHead,
         *,
         without: frozenset[bytes] = frozenset(),
-        without_prefix: bytes | None = None,
+        vouched: bool = False,
         forwarded_host: bytes | None = None,
     ) -> Headers:
+        """The client's headers as the upstream gets them, less ``without``.
+
+        ``vouched``: the upstream takes the gateway's word for who the user is
+        (an issued session's ChatKit server, or the model), so the client's
+        credentials (a secret or a model token) go, and so does any claim to
+        an identity: only the gateway states one.
+        """
+        if vouched:
+            without = without | _CLIENT_CREDENTIALS if without else _CLIENT_CREDENTIALS
         client = scope.get("client")
         return upstream_request_headers(
             headers,
@@ -613,30 +623,7 @@ class Proxy:
             trust_forwarded=self._trust_forwarded,
             forwarded_host=forwarded_host,
             without=without,
-            without_prefix=without_prefix,
-        )
-
-    def _headers_without_client_claims(
-        self,
-        scope: Scope,
-        exchange: _Exchange,
-        headers: Headers,
-        head: RequestHead,
-        *,
-        forwarded_host: bytes | None = None,
-    ) -> Headers:
-        """Headers for an upstream the gateway vouches to: the issued session's
-        ChatKit server, or the model. The client's credentials (a secret or a
-        model token) go, and so does any claim to an identity: only the
-        gateway states one."""
-        return self._upstream_headers(
-            scope,
-            exchange,
-            headers,
-            head,
-            without=_CLIENT_CREDENTIALS,
-            without_prefix=IDENTITY_PREFIX,
-            forwarded_host=forwarded_host,
+            without_prefix=IDENTITY_PREFIX if vouched else None,
         )
 
     def _request(self, outbound: Outbound, tel: RequestTelemetry) -> Any:
@@ -710,7 +697,7 @@ class Proxy:
             call = await model.metering.open(grant, request, body)
             exchange.watch_disconnect(receive)
             # The real key replaces the model token.
-            out_headers = self._headers_without_client_claims(scope, exchange, headers, head)
+            out_headers = self._upstream_headers(scope, exchange, headers, head, vouched=True)
             outbound = _outbound_to(scope, model.origin + request.route, out_headers, request.body)
             outbound.headers = model.request_headers(outbound.headers)
             reading = _Reading()
