@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
-from gateway.auth import SecretHasher, bearer_secret
+from gateway.auth import SecretHasher, bearer_secret, split_tag
 from gateway.errors import AuthError, GatewayError, RateLimited, StoreUnavailable
 from gateway.head import RequestHead
 from gateway.metrics import Metrics
@@ -35,6 +36,11 @@ class Admission(NamedTuple):
     secret_hash: str | None
     headers: Headers
     identity: Identity | None = None
+    #: What was admitted, and its window member: for :meth:`Gatekeeper.unadmit`.
+    request: AdmitRequest | None = None
+    member: str = ""
+    #: The turn's model token, granted by the admission step itself.
+    model_token: str | None = None
 
 
 class Gatekeeper:
@@ -70,6 +76,8 @@ class Gatekeeper:
         need: str = "",
         declared_size: int = 0,
         model: str | None = None,
+        mint: Callable[[str], tuple[str, str]] | None = None,
+        request_id: str = "",
     ) -> Admission:
         """Decide; raise the rejecting error, or return what the request carries on.
 
@@ -79,28 +87,38 @@ class Gatekeeper:
         ``need`` and ``declared_size`` what the session's configuration is
         asked for (:class:`~gateway.store.base.AdmitRequest`), ``model`` the
         model a turn names (refused by the session's policy before counting).
+        ``mint`` (a turn, with a model key) makes a model token for a tagged
+        secret's tag, which the admission step grants if it admits the turn
+        of a registered session (``Admission.model_token``).
         """
         try:
             secret_hash = self._hash(bearer_secret(headers))
         except AuthError as exc:
             return Admission(None, self._report_only(exc, "malformed"))
+        request: AdmitRequest | None = None
+        token = token_hash = ""
         if self._revoker.is_revoked_locally(secret_hash):
             decision = _REVOKED
         else:
             started = time.perf_counter()
+            if mint is not None:
+                tag, _ = split_tag(secret_hash)
+                if tag:
+                    token, token_hash = mint(tag)
+            request = AdmitRequest(
+                secret_hash,
+                self._allow_unknown,
+                self._default_limit,
+                self._user_limit,
+                cls,
+                need,
+                declared_size,
+                model,
+                token_hash,
+                request_id,
+            )
             try:
-                decision = await self._store.admit(
-                    AdmitRequest(
-                        secret_hash,
-                        self._allow_unknown,
-                        self._default_limit,
-                        self._user_limit,
-                        cls,
-                        need,
-                        declared_size,
-                        model,
-                    )
-                )
+                decision = await self._store.admit(request)
             except StoreUnavailable as exc:
                 self._metrics.store_errors.inc()
                 # The store logs an outage once and then once per interval.
@@ -108,14 +126,17 @@ class Gatekeeper:
                 return Admission(secret_hash, self._report_only(exc, "store_unavailable"))
             self._metrics.decision_seconds.observe(time.perf_counter() - started)
         identity = decision.identity
-        self._metrics.count_decision(
-            decision.outcome, identity.workflow_id if identity is not None else "", cls
-        )
+        if identity is None:
+            self._metrics.count_decision(decision.outcome, "", cls)
+        else:
+            self._metrics.count_decision(decision.outcome, identity.workflow_id, cls, identity.app)
         error = rejection(decision, window_seconds=self._window)
         if error is not None:
             if self._enforce:
-                if decision.identity is not None and isinstance(error, RateLimited):
-                    error.workflow_id = decision.identity.workflow_id
+                if identity is not None:
+                    error.app = identity.app or None  # the access log names the app
+                    if isinstance(error, RateLimited):
+                        error.workflow_id = identity.workflow_id
                 raise error  # a 429 carries its own rate-limit headers
             self._metrics.would_reject_by_outcome[decision.outcome].inc()
             logger.info("Report-only: would reject (%s)", decision.outcome.name.lower())
@@ -123,7 +144,23 @@ class Gatekeeper:
             secret_hash,
             rate_limit_headers(decision, window_seconds=self._window),
             decision.identity,
+            request if decision.member else None,
+            decision.member,
+            token if token and decision.admitted and decision.identity is not None else None,
         )
+
+    async def unadmit(self, admission: Admission) -> None:
+        """Undo an admission the gateway then refused (a turn whose budget is
+        spent), so that the refused request consumes no quota. A store that
+        cannot be reached leaves the windows as they are (the member leaves
+        with its window); the refusal goes out all the same."""
+        if admission.request is None or not admission.member:
+            return
+        try:
+            await self._store.unadmit(admission.request, admission.member)
+        except StoreUnavailable as exc:
+            self._metrics.store_errors.inc()
+            logger.debug("Undoing an admission failed: %s", exc)
 
     def well_formed(self, headers: RequestHead | Headers) -> bool:
         """Whether the request carries a well-formed secret (and so may have

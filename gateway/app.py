@@ -240,6 +240,7 @@ class GatewayApp:
             )
         metrics = Metrics(workers=settings.workers)
         metrics.workflows = frozenset(settings.workflows)
+        metrics.apps = frozenset(app.name for app in build_apps(settings))
         if self._tracing is None:
             self._tracing = configure(otel_traces_exporter())
         metrics.store_full.set_function(lambda: 1.0 if store.full else 0.0)

@@ -93,6 +93,12 @@ class SecretHasher:
             tag = secret[3 : 3 + TAG_LENGTH]
             if _TAG.fullmatch(tag):
                 return f"{tag.decode()}_{digest}"
+        # A model token given to a tagged secret's turn carries the same tag
+        # (``ckmt_<tag>_<random>``): its grant lives in the session's slot.
+        elif secret.startswith(b"ckmt_") and secret[5 + TAG_LENGTH : 6 + TAG_LENGTH] == b"_":
+            tag = secret[5 : 5 + TAG_LENGTH]
+            if _TAG.fullmatch(tag):
+                return f"{tag.decode()}_{digest}"
         return digest
 
     def user_tag(self, user: str) -> str:

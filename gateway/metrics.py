@@ -51,8 +51,9 @@ UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 UPSTREAM_ERROR_KINDS = ("unavailable", "timeout", "mid_stream")
 
 
-#: Label values of admissions without a configured workflow or a class.
+#: Label values of admissions without a configured workflow, app or a class.
 OTHER_WORKFLOW = "other"
+OTHER_APP = "other"
 NO_CLASS = "none"
 
 
@@ -117,9 +118,10 @@ class Metrics:
         self.decisions = Counter(
             "chatkit_gateway_admission_decisions_total",
             "Admission decisions for client-secret traffic, by outcome, the session's "
-            "workflow (configured ids only, else other) and the request's class "
-            "(turn, read, write, upload, transcribe; none when unclassed).",
-            ["outcome", "workflow", "class"],
+            "workflow (configured ids only, else other), the request's class "
+            "(turn, read, write, upload, transcribe; none when unclassed) and the "
+            "issuer app that created the session (configured names only, else other).",
+            ["outcome", "workflow", "class", "app"],
             registry=r,
         )
         self.would_reject = Counter(
@@ -227,9 +229,10 @@ class Metrics:
         )
         # Children bound once: .labels() is a dict lookup plus a lock per call.
         self.decision_by_outcome = {
-            o: self.decisions.labels(o.name.lower(), OTHER_WORKFLOW, NO_CLASS) for o in Outcome
+            o: self.decisions.labels(o.name.lower(), OTHER_WORKFLOW, NO_CLASS, OTHER_APP)
+            for o in Outcome
         }
-        self._decision_children: dict[tuple[Outcome, str, str], Any] = {}
+        self._decision_children: dict[tuple[Outcome, str, str, str], Any] = {}
         self.would_reject_by_outcome = {
             o: self.would_reject.labels(o.name.lower()) for o in Outcome
         }
@@ -240,6 +243,8 @@ class Metrics:
         self.shed_by_reason = {s.value: self.connections_shed.labels(s.value) for s in Shed}
         self._request_children: dict[tuple[str, int], Any] = {}
         self.workflows: frozenset[str] = frozenset()
+        #: The configured issuer apps' names: the only ``app`` label values.
+        self.apps: frozenset[str] = frozenset()
         self._duration_children: dict[tuple[str, int], Any] = {}
         self._headers_children: dict[str, Any] = {}
         self._exposed = self.registry
@@ -250,19 +255,21 @@ class Metrics:
 
     # -- the hot path: a dict lookup and a few additions per call ---------------
 
-    def count_decision(self, outcome: Outcome, workflow: str, cls: str) -> None:
-        """One admission decision. Only configured workflow ids become label
-        values (a session's workflow id is the client's word for learned
-        sessions), so the series stay bounded."""
-        if not cls and not workflow:
+    def count_decision(self, outcome: Outcome, workflow: str, cls: str, app: str = "") -> None:
+        """One admission decision. Only configured workflow ids and app names
+        become label values (a session's workflow id is the client's word for
+        learned sessions; an app removed from the configuration lives on in
+        its sessions' records), so the series stay bounded."""
+        if not cls and not workflow and not app:
             self.decision_by_outcome[outcome].inc()
             return
         label = workflow if workflow in self.workflows else OTHER_WORKFLOW
-        key = (outcome, label, cls)
+        app_label = app if app in self.apps else OTHER_APP
+        key = (outcome, label, cls, app_label)
         child = self._decision_children.get(key)
         if child is None:
             child = self._decision_children[key] = self.decisions.labels(
-                outcome.name.lower(), label, cls or NO_CLASS
+                outcome.name.lower(), label, cls or NO_CLASS, app_label
             )
         child.inc()
 

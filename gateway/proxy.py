@@ -400,9 +400,14 @@ class Proxy:
             else:
                 cls = exchange.tel.cls = RequestClass.UPLOAD.value
                 need = "upload"
+        mint = None
+        if self._model is not None and envelope is not None and envelope.cls is RequestClass.TURN:
+            mint = self._model.tokens.mint  # granted by the admission step itself
         try:
             admission = await exchange.tel.admission(
-                self._gatekeeper.check(head, cls, need, declared, model)
+                self._gatekeeper.check(
+                    head, cls, need, declared, model, mint, exchange.request_id.decode()
+                )
             )
         except RateLimited as exc:
             policy = self._policies.get(exc.workflow_id)
@@ -411,6 +416,8 @@ class Proxy:
                 raise
             await self._limit_event(exchange, exc, kind)
             return
+        if admission.identity is not None and admission.identity.app:
+            exchange.tel.app = admission.identity.app  # the access log names the app
         if kind is Kind.ISSUED:
             outbound = self._issued_outbound(scope, exchange, headers, head, admission)
             if admission.identity is not None:
@@ -456,14 +463,20 @@ class Proxy:
                         BudgetKey(identity.workflow_id, identity.user, identity.session_id)
                     )
                 except BudgetExceeded as exc:
+                    # Refused after admission counted it: undone, so the
+                    # refused turn consumes no quota (a second round trip,
+                    # for refused turns only).
+                    await self._gatekeeper.unadmit(admission)
                     policy = self._policies.get(identity.workflow_id)
                     if policy is None or policy.limit_answer != "chatkit":
                         raise
                     await self._limit_event(exchange, exc, kind)
                     return
-                token = await self._model.tokens.issue(
-                    secret_hash, admission.identity, request_id=exchange.request_id.decode()
-                )
+                token = admission.model_token
+                if token is None:  # an untagged secret: its own round trip
+                    token = await self._model.tokens.issue(
+                        secret_hash, admission.identity, request_id=exchange.request_id.decode()
+                    )
                 outbound.headers.append((MODEL_TOKEN_HEADER.decode(), token))
             await self._forward(receive, exchange, outbound, kind, admission.headers)
         finally:

@@ -67,6 +67,8 @@ class Identity(NamedTuple):
     max_file_bytes: int = 0
     #: The session's chatkit_configuration (JSON), "" for none.
     configuration: str = ""
+    #: The issuer app that created the session, "" for a learned one.
+    app: str = ""
 
 
 class ClassWindow(NamedTuple):
@@ -105,6 +107,10 @@ class Decision(NamedTuple):
     #: The class window that refused the request, or when admitted the one
     #: with the fewest requests left; None when the class has none.
     class_window: ClassWindow | None = None
+    #: An admission's window member ("" unless admitted): what
+    #: :meth:`gateway.store.base.Store.unadmit` removes when the gateway
+    #: refuses the request after all (a turn whose budget is spent).
+    member: str = ""
 
     @property
     def admitted(self) -> bool:

@@ -20,6 +20,7 @@ import aiohttp
 import openai
 import pytest
 import pytest_asyncio
+import redis.asyncio
 
 from gateway.model.budgets import ChargeRecord
 from gateway.model.prices import Prices
@@ -56,6 +57,18 @@ WORKFLOWS = {
     "wf_chatkit": {
         "tokens": {"user": {"1d": 300}},
         "reserve_output_tokens": 10,
+        "limit_answer": "chatkit",
+    },
+    # A spent budget and turn windows: refused turns must count in none.
+    "wf_gate": {
+        "tokens": {"user": {"1d": 300}},
+        "reserve_output_tokens": 10,
+        "limits": {"turn": {"session": {"1d": 3}, "user": {"1d": 3}}},
+    },
+    "wf_gate_chatkit": {
+        "tokens": {"user": {"1d": 300}},
+        "reserve_output_tokens": 10,
+        "limits": {"turn": {"session": {"1d": 3}, "user": {"1d": 3}}},
         "limit_answer": "chatkit",
     },
 }
@@ -360,6 +373,61 @@ async def test_a_spent_budget_is_told_in_the_conversation_when_the_workflow_asks
     assert event["type"] == "error"
     assert "user's 1d budget" in event["message"]
     assert int(headers["Retry-After"]) > 0
+
+
+@pytest.mark.parametrize("workflow", ["wf_gate", "wf_gate_chatkit"])
+async def test_turns_refused_for_a_spent_budget_consume_no_quota(
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    model: FakeModel,
+    store: RedisStore,
+    module_redis: RedisServer,
+    workflow: str,
+) -> None:
+    """K turns refused for a spent budget, on both replicas, leave the
+    session's and the user's turn windows whole and never reach the ChatKit
+    server: once the budget frees, the user's turn windows give exactly the
+    turns they allow."""
+    a, b, chatkit = stack
+    user = f"olga-{workflow}"
+    first = await sdk_create(a, API_KEY, user=user, workflow={"id": workflow})
+    model.answer = LONG_ANSWER
+    assert (await post_turn(a, first.client_secret, "spend it all"))[0] == 200  # user: 1 of 3
+    await charges(store, workflow, user, 1)
+    second = await sdk_create(b, API_KEY, user=user, workflow={"id": workflow})
+    for gateway in (a, b, a, b, a):
+        status, headers, raw = await post_turn(gateway, second.client_secret, "more")
+        if workflow == "wf_gate":
+            assert status == 429
+            assert json.loads(raw)["error"]["code"] == "budget_exceeded"
+        else:
+            assert status == 200
+            [event] = sse_events(raw)
+            assert event["type"] == "error"
+            assert "budget" in event["message"]
+        assert int(headers["Retry-After"]) > 0
+    # The budget frees (its day is over, here: its keys are gone).
+    client = redis.asyncio.Redis.from_url(module_redis.url)
+    try:
+        await client.delete(*store.keys.budget(workflow, user))
+    finally:
+        await client.aclose()
+    model.answer = "short"
+    # The user's window allows 3 turns a day and the first session took one:
+    # exactly 2 more, as if the 5 refusals had never been.
+    assert (await post_turn(a, second.client_secret, "one"))[0] == 200
+    assert (await post_turn(b, second.client_secret, "two"))[0] == 200
+    status, headers, raw = await post_turn(a, second.client_secret, "three")
+    if workflow == "wf_gate":
+        assert status == 429
+        assert "this user's sessions allow 3 per 1d" in json.loads(raw)["error"]["message"]
+    else:
+        [event] = sse_events(raw)
+        assert "this user's sessions allow 3 per 1d" in event["message"]
+    assert '"turn-user-1d";r=0' in headers["ratelimit"]
+    reached = [
+        r for r in chatkit.seen() if r.context is not None and r.context.session_id == second.id
+    ]
+    assert len(reached) == 2  # the two admitted turns only
 
 
 async def test_an_unpriced_model_is_refused_under_a_dollar_budget(

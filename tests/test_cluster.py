@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 import redis
 
-from gateway.auth import SecretHasher
+from gateway.auth import SecretHasher, split_tag
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.model.budgets import BudgetKey, BudgetLimit, Charge
 from gateway.ratelimit import Outcome
@@ -214,6 +214,21 @@ async def test_a_users_class_windows_span_sessions_on_every_primary(
             for n in range(2)
         ]
         assert [d.outcome for d in models] == [Outcome.MODEL_NOT_ALLOWED] * 2
+        # Admissions undone (turns refused for a spent budget) give back
+        # every window they counted in, on the session's primary.
+        # The turn's model token is granted in the same script, in the
+        # session's slot, and taken back with it.
+        for n in range(2):
+            tag, _ = split_tag(hashes[n])
+            token = hasher(f"ckmt_{tag}_{user}-{n}-token".encode())
+            request = AdmitRequest(
+                hashes[n], False, 10, None, "turn", model="gpt-allowed", token=token
+            )
+            undone = await store.admit(request)
+            assert undone.admitted
+            assert await store.model_grant(token) is not None
+            await store.unadmit(request, undone.member)
+            assert await store.model_grant(token) is None
         decisions = [
             await store.admit(
                 AdmitRequest(hashes[n % 2], False, 10, None, "turn", model="gpt-allowed")

@@ -51,8 +51,8 @@ class Kit:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-#: The labels of an admission without a configured workflow or a request class.
-UNCLASSED = {"workflow": "other", "class": "none"}
+#: The labels of an admission without a configured workflow, app or a request class.
+UNCLASSED = {"workflow": "other", "class": "none", "app": "other"}
 
 
 @pytest.fixture

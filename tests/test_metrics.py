@@ -11,6 +11,8 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.errors import ConfigError
+from gateway.metrics import Metrics
+from gateway.ratelimit import Outcome
 from gateway.settings import load_settings
 from tests.fake_upstream import FakeUpstream
 from tests.harness import GatewayProcess, eventually, free_port, metric_value, scrape
@@ -181,3 +183,30 @@ def test_observability_settings_that_cannot_work_stop_start_up(
 ) -> None:
     with pytest.raises(ConfigError, match=named):
         load_settings(environ)
+
+
+@pytest.mark.parametrize(
+    ("workflow", "app", "labels"),
+    [
+        ("wf_a", "support", ("wf_a", "support")),  # both configured: named
+        ("wf_a", "default", ("wf_a", "default")),  # GATEWAY_ISSUER_API_KEYS's app
+        ("wf_a", "retired", ("wf_a", "other")),  # an app this replica does not know
+        ("wf_client_chose", "", ("other", "other")),  # a learned session
+    ],
+)
+def test_admissions_are_labelled_only_with_configured_workflows_and_apps(
+    workflow: str, app: str, labels: tuple[str, str]
+) -> None:
+    metrics = Metrics()
+    metrics.workflows = frozenset({"wf_a"})
+    metrics.apps = frozenset({"support", "default"})
+    metrics.count_decision(Outcome.ADMITTED, workflow, "turn", app)
+    metrics.count_decision(Outcome.ADMITTED, workflow, "turn", app)  # the cached child
+    samples = {
+        (sample.labels["workflow"], sample.labels["app"]): sample.value
+        for family in metrics.registry.collect()
+        if family.name == "chatkit_gateway_admission_decisions"
+        for sample in family.samples
+        if sample.labels["class"] == "turn"
+    }
+    assert samples == {labels: 2.0}

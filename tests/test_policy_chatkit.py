@@ -252,7 +252,7 @@ async def test_only_the_workflows_models_may_be_asked_for(
     # Counted as rejections, not admissions.
     after = await scrape(http, b.url)
     decision = "chatkit_gateway_admission_decisions_total"
-    refused = {"outcome": "model_not_allowed", "workflow": "other", "class": "turn"}
+    refused = {"outcome": "model_not_allowed", "workflow": "other", "class": "turn", "app": "other"}
     gained = (metric_value(after, decision, **refused) or 0) - (
         metric_value(before, decision, **refused) or 0
     )
@@ -498,9 +498,9 @@ async def test_admissions_are_counted_by_workflow_and_class(
         for line in text.splitlines()
         if line.startswith("chatkit_gateway_admission_decisions_total{")
     }
-    assert samples['class="turn",outcome="admitted",workflow="wf_p"'] >= 1
-    assert samples['class="turn",outcome="rate_limited",workflow="wf_p"'] >= 1
-    assert samples['class="read",outcome="admitted",workflow="wf_p"'] >= 1
+    assert samples['app="default",class="turn",outcome="admitted",workflow="wf_p"'] >= 1
+    assert samples['app="default",class="turn",outcome="rate_limited",workflow="wf_p"'] >= 1
+    assert samples['app="default",class="read",outcome="admitted",workflow="wf_p"'] >= 1
     # Unknown secrets name no workflow: "other", never the client's word.
     assert all('workflow="wf_' in k or 'workflow="other"' in k for k in samples)
 

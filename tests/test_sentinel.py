@@ -135,6 +135,12 @@ async def test_a_users_class_windows_span_the_users_sessions_behind_sentinel(
             for n in range(2)
         ]
         assert [d.outcome for d in refused] == [Outcome.MODEL_NOT_ALLOWED] * 2
+        # Admissions undone (turns refused for a spent budget) count nowhere.
+        for n in range(2):
+            request = AdmitRequest(hashes[n], False, 10, None, "turn")
+            undone = await store.admit(request)
+            assert undone.admitted
+            await store.unadmit(request, undone.member)
         outcomes = [
             (await store.admit(AdmitRequest(hashes[n % 2], False, 10, None, "turn"))).outcome
             for n in range(5)

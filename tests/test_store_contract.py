@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import pytest
 import redis.asyncio
 
-from gateway.auth import SecretHasher
+from gateway.auth import SecretHasher, split_tag
 from gateway.errors import StoreUnavailable
 from gateway.model.budgets import BudgetDecision, BudgetKey, BudgetLimit, Charge
 from gateway.ratelimit import Decision, Identity, Outcome
@@ -530,12 +530,35 @@ async def test_admission_names_the_issued_sessions_identity(
     assert (decision.user is None) is (user_limit is None)
 
 
+@pytest.mark.parametrize(
+    "app",
+    [
+        "support-app",  # a GATEWAY_ISSUER_KEYS app
+        "default",  # GATEWAY_ISSUER_API_KEYS
+    ],
+)
+async def test_admission_names_the_app_that_issued_the_session(backend: Backend, app: str) -> None:
+    # Metrics and the access log name the app of each client request, read
+    # in the admission's own round trip.
+    store = backend.store()
+    record = dataclasses.replace(_issued(backend), app=app, limit=1)
+    await store.register(record)
+    admitted = await store.admit(_ask(record.secret_hash))
+    assert admitted.admitted
+    assert admitted.identity is not None
+    assert admitted.identity.app == app
+    refused = await store.admit(_ask(record.secret_hash))
+    assert refused.outcome is Outcome.RATE_LIMITED
+    assert refused.identity == admitted.identity  # a refusal names it too
+
+
 async def test_learned_sessions_have_an_identity_without_a_workflow(backend: Backend) -> None:
     store = backend.store()
     record = _record(backend, user="user_bob")
     await store.register(record)
     decision = await store.admit(_ask(record.secret_hash))
     assert decision.identity == Identity(record.session_id, "user_bob", "", "", record.expires_at)
+    assert decision.identity.app == ""  # no app created it
 
 
 async def test_registered_sessions_carry_an_identity_admitted_or_limited(
@@ -1110,3 +1133,67 @@ async def test_a_refused_model_counts_in_no_window(backend: Backend) -> None:
     assert (
         await store.admit(AdmitRequest(free.secret_hash, False, 10, None, "turn", model="x"))
     ).admitted
+
+
+async def test_an_undone_admission_counts_in_no_window(backend: Backend) -> None:
+    """A turn admitted and then refused by the gateway (its budget is spent)
+    is undone: after K of them the session still has all N of its turns, in
+    the session's limit, the per-user cap and both class windows."""
+    store = backend.store()
+    record = _policed(backend, user="user_undo", limit=3, windows={"turn": "s60:3,u86400:3"})
+    await store.register(record)
+    turn = AdmitRequest(record.secret_hash, False, 10, 3, "turn")
+    for _ in range(5):
+        decision = await store.admit(turn)
+        assert decision.admitted
+        assert decision.member
+        await store.unadmit(turn, decision.member)
+        await store.unadmit(turn, decision.member)  # idempotent: nothing more goes
+    turns = await _admit_many(store, turn, 4)
+    assert [d.admitted for d in turns] == [True, True, True, False]
+    first = turns[0]
+    assert first.session is not None
+    assert first.user is not None
+    assert first.class_window is not None
+    remaining = (first.session.remaining, first.user.remaining, first.class_window.window.remaining)
+    assert remaining == (2, 2, 2)
+    assert turns[3].member == ""  # a refusal counted nowhere: nothing to undo
+    # Undoing one admitted turn gives exactly one back.
+    await store.unadmit(turn, turns[2].member)
+    again = await _admit_many(store, turn, 2)
+    assert [d.admitted for d in again] == [True, False]
+
+
+async def test_an_admitted_turn_grants_its_model_token_in_the_same_step(
+    backend: Backend,
+) -> None:
+    """A model token tagged like the secret is granted by the admission that
+    admits its turn, and only then: a refused turn grants nothing, an undone
+    admission takes its grant back."""
+    store = backend.store()
+    record = dataclasses.replace(_policed(backend, user="user_tokens", limit=2), workflow_id="wf_t")
+    await store.register(record)
+    tag, _ = split_tag(record.secret_hash)
+
+    def turn(n: int) -> tuple[AdmitRequest, str]:
+        token_hash = HASHER(f"ckmt_{tag}_token-{n}".encode())
+        assert split_tag(token_hash)[0] == tag
+        return AdmitRequest(record.secret_hash, False, 10, None, "turn", token=token_hash,
+                            request_id=f"req_{n}"), token_hash  # fmt: skip
+
+    request, granted = turn(1)
+    assert (await store.admit(request)).admitted
+    assert await store.model_grant(granted) == ModelGrant(
+        record.secret_hash, record.session_id, record.user, "wf_t", "req_1", record.expires_at
+    )
+    undone, taken_back = turn(2)
+    decision = await store.admit(undone)
+    assert await store.model_grant(taken_back) is not None
+    await store.unadmit(undone, decision.member)
+    assert await store.model_grant(taken_back) is None
+    assert (await store.admit(turn(3)[0])).admitted  # the session's second turn
+    refused, never = turn(4)
+    assert (await store.admit(refused)).outcome is Outcome.RATE_LIMITED
+    assert await store.model_grant(never) is None
+    await store.revoke(secret_hash=None, session_id=record.session_id, reason="t", replica="r")
+    assert await store.model_grant(granted) is None

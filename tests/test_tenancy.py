@@ -39,6 +39,7 @@ from tests.fake_upstream import FakeUpstream
 from tests.harness import (
     GatewayProcess,
     RedisServer,
+    Samples,
     assert_never_logged,
     create_session,
     eventually,
@@ -597,3 +598,107 @@ async def test_the_cli_bans_a_user_and_shows_an_app(
     assert (unbanned.returncode, unbanned.stdout) == (0, f"user {user}: ban lifted\n")
     bad = await asyncio.to_thread(run, "revoke", "--user", user, "--for", "soon")
     assert (bad.returncode, "--for" in bad.stderr) == (2, True)
+
+
+# -- the app on the record ------------------------------------------------------------
+
+DECISIONS = "chatkit_gateway_admission_decisions_total"
+RETIRED_KEY = "ckgk_retired-key-0123456789abcdef"
+
+
+def gained(before: Samples, after: Samples, **labels: str) -> float:
+    """How much the admission counter with exactly these labels grew."""
+    return (metric_value(after, DECISIONS, **labels) or 0) - (
+        metric_value(before, DECISIONS, **labels) or 0
+    )
+
+
+def access_lines(process: GatewayProcess) -> list[str]:
+    return [line for line in process.output().splitlines() if "gateway.access" in line]
+
+
+async def test_client_traffic_is_counted_and_logged_by_the_app_that_issued_it(
+    replicas: tuple[Replica, Replica], http: aiohttp.ClientSession
+) -> None:
+    # Each app's session is created on one replica and used on the other:
+    # the app comes from the shared record, in the admission's round trip.
+    support = await create(replicas[1], SUPPORT_KEYS[1], user_name("label"))
+    billing = await create(replicas[1], BILLING_KEY, user_name("label"), workflow="wf_b")
+    before = await scrape(http, replicas[0].url)
+    assert await status_of(http, replicas[0], support.client_secret) == 200
+    assert await read_status(http, replicas[0], billing.client_secret) == 200
+    after = await scrape(http, replicas[0].url)
+    admitted = {"outcome": "admitted"}
+    assert [
+        gained(before, after, **admitted, workflow=wf, app=app, **{"class": cls})
+        for wf, app, cls in (("wf_a", "support", "turn"), ("wf_b", "billing", "read"))
+    ] == [1, 1]
+    await eventually(
+        lambda: (
+            sum(" POST /chatkit 200 " in line for line in access_lines(replicas[0].process)) >= 2
+        ),
+        what="the access-log lines of both requests",
+    )
+    lines = [line for line in access_lines(replicas[0].process) if " POST /chatkit 200 " in line]
+    assert any(" app=support workflow=wf_a class=turn" in line for line in lines), lines
+    assert any(" app=billing workflow=wf_b class=read" in line for line in lines), lines
+
+
+async def test_an_app_a_replica_was_not_configured_with_is_never_a_label(
+    replicas: tuple[Replica, Replica],
+    http: aiohttp.ClientSession,
+    module_redis: RedisServer,
+    servers: tuple[ChatKitServerProcess, ChatKitServerProcess],
+    fake: FakeUpstream,
+) -> None:
+    # A third replica knows one more app (as during a rollout that adds it,
+    # or after one that removed it): its sessions reach replicas that do not.
+    env = replica_env(module_redis.url, servers)
+    env |= {
+        "GATEWAY_ISSUER_KEYS": json.dumps(
+            {**APPS, "retired": {"keys": [digest(RETIRED_KEY)], "workflows": ["wf_a"]}}
+        ),
+        "GATEWAY_ADMIN_PORT": str(free_port()),
+        "GATEWAY_REPLICA_ID": "replica-retired",
+        "GATEWAY_ACCESS_LOG": "true",
+        "GATEWAY_LOG_FORMAT": "json",
+    }
+    third = GatewayProcess(fake.url, redis_url=module_redis.url, env=env, startup_timeout=STARTUP)
+    async with running([third]):
+        retired = await sdk_create(
+            third, RETIRED_KEY, user=user_name("retired"), workflow={"id": "wf_a"}
+        )
+        SECRETS.append(retired.client_secret)
+        support = await create(replicas[0], SUPPORT_KEYS[0], user_name("json"))
+        before = await scrape(http, replicas[0].url)
+        assert await status_of(http, replicas[0], retired.client_secret) == 200
+        after = await scrape(http, replicas[0].url)
+        # The JSON access log of a client request names its app as a field.
+        async with http.post(
+            f"{third.url}/chatkit",
+            json={"type": "threads.list", "params": {"limit": 20, "order": "desc"}},
+            headers={"Authorization": f"Bearer {support.client_secret}"},
+        ) as response:
+            assert response.status == 200
+        await eventually(
+            lambda: any('"/chatkit"' in line for line in access_lines(third)),
+            what="the JSON access-log line",
+        )
+        entries = [json.loads(line) for line in access_lines(third) if '"/chatkit"' in line]
+        keys = [RETIRED_KEY]
+        assert_never_logged((third,), keys, "an issuer API key")
+    assert (
+        gained(before, after, outcome="admitted", workflow="wf_a", app="other", **{"class": "turn"})
+        == 1
+    )
+    assert not [labels for _, labels in after if ("app", "retired") in labels]
+    [entry] = entries
+    assert (entry["app"], entry["workflow"], entry["class"]) == ("support", "wf_a", "read")
+    # The replica that does not know the app still logs the record's name.
+    await eventually(
+        lambda: any(
+            " app=retired workflow=wf_a class=turn" in line
+            for line in access_lines(replicas[0].process)
+        ),
+        what="the text access-log line of the retired app's request",
+    )

@@ -1,6 +1,7 @@
 """Model tokens: what an admitted turn's ChatKit server uses as its OpenAI key.
 
-A token is random and opaque (``ckmt_`` and 43 URL-safe characters); the
+A token is random and opaque (``ckmt_``, the secret's slot tag and ``_`` when
+it has one, and 43 URL-safe characters); the
 store keeps only its HMAC, with the turn it was given to (session, user,
 workflow, request id). It is valid from the moment the turn is forwarded
 until the turn's response to the ChatKit client ends, then for a grace
@@ -47,7 +48,15 @@ class ModelTokens:
         self._grace = grace_seconds
         self._ending: set[asyncio.Task[None]] = set()
 
+    def mint(self, tag: str) -> tuple[str, str]:
+        """A new token and its hash, not yet granted. A tagged secret's turn
+        gets a token with the same tag, whose grant the admission step of the
+        turn writes (one round trip for both)."""
+        token = PREFIX + (f"{tag}_" if tag else "") + secrets.token_urlsafe(32)
+        return token, self._hash(token.encode())
+
     async def issue(self, secret_hash: str, identity: Identity, *, request_id: str) -> str:
+        """A token for an admitted turn whose admission did not grant one."""
         token = PREFIX + secrets.token_urlsafe(32)
         grant = ModelGrant(
             secret_hash=secret_hash,

@@ -97,6 +97,12 @@ class AdmitRequest:
     #: The model a turn names (``params.input.inference_options.model``),
     #: None when it names none (the server's default).
     model: str | None = None
+    #: A model token's hash to grant in the same step when a registered
+    #: session's turn is admitted ("" for none): the token's grant is the
+    #: session's (its id, user, workflow, expiry) and ``request_id``. Only
+    #: for tokens tagged like the secret (their grant shares its slot).
+    token: str = ""
+    request_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +253,13 @@ class Store(abc.ABC):
         One atomic step: a rejected request consumes no quota. An admitted
         request of a registered session carries its :class:`~gateway.ratelimit.Identity`.
         """
+
+    @abc.abstractmethod
+    async def unadmit(self, request: AdmitRequest, member: str) -> None:
+        """Undo an admission the gateway refused after all (a turn whose
+        budget is spent): remove its member (``Decision.member``) from every
+        window it counted in, so the refused request consumes nothing.
+        Idempotent."""
 
     @abc.abstractmethod
     async def register(self, record: SessionRecord) -> bool:

@@ -182,6 +182,7 @@ class MemoryStore(Store):
                 record.expires_at,
                 record.max_file_bytes,
                 record.configuration,
+                record.app,
             )
             need = request.need
             if need:
@@ -198,8 +199,72 @@ class MemoryStore(Store):
             if request.model is not None and record.models and request.model not in record.models:
                 return Decision(Outcome.MODEL_NOT_ALLOWED)
 
-        # The windows this request counts in, as admit.lua builds them:
-        # (window, length µs, limit, outcome, class window spec).
+        windows = self._windows_of(request, record, limit, user)
+        states = [w.state(now, length) for w, length, _, _, _ in windows]
+        refused = None
+        for i, ((_, _, lim, _, _), (count, wait, _)) in enumerate(
+            zip(windows, states, strict=True)
+        ):
+            if count >= lim and (refused is None or wait > states[refused][1]):
+                refused = i
+        session = user_window = class_window = None
+        for i, ((sliding, length, lim, outcome, name), (count, wait, reset)) in enumerate(
+            zip(windows, states, strict=True)
+        ):
+            if refused is None:
+                sliding.times.append(now)
+                state = Window(lim, lim - count - 1, _ms(wait if count else length), _ms(length))
+            else:
+                remaining = 0 if i == refused else max(lim - count, 0)
+                state = Window(lim, remaining, _ms(wait), _ms(reset))
+            if outcome is Outcome.RATE_LIMITED:
+                session = state
+            elif outcome is Outcome.USER_RATE_LIMITED:
+                user_window = state
+            elif outcome is Outcome.CLASS_RATE_LIMITED:
+                candidate = ClassWindow(
+                    request.cls, "user" if name[0] == "u" else "session", int(name[1:]), state
+                )
+                if refused is not None and windows[refused][3] is Outcome.CLASS_RATE_LIMITED:
+                    if i == refused:
+                        class_window = candidate
+                elif class_window is None or state.remaining < class_window.window.remaining:
+                    class_window = candidate
+        if refused is not None:
+            return Decision(windows[refused][3], session, user_window, identity, class_window)
+        if request.token and record is not None:
+            self._model_tokens[request.token] = _Expiring(
+                ModelGrant(
+                    request.secret_hash,
+                    record.session_id,
+                    record.user,
+                    record.workflow_id,
+                    request.request_id,
+                    record.expires_at,
+                ),
+                float(record.expires_at),
+            )
+        return Decision(Outcome.ADMITTED, session, user_window, identity, class_window, str(now))
+
+    async def unadmit(self, request: AdmitRequest, member: str) -> None:
+        record = self._get(self._sessions, request.secret_hash)
+        if record is None:
+            limit, user = request.default_limit, None
+        else:
+            limit, user = record.limit, record.user
+        if request.token:
+            self._model_tokens.pop(request.token, None)
+        at = int(member)
+        for sliding, _, _, _, _ in self._windows_of(request, record, limit, user):
+            # Another admission of the same µs counts the same: either goes.
+            if at in sliding.times:
+                sliding.times.remove(at)
+
+    def _windows_of(
+        self, request: AdmitRequest, record: SessionRecord | None, limit: int, user: str | None
+    ) -> list[tuple[_SlidingWindow, int, int, Outcome, str]]:
+        """The windows a request counts in, as admit.lua builds them:
+        (window, length µs, limit, outcome, class window spec)."""
         windows: list[tuple[_SlidingWindow, int, int, Outcome, str]] = []
         cls = request.cls
         counts = record.counts if record is not None else "all"
@@ -253,39 +318,7 @@ class MemoryStore(Store):
                     "",
                 )
             )
-        states = [w.state(now, length) for w, length, _, _, _ in windows]
-        refused = None
-        for i, ((_, _, lim, _, _), (count, wait, _)) in enumerate(
-            zip(windows, states, strict=True)
-        ):
-            if count >= lim and (refused is None or wait > states[refused][1]):
-                refused = i
-        session = user_window = class_window = None
-        for i, ((sliding, length, lim, outcome, name), (count, wait, reset)) in enumerate(
-            zip(windows, states, strict=True)
-        ):
-            if refused is None:
-                sliding.times.append(now)
-                state = Window(lim, lim - count - 1, _ms(wait if count else length), _ms(length))
-            else:
-                remaining = 0 if i == refused else max(lim - count, 0)
-                state = Window(lim, remaining, _ms(wait), _ms(reset))
-            if outcome is Outcome.RATE_LIMITED:
-                session = state
-            elif outcome is Outcome.USER_RATE_LIMITED:
-                user_window = state
-            elif outcome is Outcome.CLASS_RATE_LIMITED:
-                candidate = ClassWindow(
-                    cls, "user" if name[0] == "u" else "session", int(name[1:]), state
-                )
-                if refused is not None and windows[refused][3] is Outcome.CLASS_RATE_LIMITED:
-                    if i == refused:
-                        class_window = candidate
-                elif class_window is None or state.remaining < class_window.window.remaining:
-                    class_window = candidate
-        if refused is not None:
-            return Decision(windows[refused][3], session, user_window, identity, class_window)
-        return Decision(Outcome.ADMITTED, session, user_window, identity, class_window)
+        return windows
 
     def _window_at(self, key: str, length: int = 0) -> _SlidingWindow:
         window = self._windows.get(key)

@@ -18,7 +18,8 @@
 --                                   up ("0": disabled), mfs (largest file,
 --                                   bytes), mf (most files), cfg (its JSON);
 --                                   mdl ("1": the workflow lists models) and
---                                   m:<model> ("1") for each model listed
+--                                   m:<model> ("1") for each model listed;
+--                                   app (the issuer app that created it)
 -- KEYS[2] window zset   {p}:{h}:w  one member per admitted request, score = µs;
 --                                   a class window C of L s is KEYS[2]:C:L
 -- KEYS[3] revoked flag  {p}:{h}:r
@@ -40,13 +41,17 @@
 --          "upload" (file bytes), "attach" (attachments.create), ""
 -- ARGV[11] the size an attachments.create declares, bytes
 -- ARGV[12] "m:" and the model a turn names, "" when it names none
+-- ARGV[13] a model token's grant key, in KEYS[1]'s slot (absent: none): when
+--          a registered session's request is admitted, the grant is written
+--          (fields h, sid, user, wf, rid, exp; it expires with the session)
+-- ARGV[14] the request id for the grant   ARGV[15] the secret's hash
 --
 -- Returns {outcome} when no window was read (revoked, expired, unknown), else
 --   {outcome, s_limit, s_remaining, s_wait_ms, s_reset_ms,
 --    u_limit, u_remaining, u_wait_ms, u_reset_ms,
 --    c_window, c_limit, c_remaining, c_wait_ms, c_reset_ms,
 --    sid, user, workflow_id, workflow_version, expires_at, max_file_bytes,
---    configuration}
+--    configuration, app}
 -- s_limit 0: the session limit does not count this class; u_limit 0: no user
 -- cap; c_window "" : no class window, else "<s|u><seconds>", the window that
 -- refused or, when admitted, the class window with the fewest remaining.
@@ -76,7 +81,8 @@ end
 
 local class = ARGV[8]
 local s = redis.call('HMGET', KEYS[1], 'lim', 'exp', 'uh', 'sid', 'user', 'wf', 'wv',
-  'cnt', 'c:' .. class, 'hist', 'up', 'mfs', 'mf', 'cfg')
+  'cnt', 'c:' .. class, 'hist', 'up', 'mfs', 'mf', 'cfg',
+  'app')
 local limit = tonumber(s[1])
 if not limit then
   if ARGV[2] ~= '1' then
@@ -161,7 +167,8 @@ for _, w in ipairs(windows) do
   end
 end
 
-local reply = {0, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0, 0, 0, '', '', '', '', 0, 0, ''}
+local reply = {0, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0, 0, 0, '', '', '', '', 0, 0, '',
+  ''}
 if refused then
   reply[1] = refused[4]
   for _, w in ipairs(windows) do
@@ -174,6 +181,13 @@ else
     if w[6] == 0 then w[7] = w[2] end
     w[8] = w[2]
     w[9] = w[3] - w[6] - 1
+  end
+  if ARGV[13] and s[1] then
+    -- The turn's model token, in the same step: an absolute expiry, no
+    -- replica's clock decides how long it lives.
+    redis.call('HSET', ARGV[13], 'h', ARGV[15], 'sid', s[4] or '', 'user', s[5] or '',
+      'wf', s[6] or '', 'rid', ARGV[14], 'exp', s[2])
+    redis.call('PEXPIREAT', ARGV[13], tonumber(s[2]) * 1000)
   end
 end
 local class_window = nil
@@ -203,5 +217,6 @@ if s[1] then
   reply[19] = tonumber(s[2])
   reply[20] = tonumber(s[12]) or 0
   reply[21] = s[14] or ''
+  reply[22] = s[15] or ''
 end
 return reply

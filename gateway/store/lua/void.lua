@@ -10,6 +10,7 @@
 -- ARGV[4] the admission's class (admit.lua ARGV[8])
 -- ARGV[5] the user class window prefix (admit.lua ARGV[9])
 -- ARGV[6] what the admission needed (admit.lua ARGV[10])
+-- ARGV[7] the model token grant it wrote (admit.lua ARGV[13]), "" for none
 --
 -- Idempotent: removing a member that is not there changes nothing.
 -- allow-oom: it only frees memory.
@@ -31,5 +32,8 @@ if ARGV[4] ~= '' and s[2] then
 end
 if ARGV[6] == 'attach' then
   redis.call('ZREM', KEYS[2] .. ':files', ARGV[1])
+end
+if ARGV[7] and ARGV[7] ~= '' then
+  redis.call('DEL', ARGV[7])
 end
 return 1

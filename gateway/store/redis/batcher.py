@@ -59,8 +59,9 @@ _Pending = tuple[AdmitRequest, "asyncio.Future[Decision]", int]
 MAX_REDIRECTS = 3
 
 
-def decode_decision(reply: list[Any], cls: str = "") -> Decision:
-    """The script's reply as a Decision (see admit.lua for the layout)."""
+def decode_decision(reply: list[Any], cls: str = "", member: str = "") -> Decision:
+    """The script's reply as a Decision (see admit.lua for the layout);
+    ``member`` is the admission's window member, kept when it admits."""
     outcome = OUTCOMES[reply[0]]
     if len(reply) == 1:
         return Decision(outcome)
@@ -86,8 +87,11 @@ def decode_decision(reply: list[Any], cls: str = "") -> Decision:
             reply[18],
             reply[19],
             reply[20].decode(),
+            reply[21].decode(),
         )
-    return Decision(outcome, session, user, identity, class_window)
+    if reply[0]:
+        member = ""
+    return Decision(outcome, session, user, identity, class_window, member)
 
 
 class _Lane:
@@ -248,7 +252,7 @@ class AdmissionBatcher:
 
     def _command(self, request: AdmitRequest, member: str, deadline: int) -> Command:
         session, window, revoked = self._keys.secret(request.secret_hash)
-        return (
+        command: Command = (
             "EVALSHA",
             ADMIT_SHA,
             3,
@@ -268,8 +272,17 @@ class AdmissionBatcher:
             request.declared_size,
             "" if request.model is None else "m:" + request.model,
         )
+        if not request.token:
+            return command
+        # A turn's model token, granted by the same script (admit.lua ARGV[13..15]).
+        return (
+            *command,
+            self._keys.model_token(request.token),
+            request.request_id,
+            request.secret_hash,
+        )
 
-    def _void_command(self, request: AdmitRequest, member: str) -> Command:
+    def void_command(self, request: AdmitRequest, member: str) -> Command:
         session, window, _ = self._keys.secret(request.secret_hash)
         users = 1 if request.user_limit else 0
         return (
@@ -284,6 +297,7 @@ class AdmissionBatcher:
             request.cls,
             self._keys.class_user_prefix(request.secret_hash),
             request.need,
+            self._keys.model_token(request.token) if request.token else "",
         )
 
     async def _run(self, lane: _Lane, batch: list[_Pending]) -> None:
@@ -332,11 +346,13 @@ class AdmissionBatcher:
             # Redis ran an admission script, which it refuses when full.
             self._availability.answered(wrote=True)
         router = self._router
-        for (request, future, redirects), reply in zip(batch, replies, strict=True):
+        for (request, future, redirects), reply, member in zip(
+            batch, replies, members, strict=True
+        ):
             if future.done():  # the request was cancelled meanwhile
                 continue
             if not isinstance(reply, Exception):
-                future.set_result(decode_decision(reply, request.cls))
+                future.set_result(decode_decision(reply, request.cls, member))
             elif router is not None and redirects < MAX_REDIRECTS and router.retryable(reply):
                 # Not run where it was sent, so sending it again counts it once.
                 self._spawn(self._redirect(request, future, redirects + 1, reply))
@@ -382,7 +398,7 @@ class AdmissionBatcher:
                     lambda: router.send_asking("EVAL", ADMIT_SCRIPT, *arguments)
                 )
                 if not future.done():
-                    future.set_result(decode_decision(answer, request.cls))
+                    future.set_result(decode_decision(answer, request.cls, member))
                 return
             lane = await self._lane_for(request.secret_hash)
         except (StoreUnavailable, RedisError) as exc:
@@ -405,7 +421,15 @@ class AdmissionBatcher:
 
     def _keep_voids(self, lane: _Lane, batch: list[_Pending], members: list[str]) -> None:
         for (request, _, _), member in zip(batch, members, strict=True):
-            self._keep_void(lane.name, member, self._void_command(request, member))
+            self._keep_void(lane.name, member, self.void_command(request, member))
+
+    async def keep_void(self, request: AdmitRequest, member: str) -> None:
+        """Undo an admission with the next batch on its lane (retried there)."""
+        lane = self._lane
+        if lane is None:
+            lane = await self._lane_for(request.secret_hash)
+        self._keep_void(lane.name, member, self.void_command(request, member))
+        self._wake(lane)
 
     def _keep_void(self, name: str, member: str, command: Command) -> None:
         bucket = self._voids.setdefault(name, {})

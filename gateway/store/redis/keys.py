@@ -19,6 +19,7 @@ Key layout (``p`` is the configured prefix, ``h`` the secret's HMAC):
     p:{sid:S}:d   issued session S's ChatSession JSON, no secret  TTL exp + retention
     p:{mt:T}      hash: a model token's grant (h, sid, user,    TTL the session's
                   wf, rid, exp); T is the token's HMAC          expiry, then the grace
+                  (a tagged token's: p:{t:T}:mt:h, see below)
     p:{b:W:U}:c   zset: user U's model-call charges in          TTL a day + lease
                   workflow W (gateway.model.budgets)
     p:{b:W:U}:r   hash: their calls in flight (reservations)    TTL a day + lease
@@ -38,6 +39,8 @@ keys take the tag instead, and so do its user's class windows::
 
     p:{t:T}:h:s, p:{t:T}:h:w, ...   as above, for the secret T_h
     p:{t:T}:u:U:C:L                 zset: user U's window of class C, L s
+    p:{t:T}:mt:h                    a model token's grant (``ckmt_T_...``),
+                                    written by the admission of its turn
 
 so one script on one slot sees a session and its user's windows, on Cluster
 too. A forged tag finds no session in its slot: an unknown secret.
@@ -105,6 +108,11 @@ class KeyLayout:
         return SecretKeys(f"{base}:s", f"{base}:w", f"{base}:r")
 
     def model_token(self, token_hash: str) -> str:
+        """A model token's grant; a tagged token's (given to a tagged
+        secret's turn) in its session's slot, so admission can write it."""
+        tag, digest = split_tag(token_hash)
+        if tag:
+            return f"{self.prefix}:{{t:{tag}}}:mt:{digest}"
         return f"{self.prefix}:{{mt:{token_hash}}}"
 
     def budget(self, workflow_id: str, user: str) -> tuple[str, str, str]:

@@ -41,7 +41,7 @@ from gateway.store.base import (
     SlotDecision,
     Store,
 )
-from gateway.store.redis.batcher import AdmissionBatcher
+from gateway.store.redis.batcher import VOID_SCRIPT, AdmissionBatcher
 from gateway.store.redis.client import Availability, Client, text
 from gateway.store.redis.feed import PUBSUB_PING_SECONDS, RevocationFeed
 from gateway.store.redis.keys import KeyLayout, user_hash
@@ -114,6 +114,7 @@ class RedisStore(Store):
             else None
         )
         self._audit_script = client.register_script(_LUA.joinpath("audit.lua").read_text())
+        self._void_script = client.register_script(VOID_SCRIPT)
         self._reserve_script = client.register_script(_LUA.joinpath("budget.lua").read_text())
         self._settle_script = client.register_script(_LUA.joinpath("budget_settle.lua").read_text())
         self._feed = RevocationFeed(
@@ -133,6 +134,19 @@ class RedisStore(Store):
         # The batcher's coroutine itself, not one wrapped in another frame:
         # this runs for every proxied request.
         return self._batcher.admit(request)
+
+    async def unadmit(self, request: AdmitRequest, member: str) -> None:
+        # Awaited, so every later admission from this replica sees it undone:
+        # one more round trip, for refused turns only. If Redis does not
+        # answer, the batcher sends it again with its next batch (void.lua is
+        # idempotent).
+        _, _, _, session, window, *args = self._batcher.void_command(request, member)
+        try:
+            await self.availability.idempotent(
+                lambda: self._void_script(keys=[session, window], args=args), proves_room=False
+            )
+        except StoreUnavailable:
+            await self._batcher.keep_void(request, member)  # may raise in turn
 
     # -- registry -------------------------------------------------------------
 
