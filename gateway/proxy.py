@@ -580,10 +580,8 @@ class Proxy:
             exchange,
             headers,
             head,
-            # The client's credentials and any claim to an identity go; the
-            # gateway states the identity itself (gateway/identity.py).
-            without=_CLIENT_CREDENTIALS,
-            without_prefix=IDENTITY_PREFIX,
+            # The gateway states the identity itself (gateway/identity.py).
+            vouched=True,
             # Servers build upload URLs from the host the client used: the gateway's.
             forwarded_host=head.host,
         )
@@ -616,9 +614,18 @@ class Proxy:
         head: RequestHead,
         *,
         without: frozenset[bytes] = frozenset(),
-        without_prefix: bytes | None = None,
+        vouched: bool = False,
         forwarded_host: bytes | None = None,
     ) -> Headers:
+        """The client's headers as the upstream gets them, less ``without``.
+
+        ``vouched``: the upstream takes the gateway's word for who the user is
+        (an issued session's ChatKit server, or the model), so the client's
+        credentials (a secret or a model token) go, and so does any claim to
+        an identity: only the gateway states one.
+        """
+        if vouched:
+            without = without | _CLIENT_CREDENTIALS if without else _CLIENT_CREDENTIALS
         client = scope.get("client")
         return upstream_request_headers(
             headers,
@@ -629,7 +636,7 @@ class Proxy:
             trust_forwarded=self._trust_forwarded,
             forwarded_host=forwarded_host,
             without=without,
-            without_prefix=without_prefix,
+            without_prefix=IDENTITY_PREFIX if vouched else None,
         )
 
     def _request(self, outbound: Outbound, tel: RequestTelemetry) -> Any:
@@ -702,16 +709,8 @@ class Proxy:
             request = prepare(scope["path"], body)
             call = await model.metering.open(grant, request, body)
             exchange.watch_disconnect(receive)
-            out_headers = self._upstream_headers(
-                scope,
-                exchange,
-                headers,
-                head,
-                # The model token goes (the real key replaces it), and so does
-                # any claim to an identity.
-                without=_CLIENT_CREDENTIALS,
-                without_prefix=IDENTITY_PREFIX,
-            )
+            # The real key replaces the model token.
+            out_headers = self._upstream_headers(scope, exchange, headers, head, vouched=True)
             outbound = _outbound_to(scope, model.origin + request.route, out_headers, request.body)
             outbound.headers = model.request_headers(outbound.headers)
             reading = _Reading()

@@ -111,7 +111,10 @@ class FakeModel:
             404, f"Invalid URL ({request.method} {request.path})", "invalid_request_error"
         )
 
-    async def _accept(self, request: web.Request) -> tuple[ModelCall, bytes] | web.Response:
+    async def _accept(
+        self, request: web.Request
+    ) -> tuple[ModelCall, tuple[int, int, int]] | web.Response:
+        """The call recorded and the usage it will report, or the API's refusal."""
         raw = await request.read()
         try:
             body = json.loads(raw)
@@ -131,7 +134,7 @@ class FakeModel:
             )
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return _error(400, "you must provide a model parameter", "invalid_request_error")
-        return call, raw
+        return call, self.usage_for(raw)
 
     def _next_id(self, prefix: str) -> str:
         self._counter += 1
@@ -141,8 +144,7 @@ class FakeModel:
         accepted = await self._accept(request)
         if isinstance(accepted, web.Response):
             return accepted
-        call, raw = accepted
-        input_tokens, cached, output = self.usage_for(raw)
+        call, (input_tokens, cached, output) = accepted
         usage = {
             "input_tokens": input_tokens,
             "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
@@ -223,8 +225,7 @@ class FakeModel:
         accepted = await self._accept(request)
         if isinstance(accepted, web.Response):
             return accepted
-        call, raw = accepted
-        input_tokens, cached, output = self.usage_for(raw)
+        call, (input_tokens, cached, output) = accepted
         usage = {
             "prompt_tokens": input_tokens,
             "prompt_tokens_details": {"cached_tokens": cached},

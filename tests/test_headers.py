@@ -55,31 +55,21 @@ def values(headers: Headers, name: bytes) -> list[bytes]:
 
 # -- hop-by-hop, both directions ------------------------------------------------
 
+#: The fixed hop-by-hop set, none nominated by Connection: every one goes.
+FIXED_HOP_BY_HOP: Headers = [
+    (b"keep-alive", b"timeout=5"),
+    (b"proxy-connection", b"keep-alive"),
+    (b"te", b"trailers"),
+    (b"trailer", b"x-checksum"),
+    (b"transfer-encoding", b"chunked"),
+    (b"upgrade", b"websocket"),
+    (b"proxy-authorization", b"Basic Zm9vOmJhcg=="),
+    (b"proxy-authenticate", b"Basic"),
+]
+
 HOP_CASES = [
     # (headers as received, names that must not be forwarded)
-    # The fixed hop-by-hop set, none nominated.
-    (
-        [
-            (b"keep-alive", b"timeout=5"),
-            (b"proxy-connection", b"keep-alive"),
-            (b"te", b"trailers"),
-            (b"trailer", b"x-checksum"),
-            (b"transfer-encoding", b"chunked"),
-            (b"upgrade", b"websocket"),
-            (b"proxy-authorization", b"Basic Zm9vOmJhcg=="),
-            (b"proxy-authenticate", b"Basic"),
-        ],
-        {
-            b"keep-alive",
-            b"proxy-connection",
-            b"te",
-            b"trailer",
-            b"transfer-encoding",
-            b"upgrade",
-            b"proxy-authorization",
-            b"proxy-authenticate",
-        },
-    ),
+    (FIXED_HOP_BY_HOP, {name for name, _ in FIXED_HOP_BY_HOP}),
     # Connection itself, and one header it nominates.
     ([(b"connection", b"x-hop")], {b"connection", b"x-hop"}),
     # Several tokens, odd spacing and case.

@@ -83,6 +83,11 @@ async def send(
     return parse_reply(await raw_http("127.0.0.1", port, head.encode() + body))
 
 
+async def create_session(port: int, body: bytes, *, key: str) -> Reply:
+    """POST /v1/chatkit/sessions with ``key`` as the bearer."""
+    return await send(port, "POST", "/v1/chatkit/sessions", body, authorization=f"Bearer {key}")
+
+
 # -- fixtures ---------------------------------------------------------------------------
 
 
@@ -144,9 +149,7 @@ async def test_deep_json_on_an_issuer_create_is_400_for_a_keyholder_401_for_othe
     gateways: Gateways,
 ) -> None:
     port = gateways.issuing.port
-    with_key = await send(
-        port, "POST", "/v1/chatkit/sessions", DEEP, authorization=f"Bearer {API_KEY}"
-    )
+    with_key = await create_session(port, DEEP, key=API_KEY)
     assert (with_key.status, with_key.error_code()) == (400, "invalid_json")
     # Nothing but the key is looked at until the key is right.
     without = await send(port, "POST", "/v1/chatkit/sessions", DEEP)
@@ -166,13 +169,7 @@ async def test_deep_json_on_a_hosted_create_is_not_a_5xx(
     # An object whose workflow is the hosted API's, nested deep below it: the
     # gateway reads workflow.id or refuses; it never fails.
     body = b'{"user": "u", "workflow": {"id": "wf_hosted"}, "x": ' + DEEP + b"}"
-    reply = await send(
-        gateways.mixed.port,
-        "POST",
-        "/v1/chatkit/sessions",
-        body,
-        authorization=f"Bearer {HOSTED_KEY}",
-    )
+    reply = await create_session(gateways.mixed.port, body, key=HOSTED_KEY)
     assert (reply.status, reply.error_code()) == (400, "invalid_json")
 
 
@@ -196,13 +193,7 @@ async def test_a_hosted_session_whose_user_is_a_lone_surrogate_is_learned(
     gateways: Gateways, fake: FakeUpstream
 ) -> None:
     body = b'{"user": "\\ud800", "workflow": {"id": "wf_hosted"}}'
-    reply = await send(
-        gateways.mixed.port,
-        "POST",
-        "/v1/chatkit/sessions",
-        body,
-        authorization=f"Bearer {HOSTED_KEY}",
-    )
+    reply = await create_session(gateways.mixed.port, body, key=HOSTED_KEY)
     assert reply.status == 200, reply.body
     session = reply.json()
     assert session["user"] == "\ud800"  # the upstream's answer, passed on untouched
@@ -245,26 +236,14 @@ async def test_an_issued_session_for_a_lone_surrogate_user_is_400_naming_user(
     gateways: Gateways, user: bytes
 ) -> None:
     body = b'{"user": ' + user + b', "workflow": {"id": "wf_a"}}'
-    reply = await send(
-        gateways.issuing.port,
-        "POST",
-        "/v1/chatkit/sessions",
-        body,
-        authorization=f"Bearer {API_KEY}",
-    )
+    reply = await create_session(gateways.issuing.port, body, key=API_KEY)
     assert (reply.status, reply.error_code()) == (400, "invalid_value")
     assert reply.json()["error"]["param"] == "user"
 
 
 async def test_a_surrogate_pair_is_a_user_like_any_other(gateways: Gateways) -> None:
     body = b'{"user": "\\ud83d\\ude00", "workflow": {"id": "wf_a"}}'
-    reply = await send(
-        gateways.issuing.port,
-        "POST",
-        "/v1/chatkit/sessions",
-        body,
-        authorization=f"Bearer {API_KEY}",
-    )
+    reply = await create_session(gateways.issuing.port, body, key=API_KEY)
     assert reply.status == 200, reply.body
     assert reply.json()["user"] == "\N{GRINNING FACE}"
 
@@ -285,13 +264,7 @@ async def test_a_repeated_key_is_refused_not_guessed_at(
 ) -> None:
     fake.reset_records()
     if where == "create":
-        reply = await send(
-            gateways.mixed.port,
-            "POST",
-            "/v1/chatkit/sessions",
-            body,
-            authorization=f"Bearer {API_KEY}",
-        )
+        reply = await create_session(gateways.mixed.port, body, key=API_KEY)
     else:
         reply = await send(
             gateways.admin_port,

@@ -109,6 +109,21 @@ def fresh(
     assert_never_logged(replicas, ISSUED, "a client secret")
 
 
+async def post_create(
+    http: aiohttp.ClientSession, gateway: GatewayProcess, body: bytes, *, key: str | None = None
+) -> aiohttp.ClientResponse:
+    """A create whose body goes as written, with ``key`` as the bearer if given;
+    the response comes back read."""
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    async with http.post(
+        f"{gateway.url}/v1/chatkit/sessions", data=body, headers=headers
+    ) as response:
+        await response.read()
+    return response
+
+
 async def create(gateway: GatewayProcess, **kwargs: Any) -> ChatSession:
     params: dict[str, Any] = {"user": "user_1", "workflow": {"id": "wf_a"}, **kwargs}
     session = await sdk_create(gateway, API_KEY, **params)
@@ -233,12 +248,8 @@ async def test_invalid_create_bodies_are_400_naming_the_parameter(
 async def test_a_create_without_user_is_openais_missing_parameter_error(
     replicas: tuple[GatewayProcess, GatewayProcess], http: aiohttp.ClientSession
 ) -> None:
-    async with http.post(
-        f"{replicas[0].url}/v1/chatkit/sessions",
-        data=b'{"workflow": {"id": "wf_a"}}',
-        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
-    ) as response:
-        payload = await response.json()
+    response = await post_create(http, replicas[0], b'{"workflow": {"id": "wf_a"}}', key=API_KEY)
+    payload = await response.json()
     assert response.status == 400
     assert payload["error"] == {
         "message": "Missing required parameter: 'user'.",
@@ -255,12 +266,8 @@ async def test_in_mixed_mode_a_body_naming_no_workflow_goes_to_the_hosted_api(
     fake: FakeUpstream,
     body: bytes,
 ) -> None:
-    async with http.post(
-        f"{replicas[0].url}/v1/chatkit/sessions",
-        data=body,
-        headers={"Authorization": f"Bearer {HOSTED_KEY}", "Content-Type": "application/json"},
-    ) as response:
-        assert response.status == 400  # the hosted API's own answer
+    response = await post_create(http, replicas[0], body, key=HOSTED_KEY)
+    assert response.status == 400  # the hosted API's own answer
     assert fake.count("/v1/chatkit/sessions") == 1
 
 
@@ -273,13 +280,9 @@ async def test_in_mixed_mode_a_body_that_cannot_be_read_is_400_and_not_forwarded
 ) -> None:
     # Where a create goes is decided by its workflow.id; a body the gateway
     # cannot read cannot be routed, and is refused before any key is looked at.
-    async with http.post(
-        f"{replicas[0].url}/v1/chatkit/sessions",
-        data=body,
-        headers={"Content-Type": "application/json"},
-    ) as response:
-        assert response.status == 400
-        assert (await response.json())["error"]["code"] == "invalid_json"
+    response = await post_create(http, replicas[0], body)
+    assert response.status == 400
+    assert (await response.json())["error"]["code"] == "invalid_json"
     assert fake.count("/v1/chatkit/sessions") == 0
 
 

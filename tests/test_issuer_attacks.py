@@ -141,6 +141,17 @@ def _create_head(framing: str, *, authorization: str = "") -> bytes:
     ).encode()
 
 
+async def assert_keyed_create_is_invalid_json(gateway: Gateway, body: bytes) -> None:
+    """A create with the right key and ``body`` written raw is 400 invalid_json."""
+    head = _create_head(
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n",
+        authorization=f"Authorization: Bearer {API_KEY}\r\n",
+    )
+    reply = await raw_http("127.0.0.1", gateway.port, head + body)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+    assert b'"code":"invalid_json"' in reply
+
+
 @pytest.mark.parametrize("keyed", [True, False])
 @pytest.mark.parametrize("framing", ["declared", "chunked"])
 async def test_a_create_body_of_many_megabytes_is_413_before_it_is_sent(
@@ -213,13 +224,7 @@ async def test_nesting_past_what_json_can_be_read_at_is_400_invalid_json(
 ) -> None:
     deep = b"[" * 5000 + b"]" * 5000
     body = b'{"user": "u", "workflow": {"id": "wf_a", "state_variables": {"v": ' + deep + b"}}}"
-    head = _create_head(
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n",
-        authorization=f"Authorization: Bearer {API_KEY}\r\n",
-    )
-    reply = await raw_http("127.0.0.1", gateway.port, head + body)
-    assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
-    assert b'"code":"invalid_json"' in reply
+    await assert_keyed_create_is_invalid_json(gateway, body)
 
 
 # -- hostile user values ------------------------------------------------------------------
@@ -271,13 +276,7 @@ async def test_a_user_in_malformed_utf8_is_400_invalid_json(
     gateway: Gateway, user_bytes: bytes
 ) -> None:
     body = b'{"user": "' + user_bytes + b'", "workflow": {"id": "wf_a"}}'
-    head = _create_head(
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n",
-        authorization=f"Authorization: Bearer {API_KEY}\r\n",
-    )
-    reply = await raw_http("127.0.0.1", gateway.port, head + body)
-    assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
-    assert b'"code":"invalid_json"' in reply
+    await assert_keyed_create_is_invalid_json(gateway, body)
 
 
 # -- assertions across workflows ------------------------------------------------------------

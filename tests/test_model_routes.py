@@ -92,17 +92,22 @@ async def create(gateway: GatewayProcess, user: str = "alice") -> ChatSession:
     return await sdk_create(gateway, API_KEY, user=user, workflow={"id": WORKFLOW})
 
 
-async def turn(gateway: GatewayProcess, secret: str, text: str) -> list[dict[str, Any]]:
+async def post_chatkit(
+    gateway: GatewayProcess, secret: str, body: bytes, *, extra: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """One ChatKit request with ``secret`` as the bearer: its status and body."""
+    headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
     async with (
         aiohttp.ClientSession() as http,
-        http.post(
-            f"{gateway.url}/chatkit",
-            data=threads_create_body(text),
-            headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
-        ) as response,
+        http.post(f"{gateway.url}/chatkit", data=body, headers={**headers, **(extra or {})}) as r,
     ):
-        assert response.status == 200
-        return sse_events(await response.read())
+        return r.status, await r.read()
+
+
+async def turn(gateway: GatewayProcess, secret: str, text: str) -> list[dict[str, Any]]:
+    status, body = await post_chatkit(gateway, secret, threads_create_body(text))
+    assert status == 200
+    return sse_events(body)
 
 
 def last_turn_token(chatkit: ChatKitServerProcess, session_id: str) -> str:
@@ -116,6 +121,22 @@ def last_turn_token(chatkit: ChatKitServerProcess, session_id: str) -> str:
     token = seen[-1].header("x-chatkit-model-token")
     assert token is not None
     return token
+
+
+def model_client(replica: GatewayProcess, token: str) -> openai.AsyncOpenAI:
+    """The official SDK as the ChatKit server holds it: a model token as its key."""
+    return openai.AsyncOpenAI(api_key=token, base_url=f"{replica.url}/v1", max_retries=0)
+
+
+async def after_a_turn(
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], text: str
+) -> tuple[ChatSession, openai.AsyncOpenAI]:
+    """A new session that has had one turn through replica A, and the SDK
+    client the ChatKit server would have: that turn's model token, replica B."""
+    a, b, chatkit = stack
+    session = await create(a)
+    await turn(a, session.client_secret, text)
+    return session, model_client(b, last_turn_token(chatkit, session.id))
 
 
 async def test_a_turn_is_answered_by_the_model_through_the_gateway(
@@ -156,15 +177,9 @@ async def test_reads_carry_no_model_token(
 ) -> None:
     a, _, chatkit = stack
     session = await create(a)
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"{a.url}/chatkit",
-            json={"type": "threads.list", "params": {"limit": 5}},
-            headers={"Authorization": f"Bearer {session.client_secret}"},
-        ) as response,
-    ):
-        assert response.status == 200
+    body = json.dumps({"type": "threads.list", "params": {"limit": 5}}).encode()
+    status, _ = await post_chatkit(a, session.client_secret, body)
+    assert status == 200
     [read] = [
         r for r in chatkit.seen() if r.context is not None and r.context.session_id == session.id
     ]
@@ -175,11 +190,7 @@ async def test_reads_carry_no_model_token(
 async def test_the_official_sdk_calls_the_model_with_a_token_and_sees_no_usage_chunk(
     stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
 ) -> None:
-    a, b, chatkit = stack
-    session = await create(a)
-    await turn(a, session.client_secret, "first")
-    token = last_turn_token(chatkit, session.id)
-    client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
+    _, client = await after_a_turn(stack, "first")
     async with client:
         stream = await client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
@@ -207,7 +218,7 @@ async def test_an_invalid_token_is_refused_and_nothing_is_forwarded(
 ) -> None:
     _, b, _ = stack
     calls = len(model.calls)
-    client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
+    client = model_client(b, token)
     async with client:
         with pytest.raises(openai.AuthenticationError) as caught:
             await client.responses.create(model=MODEL, input="hi")
@@ -218,12 +229,8 @@ async def test_an_invalid_token_is_refused_and_nothing_is_forwarded(
 async def test_no_other_path_is_served_to_a_model_token(
     stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
 ) -> None:
-    a, b, chatkit = stack
-    session = await create(a)
-    await turn(a, session.client_secret, "paths")
-    token = last_turn_token(chatkit, session.id)
+    _, client = await after_a_turn(stack, "paths")
     calls = len(model.calls)
-    client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
     async with client:
         with pytest.raises(openai.NotFoundError):
             await client.models.list()
@@ -235,11 +242,7 @@ async def test_no_other_path_is_served_to_a_model_token(
 async def test_a_token_dies_after_its_grace(
     stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
 ) -> None:
-    a, b, chatkit = stack
-    session = await create(a)
-    await turn(a, session.client_secret, "grace")
-    token = last_turn_token(chatkit, session.id)
-    client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
+    _, client = await after_a_turn(stack, "grace")
 
     async def refused() -> bool:
         try:
@@ -255,12 +258,9 @@ async def test_a_token_dies_after_its_grace(
 async def test_cancelling_the_session_refuses_its_token_and_cuts_its_model_stream(
     stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
 ) -> None:
-    a, b, chatkit = stack
-    session = await create(a)
-    await turn(a, session.client_secret, "before cancel")
-    token = last_turn_token(chatkit, session.id)
+    a, _, _ = stack
+    session, client = await after_a_turn(stack, "before cancel")
     model.hold = asyncio.Event()
-    client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
     try:
         async with client:
             stream = await client.responses.create(model=MODEL, input="long", stream=True)
@@ -284,19 +284,13 @@ async def test_a_client_cannot_bring_its_own_model_token_nor_use_one_as_a_secret
 ) -> None:
     a, _, chatkit = stack
     session = await create(a)
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"{a.url}/chatkit",
-            data=threads_create_body("forged"),
-            headers={
-                "Authorization": f"Bearer {session.client_secret}",
-                "X-ChatKit-Model-Token": "ckmt_forged",
-            },
-        ) as response,
-    ):
-        assert response.status == 200
-        await response.read()
+    status, _ = await post_chatkit(
+        a,
+        session.client_secret,
+        threads_create_body("forged"),
+        extra={"X-ChatKit-Model-Token": "ckmt_forged"},
+    )
+    assert status == 200
     # The server got the gateway's token for this turn, and only that one.
     [seen] = [
         r for r in chatkit.seen() if r.context is not None and r.context.session_id == session.id
@@ -305,15 +299,8 @@ async def test_a_client_cannot_bring_its_own_model_token_nor_use_one_as_a_secret
     assert len(tokens) == 1
     assert tokens[0] != "ckmt_forged"
     # A model token is no client secret: the ChatKit routes refuse it.
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"{a.url}/chatkit",
-            json={"type": "threads.list", "params": {}},
-            headers={"Authorization": f"Bearer {tokens[0]}"},
-        ) as response,
-    ):
-        assert response.status == 401
+    status, _ = await post_chatkit(a, tokens[0], b'{"type": "threads.list", "params": {}}')
+    assert status == 401
 
 
 async def test_a_turns_usage_is_audited_once_its_last_call_has_settled(

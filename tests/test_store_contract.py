@@ -112,6 +112,19 @@ def _ask(
     return AdmitRequest(secret_hash, allow_unknown, default_limit, user_limit)
 
 
+def _windows_left(decision: Decision) -> tuple[int, int, int]:
+    """What the session's limit, the per-user cap and the class window each
+    have left after ``decision``; a turn must have been counted in all three."""
+    assert decision.session is not None
+    assert decision.user is not None
+    assert decision.class_window is not None
+    return (
+        decision.session.remaining,
+        decision.user.remaining,
+        decision.class_window.window.remaining,
+    )
+
+
 async def _admit_many(store: Store, request: AdmitRequest, count: int) -> list[Decision]:
     return [await store.admit(request) for _ in range(count)]
 
@@ -1115,12 +1128,8 @@ async def test_a_refused_model_counts_in_no_window(backend: Backend) -> None:
     assert all(d.identity is None for d in refused)
     turns = [await store.admit(turn(m)) for m in ("gpt-allowed", None, "gpt-other", "gpt-allowed")]
     assert [d.admitted for d in turns] == [True, True, True, False]
-    first = turns[0]
-    assert first.session is not None
-    assert first.user is not None
-    assert first.class_window is not None
-    remaining = (first.session.remaining, first.user.remaining, first.class_window.window.remaining)
-    assert remaining == (2, 2, 2)  # each window counted the admitted turn only
+    # Each window counted the admitted turn only.
+    assert _windows_left(turns[0]) == (2, 2, 2)
     assert turns[3].outcome in (
         Outcome.RATE_LIMITED,
         Outcome.USER_RATE_LIMITED,
@@ -1151,12 +1160,7 @@ async def test_an_undone_admission_counts_in_no_window(backend: Backend) -> None
         await store.unadmit(turn, decision.member)  # idempotent: nothing more goes
     turns = await _admit_many(store, turn, 4)
     assert [d.admitted for d in turns] == [True, True, True, False]
-    first = turns[0]
-    assert first.session is not None
-    assert first.user is not None
-    assert first.class_window is not None
-    remaining = (first.session.remaining, first.user.remaining, first.class_window.window.remaining)
-    assert remaining == (2, 2, 2)
+    assert _windows_left(turns[0]) == (2, 2, 2)
     assert turns[3].member == ""  # a refusal counted nowhere: nothing to undo
     # Undoing one admitted turn gives exactly one back.
     await store.unadmit(turn, turns[2].member)
