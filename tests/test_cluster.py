@@ -20,7 +20,7 @@ import redis
 
 from gateway.auth import SecretHasher, split_tag
 from gateway.errors import ConfigError, StoreUnavailable
-from gateway.model.budgets import BudgetKey, BudgetLimit, Charge
+from gateway.model.budgets import BudgetKey, BudgetLimit, Charge, Reservation
 from gateway.ratelimit import Outcome
 from gateway.settings import load_settings
 from gateway.store.base import AdmitRequest, ModelGrant, SessionRecord
@@ -259,15 +259,15 @@ async def test_model_tokens_and_budgets_work_on_a_cluster(
     assert len({cluster.primary_of(k).port for k in keys}) == 1
     for user in ("alice", "bob", "carol", "dave"):  # users spread over primaries
         key = BudgetKey("wf", user, f"cksess_{user}")
-        assert (await store.reserve_budget(key, "c1", Charge(300, 0, 300, 0.0), (limit,),
-                                           model="m", lease_seconds=60)).admitted  # fmt: skip
-        refused = await store.reserve_budget(
-            key, "c2", Charge(300, 0, 300, 0.0), (limit,), model="m", lease_seconds=60
-        )
+
+        def claim(call: str, key: BudgetKey = key) -> Reservation:
+            return Reservation(key, call, Charge(300, 0, 300, 0.0), (limit,), "m", 60)
+
+        assert (await store.reserve_budget(claim("c1"))).admitted
+        refused = await store.reserve_budget(claim("c2"))
         assert not refused.admitted
         await store.settle_budget(key, "c1", Charge(100, 0, 100, 0.0), model="m")
-        assert (await store.reserve_budget(key, "c2", Charge(300, 0, 300, 0.0), (limit,),
-                                           model="m", lease_seconds=60)).admitted  # fmt: skip
+        assert (await store.reserve_budget(claim("c2"))).admitted
         [charged] = await store.budget_charges("wf", user)
         assert charged.charge.tokens == 200
     await store.revoke(secret_hash=None, session_id=record.session_id, reason="t", replica="r")

@@ -23,7 +23,7 @@ import redis.asyncio
 
 from gateway.auth import SecretHasher, split_tag
 from gateway.errors import StoreUnavailable
-from gateway.model.budgets import BudgetDecision, BudgetKey, BudgetLimit, Charge
+from gateway.model.budgets import BudgetDecision, BudgetKey, BudgetLimit, Charge, Reservation
 from gateway.ratelimit import Decision, Identity, Outcome
 from gateway.registry import session_from_response
 from gateway.store.base import AdmitRequest, IssuedSession, ModelGrant, SessionRecord, Store
@@ -745,7 +745,7 @@ def _charge(tokens: int, usd: float = 0.0) -> Charge:
 async def _reserve(store: Store, key: BudgetKey, call: str, tokens: int, *limits: BudgetLimit,
                    usd: float = 0.0, lease: int = 600) -> BudgetDecision:  # fmt: skip
     return await store.reserve_budget(
-        key, call, _charge(tokens, usd), limits, model="gpt-5-mini", lease_seconds=lease
+        Reservation(key, call, _charge(tokens, usd), limits, "gpt-5-mini", lease)
     )
 
 

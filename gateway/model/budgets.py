@@ -149,6 +149,19 @@ class BudgetKey:
 
 
 @dataclass(frozen=True, slots=True)
+class Reservation:
+    """A model call's claim on its budgets: room for ``charge`` in every one
+    of ``limits``, held for ``lease_seconds`` unless the call settles first."""
+
+    key: BudgetKey
+    call_id: str
+    charge: Charge
+    limits: tuple[BudgetLimit, ...]
+    model: str
+    lease_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
 class BudgetDecision:
     """Admitted, or refused by ``limits[refused]`` with the wait until it
     could fit (None: it never could)."""

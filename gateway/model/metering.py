@@ -25,6 +25,7 @@ from gateway.model.budgets import (
     BudgetKey,
     BudgetLimit,
     Charge,
+    Reservation,
     input_estimate,
     output_reservation,
     parse_body,
@@ -145,12 +146,7 @@ class Metering:
         )
         key = BudgetKey(grant.workflow_id, grant.user, grant.session_id)
         decision = await self._store.reserve_budget(
-            key,
-            call_id,
-            reservation,
-            limits,
-            model=request.model,
-            lease_seconds=RESERVATION_LEASE_SECONDS,
+            Reservation(key, call_id, reservation, limits, request.model, RESERVATION_LEASE_SECONDS)
         )
         if not decision.admitted and decision.refused is not None:
             raise refusal(limits[decision.refused], decision, what="This model call")

@@ -7,7 +7,14 @@ from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from gateway.model.budgets import BudgetDecision, BudgetKey, BudgetLimit, Charge, ChargeRecord
+from gateway.model.budgets import (
+    BudgetDecision,
+    BudgetKey,
+    BudgetLimit,
+    Charge,
+    ChargeRecord,
+    Reservation,
+)
 from gateway.ratelimit import Decision
 
 
@@ -321,16 +328,7 @@ class Store(abc.ABC):
     # -- budgets (gateway.model.budgets) --------------------------------------------
 
     @abc.abstractmethod
-    async def reserve_budget(
-        self,
-        key: BudgetKey,
-        call_id: str,
-        reservation: Charge,
-        limits: tuple[BudgetLimit, ...],
-        *,
-        model: str,
-        lease_seconds: int,
-    ) -> BudgetDecision:
+    async def reserve_budget(self, reservation: Reservation) -> BudgetDecision:
         """Reserve room for a call if every window holds it, atomically; else
         change nothing (but charge leases that have ended)."""
 

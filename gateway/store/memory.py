@@ -25,6 +25,7 @@ from gateway.model.budgets import (
     BudgetLimit,
     Charge,
     ChargeRecord,
+    Reservation,
     Spent,
     decide,
 )
@@ -502,21 +503,17 @@ class MemoryStore(Store):
             check=check,
         )
 
-    async def reserve_budget(
-        self,
-        key: BudgetKey,
-        call_id: str,
-        reservation: Charge,
-        limits: tuple[BudgetLimit, ...],
-        *,
-        model: str,
-        lease_seconds: int,
-    ) -> BudgetDecision:
+    async def reserve_budget(self, reservation: Reservation) -> BudgetDecision:
+        key = reservation.key
         budget = self._budget(key.workflow_id, key.user)
-        decision = self._decide(budget, key, limits, reservation, check=False)
+        charge = reservation.charge
+        decision = self._decide(budget, key, reservation.limits, charge, check=False)
         if decision.admitted:
-            budget.flight[call_id] = _Reservation(
-                key.session_id, reservation, model, self._clock() + lease_seconds
+            budget.flight[reservation.call_id] = _Reservation(
+                key.session_id,
+                charge,
+                reservation.model,
+                self._clock() + reservation.lease_seconds,
             )
         return decision
 

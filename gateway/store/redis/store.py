@@ -24,6 +24,7 @@ from gateway.model.budgets import (
     BudgetLimit,
     Charge,
     ChargeRecord,
+    Reservation,
 )
 from gateway.ratelimit import Decision
 from gateway.store.base import (
@@ -486,21 +487,14 @@ class RedisStore(Store):
         wait = int(reply[2])
         return BudgetDecision(False, int(reply[1]) - 1, None if wait < 0 else wait)
 
-    async def reserve_budget(
-        self,
-        key: BudgetKey,
-        call_id: str,
-        reservation: Charge,
-        limits: tuple[BudgetLimit, ...],
-        *,
-        model: str,
-        lease_seconds: int,
-    ) -> BudgetDecision:
+    async def reserve_budget(self, reservation: Reservation) -> BudgetDecision:
         # Not retried: a reservation that was written but whose answer was
         # lost would be held twice. The call is refused (503) instead.
+        r = reservation
         return await self._budget_script(
-            key, "reserve", call_id, reservation, limits, model=model, lease_seconds=lease_seconds
-        )
+            r.key, "reserve", r.call_id, r.charge, r.limits,
+            model=r.model, lease_seconds=r.lease_seconds,
+        )  # fmt: skip
 
     async def budget_room(self, key: BudgetKey, limits: tuple[BudgetLimit, ...]) -> BudgetDecision:
         return await self._budget_script(
