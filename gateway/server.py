@@ -61,6 +61,7 @@ def serve(settings: Settings) -> None:
                 workers=settings.workers,
                 loop="uvloop",
                 http="gateway.protocol:GatewayHttpProtocol",
+                timeout_keep_alive=settings.client_keepalive_timeout,
                 # Start-up failures must stop the process ("auto" would serve anyway).
                 lifespan="on",
                 # uvicorn would otherwise trust X-Forwarded-* from loopback peers.

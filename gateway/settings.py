@@ -533,6 +533,15 @@ class Settings(BaseSettings):
         description="Seconds for the whole request head (request line and headers) to "
         "arrive; then 408.",
     )
+    client_keepalive_timeout: float = Field(
+        75.0,
+        gt=0,
+        description="Seconds an idle keep-alive client connection stays open. Longer than "
+        "the idle timeout of the clients and load balancers in front (aiohttp 15 s, most "
+        "balancers 60 s), so they close first: a server that closes first races a request "
+        "the client is sending, which then fails with a reset. Idle connections are the "
+        "first shed when the connection cap is reached.",
+    )
     client_body_timeout: float = Field(
         30.0, gt=0, description="Longest silence in seconds while a request body arrives; then 408."
     )

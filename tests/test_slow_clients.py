@@ -186,3 +186,32 @@ async def test_connections_over_the_per_client_cap_get_503(upstream: FakeUpstrea
             assert b'"code":"overloaded"' in reply
         # Once they are gone, the address may connect again.
         await eventually_ok(gw, HEALTHZ, deadline=5)
+
+
+async def test_an_idle_keep_alive_connection_closes_at_the_configured_time(
+    upstream: FakeUpstream,
+) -> None:
+    # The gateway must be the last to close an idle connection (its default,
+    # 75 s, outlives clients' and balancers' idle timeouts): a server that
+    # closes first races the request a client is sending, which then fails
+    # with a reset. Set short here to see that the setting is what decides.
+    env = {**BASE_ENV, "GATEWAY_CLIENT_KEEPALIVE_TIMEOUT": "1.5"}
+    async with (
+        GatewayProcess(upstream.url, env=env) as gw,
+        connection(gw.host, gw.port) as (reader, writer),
+    ):
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        idle_since = time.monotonic()
+        assert await closed_by_server(reader, within=10) == b""
+        idle = time.monotonic() - idle_since
+        # Not uvicorn's 5 s default, and not before the setting's 1.5 s.
+        assert 1.4 <= idle < 4.5, idle
