@@ -51,6 +51,7 @@ Run by itself: ``python -m tests.chatkit_server --port 9100 --record seen.jsonl`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import contextvars
 import json
 import os
@@ -63,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.harness import eventually
+from tests.harness import GatewayProcess, eventually, running
 from tests.processes import REPO_ROOT, STARTUP_TIMEOUT, ServerProcess, free_port
 
 EXAMPLE_DIR = REPO_ROOT / "examples" / "self-hosted"
@@ -446,3 +447,43 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@contextlib.asynccontextmanager
+async def model_stack(
+    redis_url: str,
+    model_url: str,
+    *,
+    model: str,
+    workflows: Mapping[str, Mapping[str, Any] | None],
+    env: Mapping[str, str],
+    env_a: Mapping[str, str] | None = None,
+) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess]]:
+    """Two gateway replicas on ``redis_url`` in front of a ChatKit server whose
+    Agents SDK calls the model through replica b (its model tokens work on
+    either), with ``model_url`` (a fake of the model API) as the gateways'
+    model upstream. ``workflows`` maps each workflow to its policy (or None).
+    """
+    port_b = free_port()
+    chatkit = ChatKitServerProcess(
+        workflow_ids=list(workflows),
+        env={
+            "CHATKIT_MODEL_BASE_URL": f"http://127.0.0.1:{port_b}/v1",
+            "CHATKIT_MODEL": model,
+            # The Agents SDK would export traces to OpenAI: no network here.
+            "OPENAI_AGENTS_DISABLE_TRACING": "1",
+        },
+    )
+    entries = {
+        wf: {"upstream": chatkit.url} | ({"policy": policy} if policy is not None else {})
+        for wf, policy in workflows.items()
+    }
+    common = {
+        "GATEWAY_WORKFLOWS": json.dumps(entries),
+        "GATEWAY_MODEL_UPSTREAM": model_url,
+        **env,
+    }
+    a = GatewayProcess("none", redis_url=redis_url, env={**common, **(env_a or {})})
+    b = GatewayProcess("none", redis_url=redis_url, env=common, port=port_b)
+    async with running((chatkit, a, b)):
+        yield a, b, chatkit

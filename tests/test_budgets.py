@@ -26,7 +26,13 @@ from gateway.model.budgets import ChargeRecord
 from gateway.model.prices import Prices
 from gateway.model.usage import Usage
 from gateway.store.redis import RedisStore, connect
-from tests.chatkit_server import ChatKitServerProcess, SeenRequest, sse_events, threads_create_body
+from tests.chatkit_server import (
+    ChatKitServerProcess,
+    SeenRequest,
+    model_stack,
+    sse_events,
+    threads_create_body,
+)
 from tests.fake_model import FakeModel
 from tests.harness import (
     GatewayProcess,
@@ -34,7 +40,6 @@ from tests.harness import (
     eventually,
     free_port,
     gateway_env,
-    running,
     sdk_create,
 )
 
@@ -84,28 +89,15 @@ async def model() -> AsyncIterator[FakeModel]:
 async def stack(
     module_redis: RedisServer, model: FakeModel
 ) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess]]:
-    port_b = free_port()
-    chatkit = ChatKitServerProcess(
-        workflow_ids=list(WORKFLOWS),
-        env={
-            "CHATKIT_MODEL_BASE_URL": f"http://127.0.0.1:{port_b}/v1",
-            "CHATKIT_MODEL": MODEL,
-            "OPENAI_AGENTS_DISABLE_TRACING": "1",
-        },
-    )
-    env = {
-        "GATEWAY_WORKFLOWS": json.dumps(
-            {wf: {"upstream": chatkit.url, "policy": policy} for wf, policy in WORKFLOWS.items()}
-        ),
-        "GATEWAY_ISSUER_API_KEYS": API_KEY,
-        "GATEWAY_MODEL_API_KEY": MODEL_KEY,
-        "GATEWAY_MODEL_UPSTREAM": model.url,
-    }
-    admin = {"GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN, "GATEWAY_ADMIN_PORT": str(ADMIN_PORT)}
-    a = GatewayProcess("none", redis_url=module_redis.url, env={**env, **admin})
-    b = GatewayProcess("none", redis_url=module_redis.url, env=env, port=port_b)
-    async with running((chatkit, a, b)):
-        yield a, b, chatkit
+    async with model_stack(
+        module_redis.url,
+        model.url,
+        model=MODEL,
+        workflows=WORKFLOWS,
+        env={"GATEWAY_ISSUER_API_KEYS": API_KEY, "GATEWAY_MODEL_API_KEY": MODEL_KEY},
+        env_a={"GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN, "GATEWAY_ADMIN_PORT": str(ADMIN_PORT)},
+    ) as replicas:
+        yield replicas
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

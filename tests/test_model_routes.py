@@ -22,16 +22,20 @@ from openai.types.beta.chatkit import ChatSession
 
 from gateway.store.base import AuditEntry
 from gateway.store.redis import RedisStore, connect
-from tests.chatkit_server import ChatKitServerProcess, SeenRequest, sse_events, threads_create_body
+from tests.chatkit_server import (
+    ChatKitServerProcess,
+    SeenRequest,
+    model_stack,
+    sse_events,
+    threads_create_body,
+)
 from tests.fake_model import FakeModel
 from tests.harness import (
     GatewayProcess,
     RedisServer,
     assert_never_logged,
     eventually,
-    free_port,
     metric_value,
-    running,
     scrape,
     sdk_cancel,
     sdk_create,
@@ -56,28 +60,16 @@ async def model() -> AsyncIterator[FakeModel]:
 async def stack(
     module_redis: RedisServer, model: FakeModel
 ) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess]]:
-    port_b = free_port()
-    chatkit = ChatKitServerProcess(
-        workflow_ids=[WORKFLOW],
-        env={
-            "CHATKIT_MODEL_BASE_URL": f"http://127.0.0.1:{port_b}/v1",
-            "CHATKIT_MODEL": MODEL,
-            # The Agents SDK would export traces to OpenAI: no network here.
-            "OPENAI_AGENTS_DISABLE_TRACING": "1",
-        },
-    )
     env = {
-        "GATEWAY_WORKFLOWS": json.dumps({WORKFLOW: {"upstream": chatkit.url}}),
         "GATEWAY_ISSUER_API_KEYS": API_KEY,
         "GATEWAY_MODEL_API_KEY": MODEL_KEY,
-        "GATEWAY_MODEL_UPSTREAM": model.url,
         "GATEWAY_MODEL_TOKEN_GRACE_SECONDS": str(GRACE_SECONDS),
         "GATEWAY_AUDIT_MODEL_USAGE": "true",
     }
-    a = GatewayProcess("none", redis_url=module_redis.url, env=env)
-    b = GatewayProcess("none", redis_url=module_redis.url, env=env, port=port_b)
-    async with running((chatkit, a, b)):
-        yield a, b, chatkit
+    async with model_stack(
+        module_redis.url, model.url, model=MODEL, workflows={WORKFLOW: None}, env=env
+    ) as replicas:
+        yield replicas
 
 
 @pytest.fixture(autouse=True)
