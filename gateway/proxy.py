@@ -93,14 +93,20 @@ MULTIPART_SLACK = 16 * 1024
 
 
 class _Exchange:
-    """One request/response in flight: what was sent, and why it may be cut short."""
+    """One request/response in flight: the request as the server handed it
+    over, what was sent back, and why it may be cut short."""
 
     __slots__ = (
         "_send",
         "aborted",
         "always",
         "complete",
+        "head",
+        "headers",
+        "match",
+        "receive",
         "request_id",
+        "scope",
         "started",
         "status",
         "task",
@@ -109,8 +115,23 @@ class _Exchange:
         "watcher",
     )
 
-    def __init__(self, send: Send, rid: bytes, tel: RequestTelemetry) -> None:
+    #: The route, once matched (before that nothing reads it).
+    match: Match
+
+    def __init__(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        head: RequestHead,
+        rid: bytes,
+        tel: RequestTelemetry,
+    ) -> None:
+        self.scope = scope
+        self.receive = receive
         self._send = send
+        self.head = head
+        self.headers: Headers = scope["headers"]
         self.request_id = rid
         self.tel = tel
         #: Headers every answer carries, the gateway's own errors included (CORS).
@@ -131,7 +152,7 @@ class _Exchange:
     def close_revoked(self) -> None:
         self.abort("revoked")
 
-    def watch_disconnect(self, receive: Receive) -> None:
+    def watch_disconnect(self) -> None:
         """After the request body is consumed, a disconnect cancels the exchange.
 
         The watching task starts once the exchange has lasted ``WATCH_AFTER``
@@ -141,14 +162,15 @@ class _Exchange:
         """
         if self.watcher is None and self.watch_timer is None:
             loop = asyncio.get_running_loop()
-            self.watch_timer = loop.call_later(WATCH_AFTER, self._start_watching, receive)
+            self.watch_timer = loop.call_later(WATCH_AFTER, self._start_watching)
 
-    def _start_watching(self, receive: Receive) -> None:
+    def _start_watching(self) -> None:
         self.watch_timer = None
         if self.task is not None:
-            self.watcher = asyncio.ensure_future(self._watch(receive))
+            self.watcher = asyncio.ensure_future(self._watch())
 
-    async def _watch(self, receive: Receive) -> None:
+    async def _watch(self) -> None:
+        receive = self.receive
         try:
             while (await receive())["type"] != "http.disconnect":
                 pass
@@ -269,14 +291,15 @@ class Proxy:
         # What the request says, read once (by the protocol, as it parsed);
         # the header list itself is walked once more, to build the upstream's.
         head = request_head(scope)
-        headers: Headers = scope["headers"]
         rid = request_id(head.request_id)
-        exchange = _Exchange(send, rid, self._telemetry.begin(scope, rid, head))
+        exchange = _Exchange(
+            scope, receive, send, head, rid, self._telemetry.begin(scope, rid, head)
+        )
         kind = "rejected"
         try:
-            match = self._route(scope, head)
-            kind = match.route.kind.value
-            await self._handle(scope, receive, exchange, match, headers, head)
+            exchange.match = self._route(scope, head)
+            kind = exchange.match.route.kind.value
+            await self._handle(exchange)
         except GatewayError as exc:
             exchange.tel.failed(exc, started=exchange.started)
             if exchange.started:
@@ -338,15 +361,9 @@ class Proxy:
             check_limits(head, max_bytes=self._max_header_bytes, max_count=self._max_headers)
         return match
 
-    async def _handle(
-        self,
-        scope: Scope,
-        receive: Receive,
-        exchange: _Exchange,
-        match: Match,
-        headers: Headers,
-        head: RequestHead,
-    ) -> None:
+    async def _handle(self, exchange: _Exchange) -> None:
+        head = exchange.head
+        match = exchange.match
         if head.problem is not None:
             raise BadRequest(head.problem)
         length = head.content_length
@@ -355,29 +372,25 @@ class Proxy:
         has_body = (length or 0) > 0 or (length is None and head.chunked)
         kind = match.route.kind
         if kind is Kind.MODEL and self._model is not None:
-            await self._model_call(scope, receive, exchange, headers, head, length, self._model)
+            await self._model_call(exchange, length, self._model)
             return
         if kind is Kind.SESSION_CREATE or kind is Kind.SESSION_CANCEL:
-            await self._session_call(
-                scope, receive, exchange, match, headers, head, has_body, length
-            )
+            await self._session_call(exchange, has_body, length)
             return
         if kind is not Kind.CLIENT and kind is not Kind.ISSUED:
-            outbound = self._outbound(scope, exchange, match, headers, head, None)
+            outbound = self._outbound(exchange, None)
             if has_body:
-                outbound.body = await self._request_body(receive, exchange)
-            await self._forward(receive, exchange, outbound, kind, [])
+                outbound.body = await self._request_body(exchange)
+            await self._forward(exchange, outbound, kind, [])
             return
         cors = self._cors
         origin = head.origin if cors is not None else None
         if is_cors_preflight(head):
             if cors is not None:
-                await self._preflight(exchange, cors, origin, match, head)
+                await self._preflight(exchange, cors, origin)
                 return
-            outbound = self._outbound(
-                scope, exchange, match, headers, head, None, without=PREFLIGHT_WITHOUT
-            )
-            await self._forward(receive, exchange, outbound, kind, [])
+            outbound = self._outbound(exchange, None, without=PREFLIGHT_WITHOUT)
+            await self._forward(exchange, outbound, kind, [])
             return
         if cors is not None:
             exchange.always = cors.response_headers(origin)
@@ -388,8 +401,8 @@ class Proxy:
         model: str | None = None
         if kind is Kind.ISSUED and self._gatekeeper.well_formed(head):
             # What an issued request counts against depends on what it is.
-            if match.route.pattern == ISSUED_PREFIX and scope["method"] == "POST":
-                body = await self._envelope_body(receive, exchange, length)
+            if match.route.pattern == ISSUED_PREFIX and exchange.scope["method"] == "POST":
+                body = await self._envelope_body(exchange, length)
                 envelope = parse_envelope(
                     body, max_bytes=self._max_envelope, max_transcribe_bytes=self._max_transcribe
                 )
@@ -419,7 +432,7 @@ class Proxy:
         if admission.identity is not None and admission.identity.app:
             exchange.tel.app = admission.identity.app  # the access log names the app
         if kind is Kind.ISSUED:
-            outbound = self._issued_outbound(scope, exchange, headers, head, admission)
+            outbound = self._issued_outbound(exchange, admission)
             if admission.identity is not None:
                 exchange.tel.workflow = admission.identity.workflow_id
                 if need == "upload" and admission.identity.max_file_bytes:
@@ -431,16 +444,16 @@ class Proxy:
             if admission.identity is not None and admission.identity.workflow_id in self._workflows:
                 # An issued secret is for its workflow's server, never the hosted API.
                 raise _not_for_this_route()
-            outbound = self._outbound(scope, exchange, match, headers, head, None)
+            outbound = self._outbound(exchange, None)
         secret_hash = admission.secret_hash
         if body is not None:  # the envelope, read before admission: sent as it came
             outbound.body = body
             has_body = False
-            exchange.watch_disconnect(receive)
+            exchange.watch_disconnect()
         if secret_hash is None:  # report-only mode let a malformed secret through
             if has_body:
-                outbound.body = await self._request_body(receive, exchange)
-            await self._forward(receive, exchange, outbound, kind, admission.headers)
+                outbound.body = await self._request_body(exchange)
+            await self._forward(exchange, outbound, kind, admission.headers)
             return
         # From admission on, a revocation of this secret anywhere ends the
         # exchange: with a 401 while the upstream has not answered yet, by
@@ -449,7 +462,7 @@ class Proxy:
         token: str | None = None
         try:
             if has_body:
-                outbound.body = await self._request_body(receive, exchange, upload_limit)
+                outbound.body = await self._request_body(exchange, upload_limit)
             if (
                 self._model is not None
                 and envelope is not None
@@ -478,7 +491,7 @@ class Proxy:
                         secret_hash, admission.identity, request_id=exchange.request_id.decode()
                     )
                 outbound.headers.append((MODEL_TOKEN_HEADER.decode(), token))
-            await self._forward(receive, exchange, outbound, kind, admission.headers)
+            await self._forward(exchange, outbound, kind, admission.headers)
         finally:
             self._revoker.untrack(secret_hash, exchange.close_revoked)
             if token is not None and self._model is not None:
@@ -490,9 +503,7 @@ class Proxy:
                         exchange.request_id.decode(),
                     )
 
-    async def _envelope_body(
-        self, receive: Receive, exchange: _Exchange, length: int | None
-    ) -> bytes:
+    async def _envelope_body(self, exchange: _Exchange, length: int | None) -> bytes:
         """A ``POST /chatkit`` body (a ChatKit envelope), whole, within its bound.
 
         The body is held before the secret is known to be valid, so only an
@@ -507,6 +518,7 @@ class Proxy:
         decided = bound <= small
         chunks: list[bytes] = []
         size = 0
+        receive = exchange.receive
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -547,71 +559,53 @@ class Proxy:
         await exchange.body(body, False)
         self._metrics.count_request(kind.value, 200)
 
-    async def _preflight(
-        self,
-        exchange: _Exchange,
-        cors: CorsPolicy,
-        origin: bytes | None,
-        match: Match,
-        head: RequestHead,
-    ) -> None:
+    async def _preflight(self, exchange: _Exchange, cors: CorsPolicy, origin: bytes | None) -> None:
         """Answer a CORS preflight here: it carries no secret, so nothing is forwarded."""
-        status, answer = cors.preflight(origin, match.route.methods, head.preflight_headers)
+        match = exchange.match
+        status, answer = cors.preflight(
+            origin, match.route.methods, exchange.head.preflight_headers
+        )
         answer.append((b"x-request-id", exchange.request_id))
         await exchange.start(status, answer)
         await exchange.body(b"", False)
         self._metrics.count_request(match.route.kind.value, status)
 
-    def _issued_outbound(
-        self,
-        scope: Scope,
-        exchange: _Exchange,
-        headers: Headers,
-        head: RequestHead,
-        admission: Admission,
-    ) -> Outbound:
+    def _issued_outbound(self, exchange: _Exchange, admission: Admission) -> Outbound:
         """The request for the session's own ChatKit server, with its identity stated."""
         identity: Identity | None = admission.identity
         upstream = self._workflows.get(identity.workflow_id) if identity is not None else None
         if identity is None or upstream is None:
             raise _not_for_this_route()
         out_headers = self._upstream_headers(
-            scope,
             exchange,
-            headers,
-            head,
             # The gateway states the identity itself (gateway/identity.py).
             vouched=True,
             # Servers build upload URLs from the host the client used: the gateway's.
-            forwarded_host=head.host,
+            forwarded_host=exchange.head.host,
         )
-        out_headers += self._identity(
+        scope = exchange.scope
+        path = scope["raw_path"].decode("ascii")[len(ISSUED_PREFIX) :]
+        outbound = _outbound_to(scope, upstream + path, out_headers, None)
+        outbound.headers += self._identity(
             identity, request_id=exchange.request_id, now=int(time.time())
         )
-        path = scope["raw_path"].decode("ascii")[len(ISSUED_PREFIX) :]
-        return _outbound_to(scope, upstream + path, out_headers, None)
+        return outbound
 
     def _outbound(
         self,
-        scope: Scope,
         exchange: _Exchange,
-        match: Match,
-        headers: Headers,
-        head: RequestHead,
         body: AsyncIterator[bytes] | bytes | None,
         *,
         without: frozenset[bytes] = frozenset(),
     ) -> Outbound:
-        out_headers = self._upstream_headers(scope, exchange, headers, head, without=without)
-        target = self._upstreams[match.route.upstream] + scope["raw_path"].decode("ascii")
+        scope = exchange.scope
+        out_headers = self._upstream_headers(exchange, without=without)
+        target = self._upstreams[exchange.match.route.upstream] + scope["raw_path"].decode("ascii")
         return _outbound_to(scope, target, out_headers, body)
 
     def _upstream_headers(
         self,
-        scope: Scope,
         exchange: _Exchange,
-        headers: Headers,
-        head: RequestHead,
         *,
         without: frozenset[bytes] = frozenset(),
         vouched: bool = False,
@@ -626,10 +620,11 @@ class Proxy:
         """
         if vouched:
             without = without | _CLIENT_CREDENTIALS if without else _CLIENT_CREDENTIALS
+        scope = exchange.scope
         client = scope.get("client")
         return upstream_request_headers(
-            headers,
-            connection=head.connection,
+            exchange.headers,
+            connection=exchange.head.connection,
             client_ip=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
             request_id=exchange.request_id,
@@ -651,16 +646,11 @@ class Proxy:
         )
 
     async def _forward(
-        self,
-        receive: Receive,
-        exchange: _Exchange,
-        outbound: Outbound,
-        kind: Kind,
-        extra: Headers,
+        self, exchange: _Exchange, outbound: Outbound, kind: Kind, extra: Headers
     ) -> None:
         """Send the request and stream the answer back as it arrives."""
         if outbound.body is None:
-            exchange.watch_disconnect(receive)
+            exchange.watch_disconnect()
         with translate_errors():
             async with self._request(outbound, exchange.tel) as response:
                 exchange.tel.answered(kind.value, response)
@@ -684,14 +674,7 @@ class Proxy:
     # -- model calls ----------------------------------------------------------------
 
     async def _model_call(
-        self,
-        scope: Scope,
-        receive: Receive,
-        exchange: _Exchange,
-        headers: Headers,
-        head: RequestHead,
-        length: int | None,
-        model: ModelUpstream,
+        self, exchange: _Exchange, length: int | None, model: ModelUpstream
     ) -> None:
         """A ChatKit server's call to the model, with the turn's model token.
 
@@ -699,19 +682,21 @@ class Proxy:
         is valid; tracked under the session's secret from then on, so a
         revocation anywhere cuts it like the turn itself.
         """
-        grant = await model.tokens.check(headers)
+        grant = await model.tokens.check(exchange.headers)
         if length is not None and length > model.max_body:
             raise PayloadTooLarge(f"A model request body is at most {model.max_body} bytes.")
         self._revoker.track(grant.secret_hash, exchange.close_revoked)
         try:
-            body = await self._read_body(receive, limit=model.max_body)
+            body = await self._read_body(exchange.receive, limit=model.max_body)
             exchange.tel.bytes_in = len(body)
-            request = prepare(scope["path"], body)
+            request = prepare(exchange.scope["path"], body)
             call = await model.metering.open(grant, request, body)
-            exchange.watch_disconnect(receive)
+            exchange.watch_disconnect()
             # The real key replaces the model token.
-            out_headers = self._upstream_headers(scope, exchange, headers, head, vouched=True)
-            outbound = _outbound_to(scope, model.origin + request.route, out_headers, request.body)
+            out_headers = self._upstream_headers(exchange, vouched=True)
+            outbound = _outbound_to(
+                exchange.scope, model.origin + request.route, out_headers, request.body
+            )
             outbound.headers = model.request_headers(outbound.headers)
             reading = _Reading()
             try:
@@ -763,28 +748,18 @@ class Proxy:
 
     # -- session create and cancel -------------------------------------------------
 
-    async def _session_call(
-        self,
-        scope: Scope,
-        receive: Receive,
-        exchange: _Exchange,
-        match: Match,
-        headers: Headers,
-        head: RequestHead,
-        has_body: bool,
-        length: int | None,
-    ) -> None:
+    async def _session_call(self, exchange: _Exchange, has_body: bool, length: int | None) -> None:
         if length is not None and length > MAX_CONTROL_BODY:
             raise PayloadTooLarge(f"A session request body is at most {MAX_CONTROL_BODY} bytes.")
-        body = await self._read_body(receive) if has_body else b""
+        body = await self._read_body(exchange.receive) if has_body else b""
         exchange.tel.bytes_in = len(body)
-        exchange.watch_disconnect(receive)
+        exchange.watch_disconnect()
+        match = exchange.match
+        headers = exchange.headers
 
         async def forward() -> Answer:
             # Built only when forwarded: an issuer answers without the upstream.
-            outbound = self._outbound(
-                scope, exchange, match, headers, head, body or None, without=_ENCODING
-            )
+            outbound = self._outbound(exchange, body or None, without=_ENCODING)
             # The gateway must read these answers: ask for them uncompressed
             # (the official SDKs send Accept-Encoding: gzip).
             outbound.headers.append(("accept-encoding", "identity"))
@@ -863,7 +838,7 @@ class Proxy:
                 return b"".join(chunks)
 
     async def _request_body(
-        self, receive: Receive, exchange: _Exchange, file_limit: int = 0
+        self, exchange: _Exchange, file_limit: int = 0
     ) -> AsyncIterator[bytes] | bytes:
         """The request body: whole when it came in one piece, as ChatKit's small
         JSON bodies do, else streamed as it arrives.
@@ -872,23 +847,23 @@ class Proxy:
         streamed, it pulls it through an async iterator, which measured ~10%
         of the gateway's CPU per small POST.
         """
-        message = await receive()
+        message = await exchange.receive()
         if message["type"] == "http.disconnect":
             exchange.aborted = "disconnect"
             raise ClientDisconnected("client disconnected during the upload")
         if message.get("more_body", False):
-            return self._body(receive, exchange, message, file_limit)
+            return self._body(exchange, message, file_limit)
         chunk: bytes = message.get("body", b"")
         exchange.tel.bytes_in = len(chunk)
         if len(chunk) > self._max_body:
             raise PayloadTooLarge(f"The request body exceeds {self._max_body} bytes.")
         if file_limit and len(chunk) > file_limit:
             raise _file_too_large(file_limit)
-        exchange.watch_disconnect(receive)
+        exchange.watch_disconnect()
         return chunk
 
     async def _body(
-        self, receive: Receive, exchange: _Exchange, message: Message, file_limit: int = 0
+        self, exchange: _Exchange, message: Message, file_limit: int = 0
     ) -> AsyncIterator[bytes]:
         """The request body as it arrives, from its first ``message`` on; raises
         (never ends early) on a disconnect, and past ``file_limit`` bytes (an
@@ -908,7 +883,7 @@ class Proxy:
                 raise _file_too_large(file_limit)
             more = message.get("more_body", False)
             if not more:
-                exchange.watch_disconnect(receive)
+                exchange.watch_disconnect()
             if chunk:
                 # aiohttp resumes this generator once the chunk is written; if
                 # the upstream stops reading for too long, give up with a 504.
@@ -919,7 +894,7 @@ class Proxy:
                     timer.cancel()
             if not more:
                 return
-            message = await receive()
+            message = await exchange.receive()
 
 
 def _outbound_to(

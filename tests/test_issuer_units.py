@@ -183,11 +183,17 @@ def test_identity_headers_and_assertion() -> None:
     identity = Identity("cksess_1", "Zoë/1", "wf_a", "", 2_000_000_000)
     plain = IdentityHeaders(signing_key=None, issuer="gw", ttl_seconds=60)
     headers = dict(plain(identity, request_id=b"rid1", now=1_000))
-    assert unquote(headers[b"x-chatkit-user"].decode()) == "Zoë/1"
-    assert b"x-chatkit-workflow-version" not in headers
-    assert b"x-chatkit-assertion" not in headers
+    assert unquote(headers["x-chatkit-user"]) == "Zoë/1"
+    assert headers["x-chatkit-user"].isascii()
+    assert "x-chatkit-workflow-version" not in headers
+    assert "x-chatkit-assertion" not in headers
+    # Built once per session, yet each call's list is its own to extend.
+    assert plain(identity, request_id=b"rid2", now=1_001) == list(headers.items())
+    assert plain(identity, request_id=b"rid1", now=1_000) is not plain(
+        identity, request_id=b"rid1", now=1_000
+    )
     signed = IdentityHeaders(signing_key=b"k" * 32, issuer="gw", ttl_seconds=60)
-    token = dict(signed(identity, request_id=b"rid1", now=1_000))[b"x-chatkit-assertion"]
+    token = dict(signed(identity, request_id=b"rid1", now=1_000))["x-chatkit-assertion"]
     claims = jwt.decode(
         token, b"k" * 32, algorithms=["HS256"], audience="wf_a", options={"verify_exp": False}
     )
@@ -202,7 +208,7 @@ def test_identity_headers_and_assertion() -> None:
         "rid": "rid1",
     }
     # Unique per assertion, even for the same request id (a client can pick that).
-    again = dict(signed(identity, request_id=b"rid1", now=1_000))[b"x-chatkit-assertion"]
+    again = dict(signed(identity, request_id=b"rid1", now=1_000))["x-chatkit-assertion"]
     assert jwt.decode(again, options={"verify_signature": False})["jti"] != jti
 
 
