@@ -100,6 +100,18 @@ async def create_session(gateway: GatewayProcess, **extra: Any) -> tuple[str, st
     return session.id, session.client_secret, session.expires_at
 
 
+async def unseen_session(http: aiohttp.ClientSession, fake: FakeUpstream) -> str:
+    """The id of a session created on the upstream directly: no replica ever saw it."""
+    async with http.post(
+        f"{fake.url}/v1/chatkit/sessions",
+        json={"user": "user_elsewhere", "workflow": {"id": "wf_cancel"}},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ) as response:
+        assert response.status == 200
+        session_id: str = (await response.json())["id"]
+    return session_id
+
+
 REVOKED = (401, "client_secret_revoked")
 ADMITTED = (200, None)
 
@@ -253,14 +265,7 @@ async def test_cancelling_an_unseen_session_is_recorded_and_a_late_registration_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     a, b = replicas
-    # Created on the upstream directly: no replica ever saw this session.
-    async with http.post(
-        f"{fake.url}/v1/chatkit/sessions",
-        json={"user": "user_elsewhere", "workflow": {"id": "wf_cancel"}},
-        headers={"Authorization": f"Bearer {API_KEY}"},
-    ) as response:
-        assert response.status == 200
-        session_id = (await response.json())["id"]
+    session_id = await unseen_session(http, fake)
     unknown_before = await metric(
         http, b, "chatkit_gateway_revocations_total", source="cancel", known="false"
     )
@@ -334,12 +339,7 @@ async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
     assert expected - 30 <= ttl <= expected + 1, (ttl, expected)
 
     # A session it never saw: no expiry is known, so GATEWAY_REVOCATION_TTL_SECONDS.
-    async with http.post(
-        f"{fake.url}/v1/chatkit/sessions",
-        json={"user": "user_elsewhere", "workflow": {"id": "wf_cancel"}},
-        headers={"Authorization": f"Bearer {API_KEY}"},
-    ) as response:
-        unseen_id = (await response.json())["id"]
+    unseen_id = await unseen_session(http, fake)
     await sdk_cancel(b, API_KEY, unseen_id)
     exists, ttl = await redis_flag(aof_redis, session_key(unseen_id))
     assert exists
