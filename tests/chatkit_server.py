@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.fake_model import FakeModel
 from tests.harness import GatewayProcess, eventually, running
 from tests.processes import REPO_ROOT, STARTUP_TIMEOUT, ServerProcess, free_port
 
@@ -452,7 +453,7 @@ if __name__ == "__main__":
 @contextlib.asynccontextmanager
 async def model_stack(
     redis_url: str,
-    model_url: str,
+    model_api: FakeModel,
     *,
     model: str,
     workflows: Mapping[str, Mapping[str, Any] | None],
@@ -460,9 +461,10 @@ async def model_stack(
     env_a: Mapping[str, str] | None = None,
 ) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess]]:
     """Two gateway replicas on ``redis_url`` in front of a ChatKit server whose
-    Agents SDK calls the model through replica b (its model tokens work on
-    either), with ``model_url`` (a fake of the model API) as the gateways'
-    model upstream. ``workflows`` maps each workflow to its policy (or None).
+    Agents SDK calls ``model`` through replica b (its model tokens work on
+    either), with ``model_api`` (a fake of the model API) as the gateways'
+    model upstream and its key as theirs. ``workflows`` maps each workflow to
+    its policy (or None).
     """
     port_b = free_port()
     chatkit = ChatKitServerProcess(
@@ -480,7 +482,8 @@ async def model_stack(
     }
     common = {
         "GATEWAY_WORKFLOWS": json.dumps(entries),
-        "GATEWAY_MODEL_UPSTREAM": model_url,
+        "GATEWAY_MODEL_UPSTREAM": model_api.url,
+        "GATEWAY_MODEL_API_KEY": model_api.api_key,
         **env,
     }
     a = GatewayProcess("none", redis_url=redis_url, env={**common, **(env_a or {})})

@@ -48,7 +48,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 API_KEY = "ckgk_budgets-test-0123456789"
 ADMIN_TOKEN = "budgets-admin-token-0123456789"
 ADMIN_PORT = free_port()
-MODEL_KEY = "sk-budgets-model-key-0123456789"
 MODEL = "gpt-5-mini"
 LONG_ANSWER = " ".join(["word"] * 600)
 WORKFLOWS = {
@@ -80,21 +79,15 @@ WORKFLOWS = {
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def model() -> AsyncIterator[FakeModel]:
-    async with FakeModel(api_key=MODEL_KEY) as fake:
-        yield fake
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(
     module_redis: RedisServer, model: FakeModel
 ) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess]]:
     async with model_stack(
         module_redis.url,
-        model.url,
+        model,
         model=MODEL,
         workflows=WORKFLOWS,
-        env={"GATEWAY_ISSUER_API_KEYS": API_KEY, "GATEWAY_MODEL_API_KEY": MODEL_KEY},
+        env={"GATEWAY_ISSUER_API_KEYS": API_KEY},
         env_a={"GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN, "GATEWAY_ADMIN_PORT": str(ADMIN_PORT)},
     ) as replicas:
         yield replicas

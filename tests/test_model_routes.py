@@ -44,16 +44,9 @@ from tests.harness import (
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 API_KEY = "ckgk_model-routes-test-0123456789"
-MODEL_KEY = "sk-real-model-key-never-leaves-the-gateway-0123"
 WORKFLOW = "wf_model"
 MODEL = "gpt-5-mini"
 GRACE_SECONDS = 5
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def model() -> AsyncIterator[FakeModel]:
-    async with FakeModel(api_key=MODEL_KEY) as fake:
-        yield fake
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -62,22 +55,21 @@ async def stack(
 ) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess]]:
     env = {
         "GATEWAY_ISSUER_API_KEYS": API_KEY,
-        "GATEWAY_MODEL_API_KEY": MODEL_KEY,
         "GATEWAY_MODEL_TOKEN_GRACE_SECONDS": str(GRACE_SECONDS),
         "GATEWAY_AUDIT_MODEL_USAGE": "true",
     }
     async with model_stack(
-        module_redis.url, model.url, model=MODEL, workflows={WORKFLOW: None}, env=env
+        module_redis.url, model, model=MODEL, workflows={WORKFLOW: None}, env=env
     ) as replicas:
         yield replicas
 
 
 @pytest.fixture(autouse=True)
 def key_never_logged(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
 ) -> Iterator[None]:
     yield
-    assert_never_logged(stack, [MODEL_KEY], "the model key")
+    assert_never_logged(stack, [model.api_key], "the model key")
 
 
 async def create(gateway: GatewayProcess, user: str = "alice") -> ChatSession:
@@ -146,7 +138,7 @@ async def test_a_turn_is_answered_by_the_model_through_the_gateway(
     [call] = model.calls[calls_before:]
     # The real key reached the model; the ChatKit server had only its token.
     assert call.path == "/v1/responses"
-    assert call.authorization == f"Bearer {MODEL_KEY}"
+    assert call.authorization == f"Bearer {model.api_key}"
     token = last_turn_token(chatkit, session.id)
     assert token.startswith("ckmt_")
     assert token not in json.dumps(call.headers)
