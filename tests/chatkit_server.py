@@ -450,6 +450,11 @@ if __name__ == "__main__":
     main()
 
 
+#: Replica A (where turns go), replica B (the ChatKit server's way to the
+#: model) and the ChatKit server, as ``model_stack`` starts them.
+ModelStack = tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess]
+
+
 @contextlib.asynccontextmanager
 async def model_stack(
     redis_url: str,
@@ -459,7 +464,7 @@ async def model_stack(
     workflows: Mapping[str, Mapping[str, Any] | None],
     env: Mapping[str, str],
     env_a: Mapping[str, str] | None = None,
-) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess]]:
+) -> AsyncIterator[ModelStack]:
     """Two gateway replicas on ``redis_url`` in front of a ChatKit server whose
     Agents SDK calls ``model`` through replica b (its model tokens work on
     either), with ``model_api`` (a fake of the model API) as the gateways'
@@ -490,3 +495,17 @@ async def model_stack(
     b = GatewayProcess("none", redis_url=redis_url, env=common, port=port_b)
     async with running((chatkit, a, b)):
         yield a, b, chatkit
+
+
+def turn_token(chatkit: ChatKitServerProcess, session_id: str) -> str:
+    """The model token the ChatKit server was handed with the session's last turn."""
+    seen: list[SeenRequest] = [
+        r
+        for r in chatkit.seen()
+        if r.context is not None
+        and r.context.session_id == session_id
+        and r.type == "threads.create"
+    ]
+    token = seen[-1].header("x-chatkit-model-token")
+    assert token is not None
+    return token
