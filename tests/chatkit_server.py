@@ -45,6 +45,12 @@ parses a stream's ``data:`` lines.
 ``WebAppProcess(gateway_url=..., api_key=..., workflow_id=...)`` runs the
 example's app backend the same way (``base_url``, ``POST /api/chatkit/session``).
 
+``model_stack(redis_url, model_api, ...)`` starts it behind two gateway
+replicas whose model upstream is a fake model API, its Agents SDK calling the
+model through replica B (``ModelStack``: replica A, replica B, the server);
+``turn_token(chatkit, session_id)`` is the model token it was handed with the
+session's last turn.
+
 Run by itself: ``python -m tests.chatkit_server --port 9100 --record seen.jsonl``.
 """
 
@@ -64,6 +70,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.fake_model import FakeModel
 from tests.harness import GatewayProcess, eventually, running
 from tests.processes import REPO_ROOT, STARTUP_TIMEOUT, ServerProcess, free_port
 
@@ -298,6 +305,67 @@ class WebAppProcess(ServerProcess):
 # Everything below runs in the server process (``python -m tests.chatkit_server``).
 
 
+#: Replica A (where turns go), replica B (the ChatKit server's way to the
+#: model) and the ChatKit server, as ``model_stack`` starts them.
+ModelStack = tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess]
+
+
+@contextlib.asynccontextmanager
+async def model_stack(
+    redis_url: str,
+    model_api: FakeModel,
+    *,
+    model: str,
+    workflows: Mapping[str, Mapping[str, Any] | None],
+    env: Mapping[str, str],
+    env_a: Mapping[str, str] | None = None,
+) -> AsyncIterator[ModelStack]:
+    """Two gateway replicas on ``redis_url`` in front of a ChatKit server whose
+    Agents SDK calls ``model`` through replica b (its model tokens work on
+    either), with ``model_api`` (a fake of the model API) as the gateways'
+    model upstream and its key as theirs. ``workflows`` maps each workflow to
+    its policy (or None).
+    """
+    port_b = free_port()
+    chatkit = ChatKitServerProcess(
+        workflow_ids=list(workflows),
+        env={
+            "CHATKIT_MODEL_BASE_URL": f"http://127.0.0.1:{port_b}/v1",
+            "CHATKIT_MODEL": model,
+            # The Agents SDK would export traces to OpenAI: no network here.
+            "OPENAI_AGENTS_DISABLE_TRACING": "1",
+        },
+    )
+    entries = {
+        wf: {"upstream": chatkit.url} | ({"policy": policy} if policy is not None else {})
+        for wf, policy in workflows.items()
+    }
+    common = {
+        "GATEWAY_WORKFLOWS": json.dumps(entries),
+        "GATEWAY_MODEL_UPSTREAM": model_api.url,
+        "GATEWAY_MODEL_API_KEY": model_api.api_key,
+        **env,
+    }
+    a = GatewayProcess("none", redis_url=redis_url, env={**common, **(env_a or {})})
+    b = GatewayProcess("none", redis_url=redis_url, env=common, port=port_b)
+    async with running((chatkit, a, b)):
+        yield a, b, chatkit
+
+
+def turn_token(chatkit: ChatKitServerProcess, session_id: str) -> str:
+    """The model token the ChatKit server was handed with the session's last turn."""
+    seen: list[SeenRequest] = [
+        r
+        for r in chatkit.seen()
+        if r.context is not None
+        and r.context.session_id == session_id
+        and r.type == "threads.create"
+    ]
+    token = seen[-1].header("x-chatkit-model-token")
+    assert token is not None
+    return token
+
+
 def _serve(port: int, record_path: Path) -> None:
     import uvicorn
 
@@ -447,43 +515,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-@contextlib.asynccontextmanager
-async def model_stack(
-    redis_url: str,
-    model_url: str,
-    *,
-    model: str,
-    workflows: Mapping[str, Mapping[str, Any] | None],
-    env: Mapping[str, str],
-    env_a: Mapping[str, str] | None = None,
-) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess]]:
-    """Two gateway replicas on ``redis_url`` in front of a ChatKit server whose
-    Agents SDK calls the model through replica b (its model tokens work on
-    either), with ``model_url`` (a fake of the model API) as the gateways'
-    model upstream. ``workflows`` maps each workflow to its policy (or None).
-    """
-    port_b = free_port()
-    chatkit = ChatKitServerProcess(
-        workflow_ids=list(workflows),
-        env={
-            "CHATKIT_MODEL_BASE_URL": f"http://127.0.0.1:{port_b}/v1",
-            "CHATKIT_MODEL": model,
-            # The Agents SDK would export traces to OpenAI: no network here.
-            "OPENAI_AGENTS_DISABLE_TRACING": "1",
-        },
-    )
-    entries = {
-        wf: {"upstream": chatkit.url} | ({"policy": policy} if policy is not None else {})
-        for wf, policy in workflows.items()
-    }
-    common = {
-        "GATEWAY_WORKFLOWS": json.dumps(entries),
-        "GATEWAY_MODEL_UPSTREAM": model_url,
-        **env,
-    }
-    a = GatewayProcess("none", redis_url=redis_url, env={**common, **(env_a or {})})
-    b = GatewayProcess("none", redis_url=redis_url, env=common, port=port_b)
-    async with running((chatkit, a, b)):
-        yield a, b, chatkit

@@ -6,10 +6,10 @@ because a suite that quietly skips its storage tests proves nothing.
 Event loops: ``upstream`` is function-scoped and runs in the test's own loop
 (pyproject sets ``asyncio_default_fixture_loop_scope``), so the fake upstream,
 the gateway client and the test share one loop and one clock. ``fake``,
-``http``, ``module_redis`` and ``aof_redis`` live for a module, for modules whose
-tests share long-lived gateway replicas; those modules run in one module-wide
-loop (``pytestmark = pytest.mark.asyncio(loop_scope="module")``), and a module
-that runs in per-test loops defines its own ``http``.
+``model``, ``http``, ``module_redis`` and ``aof_redis`` live for a module, for
+modules whose tests share long-lived gateway replicas; those modules run in one
+module-wide loop (``pytestmark = pytest.mark.asyncio(loop_scope="module")``),
+and a module that runs in per-test loops defines its own ``http``.
 
 Tiers: a test that starts a process (redis-server, the gateway, a proxy, a
 browser), itself or through its fixtures and helpers, is marked ``process``
@@ -36,6 +36,7 @@ import pytest
 import pytest_asyncio
 from hypothesis import HealthCheck, settings
 
+from tests.fake_model import FakeModel
 from tests.fake_upstream import FakeUpstream
 from tests.harness import RedisServer
 
@@ -263,6 +264,14 @@ async def fake() -> AsyncIterator[FakeUpstream]:
     """One fake ChatKit API for a module's tests, in the module's event loop."""
     async with FakeUpstream() as upstream:
         yield upstream
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def model() -> AsyncIterator[FakeModel]:
+    """One fake model API for a module's tests, in the module's event loop; it
+    takes only its own key (``model.api_key``)."""
+    async with FakeModel() as fake_model:
+        yield fake_model
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -27,11 +27,11 @@ from gateway.model.prices import Prices
 from gateway.model.usage import Usage
 from gateway.store.redis import RedisStore, connect
 from tests.chatkit_server import (
-    ChatKitServerProcess,
-    SeenRequest,
+    ModelStack,
     model_stack,
     sse_events,
     threads_create_body,
+    turn_token,
 )
 from tests.fake_model import FakeModel
 from tests.harness import (
@@ -48,7 +48,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 API_KEY = "ckgk_budgets-test-0123456789"
 ADMIN_TOKEN = "budgets-admin-token-0123456789"
 ADMIN_PORT = free_port()
-MODEL_KEY = "sk-budgets-model-key-0123456789"
 MODEL = "gpt-5-mini"
 LONG_ANSWER = " ".join(["word"] * 600)
 WORKFLOWS = {
@@ -80,21 +79,13 @@ WORKFLOWS = {
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def model() -> AsyncIterator[FakeModel]:
-    async with FakeModel(api_key=MODEL_KEY) as fake:
-        yield fake
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(
-    module_redis: RedisServer, model: FakeModel
-) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess]]:
+async def stack(module_redis: RedisServer, model: FakeModel) -> AsyncIterator[ModelStack]:
     async with model_stack(
         module_redis.url,
-        model.url,
+        model,
         model=MODEL,
         workflows=WORKFLOWS,
-        env={"GATEWAY_ISSUER_API_KEYS": API_KEY, "GATEWAY_MODEL_API_KEY": MODEL_KEY},
+        env={"GATEWAY_ISSUER_API_KEYS": API_KEY},
         env_a={"GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN, "GATEWAY_ADMIN_PORT": str(ADMIN_PORT)},
     ) as replicas:
         yield replicas
@@ -128,15 +119,6 @@ async def post_turn(gateway: GatewayProcess, secret: str, text: str) -> tuple[in
         return response.status, response.headers, await response.read()
 
 
-def token_of(chatkit: ChatKitServerProcess, session_id: str) -> str:
-    seen: list[SeenRequest] = [
-        r for r in chatkit.seen() if r.context is not None and r.context.session_id == session_id
-    ]
-    token = seen[-1].header("x-chatkit-model-token")
-    assert token is not None
-    return token
-
-
 async def charges(store: RedisStore, workflow: str, user: str, count: int) -> list[ChargeRecord]:
     """The user's charges once ``count`` have settled (settling follows the answer)."""
     found: list[ChargeRecord] = []
@@ -150,7 +132,7 @@ async def charges(store: RedisStore, workflow: str, user: str, count: int) -> li
 
 
 async def test_usage_charged_equals_usage_reported_across_replicas(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    stack: ModelStack,
     model: FakeModel,
     store: RedisStore,
 ) -> None:
@@ -181,7 +163,7 @@ async def test_usage_charged_equals_usage_reported_across_replicas(
 
 
 async def test_where_the_money_went_by_admin_api_and_cli(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    stack: ModelStack,
     module_redis: RedisServer,
     store: RedisStore,
 ) -> None:
@@ -233,7 +215,7 @@ async def test_where_the_money_went_by_admin_api_and_cli(
 
 
 async def test_twenty_concurrent_calls_are_admitted_exactly_as_far_as_they_fit(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    stack: ModelStack,
     model: FakeModel,
     store: RedisStore,
 ) -> None:
@@ -242,7 +224,7 @@ async def test_twenty_concurrent_calls_are_admitted_exactly_as_far_as_they_fit(
     status, _, _ = await post_turn(a, session.client_secret, "spend a little")
     assert status == 200
     [spent] = await charges(store, "wf_tight", "dave", 1)
-    token = token_of(chatkit, session.id)
+    token = turn_token(chatkit, session.id)
     model.hold = asyncio.Event()
     client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
     calls_before = len(model.calls)
@@ -285,7 +267,7 @@ async def test_twenty_concurrent_calls_are_admitted_exactly_as_far_as_they_fit(
 
 
 async def test_a_cut_stream_is_charged_its_reservation(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    stack: ModelStack,
     model: FakeModel,
     store: RedisStore,
 ) -> None:
@@ -293,7 +275,7 @@ async def test_a_cut_stream_is_charged_its_reservation(
     session = await sdk_create(a, API_KEY, user="erin", workflow={"id": "wf_count"})
     assert (await post_turn(a, session.client_secret, "hi"))[0] == 200
     await charges(store, "wf_count", "erin", 1)
-    token = token_of(chatkit, session.id)
+    token = turn_token(chatkit, session.id)
     model.ending = "cut"
     client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
     async with client:
@@ -311,7 +293,7 @@ async def test_a_cut_stream_is_charged_its_reservation(
 
 @pytest.mark.parametrize("workflow", ["wf_tokens", "wf_usd"])
 async def test_a_spent_daily_budget_stops_the_users_next_turn(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    stack: ModelStack,
     model: FakeModel,
     store: RedisStore,
     workflow: str,
@@ -349,7 +331,7 @@ async def test_a_spent_daily_budget_stops_the_users_next_turn(
 
 
 async def test_a_spent_budget_is_told_in_the_conversation_when_the_workflow_asks(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    stack: ModelStack,
     model: FakeModel,
     store: RedisStore,
 ) -> None:
@@ -369,7 +351,7 @@ async def test_a_spent_budget_is_told_in_the_conversation_when_the_workflow_asks
 
 @pytest.mark.parametrize("workflow", ["wf_gate", "wf_gate_chatkit"])
 async def test_turns_refused_for_a_spent_budget_consume_no_quota(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    stack: ModelStack,
     model: FakeModel,
     store: RedisStore,
     module_redis: RedisServer,
@@ -423,14 +405,14 @@ async def test_turns_refused_for_a_spent_budget_consume_no_quota(
 
 
 async def test_an_unpriced_model_is_refused_under_a_dollar_budget(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    stack: ModelStack,
     model: FakeModel,
     store: RedisStore,
 ) -> None:
     a, b, chatkit = stack
     session = await sdk_create(a, API_KEY, user="heidi", workflow={"id": "wf_count"})
     assert (await post_turn(a, session.client_secret, "hi"))[0] == 200
-    token = token_of(chatkit, session.id)
+    token = turn_token(chatkit, session.id)
     calls = len(model.calls)
     client = openai.AsyncOpenAI(api_key=token, base_url=f"{b.url}/v1", max_retries=0)
     async with client:

@@ -46,14 +46,15 @@ RETENTION = 3600  # GATEWAY_SESSION_RETENTION_SECONDS
 UPSTREAM_READ_TIMEOUT = 3.0  # the "stall" row waits this long for its 504
 HASH = SecretHasher(None)  # no GATEWAY_SECRET_PEPPER is configured
 
+#: The module's two gateways, replica A then replica B.
+Replicas = tuple[GatewayProcess, GatewayProcess]
+
 
 # -- fixtures: one Redis, one fake upstream, two replicas for the module ----------
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def replicas(
-    aof_redis: RedisServer, fake: FakeUpstream
-) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
+async def replicas(aof_redis: RedisServer, fake: FakeUpstream) -> AsyncIterator[Replicas]:
     def replica(name: str) -> GatewayProcess:
         return GatewayProcess(
             fake.url,
@@ -74,9 +75,7 @@ async def replicas(
 
 
 @pytest.fixture(autouse=True)
-def fresh(
-    aof_redis: RedisServer, fake: FakeUpstream, replicas: tuple[GatewayProcess, GatewayProcess]
-) -> Iterator[None]:
+def fresh(aof_redis: RedisServer, fake: FakeUpstream, replicas: Replicas) -> Iterator[None]:
     """Each test starts with a running Redis and a fake without faults or records,
     and ends with no client secret the upstream ever issued in either replica's log."""
     aof_redis.ensure_running()
@@ -100,12 +99,24 @@ async def create_session(gateway: GatewayProcess, **extra: Any) -> tuple[str, st
     return session.id, session.client_secret, session.expires_at
 
 
+async def unseen_session(http: aiohttp.ClientSession, fake: FakeUpstream) -> str:
+    """The id of a session created on the upstream directly: no replica ever saw it."""
+    async with http.post(
+        f"{fake.url}/v1/chatkit/sessions",
+        json={"user": "user_elsewhere", "workflow": {"id": "wf_cancel"}},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ) as response:
+        assert response.status == 200
+        session_id: str = (await response.json())["id"]
+    return session_id
+
+
 REVOKED = (401, "client_secret_revoked")
 ADMITTED = (200, None)
 
 
 async def everywhere(
-    http: aiohttp.ClientSession, replicas: tuple[GatewayProcess, GatewayProcess], secret: str
+    http: aiohttp.ClientSession, replicas: Replicas, secret: str
 ) -> list[tuple[int, str | None]]:
     """What each replica answers a client request with ``secret``."""
     return [await converse(http, gateway, secret) for gateway in replicas]
@@ -152,10 +163,7 @@ def cancel_path(session_id: str) -> str:
     ],
 )
 async def test_cancel_through_one_replica_revokes_the_secret_on_every_replica(
-    replicas: tuple[GatewayProcess, GatewayProcess],
-    fake: FakeUpstream,
-    http: aiohttp.ClientSession,
-    cancel_shape: str,
+    replicas: Replicas, fake: FakeUpstream, http: aiohttp.ClientSession, cancel_shape: str
 ) -> None:
     a, b = replicas
     fake.cancel_shape = cancel_shape  # type: ignore[assignment]
@@ -196,7 +204,7 @@ async def test_cancel_through_one_replica_revokes_the_secret_on_every_replica(
     ],
 )
 async def test_failed_cancel_leaves_the_secret_admitted(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     fake: FakeUpstream,
     http: aiohttp.ClientSession,
     aof_redis: RedisServer,
@@ -221,9 +229,7 @@ async def test_failed_cancel_leaves_the_secret_admitted(
 
 
 async def test_a_cancel_the_sdk_retries_after_an_upstream_failure_revokes_once_it_succeeds(
-    replicas: tuple[GatewayProcess, GatewayProcess],
-    fake: FakeUpstream,
-    http: aiohttp.ClientSession,
+    replicas: Replicas, fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
     a, b = replicas
     session_id, secret, _ = await create_session(a)
@@ -246,21 +252,14 @@ async def test_a_cancel_the_sdk_retries_after_an_upstream_failure_revokes_once_i
 
 
 async def test_cancelling_an_unseen_session_is_recorded_and_a_late_registration_is_born_revoked(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     fake: FakeUpstream,
     http: aiohttp.ClientSession,
     aof_redis: RedisServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     a, b = replicas
-    # Created on the upstream directly: no replica ever saw this session.
-    async with http.post(
-        f"{fake.url}/v1/chatkit/sessions",
-        json={"user": "user_elsewhere", "workflow": {"id": "wf_cancel"}},
-        headers={"Authorization": f"Bearer {API_KEY}"},
-    ) as response:
-        assert response.status == 200
-        session_id = (await response.json())["id"]
+    session_id = await unseen_session(http, fake)
     unknown_before = await metric(
         http, b, "chatkit_gateway_revocations_total", source="cancel", known="false"
     )
@@ -293,9 +292,7 @@ async def test_cancelling_an_unseen_session_is_recorded_and_a_late_registration_
 
 
 async def test_repeated_and_concurrent_cancels_are_harmless(
-    replicas: tuple[GatewayProcess, GatewayProcess],
-    fake: FakeUpstream,
-    http: aiohttp.ClientSession,
+    replicas: Replicas, fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
     a, b = replicas
     session_id, secret, _ = await create_session(a)
@@ -317,10 +314,7 @@ async def test_repeated_and_concurrent_cancels_are_harmless(
 
 
 async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
-    replicas: tuple[GatewayProcess, GatewayProcess],
-    fake: FakeUpstream,
-    http: aiohttp.ClientSession,
-    aof_redis: RedisServer,
+    replicas: Replicas, fake: FakeUpstream, http: aiohttp.ClientSession, aof_redis: RedisServer
 ) -> None:
     a, b = replicas
     # A session the gateway knows: the flag lives as long as its record would.
@@ -334,12 +328,7 @@ async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
     assert expected - 30 <= ttl <= expected + 1, (ttl, expected)
 
     # A session it never saw: no expiry is known, so GATEWAY_REVOCATION_TTL_SECONDS.
-    async with http.post(
-        f"{fake.url}/v1/chatkit/sessions",
-        json={"user": "user_elsewhere", "workflow": {"id": "wf_cancel"}},
-        headers={"Authorization": f"Bearer {API_KEY}"},
-    ) as response:
-        unseen_id = (await response.json())["id"]
+    unseen_id = await unseen_session(http, fake)
     await sdk_cancel(b, API_KEY, unseen_id)
     exists, ttl = await redis_flag(aof_redis, session_key(unseen_id))
     assert exists
@@ -357,7 +346,7 @@ async def test_revocations_expire_with_the_session_or_after_the_configured_ttl(
     ],
 )
 async def test_a_revocation_the_store_missed_is_enforced_at_once_and_stored_later(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     fake: FakeUpstream,
     http: aiohttp.ClientSession,
     aof_redis: RedisServer,
@@ -421,10 +410,7 @@ async def test_a_revocation_the_store_missed_is_enforced_at_once_and_stored_late
 
 
 async def test_a_cancel_while_redis_is_down_is_enforced_by_the_replica_that_saw_the_session(
-    replicas: tuple[GatewayProcess, GatewayProcess],
-    fake: FakeUpstream,
-    http: aiohttp.ClientSession,
-    aof_redis: RedisServer,
+    replicas: Replicas, fake: FakeUpstream, http: aiohttp.ClientSession, aof_redis: RedisServer
 ) -> None:
     # Redis is down before the cancel, so the registry cannot be read, and
     # the reply has no client_secret: only the replica's memory of the
@@ -454,8 +440,7 @@ STREAM_EVENTS = 100  # 10 s of events at 0.1 s: far from their natural end in th
 
 
 async def test_open_streams_close_on_every_replica_within_two_seconds_of_a_cancel(
-    replicas: tuple[GatewayProcess, GatewayProcess],
-    http: aiohttp.ClientSession,
+    replicas: Replicas, http: aiohttp.ClientSession
 ) -> None:
     a, b = replicas
     session_id, secret, _ = await create_session(a)
@@ -476,9 +461,7 @@ async def test_open_streams_close_on_every_replica_within_two_seconds_of_a_cance
 
 
 async def test_a_request_waiting_for_the_upstream_is_refused_when_its_secret_is_revoked(
-    replicas: tuple[GatewayProcess, GatewayProcess],
-    fake: FakeUpstream,
-    http: aiohttp.ClientSession,
+    replicas: Replicas, fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
     # Admitted on A, then the upstream takes its time; a cancel through B
     # lands meanwhile. The caller gets 401 client_secret_revoked rather than
@@ -498,9 +481,7 @@ async def test_a_request_waiting_for_the_upstream_is_refused_when_its_secret_is_
 
 
 async def test_a_stream_is_closed_even_when_its_revocation_was_announced_during_a_feed_gap(
-    replicas: tuple[GatewayProcess, GatewayProcess],
-    http: aiohttp.ClientSession,
-    aof_redis: RedisServer,
+    replicas: Replicas, http: aiohttp.ClientSession, aof_redis: RedisServer
 ) -> None:
     a, _ = replicas
     session_id, secret, _ = await create_session(a)

@@ -23,11 +23,11 @@ from openai.types.beta.chatkit import ChatSession
 from gateway.store.base import AuditEntry
 from gateway.store.redis import RedisStore, connect
 from tests.chatkit_server import (
-    ChatKitServerProcess,
-    SeenRequest,
+    ModelStack,
     model_stack,
     sse_events,
     threads_create_body,
+    turn_token,
 )
 from tests.fake_model import FakeModel
 from tests.harness import (
@@ -44,40 +44,28 @@ from tests.harness import (
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 API_KEY = "ckgk_model-routes-test-0123456789"
-MODEL_KEY = "sk-real-model-key-never-leaves-the-gateway-0123"
 WORKFLOW = "wf_model"
 MODEL = "gpt-5-mini"
 GRACE_SECONDS = 5
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def model() -> AsyncIterator[FakeModel]:
-    async with FakeModel(api_key=MODEL_KEY) as fake:
-        yield fake
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(
-    module_redis: RedisServer, model: FakeModel
-) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess]]:
+async def stack(module_redis: RedisServer, model: FakeModel) -> AsyncIterator[ModelStack]:
     env = {
         "GATEWAY_ISSUER_API_KEYS": API_KEY,
-        "GATEWAY_MODEL_API_KEY": MODEL_KEY,
         "GATEWAY_MODEL_TOKEN_GRACE_SECONDS": str(GRACE_SECONDS),
         "GATEWAY_AUDIT_MODEL_USAGE": "true",
     }
     async with model_stack(
-        module_redis.url, model.url, model=MODEL, workflows={WORKFLOW: None}, env=env
+        module_redis.url, model, model=MODEL, workflows={WORKFLOW: None}, env=env
     ) as replicas:
         yield replicas
 
 
 @pytest.fixture(autouse=True)
-def key_never_logged(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
-) -> Iterator[None]:
+def key_never_logged(stack: ModelStack, model: FakeModel) -> Iterator[None]:
     yield
-    assert_never_logged(stack, [MODEL_KEY], "the model key")
+    assert_never_logged(stack, [model.api_key], "the model key")
 
 
 async def create(gateway: GatewayProcess, user: str = "alice") -> ChatSession:
@@ -102,37 +90,22 @@ async def turn(gateway: GatewayProcess, secret: str, text: str) -> list[dict[str
     return sse_events(body)
 
 
-def last_turn_token(chatkit: ChatKitServerProcess, session_id: str) -> str:
-    seen: list[SeenRequest] = [
-        r
-        for r in chatkit.seen()
-        if r.context is not None
-        and r.context.session_id == session_id
-        and r.type == "threads.create"
-    ]
-    token = seen[-1].header("x-chatkit-model-token")
-    assert token is not None
-    return token
-
-
 def model_client(replica: GatewayProcess, token: str) -> openai.AsyncOpenAI:
     """The official SDK as the ChatKit server holds it: a model token as its key."""
     return openai.AsyncOpenAI(api_key=token, base_url=f"{replica.url}/v1", max_retries=0)
 
 
-async def after_a_turn(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], text: str
-) -> tuple[ChatSession, openai.AsyncOpenAI]:
+async def after_a_turn(stack: ModelStack, text: str) -> tuple[ChatSession, openai.AsyncOpenAI]:
     """A new session that has had one turn through replica A, and the SDK
     client the ChatKit server would have: that turn's model token, replica B."""
     a, b, chatkit = stack
     session = await create(a)
     await turn(a, session.client_secret, text)
-    return session, model_client(b, last_turn_token(chatkit, session.id))
+    return session, model_client(b, turn_token(chatkit, session.id))
 
 
 async def test_a_turn_is_answered_by_the_model_through_the_gateway(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
+    stack: ModelStack, model: FakeModel
 ) -> None:
     a, b, chatkit = stack
     session = await create(a)
@@ -146,8 +119,8 @@ async def test_a_turn_is_answered_by_the_model_through_the_gateway(
     [call] = model.calls[calls_before:]
     # The real key reached the model; the ChatKit server had only its token.
     assert call.path == "/v1/responses"
-    assert call.authorization == f"Bearer {MODEL_KEY}"
-    token = last_turn_token(chatkit, session.id)
+    assert call.authorization == f"Bearer {model.api_key}"
+    token = turn_token(chatkit, session.id)
     assert token.startswith("ckmt_")
     assert token not in json.dumps(call.headers)
     assert call.usage is not None
@@ -165,7 +138,7 @@ async def test_a_turn_is_answered_by_the_model_through_the_gateway(
 
 
 async def test_reads_carry_no_model_token(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    stack: ModelStack,
 ) -> None:
     a, _, chatkit = stack
     session = await create(a)
@@ -180,7 +153,7 @@ async def test_reads_carry_no_model_token(
 
 
 async def test_the_official_sdk_calls_the_model_with_a_token_and_sees_no_usage_chunk(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
+    stack: ModelStack, model: FakeModel
 ) -> None:
     _, client = await after_a_turn(stack, "first")
     async with client:
@@ -204,7 +177,7 @@ async def test_the_official_sdk_calls_the_model_with_a_token_and_sees_no_usage_c
     ],
 )
 async def test_an_invalid_token_is_refused_and_nothing_is_forwarded(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    stack: ModelStack,
     model: FakeModel,
     token: str,
 ) -> None:
@@ -219,7 +192,7 @@ async def test_an_invalid_token_is_refused_and_nothing_is_forwarded(
 
 
 async def test_no_other_path_is_served_to_a_model_token(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
+    stack: ModelStack, model: FakeModel
 ) -> None:
     _, client = await after_a_turn(stack, "paths")
     calls = len(model.calls)
@@ -231,9 +204,7 @@ async def test_no_other_path_is_served_to_a_model_token(
     assert len(model.calls) == calls
 
 
-async def test_a_token_dies_after_its_grace(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
-) -> None:
+async def test_a_token_dies_after_its_grace(stack: ModelStack, model: FakeModel) -> None:
     _, client = await after_a_turn(stack, "grace")
 
     async def refused() -> bool:
@@ -248,7 +219,7 @@ async def test_a_token_dies_after_its_grace(
 
 
 async def test_cancelling_the_session_refuses_its_token_and_cuts_its_model_stream(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
+    stack: ModelStack, model: FakeModel
 ) -> None:
     a, _, _ = stack
     session, client = await after_a_turn(stack, "before cancel")
@@ -272,7 +243,7 @@ async def test_cancelling_the_session_refuses_its_token_and_cuts_its_model_strea
 
 
 async def test_a_client_cannot_bring_its_own_model_token_nor_use_one_as_a_secret(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess], model: FakeModel
+    stack: ModelStack, model: FakeModel
 ) -> None:
     a, _, chatkit = stack
     session = await create(a)
@@ -296,7 +267,7 @@ async def test_a_client_cannot_bring_its_own_model_token_nor_use_one_as_a_secret
 
 
 async def test_a_turns_usage_is_audited_once_its_last_call_has_settled(
-    stack: tuple[GatewayProcess, GatewayProcess, ChatKitServerProcess],
+    stack: ModelStack,
     model: FakeModel,
     module_redis: RedisServer,
 ) -> None:

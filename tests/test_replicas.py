@@ -74,33 +74,12 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-@pytest.fixture(scope="module")
-def minted() -> list[str]:
-    """Every client secret this module obtained, for the at-rest check at the end."""
-    return []
-
-
 # -- helpers -------------------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: CIMultiDictProxy[str]
-    body: bytes
-    replica: int
-
-    @property
-    def error(self) -> dict[str, Any]:
-        error: dict[str, Any] = json.loads(self.body)["error"]
-        assert set(error) == {"message", "type", "param", "code"}, self.body
-        return error
 
 
 async def create_session(
     http: aiohttp.ClientSession,
     gateway: GatewayProcess,
-    minted: list[str],
     *,
     limit: int | None = None,
     user: str | None = None,
@@ -117,8 +96,21 @@ async def create_session(
     async with http.post(f"{gateway.url}/v1/chatkit/sessions", json=body, headers=API_KEY) as resp:
         assert resp.status == 200, await resp.text()
         session: dict[str, Any] = await resp.json()
-    minted.append(session["client_secret"])
     return session
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    replica: int
+
+    @property
+    def error(self) -> dict[str, Any]:
+        error: dict[str, Any] = json.loads(self.body)["error"]
+        assert set(error) == {"message", "type", "param", "code"}, self.body
+        return error
 
 
 async def client_call(
@@ -196,9 +188,8 @@ async def test_burst_across_replicas_admits_exactly_the_limit(
     replicas: Sequence[GatewayProcess],
     fake: FakeUpstream,
     http: aiohttp.ClientSession,
-    minted: list[str],
 ) -> None:
-    session = await create_session(http, replicas[0], minted, limit=limit)
+    session = await create_session(http, replicas[0], limit=limit)
     secret = session["client_secret"]
     started = time.time()
     replies = await burst(http, replicas, secret, 3 * limit + 5)
@@ -248,11 +239,10 @@ async def test_bad_secrets_are_refused_without_reaching_upstream(
     replicas: Sequence[GatewayProcess],
     fake: FakeUpstream,
     http: aiohttp.ClientSession,
-    minted: list[str],
 ) -> None:
     authorization: str | None = None
     if case == "revoked":
-        session = await create_session(http, replicas[0], minted)
+        session = await create_session(http, replicas[0])
         assert (await client_call(http, replicas, 0, secret=session["client_secret"])).status == 200
         async with http.post(
             f"{replicas[1].url}/v1/chatkit/sessions/{session['id']}/cancel", headers=API_KEY
@@ -260,7 +250,7 @@ async def test_bad_secrets_are_refused_without_reaching_upstream(
             assert resp.status == 200
         authorization = f"Bearer {session['client_secret']}"
     elif case == "expired":
-        session = await create_session(http, replicas[0], minted, expires_after=1)
+        session = await create_session(http, replicas[0], expires_after=1)
         # Redis compares against its own TIME, the clock this machine shares.
         await wall_clock_reach(session["expires_at"] + 0.05)
         authorization = f"Bearer {session['client_secret']}"
@@ -300,7 +290,6 @@ async def test_user_limit_spans_sessions_and_replicas(
     fake: FakeUpstream,
     aof_redis: RedisServer,
     http: aiohttp.ClientSession,
-    minted: list[str],
 ) -> None:
     gateways = [
         GatewayProcess(
@@ -312,8 +301,8 @@ async def test_user_limit_spans_sessions_and_replicas(
     ]
     async with running(gateways):
         user = f"user_{uuid.uuid4().hex[:8]}"
-        one = await create_session(http, gateways[0], minted, limit=10, user=user)
-        two = await create_session(http, gateways[1], minted, limit=10, user=user)
+        one = await create_session(http, gateways[0], limit=10, user=user)
+        two = await create_session(http, gateways[1], limit=10, user=user)
         replies = await asyncio.gather(
             *(
                 client_call(http, gateways, i, secret=(one, two)[i // 2 % 2]["client_secret"])
@@ -338,13 +327,12 @@ async def test_report_only_mode_admits_but_reports(
     fake: FakeUpstream,
     aof_redis: RedisServer,
     http: aiohttp.ClientSession,
-    minted: list[str],
 ) -> None:
     async with running(
         [GatewayProcess(fake.url, redis_url=aof_redis.url, env={"GATEWAY_ENFORCE": "false"})]
     ) as (gateway,):
         before = await scrape(http, gateway.url)
-        session = await create_session(http, gateway, minted, limit=2)
+        session = await create_session(http, gateway, limit=2)
         secret = session["client_secret"]
         replies = [await client_call(http, [gateway], 0, secret=secret) for _ in range(5)]
         unknown = f"ek_{secrets.token_urlsafe(32)}"
@@ -381,7 +369,7 @@ async def test_report_only_mode_admits_but_reports(
 
 
 async def test_openai_sdk_retries_a_429_after_the_advertised_wait(
-    fake: FakeUpstream, aof_redis: RedisServer, http: aiohttp.ClientSession, minted: list[str]
+    fake: FakeUpstream, aof_redis: RedisServer, http: aiohttp.ClientSession
 ) -> None:
     events: list[tuple[str, float, int | None, dict[str, str]]] = []
 
@@ -394,7 +382,7 @@ async def test_openai_sdk_retries_a_429_after_the_advertised_wait(
     async with running(
         [GatewayProcess(fake.url, redis_url=aof_redis.url, env={"GATEWAY_WINDOW_SECONDS": "2"})]
     ) as (gateway,):
-        session = await create_session(http, gateway, minted, limit=1)
+        session = await create_session(http, gateway, limit=1)
         secret = session["client_secret"]
         async with (
             httpx2.AsyncClient(
@@ -461,11 +449,10 @@ async def test_each_client_request_costs_exactly_one_redis_command(
     replicas: Sequence[GatewayProcess],
     aof_redis: RedisServer,
     http: aiohttp.ClientSession,
-    minted: list[str],
 ) -> None:
     async def load() -> tuple[list[Reply], dict[str, int]]:
         """160 requests: 3 sessions x 40 (20 admitted each) and 40 unknown secrets."""
-        sessions = [await create_session(http, replicas[i], minted, limit=20) for i in range(3)]
+        sessions = [await create_session(http, replicas[i], limit=20) for i in range(3)]
         keys = [s["client_secret"] for s in sessions] + [f"ek_{secrets.token_urlsafe(24)}"]
         client = aof_redis.client()
         try:
@@ -512,10 +499,9 @@ async def test_script_flush_during_traffic_is_survived(
     fake: FakeUpstream,
     aof_redis: RedisServer,
     http: aiohttp.ClientSession,
-    minted: list[str],
 ) -> None:
     limit = 25
-    session = await create_session(http, replicas[0], minted, limit=limit)
+    session = await create_session(http, replicas[0], limit=limit)
     secret = session["client_secret"]
     client = aof_redis.client()
     replies: list[Reply] = []
@@ -546,7 +532,7 @@ async def test_script_flush_during_traffic_is_survived(
     assert int(errors.get("errorstat_NOSCRIPT", {}).get("count", 0)) >= 1
     assert reloaded
     # And a fresh session is exact afterwards.
-    fresh = (await create_session(http, replicas[1], minted, limit=7))["client_secret"]
+    fresh = (await create_session(http, replicas[1], limit=7))["client_secret"]
     assert statuses(await burst(http, replicas, fresh, 3 * 7 + 5)) == {200: 7, 429: 19}
     assert reached(fake, fresh) == 7
 
@@ -556,14 +542,13 @@ async def test_redis_restart_during_traffic_is_survived(
     fake: FakeUpstream,
     aof_redis: RedisServer,
     http: aiohttp.ClientSession,
-    minted: list[str],
 ) -> None:
     # A: part of its quota used before the restart; it must still be used after.
-    a = (await create_session(http, replicas[0], minted, limit=10))["client_secret"]
+    a = (await create_session(http, replicas[0], limit=10))["client_secret"]
     assert [(await client_call(http, replicas, i, secret=a)).status for i in range(6)] == [200] * 6
     # B: exhausted before the restart, and hammered throughout it.
     b_limit = 20
-    b = (await create_session(http, replicas[1], minted, limit=b_limit))["client_secret"]
+    b = (await create_session(http, replicas[1], limit=b_limit))["client_secret"]
 
     replies: list[tuple[float, Reply]] = []
     stop = asyncio.Event()
@@ -612,7 +597,7 @@ async def test_redis_restart_during_traffic_is_survived(
     assert statuses(after) == {200: 4, 429: 31}
     assert reached(fake, a) == 10
     # And a fresh session is exact, on every replica, after the restart.
-    c = (await create_session(http, replicas[2], minted, limit=7))["client_secret"]
+    c = (await create_session(http, replicas[2], limit=7))["client_secret"]
     assert statuses(await burst(http, replicas, c, 3 * 7 + 5)) == {200: 7, 429: 19}
     assert reached(fake, c) == 7
 
@@ -620,9 +605,11 @@ async def test_redis_restart_during_traffic_is_survived(
 # -- at rest -------------------------------------------------------------------------
 
 
-async def test_no_secret_is_at_rest_in_redis(aof_redis: RedisServer, minted: list[str]) -> None:
-    assert minted, "the module's tests minted secrets"
-    needles = [s.encode() for s in minted]
+async def test_no_secret_is_at_rest_in_redis(aof_redis: RedisServer, fake: FakeUpstream) -> None:
+    # The fake upstream issued every session the module's tests created.
+    issued = [session["client_secret"] for session in fake.sessions.values()]
+    assert issued, "the module's tests created sessions"
+    needles = [s.encode() for s in issued]
     client = aof_redis.client()
     try:
         keys = [key async for key in client.scan_iter(count=1000)]
