@@ -69,6 +69,9 @@ def test_an_envelope_is_parsed_once_into_its_type_class_and_params() -> None:
     [
         b"",
         b"\xff\xfe",  # not UTF-8
+        # UTF-16 and an encoded lone surrogate: json.loads of bytes takes both.
+        '{"type": "threads.list"}'.encode("utf-16"),
+        b'{"type": "threads.list", "x": "\xed\xa0\x80"}',
         b"null",
         b'"threads.list"',
         b'{"type": null}',
