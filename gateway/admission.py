@@ -78,6 +78,7 @@ class Gatekeeper:
         model: str | None = None,
         mint: Callable[[str], tuple[str, str]] | None = None,
         request_id: str = "",
+        secret: bytes | None = None,
     ) -> Admission:
         """Decide; raise the rejecting error, or return what the request carries on.
 
@@ -89,10 +90,11 @@ class Gatekeeper:
         model a turn names (refused by the session's policy before counting).
         ``mint`` (a turn, with a model key) makes a model token for a tagged
         secret's tag, which the admission step grants if it admits the turn
-        of a registered session (``Admission.model_token``).
+        of a registered session (``Admission.model_token``). ``secret``: the
+        request's secret when the caller has read it already (:meth:`secret`).
         """
         try:
-            secret_hash = self._hash(bearer_secret(headers))
+            secret_hash = self._hash(secret if secret is not None else bearer_secret(headers))
         except AuthError as exc:
             return Admission(None, self._report_only(exc, "malformed"))
         request: AdmitRequest | None = None
@@ -162,14 +164,13 @@ class Gatekeeper:
             self._metrics.store_errors.inc()
             logger.debug("Undoing an admission failed: %s", exc)
 
-    def well_formed(self, headers: RequestHead | Headers) -> bool:
-        """Whether the request carries a well-formed secret (and so may have
-        its body read before admission)."""
+    def secret(self, headers: RequestHead | Headers) -> bytes | None:
+        """The request's secret if it is well-formed (only then may its body
+        be read before admission), else None; :meth:`check` says why not."""
         try:
-            bearer_secret(headers)
+            return bearer_secret(headers)
         except AuthError:
-            return False
-        return True
+            return None
 
     def _report_only(self, error: GatewayError, what: str) -> Headers:
         if self._enforce:

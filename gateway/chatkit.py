@@ -80,7 +80,10 @@ class Envelope(NamedTuple):
     @property
     def model(self) -> str | None:
         """``params.input.inference_options.model``, the model the client asks for."""
-        value = _path(self.params, "input", "inference_options", "model")
+        # Spelled out rather than walked generically: it runs for every turn.
+        given = self.params.get("input")
+        options = given.get("inference_options") if isinstance(given, dict) else None
+        value = options.get("model") if isinstance(options, dict) else None
         return value if isinstance(value, str) else None
 
     @property
@@ -90,14 +93,6 @@ class Envelope(NamedTuple):
         if isinstance(value, bool) or not isinstance(value, int | float):
             return None
         return value
-
-
-def _path(value: Any, *names: str) -> Any:
-    for name in names:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(name)
-    return value
 
 
 def _invalid(message: str) -> BadRequest:

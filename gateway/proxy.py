@@ -399,7 +399,8 @@ class Proxy:
         cls = need = ""
         declared = upload_limit = 0
         model: str | None = None
-        if kind is Kind.ISSUED and self._gatekeeper.well_formed(head):
+        secret = self._gatekeeper.secret(head) if kind is Kind.ISSUED else None
+        if secret is not None:
             # What an issued request counts against depends on what it is.
             if match.route.pattern == ISSUED_PREFIX and exchange.scope["method"] == "POST":
                 body = await self._envelope_body(exchange, length)
@@ -419,7 +420,7 @@ class Proxy:
         try:
             admission = await exchange.tel.admission(
                 self._gatekeeper.check(
-                    head, cls, need, declared, model, mint, exchange.request_id.decode()
+                    head, cls, need, declared, model, mint, exchange.request_id.decode(), secret
                 )
             )
         except RateLimited as exc:

@@ -117,6 +117,16 @@ def test_only_a_turn_names_a_model_for_the_allow_list() -> None:
     assert requested_model(envelope("threads.custom_something", "z")) == "z"  # unknown: a turn
     assert requested_model(envelope("threads.create", None)) is None  # the server's default
     assert requested_model(envelope("threads.list", "z")) is None  # a read runs no model
+    assert requested_model(envelope("threads.create", ["a"])) is None  # not a name
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"input": "x"}, {"input": {"inference_options": ["m"]}}, {"input": None}, {}],
+)
+def test_a_turn_whose_params_have_another_shape_names_no_model(params: object) -> None:
+    body = json.dumps({"type": "threads.create", "params": params}).encode()
+    assert requested_model(parse_envelope(body, **BOUNDS)) is None
 
 
 def test_a_refused_model_answers_400_naming_the_field() -> None:

@@ -7,14 +7,7 @@ from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from gateway.model.budgets import (
-    BudgetDecision,
-    BudgetKey,
-    BudgetLimit,
-    Charge,
-    ChargeRecord,
-    Reservation,
-)
+from gateway.model import budgets
 from gateway.ratelimit import Decision
 
 
@@ -328,22 +321,24 @@ class Store(abc.ABC):
     # -- budgets (gateway.model.budgets) --------------------------------------------
 
     @abc.abstractmethod
-    async def reserve_budget(self, reservation: Reservation) -> BudgetDecision:
+    async def reserve_budget(self, reservation: budgets.Reservation) -> budgets.BudgetDecision:
         """Reserve room for a call if every window holds it, atomically; else
         change nothing (but charge leases that have ended)."""
 
     @abc.abstractmethod
-    async def budget_room(self, key: BudgetKey, limits: tuple[BudgetLimit, ...]) -> BudgetDecision:
+    async def budget_room(
+        self, key: budgets.BudgetKey, limits: tuple[budgets.BudgetLimit, ...]
+    ) -> budgets.BudgetDecision:
         """Whether spent + reserved leaves any room in every window (a turn's admission)."""
 
     @abc.abstractmethod
     async def settle_budget(
-        self, key: BudgetKey, call_id: str, charge: Charge, *, model: str
+        self, key: budgets.BudgetKey, call_id: str, charge: budgets.Charge, *, model: str
     ) -> None:
         """Drop the call's reservation and record its charge (once)."""
 
     @abc.abstractmethod
-    async def budget_charges(self, workflow_id: str, user: str) -> list[ChargeRecord]:
+    async def budget_charges(self, workflow_id: str, user: str) -> list[budgets.ChargeRecord]:
         """The user's charges of the last day in a workflow, oldest first."""
 
     @abc.abstractmethod

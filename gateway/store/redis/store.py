@@ -16,32 +16,9 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 
 from gateway.errors import NotReplicated, StoreUnavailable
-from gateway.model.budgets import (
-    LONGEST_WINDOW_SECONDS,
-    RESERVATION_LEASE_SECONDS,
-    BudgetDecision,
-    BudgetKey,
-    BudgetLimit,
-    Charge,
-    ChargeRecord,
-    Reservation,
-)
+from gateway.model import budgets
 from gateway.ratelimit import Decision
-from gateway.store.base import (
-    AdmitRequest,
-    AppStats,
-    AuditEntry,
-    IndexedSession,
-    IssuedSession,
-    ModelGrant,
-    RevokeResult,
-    SessionInfo,
-    SessionRecord,
-    SessionSlot,
-    SessionWindows,
-    SlotDecision,
-    Store,
-)
+from gateway.store import base
 from gateway.store.redis.batcher import VOID_SCRIPT, AdmissionBatcher
 from gateway.store.redis.client import Availability, Client, text
 from gateway.store.redis.feed import PUBSUB_PING_SECONDS, RevocationFeed
@@ -57,10 +34,10 @@ AUDIT_MAXLEN = 10_000
 MIN_REVOCATION_TTL_MS = 60_000
 _LUA = resources.files("gateway.store").joinpath("lua")
 # A user's budget keys outlive the longest window and a reservation's lease.
-_BUDGET_KEEP_MS = (LONGEST_WINDOW_SECONDS + RESERVATION_LEASE_SECONDS) * 1000
+_BUDGET_KEEP_MS = (budgets.LONGEST_WINDOW_SECONDS + budgets.RESERVATION_LEASE_SECONDS) * 1000
 
 
-class RedisStore(Store):
+class RedisStore(base.Store):
     name = "redis"
 
     def __init__(
@@ -131,12 +108,12 @@ class RedisStore(Store):
 
     # -- admission (hot path) -----------------------------------------------
 
-    def admit(self, request: AdmitRequest) -> Coroutine[Any, Any, Decision]:
+    def admit(self, request: base.AdmitRequest) -> Coroutine[Any, Any, Decision]:
         # The batcher's coroutine itself, not one wrapped in another frame:
         # this runs for every proxied request.
         return self._batcher.admit(request)
 
-    async def unadmit(self, request: AdmitRequest, member: str) -> None:
+    async def unadmit(self, request: base.AdmitRequest, member: str) -> None:
         # Awaited, so every later admission from this replica sees it undone:
         # one more round trip, for refused turns only. If Redis does not
         # answer, the batcher sends it again with its next batch (void.lua is
@@ -151,7 +128,7 @@ class RedisStore(Store):
 
     # -- registry -------------------------------------------------------------
 
-    async def register(self, record: SessionRecord) -> bool:
+    async def register(self, record: base.SessionRecord) -> bool:
         skey = self.keys.secret(record.secret_hash).session
         hkey, rkey, dkey = self.keys.session_id(record.session_id)
         keep_until_ms = (record.expires_at + self._retention) * 1000
@@ -218,7 +195,7 @@ class RedisStore(Store):
         value = await self.availability.call(lambda: self._client.get(hkey))
         return text(value)
 
-    async def issued_session(self, session_id: str) -> IssuedSession | None:
+    async def issued_session(self, session_id: str) -> base.IssuedSession | None:
         hkey, sid_rkey, dkey = self.keys.session_id(session_id)
 
         async def by_id() -> list[Any]:
@@ -244,7 +221,7 @@ class RedisStore(Store):
         (exp, app), revoked = await self.availability.call(by_secret)
         if exp is None:
             return None
-        return IssuedSession(
+        return base.IssuedSession(
             document=bytes(document),
             secret_hash=secret_hash,
             expires_at=int(exp),
@@ -299,7 +276,7 @@ class RedisStore(Store):
 
     async def revoke(
         self, *, secret_hash: str | None, session_id: str | None, reason: str, replica: str
-    ) -> RevokeResult:
+    ) -> base.RevokeResult:
         already = True
         registered = False
         short: NotReplicated | None = None
@@ -333,7 +310,7 @@ class RedisStore(Store):
             await self._announce(secret_hash, session_id, reason, replica, app)
         if short is not None:
             raise short
-        return RevokeResult(secret_hash, session_id, already, registered)
+        return base.RevokeResult(secret_hash, session_id, already, registered)
 
     async def _leave_indexes(self, secret_hash: str, session_id: str) -> str | None:
         """Take a revoked session out of its user's and app's counts; its app.
@@ -387,7 +364,7 @@ class RedisStore(Store):
 
     # -- model tokens -----------------------------------------------------------------
 
-    async def grant_model_token(self, token_hash: str, grant: ModelGrant) -> None:
+    async def grant_model_token(self, token_hash: str, grant: base.ModelGrant) -> None:
         key = self.keys.model_token(token_hash)
         fields: dict[str, str | int] = {
             "h": grant.secret_hash,
@@ -416,7 +393,7 @@ class RedisStore(Store):
             proves_room=False,
         )
 
-    async def model_grant(self, token_hash: str) -> ModelGrant | None:
+    async def model_grant(self, token_hash: str) -> base.ModelGrant | None:
         key = self.keys.model_token(token_hash)
         raw = await self.availability.call(lambda: self._client.hgetall(key))
         fields = {text(k): text(v) or "" for k, v in (raw or {}).items()}
@@ -438,7 +415,7 @@ class RedisStore(Store):
 
         if any(await self.availability.call(revoked)):
             return None
-        return ModelGrant(
+        return base.ModelGrant(
             secret_hash=secret_hash,
             session_id=session_id,
             user=fields.get("user", ""),
@@ -451,15 +428,15 @@ class RedisStore(Store):
 
     async def _budget_script(
         self,
-        key: BudgetKey,
+        key: budgets.BudgetKey,
         mode: str,
         call_id: str,
-        need: Charge,
-        limits: tuple[BudgetLimit, ...],
+        need: budgets.Charge,
+        limits: tuple[budgets.BudgetLimit, ...],
         *,
         model: str,
         lease_seconds: int,
-    ) -> BudgetDecision:
+    ) -> budgets.BudgetDecision:
         keys = list(self.keys.budget(key.workflow_id, key.user))
         args: list[Any] = [
             mode,
@@ -483,11 +460,11 @@ class RedisStore(Store):
             lambda: self._reserve_script(keys=keys, args=args), write=True
         )
         if int(reply[0]) == 1:
-            return BudgetDecision(True)
+            return budgets.BudgetDecision(True)
         wait = int(reply[2])
-        return BudgetDecision(False, int(reply[1]) - 1, None if wait < 0 else wait)
+        return budgets.BudgetDecision(False, int(reply[1]) - 1, None if wait < 0 else wait)
 
-    async def reserve_budget(self, reservation: Reservation) -> BudgetDecision:
+    async def reserve_budget(self, reservation: budgets.Reservation) -> budgets.BudgetDecision:
         # Not retried: a reservation that was written but whose answer was
         # lost would be held twice. The call is refused (503) instead.
         r = reservation
@@ -496,13 +473,15 @@ class RedisStore(Store):
             model=r.model, lease_seconds=r.lease_seconds,
         )  # fmt: skip
 
-    async def budget_room(self, key: BudgetKey, limits: tuple[BudgetLimit, ...]) -> BudgetDecision:
+    async def budget_room(
+        self, key: budgets.BudgetKey, limits: tuple[budgets.BudgetLimit, ...]
+    ) -> budgets.BudgetDecision:
         return await self._budget_script(
-            key, "check", "", Charge(0, 0, 0, 0.0), limits, model="", lease_seconds=0
+            key, "check", "", budgets.Charge(0, 0, 0, 0.0), limits, model="", lease_seconds=0
         )
 
     async def settle_budget(
-        self, key: BudgetKey, call_id: str, charge: Charge, *, model: str
+        self, key: budgets.BudgetKey, call_id: str, charge: budgets.Charge, *, model: str
     ) -> None:
         keys = list(self.keys.budget(key.workflow_id, key.user))
         args: list[str | int] = [
@@ -520,10 +499,10 @@ class RedisStore(Store):
             lambda: self._settle_script(keys=keys, args=args), proves_room=False
         )
 
-    async def budget_charges(self, workflow_id: str, user: str) -> list[ChargeRecord]:
+    async def budget_charges(self, workflow_id: str, user: str) -> list[budgets.ChargeRecord]:
         charges_key, _, _ = self.keys.budget(workflow_id, user)
         seconds, micros = await self.availability.call(lambda: self._client.time())
-        since = int(seconds) * 1_000_000 + int(micros) - LONGEST_WINDOW_SECONDS * 1_000_000
+        since = int(seconds) * 1_000_000 + int(micros) - budgets.LONGEST_WINDOW_SECONDS * 1_000_000
         rows = await self.availability.call(
             lambda: self._client.zrangebyscore(charges_key, f"({since}", "+inf", withscores=True)
         )
@@ -536,11 +515,11 @@ class RedisStore(Store):
                 continue
             call_id, sid, input_tokens, cached, output, usd, model = parts
             records.append(
-                ChargeRecord(
+                budgets.ChargeRecord(
                     float(score) / 1_000_000,
                     sid,
                     model,
-                    Charge(int(input_tokens), int(cached), int(output), float(usd)),
+                    budgets.Charge(int(input_tokens), int(cached), int(output), float(usd)),
                     call_id,
                 )
             )
@@ -562,14 +541,14 @@ class RedisStore(Store):
 
     # -- operator reads -----------------------------------------------------------
 
-    async def lookup(self, session_id: str) -> SessionInfo | None:
+    async def lookup(self, session_id: str) -> base.SessionInfo | None:
         rkey = self.keys.session_id(session_id).revoked
         secret_hash = await self.secret_hash_for(session_id)
         sid_revoked = bool(await self.availability.call(lambda: self._client.exists(rkey)))
         if secret_hash is None:
             if not sid_revoked:
                 return None
-            return SessionInfo(session_id, "revoked", None, None, None, None, None)
+            return base.SessionInfo(session_id, "revoked", None, None, None, None, None)
         skey, wkey, revkey = self.keys.secret(secret_hash)
         seconds, micros = await self.availability.call(lambda: self._client.time())
         now_us = seconds * 1_000_000 + micros
@@ -590,7 +569,7 @@ class RedisStore(Store):
             status = "expired"
         else:
             status = "active"
-        return SessionInfo(
+        return base.SessionInfo(
             session_id=session_id,
             status=status,
             user=text(user),
@@ -601,7 +580,7 @@ class RedisStore(Store):
             app=text(app),
         )
 
-    async def audit_tail(self, count: int) -> list[AuditEntry]:
+    async def audit_tail(self, count: int) -> list[base.AuditEntry]:
         if count <= 0:  # XREVRANGE refuses COUNT 0; the embedded store answers []
             return []
 
@@ -613,7 +592,7 @@ class RedisStore(Store):
         for entry_id, fields in reversed(rows):
             values = {text(k): text(v) or "" for k, v in (fields or {}).items()}
             entries.append(
-                AuditEntry(
+                base.AuditEntry(
                     id=text(entry_id) or "",
                     session_id=values.get("session_id") or None,
                     secret_hash_prefix=values.get("secret_hash_prefix") or None,
@@ -650,13 +629,13 @@ class RedisStore(Store):
 
     # -- apps and users (tenancy.py) ------------------------------------------------
 
-    async def open_session(self, slot: SessionSlot) -> SlotDecision:
+    async def open_session(self, slot: base.SessionSlot) -> base.SlotDecision:
         return await self._tenancy.open_session(slot)
 
-    async def close_session(self, slot: SessionSlot) -> None:
+    async def close_session(self, slot: base.SessionSlot) -> None:
         await self._tenancy.close_session(slot)
 
-    async def ban_user(self, user: str, *, for_seconds: int) -> list[IndexedSession]:
+    async def ban_user(self, user: str, *, for_seconds: int) -> list[base.IndexedSession]:
         return await self._tenancy.ban_user(user, for_seconds=for_seconds)
 
     async def lift_ban(self, user: str) -> bool:
@@ -665,13 +644,13 @@ class RedisStore(Store):
     async def banned_for(self, user: str) -> float | None:
         return await self._tenancy.banned_for(user)
 
-    async def user_sessions(self, user: str) -> tuple[list[IndexedSession], float | None]:
+    async def user_sessions(self, user: str) -> tuple[list[base.IndexedSession], float | None]:
         return await self._tenancy.user_sessions(user)
 
-    async def class_windows(self, secret_hashes: Sequence[str]) -> dict[str, SessionWindows]:
+    async def class_windows(self, secret_hashes: Sequence[str]) -> dict[str, base.SessionWindows]:
         return await self._tenancy.class_windows(secret_hashes)
 
-    async def app_stats(self, app: str) -> AppStats:
+    async def app_stats(self, app: str) -> base.AppStats:
         return await self._tenancy.app_stats(app)
 
     @property
