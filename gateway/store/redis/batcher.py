@@ -59,6 +59,15 @@ _Pending = tuple[AdmitRequest, "asyncio.Future[Decision]", int]
 MAX_REDIRECTS = 3
 
 
+#: The identities of recent sessions by session id, with the reply fields they
+#: were decoded from: a session's requests come in runs, and one object per
+#: session (rather than per request) also makes the identity headers built
+#: from it a cache hit (gateway/identity.py). Checked against every reply, so
+#: a session whose record changed is decoded afresh. Bounded.
+_IDENTITIES: dict[bytes, tuple[tuple[Any, ...], Identity]] = {}
+MAX_IDENTITIES = 4096
+
+
 def decode_decision(reply: list[Any], cls: str = "", member: str = "") -> Decision:
     """The script's reply as a Decision (see admit.lua for the layout);
     ``member`` is the admission's window member, kept when it admits."""
@@ -79,16 +88,24 @@ def decode_decision(reply: list[Any], cls: str = "", member: str = "") -> Decisi
     identity = None
     sid: bytes = reply[14]
     if sid:
-        identity = Identity(
-            sid.decode(),
-            reply[15].decode(),
-            reply[16].decode(),
-            reply[17].decode(),
-            reply[18],
-            reply[19],
-            reply[20].decode(),
-            reply[21].decode(),
-        )
+        fields = tuple(reply[15:22])
+        known = _IDENTITIES.get(sid)
+        if known is not None and known[0] == fields:
+            identity = known[1]
+        else:
+            identity = Identity(
+                sid.decode(),
+                reply[15].decode(),
+                reply[16].decode(),
+                reply[17].decode(),
+                reply[18],
+                reply[19],
+                reply[20].decode(),
+                reply[21].decode(),
+            )
+            if len(_IDENTITIES) >= MAX_IDENTITIES:
+                _IDENTITIES.clear()
+            _IDENTITIES[sid] = (fields, identity)
     if reply[0]:
         member = ""
     return Decision(outcome, session, user, identity, class_window, member)
