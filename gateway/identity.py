@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import time
 from types import ModuleType
 from typing import Any
 from urllib.parse import quote
@@ -72,10 +73,15 @@ class IdentityHeaders:
 
             self._jwt = jwt
 
-    def __call__(self, identity: Identity, *, request_id: bytes, now: int) -> list[tuple[str, str]]:
-        """The headers, as the HTTP client takes them (strings)."""
+    def __call__(
+        self, identity: Identity, *, request_id: bytes, now: int | None = None
+    ) -> list[tuple[str, str]]:
+        """The headers, as the HTTP client takes them (strings); ``now``
+        (unix seconds, the clock by default) dates a signed assertion."""
         out = list(_plain(identity))
         if self._key is not None and self._jwt is not None:
+            if now is None:
+                now = int(time.time())
             claims = {
                 "iss": self._issuer,
                 "aud": identity.workflow_id,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
@@ -587,9 +586,7 @@ class Proxy:
         scope = exchange.scope
         path = scope["raw_path"].decode("ascii")[len(ISSUED_PREFIX) :]
         outbound = _outbound_to(scope, upstream + path, out_headers, None)
-        outbound.headers += self._identity(
-            identity, request_id=exchange.request_id, now=int(time.time())
-        )
+        outbound.headers += self._identity(identity, request_id=exchange.request_id)
         return outbound
 
     def _outbound(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from urllib.parse import unquote
 
 import jwt
@@ -210,6 +211,11 @@ def test_identity_headers_and_assertion() -> None:
     # Unique per assertion, even for the same request id (a client can pick that).
     again = dict(signed(identity, request_id=b"rid1", now=1_000))["x-chatkit-assertion"]
     assert jwt.decode(again, options={"verify_signature": False})["jti"] != jti
+    # Without a time given, the assertion is dated by the clock.
+    before = int(time.time())
+    dated = dict(signed(identity, request_id=b"rid1"))["x-chatkit-assertion"]
+    issued_at = jwt.decode(dated, options={"verify_signature": False})["iat"]
+    assert before <= issued_at <= int(time.time())
 
 
 def test_client_identity_headers_and_credentials_are_stripped() -> None:
