@@ -56,6 +56,7 @@ __all__ = [
     "GatewayProcess",
     "RedisCluster",
     "RedisServer",
+    "Replicas",
     "Samples",
     "Served",
     "assert_never_logged",
@@ -604,6 +605,10 @@ class GatewayProcess(ServerProcess):
     @property
     def url(self) -> str:
         return self.base_url
+
+
+#: A module's two gateways on one store, replica A then replica B.
+Replicas = tuple[GatewayProcess, GatewayProcess]
 
 
 class Served(Protocol):

@@ -24,6 +24,7 @@ from tests.fake_upstream import FakeUpstream
 from tests.harness import (
     GatewayProcess,
     RedisServer,
+    Replicas,
     assert_never_logged,
     converse,
     eventually,
@@ -45,10 +46,6 @@ REVOCATION_TTL = 7200  # not the default, so the test sees the setting applied
 RETENTION = 3600  # GATEWAY_SESSION_RETENTION_SECONDS
 UPSTREAM_READ_TIMEOUT = 3.0  # the "stall" row waits this long for its 504
 HASH = SecretHasher(None)  # no GATEWAY_SECRET_PEPPER is configured
-
-#: The module's two gateways, replica A then replica B.
-Replicas = tuple[GatewayProcess, GatewayProcess]
-
 
 # -- fixtures: one Redis, one fake upstream, two replicas for the module ----------
 

@@ -23,6 +23,7 @@ from tests.faultproxy import FaultProxy
 from tests.harness import (
     GatewayProcess,
     RedisServer,
+    Replicas,
     cancel_session,
     create_session,
     open_stream,
@@ -45,7 +46,7 @@ async def proxy(module_redis: RedisServer) -> AsyncIterator[FaultProxy]:
 @pytest_asyncio.fixture(loop_scope="module")
 async def replicas(
     module_redis: RedisServer, fake: FakeUpstream, proxy: FaultProxy
-) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
+) -> AsyncIterator[Replicas]:
     env = {"GATEWAY_REDIS_TIMEOUT": "1.0"}
     a = GatewayProcess(fake.url, redis_url=proxy.url(), env={**env, "GATEWAY_REPLICA_ID": "a"})
     b = GatewayProcess(fake.url, redis_url=module_redis.url, env={**env, "GATEWAY_REPLICA_ID": "b"})
@@ -69,9 +70,7 @@ class LiveStream:
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def stream(
-    replicas: tuple[GatewayProcess, GatewayProcess], http: aiohttp.ClientSession
-) -> AsyncIterator[LiveStream]:
+async def stream(replicas: Replicas, http: aiohttp.ClientSession) -> AsyncIterator[LiveStream]:
     a, b = replicas
     session = await create_session(http, a.url, api_key=API_KEY)
     response = await open_stream(http, a, session["client_secret"], events=STREAM_EVENTS)

@@ -34,6 +34,7 @@ from tests.fake_upstream import FakeUpstream
 from tests.harness import (
     GatewayProcess,
     RedisServer,
+    Replicas,
     assert_never_logged,
     eventually,
     openai_sdk,
@@ -86,9 +87,7 @@ def issuer_env(fake: FakeUpstream, **extra: str) -> dict[str, str]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def replicas(
-    module_redis: RedisServer, fake: FakeUpstream
-) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
+async def replicas(module_redis: RedisServer, fake: FakeUpstream) -> AsyncIterator[Replicas]:
     def replica() -> GatewayProcess:
         return GatewayProcess(fake.url, redis_url=module_redis.url, env=issuer_env(fake))
 
@@ -97,9 +96,7 @@ async def replicas(
 
 
 @pytest.fixture(autouse=True)
-def fresh(
-    module_redis: RedisServer, fake: FakeUpstream, replicas: tuple[GatewayProcess, GatewayProcess]
-) -> Iterator[None]:
+def fresh(module_redis: RedisServer, fake: FakeUpstream, replicas: Replicas) -> Iterator[None]:
     module_redis.ensure_running()
     fake.clear_faults()
     fake.reset_records()
@@ -152,7 +149,7 @@ async def chatkit(
 
 
 async def test_sdk_create_answers_a_chat_session_in_the_reference_shape(
-    replicas: tuple[GatewayProcess, GatewayProcess], fake: FakeUpstream
+    replicas: Replicas, fake: FakeUpstream
 ) -> None:
     before = int(time.time())
     session = await create(
@@ -185,7 +182,7 @@ async def test_sdk_create_answers_a_chat_session_in_the_reference_shape(
 
 
 async def test_defaults_apply_when_the_body_names_none(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
 ) -> None:
     before = int(time.time())
     session = await create(replicas[1])
@@ -231,7 +228,7 @@ async def test_defaults_apply_when_the_body_names_none(
     ],
 )
 async def test_invalid_create_bodies_are_400_naming_the_parameter(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     module_redis: RedisServer,
     params: dict[str, Any],
     param: str,
@@ -246,7 +243,7 @@ async def test_invalid_create_bodies_are_400_naming_the_parameter(
 
 
 async def test_a_create_without_user_is_openais_missing_parameter_error(
-    replicas: tuple[GatewayProcess, GatewayProcess], http: aiohttp.ClientSession
+    replicas: Replicas, http: aiohttp.ClientSession
 ) -> None:
     response = await post_create(http, replicas[0], b'{"workflow": {"id": "wf_a"}}', key=API_KEY)
     payload = await response.json()
@@ -261,7 +258,7 @@ async def test_a_create_without_user_is_openais_missing_parameter_error(
 
 @pytest.mark.parametrize("body", [b"[1, 2]", b'{"user": "u"}', b'{"workflow": "wf_a"}'])
 async def test_in_mixed_mode_a_body_naming_no_workflow_goes_to_the_hosted_api(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     http: aiohttp.ClientSession,
     fake: FakeUpstream,
     body: bytes,
@@ -273,7 +270,7 @@ async def test_in_mixed_mode_a_body_naming_no_workflow_goes_to_the_hosted_api(
 
 @pytest.mark.parametrize("body", [b"", b"{not json", b"[" * 990 + b"]" * 990])
 async def test_in_mixed_mode_a_body_that_cannot_be_read_is_400_and_not_forwarded(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     http: aiohttp.ClientSession,
     fake: FakeUpstream,
     body: bytes,
@@ -295,7 +292,7 @@ async def test_in_mixed_mode_a_body_that_cannot_be_read_is_400_and_not_forwarded
     ],
 )
 async def test_a_missing_or_wrong_key_is_401_and_nothing_is_forwarded(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     http: aiohttp.ClientSession,
     fake: FakeUpstream,
     key: str | None,
@@ -318,7 +315,7 @@ async def test_a_missing_or_wrong_key_is_401_and_nothing_is_forwarded(
     assert fake.count() == 0, "a refused session call reached an upstream"
 
 
-async def test_a_plain_key_entry_works_too(replicas: tuple[GatewayProcess, GatewayProcess]) -> None:
+async def test_a_plain_key_entry_works_too(replicas: Replicas) -> None:
     async with openai_sdk(replicas[0], "another-plain-key-0123456789") as client:
         session = await client.beta.chatkit.sessions.create(user="u", workflow={"id": "wf_a"})
     assert session.status == "active"
@@ -328,7 +325,7 @@ async def test_a_plain_key_entry_works_too(replicas: tuple[GatewayProcess, Gatew
 
 
 async def test_the_chatkit_server_gets_the_identity_never_the_secret(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     http: aiohttp.ClientSession,
 ) -> None:
     user = "Zoë Ünal/ops 1"  # UTF-8 and characters a header value cannot carry raw
@@ -379,7 +376,7 @@ async def test_the_chatkit_server_gets_the_identity_never_the_secret(
 
 
 async def test_each_session_reaches_only_its_own_workflows_server(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     http: aiohttp.ClientSession,
     fake: FakeUpstream,
 ) -> None:
@@ -396,7 +393,7 @@ async def test_each_session_reaches_only_its_own_workflows_server(
 
 
 async def test_client_routes_refuse_missing_unknown_and_malformed_secrets(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     http: aiohttp.ClientSession,
     fake: FakeUpstream,
 ) -> None:
@@ -416,7 +413,7 @@ async def test_client_routes_refuse_missing_unknown_and_malformed_secrets(
 
 
 async def test_the_limit_holds_exactly_across_replicas(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     http: aiohttp.ClientSession,
     fake: FakeUpstream,
 ) -> None:
@@ -437,7 +434,7 @@ async def test_the_limit_holds_exactly_across_replicas(
 
 
 async def test_an_expired_secret_is_refused(
-    replicas: tuple[GatewayProcess, GatewayProcess], http: aiohttp.ClientSession
+    replicas: Replicas, http: aiohttp.ClientSession
 ) -> None:
     # expires_at is Redis's whole second at creation plus the seconds asked,
     # so a session asked for n seconds has between n-1 and n left: with 1 it
@@ -469,7 +466,7 @@ async def test_an_expired_secret_is_refused(
 
 
 async def test_one_set_of_rate_limit_headers_and_the_gateways_cors(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     http: aiohttp.ClientSession,
     fake: FakeUpstream,
 ) -> None:
@@ -517,7 +514,7 @@ async def test_one_set_of_rate_limit_headers_and_the_gateways_cors(
     ],
 )
 async def test_preflights_are_answered_by_the_gateway(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     http: aiohttp.ClientSession,
     fake: FakeUpstream,
     origin: str,
@@ -546,7 +543,7 @@ async def test_preflights_are_answered_by_the_gateway(
 
 
 async def test_cancel_revokes_everywhere_and_is_idempotent(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     http: aiohttp.ClientSession,
     fake: FakeUpstream,
 ) -> None:
@@ -569,7 +566,7 @@ async def test_cancel_revokes_everywhere_and_is_idempotent(
 
 
 async def test_cancel_cuts_a_live_stream_on_the_other_replica(
-    replicas: tuple[GatewayProcess, GatewayProcess], http: aiohttp.ClientSession
+    replicas: Replicas, http: aiohttp.ClientSession
 ) -> None:
     a, b = replicas
     session = await create(a)
@@ -596,7 +593,7 @@ async def test_cancel_cuts_a_live_stream_on_the_other_replica(
 
 
 async def test_cancel_of_an_unknown_issued_id_is_404_and_a_hosted_id_is_forwarded(
-    replicas: tuple[GatewayProcess, GatewayProcess], fake: FakeUpstream
+    replicas: Replicas, fake: FakeUpstream
 ) -> None:
     # An id minted as the gateway mints them (no pepper is configured, so the
     # test can), that no session has: the gateway knows it is its own.
@@ -618,7 +615,7 @@ async def test_cancel_of_an_unknown_issued_id_is_404_and_a_hosted_id_is_forwarde
 
 
 async def test_an_unconfigured_workflow_is_forwarded_and_learned(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     http: aiohttp.ClientSession,
     fake: FakeUpstream,
 ) -> None:
@@ -643,7 +640,7 @@ async def test_an_unconfigured_workflow_is_forwarded_and_learned(
 
 
 async def test_redis_paused_during_create_is_503_and_hands_out_nothing(
-    replicas: tuple[GatewayProcess, GatewayProcess], module_redis: RedisServer
+    replicas: Replicas, module_redis: RedisServer
 ) -> None:
     keys_before = redis_keys(module_redis)
     module_redis.pause()
@@ -674,7 +671,7 @@ async def test_redis_paused_during_create_is_503_and_hands_out_nothing(
 
 
 async def test_redis_paused_during_cancel_is_503_and_the_session_stays_usable(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     module_redis: RedisServer,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -742,7 +739,7 @@ async def test_a_gateway_without_hosted_upstream_issues_only(
 
 
 async def test_a_forwarded_cancel_is_acted_on_after_its_caller_gave_up(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     http: aiohttp.ClientSession,
     fake: FakeUpstream,
 ) -> None:
@@ -768,7 +765,7 @@ async def test_a_forwarded_cancel_is_acted_on_after_its_caller_gave_up(
 
 
 async def test_a_hosted_session_that_cannot_be_registered_is_503_not_a_dead_secret(
-    replicas: tuple[GatewayProcess, GatewayProcess], module_redis: RedisServer, fake: FakeUpstream
+    replicas: Replicas, module_redis: RedisServer, fake: FakeUpstream
 ) -> None:
     # The hosted API creates the session, but the gateway cannot record it:
     # handing its secret out would give the user a session every request of

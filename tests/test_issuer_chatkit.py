@@ -24,6 +24,7 @@ from tests.chatkit_server import ChatKitServerProcess, sse_events, threads_creat
 from tests.harness import (
     GatewayProcess,
     RedisServer,
+    Replicas,
     assert_never_logged,
     running,
     sdk_cancel,
@@ -47,7 +48,7 @@ async def servers() -> AsyncIterator[tuple[ChatKitServerProcess, ChatKitServerPr
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def replicas(
     module_redis: RedisServer, servers: tuple[ChatKitServerProcess, ChatKitServerProcess]
-) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
+) -> AsyncIterator[Replicas]:
     env = {
         "GATEWAY_WORKFLOWS": json.dumps(
             {"wf_a": {"upstream": servers[0].url}, "wf_b": {"upstream": servers[1].url}}
@@ -64,7 +65,7 @@ async def replicas(
 @pytest.fixture(autouse=True)
 def no_secret_in_any_log(
     servers: tuple[ChatKitServerProcess, ChatKitServerProcess],
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
 ) -> Iterator[None]:
     yield
     assert_never_logged((*servers, *replicas), [API_KEY], "the issuer API key")
@@ -101,7 +102,7 @@ def post(
 
 
 async def test_a_stream_arrives_event_by_event_with_the_verified_identity(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     servers: tuple[ChatKitServerProcess, ChatKitServerProcess],
     http: aiohttp.ClientSession,
 ) -> None:
@@ -134,7 +135,7 @@ async def test_a_stream_arrives_event_by_event_with_the_verified_identity(
 
 
 async def test_each_session_reaches_only_its_own_workflows_server(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     servers: tuple[ChatKitServerProcess, ChatKitServerProcess],
     http: aiohttp.ClientSession,
 ) -> None:
@@ -150,7 +151,7 @@ async def test_each_session_reaches_only_its_own_workflows_server(
 
 
 async def test_the_limit_holds_exactly_across_replicas(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     servers: tuple[ChatKitServerProcess, ChatKitServerProcess],
     http: aiohttp.ClientSession,
 ) -> None:
@@ -169,7 +170,7 @@ async def test_the_limit_holds_exactly_across_replicas(
 
 
 async def test_cancel_on_one_replica_cuts_a_live_stream_on_the_other(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     servers: tuple[ChatKitServerProcess, ChatKitServerProcess],
     http: aiohttp.ClientSession,
 ) -> None:

@@ -24,6 +24,7 @@ from tests.chatkit_server import ChatKitServerProcess, sse_events, threads_creat
 from tests.harness import (
     GatewayProcess,
     RedisServer,
+    Replicas,
     eventually,
     metric_value,
     running,
@@ -68,7 +69,7 @@ async def server() -> AsyncIterator[ChatKitServerProcess]:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def replicas(
     module_redis: RedisServer, server: ChatKitServerProcess
-) -> AsyncIterator[tuple[GatewayProcess, GatewayProcess]]:
+) -> AsyncIterator[Replicas]:
     env = {
         "GATEWAY_WORKFLOWS": json.dumps(
             {wf: {"upstream": server.url, "policy": policy} for wf, policy in POLICIES.items()}
@@ -123,8 +124,15 @@ def seen_types(server: ChatKitServerProcess, session_id: str) -> list[str | None
     ]
 
 
+async def server_saw(server: ChatKitServerProcess, session_id: str, count: int) -> list[str | None]:
+    """The request types the ChatKit server took for the session, once it has
+    taken ``count`` of them (it records what it took on its own time)."""
+    await server.wait_for(lambda: len(seen_types(server, session_id)) == count)
+    return seen_types(server, session_id)
+
+
 async def test_a_page_load_of_reads_does_not_consume_turns(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     server: ChatKitServerProcess,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -149,8 +157,7 @@ async def test_a_page_load_of_reads_does_not_consume_turns(
     status, body, headers = await send(http, a, session.client_secret, turn("one more"))
     assert status == 429
     assert json.loads(body)["error"]["code"] == "rate_limit_exceeded"
-    await server.wait_for(lambda: len(seen_types(server, session.id)) == 6)
-    assert seen_types(server, session.id) == [
+    assert await server_saw(server, session.id, 6) == [
         "threads.create",
         "threads.list",
         "threads.get_by_id",
@@ -161,7 +168,7 @@ async def test_a_page_load_of_reads_does_not_consume_turns(
 
 
 async def test_the_read_limit_is_exact_across_replicas(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     server: ChatKitServerProcess,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -175,12 +182,11 @@ async def test_the_read_limit_is_exact_across_replicas(
     message = json.loads(refused)["error"]["message"]
     assert "'read' requests" in message
     assert "5 per 1m" in message
-    await server.wait_for(lambda: len(seen_types(server, session.id)) == 5)
-    assert seen_types(server, session.id) == ["threads.list"] * 5
+    assert await server_saw(server, session.id, 5) == ["threads.list"] * 5
 
 
 async def test_a_users_daily_turns_hold_across_the_users_sessions_and_replicas(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     server: ChatKitServerProcess,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -203,7 +209,7 @@ async def test_a_users_daily_turns_hold_across_the_users_sessions_and_replicas(
 
 
 async def test_an_unknown_request_type_counts_as_a_turn(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     server: ChatKitServerProcess,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -214,12 +220,12 @@ async def test_an_unknown_request_type_counts_as_a_turn(
     assert status != 429  # admitted and forwarded: the server decides what it means
     status, _, _ = await send(http, b, session.client_secret, turn("after"))
     assert status == 429  # the unknown type took the session's one turn
-    await server.wait_for(lambda: len(seen_types(server, session.id)) == 1)
+    await server_saw(server, session.id, 1)
     assert "Unknown ChatKit request type 'threads.something_newer'" in a.output()
 
 
 async def test_only_the_workflows_models_may_be_asked_for(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     server: ChatKitServerProcess,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -247,8 +253,7 @@ async def test_only_the_workflows_models_may_be_asked_for(
     ]
     assert statuses == [200, 200, 429]
     # Only the two admitted turns reached the ChatKit server.
-    await server.wait_for(lambda: len(seen_types(server, session.id)) == 2)
-    assert seen_types(server, session.id) == ["threads.create"] * 2
+    assert await server_saw(server, session.id, 2) == ["threads.create"] * 2
     # Counted as rejections, not admissions.
     after = await scrape(http, b.url)
     decision = "chatkit_gateway_admission_decisions_total"
@@ -274,7 +279,7 @@ async def test_only_the_workflows_models_may_be_asked_for(
     ],
 )
 async def test_a_body_that_is_not_an_envelope_is_refused_and_never_forwarded(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     server: ChatKitServerProcess,
     http: aiohttp.ClientSession,
     body: bytes,
@@ -288,7 +293,7 @@ async def test_a_body_that_is_not_an_envelope_is_refused_and_never_forwarded(
 
 
 async def test_an_envelope_past_its_bound_is_refused(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     http: aiohttp.ClientSession,
 ) -> None:
     session = await create(replicas[0], "big_user")
@@ -298,7 +303,7 @@ async def test_an_envelope_past_its_bound_is_refused(
 
 
 async def test_limit_answer_chatkit_refuses_a_turn_with_an_error_event(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     server: ChatKitServerProcess,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -314,7 +319,7 @@ async def test_limit_answer_chatkit_refuses_a_turn_with_an_error_event(
     assert "Rate limit reached" in event["message"]
     assert int(headers["retry-after"]) >= 1
     assert headers["x-ratelimit-remaining-requests"] == "0"
-    await server.wait_for(lambda: len(seen_types(server, session.id)) == 1)
+    await server_saw(server, session.id, 1)
     # Counted as a rejection, in the access log with the workflow and class.
     # (The line is written once the answer is sent, so it may trail the answer.)
     await eventually(
@@ -367,7 +372,7 @@ def error_of(raw: bytes) -> tuple[str, str | None]:
 
 
 async def test_uploads_are_refused_when_the_session_disables_them(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     server: ChatKitServerProcess,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -388,7 +393,7 @@ async def test_uploads_are_refused_when_the_session_disables_them(
 
 
 async def test_a_declared_size_over_max_file_size_is_refused(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     server: ChatKitServerProcess,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -401,7 +406,7 @@ async def test_a_declared_size_over_max_file_size_is_refused(
 
 
 async def test_max_files_is_exact_across_replicas(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     server: ChatKitServerProcess,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -411,12 +416,11 @@ async def test_max_files_is_exact_across_replicas(
     )
     refused = [error_of(raw) for status, raw, _ in results if status == 400]
     assert refused == [("too_many_files", None)] * 4
-    await server.wait_for(lambda: len(seen_types(server, session.id)) == 2)
-    assert seen_types(server, session.id) == ["attachments.create"] * 2
+    assert await server_saw(server, session.id, 2) == ["attachments.create"] * 2
 
 
 async def test_an_upload_whose_bytes_exceed_the_size_is_cut_whatever_was_declared(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     server: ChatKitServerProcess,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -447,7 +451,7 @@ async def test_an_upload_whose_bytes_exceed_the_size_is_cut_whatever_was_declare
 
 
 async def test_history_disabled_refuses_the_thread_list_only(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     server: ChatKitServerProcess,
     http: aiohttp.ClientSession,
 ) -> None:
@@ -456,19 +460,18 @@ async def test_history_disabled_refuses_the_thread_list_only(
     status, raw, _ = await send(http, replicas[1], session.client_secret, LIST)
     assert (status, error_of(raw)[0]) == (400, "history_disabled")
     assert (await send(http, replicas[1], session.client_secret, turn("still talking")))[0] == 200
-    await server.wait_for(lambda: len(seen_types(server, session.id)) == 1)
-    assert seen_types(server, session.id) == ["threads.create"]
+    assert await server_saw(server, session.id, 1) == ["threads.create"]
 
 
 async def test_the_whole_configuration_reaches_the_server_as_header_and_claim(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     server: ChatKitServerProcess,
     http: aiohttp.ClientSession,
 ) -> None:
     configuration = {"history": {"enabled": True, "recent_threads": 7}, **UPLOADS}
     session = await create(replicas[0], "configured", chatkit_configuration=configuration)
     assert (await send(http, replicas[1], session.client_secret, LIST))[0] == 200
-    await server.wait_for(lambda: len(seen_types(server, session.id)) == 1)
+    await server_saw(server, session.id, 1)
     [request] = [
         r for r in server.seen() if r.context is not None and r.context.session_id == session.id
     ]
@@ -484,7 +487,7 @@ async def test_the_whole_configuration_reaches_the_server_as_header_and_claim(
 
 
 async def test_admissions_are_counted_by_workflow_and_class(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     http: aiohttp.ClientSession,
 ) -> None:
     session = await create(replicas[0], "metered", rate_limits={"max_requests_per_1_minute": 1})
@@ -515,7 +518,7 @@ async def test_admissions_are_counted_by_workflow_and_class(
     ],
 )
 async def test_each_class_limit_is_exact_across_replicas(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     server: ChatKitServerProcess,
     http: aiohttp.ClientSession,
     envelope: dict[str, Any],
@@ -537,12 +540,11 @@ async def test_each_class_limit_is_exact_across_replicas(
     refused = [json.loads(body)["error"]["message"] for status, body, _ in results if status == 429]
     assert len(refused) == 5, statuses  # N admitted, not N + 1
     assert all("per 1m" in message for message in refused)
-    await server.wait_for(lambda: len(seen_types(server, session.id)) == limit)
-    assert seen_types(server, session.id) == [envelope["type"]] * limit
+    assert await server_saw(server, session.id, limit) == [envelope["type"]] * limit
 
 
 async def test_only_a_transcription_may_exceed_the_envelope_bound(
-    replicas: tuple[GatewayProcess, GatewayProcess],
+    replicas: Replicas,
     server: ChatKitServerProcess,
     http: aiohttp.ClientSession,
 ) -> None:
