@@ -225,6 +225,14 @@ class Settings(BaseSettings):
     upstream_write_timeout: float = Field(
         60.0, gt=0, description="Longest stall, in seconds, while sending a request body upstream."
     )
+    upstream_keepalive_timeout: float = Field(
+        4.0,
+        gt=0,
+        description="Seconds an idle pooled upstream connection is kept for reuse. Shorter "
+        "than the upstreams' own idle timeout (uvicorn, which serves most ChatKit servers, "
+        "closes after 5 s), so the gateway lets go first: a request sent on a connection "
+        "the upstream is closing fails (502) without reaching it, and a POST is not retried.",
+    )
     upstream_pool_timeout: float = Field(
         5.0,
         gt=0,

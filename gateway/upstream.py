@@ -32,6 +32,7 @@ def create_session(settings: Settings) -> aiohttp.ClientSession:
         limit=settings.upstream_max_connections,  # aiohttp: 0 is no limit
         limit_per_host=0,
         ttl_dns_cache=60,
+        keepalive_timeout=settings.upstream_keepalive_timeout,
         enable_cleanup_closed=False,
     )
     timeout = aiohttp.ClientTimeout(
